@@ -1,0 +1,69 @@
+"""orthotune: structure-preserving parameter-efficient fine-tuning.
+
+    model = orthotune.get_model(model, orthotune.LoCOConfig(target_modules=["query", "value"]))
+    ...train...
+    model.save_adapter("out/adapter")
+    model = orthotune.load_adapter(fresh_model, "out/adapter")
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from pathlib import Path  # noqa: E402
+
+from torch import nn  # noqa: E402
+
+from .config import AdapterConfig  # noqa: E402
+from .methods.loco import LoCOConfig, approximation_error  # noqa: E402
+from .methods.lora import LoRAConfig  # noqa: E402
+from .model import OrthoModel, ortho_class  # noqa: E402
+from .registry import METHODS  # noqa: E402
+
+
+def get_model(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> OrthoModel:
+    """Wrap ``model`` with one adapter: base weights frozen, the adapter (and modules_to_save) trainable."""
+    return ortho_class(type(model))(model, config, adapter_name)
+
+
+def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "default") -> OrthoModel:
+    """Load a saved adapter into ``model`` (a plain model or an OrthoModel) and activate it.
+
+    Everything is validated before the model changes: a missing, corrupted, tampered or mismatched
+    folder raises ValueError and leaves ``model`` as it was.
+    """
+    if isinstance(model, OrthoModel):
+        model.load_adapter(directory, adapter_name)
+        model.set_adapter(adapter_name)
+        return model
+    from .io import read_adapter
+
+    read_adapter(model, directory)  # validate first: wrapping below mutates the model
+    wrapped = ortho_class(type(model))(model)
+    wrapped.load_adapter(directory, adapter_name)
+    wrapped.set_adapter(adapter_name)
+    return wrapped
+
+
+def loco_approximation_error(model: OrthoModel, adapter_name: str | None = None) -> dict[str, dict[str, float]]:
+    """Per LoCO layer: the parallel approximation's gap to the exact chain, its bound, orthogonality."""
+    from .methods.loco import LoCO
+
+    name = adapter_name or model.active_adapter
+    return {
+        lname: approximation_error(layer.adapters[name])
+        for lname, layer in model.adapter_layers()
+        if isinstance(layer.adapters[name] if name in layer.adapters else None, LoCO)
+    }
+
+
+__all__ = [
+    "METHODS",
+    "AdapterConfig",
+    "LoCOConfig",
+    "LoRAConfig",
+    "OrthoModel",
+    "get_model",
+    "load_adapter",
+    "loco_approximation_error",
+]

@@ -1,0 +1,164 @@
+"""Finding the layers a config targets and swapping wrappers in and out, like peft's matching.
+
+``target_modules`` / ``exclude_modules``: a list matches a module whose full name equals an entry
+or ends with ``"." + entry``; a string is a regex matched against the full name (``re.fullmatch``);
+``"all-linear"`` takes every Linear/Conv1D layer except the output head and modules_to_save.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterator
+
+from torch import nn
+
+from .config import AdapterConfig
+from .layer import AdapterLayer, ModulesToSave, layer_dims, layer_kind
+from .registry import method_class
+
+#: Used when a config gives no target_modules, keyed by transformers' ``config.model_type``.
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"],
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "vit": ["query", "value"],
+}
+
+
+def iter_named_layers(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """Named modules as the user sees them: a wrapper stands in for the module it wraps."""
+    for name, child in model.named_children():
+        full = f"{prefix}.{name}" if prefix else name
+        if isinstance(child, AdapterLayer):
+            yield full, child.base_layer
+        elif isinstance(child, ModulesToSave):
+            yield full, child.original
+        else:
+            yield full, child
+            yield from iter_named_layers(child, full)
+
+
+def matches(name: str, pattern: str | list[str]) -> bool:
+    """peft's rule: list entries match by full name or dotted suffix, a string by regex fullmatch."""
+    if isinstance(pattern, str):
+        return re.fullmatch(pattern, name) is not None
+    return any(name == p or name.endswith("." + p) for p in pattern)
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    try:
+        return get() if callable(get) else None
+    except (AttributeError, NotImplementedError):
+        return None
+
+
+def _unsupported_reason(module: nn.Module) -> str | None:
+    kind = layer_kind(module)
+    if kind is None:
+        return f"is a {type(module).__name__}, not a linear layer (nn.Linear, GPT-2 Conv1D or nn.Conv2d)"
+    if kind == "conv2d" and module.groups != 1:
+        return f"is a grouped Conv2d (groups={module.groups}); only groups=1 convolutions can be adapted"
+    return None
+
+
+def find_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.Module]]:
+    """The (name, layer) pairs ``config`` adapts, after every check; raises ValueError naming the fix."""
+    layers = list(iter_named_layers(model))
+    targets = config.target_modules
+    if targets is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in DEFAULT_TARGETS:
+            raise ValueError(
+                "target_modules is not set and there is no default for this model"
+                f"{f' (model_type={model_type!r})' if model_type else ''}; set target_modules, e.g. "
+                "['q_proj', 'v_proj'] or 'all-linear'"
+            )
+        targets = DEFAULT_TARGETS[model_type]
+
+    if targets == "all-linear":
+        head = _output_head(model)
+        saved = config.modules_to_save or []
+        chosen = [
+            (n, m)
+            for n, m in layers
+            if layer_kind(m) in ("linear", "conv1d") and m is not head and not matches(n, saved)
+        ]
+    else:
+        chosen = [(n, m) for n, m in layers if matches(n, targets)]
+        if isinstance(targets, list):
+            _check_every_entry_matched(targets, [n for n, _ in layers])
+        bad = [(n, reason) for n, m in chosen if (reason := _unsupported_reason(m))]
+        if bad:
+            name, reason = bad[0]
+            raise ValueError(
+                f"target {name!r} {reason}: point target_modules at its linear sub-layers or add it to exclude_modules"
+                + (f" ({len(bad) - 1} more like it)" if len(bad) > 1 else "")
+            )
+    if config.exclude_modules is not None:
+        chosen = [(n, m) for n, m in chosen if not matches(n, config.exclude_modules)]
+    if not chosen:
+        raise ValueError(
+            f"target_modules={targets!r} matched no adaptable layer (after exclude_modules); "
+            f"linear layers here end in: {_suffix_sample(layers)}"
+        )
+    cls = method_class(config)
+    for name, module in chosen:
+        d_in, d_out = layer_dims(module)
+        cls.check_layer(config, d_in, d_out, name)
+    return chosen
+
+
+def _check_every_entry_matched(entries: list[str], names: list[str]) -> None:
+    leaves = sorted({n.split(".")[-1] for n in names})
+    for entry in entries:
+        if not any(n == entry or n.endswith("." + entry) for n in names):
+            close = difflib.get_close_matches(entry.split(".")[-1], leaves, n=3)
+            hint = f"; did you mean {close}?" if close else f"; module names end in e.g. {leaves[:8]}"
+            raise ValueError(f"target_modules entry {entry!r} matches no module in the model{hint}")
+
+
+def _suffix_sample(layers: list[tuple[str, nn.Module]]) -> list[str]:
+    return sorted({n.split(".")[-1] for n, m in layers if layer_kind(m) is not None})[:10]
+
+
+def find_modules_to_save(model: nn.Module, patterns: list[str]) -> list[tuple[str, nn.Module]]:
+    """The modules named by ``modules_to_save``; every entry must match something."""
+    layers = list(iter_named_layers(model))
+    _check_every_entry_matched(patterns, [n for n, _ in layers])
+    found = [(n, m) for n, m in layers if matches(n, patterns)]
+    # keep outermost matches only (a saved module's children are saved with it)
+    return [(n, m) for n, m in found if not any(n.startswith(o + ".") for o, _ in found if o != n)]
+
+
+def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """(parent module, attribute name) of the module called ``name``."""
+    parent_name, _, attr = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), attr
+
+
+def wrap(model: nn.Module, name: str, cls: type[nn.Module]) -> nn.Module:
+    """Put a wrapper of type ``cls`` around the module called ``name`` (reusing one already there)."""
+    parent, attr = get_submodule_parent(model, name)
+    current = getattr(parent, attr)
+    if isinstance(current, cls):
+        return current
+    wrapper = cls(current)
+    setattr(parent, attr, wrapper)
+    return wrapper
+
+
+def unwrap_all(model: nn.Module) -> None:
+    """Replace every wrapper by what it wraps (an adapter layer by its base, a saved module by its active copy)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, AdapterLayer):
+            parent, attr = get_submodule_parent(model, name)
+            setattr(parent, attr, module.base_layer)
+        elif isinstance(module, ModulesToSave):
+            parent, attr = get_submodule_parent(model, name)
+            setattr(parent, attr, module.current())

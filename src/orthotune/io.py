@@ -1,0 +1,275 @@
+"""Adapter folders: ``adapter_config.json`` + ``adapter_model.safetensors``, written atomically.
+
+The JSON holds the method's config fields (flat, as in peft), the format version, the adapted
+modules with their shapes, and the SHA-256 of the weights file, so a truncated, tampered or
+mismatched folder is refused with a clear message before anything in the model changes.
+
+Atomicity: both files are written into a temporary sibling folder, flushed, then swapped in with
+one ``renameat2(RENAME_EXCHANGE)`` (Linux) or two renames; an interrupted save leaves the previous
+adapter intact. A folder holding other files too (e.g. a trainer checkpoint) gets each file
+replaced atomically instead, and the checksum catches a save cut between the two replacements.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import __version__
+from .config import FORMAT_VERSION, AdapterConfig
+from .inject import iter_named_layers
+from .layer import layer_dims, layer_kind
+from .registry import config_from_dict
+
+if TYPE_CHECKING:
+    from .model import OrthoModel
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+SAVED_PREFIX = "modules_to_save."
+_META_KEYS = ("format_version", "orthotune_version", "base_model_class", "base_model_name_or_path", "targets", "weights_sha256")
+
+
+def adapter_state_dict(model: OrthoModel, adapter_name: str) -> dict[str, torch.Tensor]:
+    """Every tensor of one adapter, keyed ``<module>.<param>`` relative to the wrapped model."""
+    if adapter_name not in model.configs:
+        raise ValueError(f"no adapter named {adapter_name!r}; adapters here: {sorted(model.configs)}")
+    state: dict[str, torch.Tensor] = {}
+    for lname, layer in model.adapter_layers():
+        if adapter_name in layer.adapters:
+            for key, value in layer.adapters[adapter_name].state_dict().items():
+                state[f"{lname}.{key}"] = value.detach()
+    for sname, saved in model.saved_modules():
+        if adapter_name in saved.copies:
+            for key, value in saved.copies[adapter_name].state_dict().items():
+                state[f"{SAVED_PREFIX}{sname}.{key}"] = value.detach()
+    return state
+
+
+def save_adapter(model: OrthoModel, directory: str | Path, adapter_name: str) -> None:
+    """Write one adapter folder atomically (see the module docstring)."""
+    directory = Path(directory)
+    state = {k: v.to("cpu").contiguous() for k, v in adapter_state_dict(model, adapter_name).items()}
+    targets = {
+        lname: [layer.d_out, layer.d_in, layer.kind]
+        for lname, layer in model.adapter_layers()
+        if adapter_name in layer.adapters
+    }
+    base_cfg = getattr(model.base_model, "config", None)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "orthotune_version": __version__,
+        "base_model_class": type(model.base_model).__name__,
+        "base_model_name_or_path": getattr(base_cfg, "name_or_path", None) or None,
+        "targets": targets,
+    }
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "orthotune_format": str(FORMAT_VERSION)})
+        meta["weights_sha256"] = _sha256(tmp / WEIGHTS_NAME)
+        payload = {**model.configs[adapter_name].to_dict(), **meta}
+        (tmp / CONFIG_NAME).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+        for f in (WEIGHTS_NAME, CONFIG_NAME):
+            _fsync(tmp / f)
+        _install(tmp, directory)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_adapter(base: nn.Module, directory: str | Path) -> tuple[AdapterConfig, dict[str, nn.Module], dict[str, dict]]:
+    """Validate a folder against ``base`` and build its modules, touching nothing in ``base``.
+
+    Returns the config, the method module per target (weights loaded), and the state of each
+    saved module (keys checked against the module it belongs to).
+    """
+    from .model import build_method
+
+    directory = Path(directory)
+    config, meta = read_config(directory)
+    try:
+        state = load_file(str(directory / WEIGHTS_NAME))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{directory / WEIGHTS_NAME} is not a readable safetensors file ({err}); save the adapter again") from err
+
+    layers = dict(iter_named_layers(base))
+    targets: dict[str, list] = meta["targets"]
+    modules: dict[str, nn.Module] = {}
+    for lname, (d_out, d_in, kind) in targets.items():
+        module = layers.get(lname)
+        if module is None or layer_kind(module) is None:
+            raise ValueError(
+                f"the adapter in {directory} adapts {lname!r}, which this model does not have as a linear layer: "
+                f"it was saved for a {meta['base_model_class']}; load it into that architecture"
+            )
+        if layer_dims(module) != (d_in, d_out) or layer_kind(module) != kind:
+            got_in, got_out = layer_dims(module)
+            raise ValueError(
+                f"shape mismatch at {lname!r}: the adapter expects a {kind} of {d_out}x{d_in}, the model has a "
+                f"{layer_kind(module)} of {got_out}x{got_in}; it was saved for a different base model"
+            )
+        modules[lname] = build_method(config, module)
+
+    expected: dict[str, torch.Tensor] = {}
+    for lname, method in modules.items():
+        expected.update({f"{lname}.{k}": v for k, v in method.state_dict().items()})
+    saved_states = _saved_module_states(base, state, config, directory)
+    for sname, sstate in saved_states.items():
+        expected.update({f"{SAVED_PREFIX}{sname}.{k}": v for k, v in sstate.items()})
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"{directory / WEIGHTS_NAME} does not fit its config: missing {missing[:5]}, unexpected {unexpected[:5]}; "
+            "the folder was edited or mixes two adapters: save the adapter again"
+        )
+    for key, ref in expected.items():
+        if state[key].shape != ref.shape:
+            raise ValueError(f"tensor {key!r} has shape {tuple(state[key].shape)}, expected {tuple(ref.shape)}")
+    with torch.no_grad():
+        for lname, method in modules.items():
+            method.load_state_dict({k: state[f"{lname}.{k}"] for k in method.state_dict()})
+        for sname, sstate in saved_states.items():
+            prefix = f"{SAVED_PREFIX}{sname}."
+            for k in sstate:
+                sstate[k] = state[prefix + k]
+    return config, modules, saved_states
+
+
+def _saved_module_states(base: nn.Module, state: dict, config: AdapterConfig, directory: Path) -> dict[str, dict]:
+    """The reference state (keys and shapes) of each saved module named in the file."""
+    if not config.modules_to_save:
+        return {}
+    from .inject import find_modules_to_save
+
+    found = dict(find_modules_to_save(base, config.modules_to_save))
+    out: dict[str, dict] = {}
+    for key in state:
+        if not key.startswith(SAVED_PREFIX):
+            continue
+        rest = key[len(SAVED_PREFIX):]
+        owner = next((n for n in found if rest.startswith(n + ".")), None)
+        if owner is None:
+            raise ValueError(f"{directory}: saved module tensor {key!r} belongs to no module of this model")
+        out.setdefault(owner, dict(found[owner].state_dict()))
+    return out
+
+
+def read_config(directory: str | Path) -> tuple[AdapterConfig, dict[str, Any]]:
+    """Parse and check ``adapter_config.json`` and the weights checksum; (config, metadata)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        hint = _interrupted_save_hint(directory)
+        raise ValueError(f"adapter folder {directory} does not exist{hint}")
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (directory / name).is_file():
+            raise ValueError(f"{directory} has no {name}: it is not a complete orthotune adapter folder; save the adapter again")
+    try:
+        data = json.loads((directory / CONFIG_NAME).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{directory / CONFIG_NAME} is not valid JSON ({err}); the file is corrupted: save the adapter again") from err
+    if not isinstance(data, dict) or "format_version" not in data:
+        raise ValueError(f"{directory / CONFIG_NAME} is not an orthotune adapter config (no format_version)")
+    version = data["format_version"]
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(
+            f"{directory} was written in adapter format {version!r}, newer than this orthotune's {FORMAT_VERSION}; "
+            "upgrade orthotune to load it"
+        )
+    meta = {k: data.pop(k, None) for k in _META_KEYS}
+    if not isinstance(meta["targets"], dict) or not meta["targets"]:
+        raise ValueError(f"{directory / CONFIG_NAME} lists no adapted modules ('targets'); save the adapter again")
+    actual = _sha256(directory / WEIGHTS_NAME)
+    if actual != meta["weights_sha256"]:
+        raise ValueError(
+            f"{directory / WEIGHTS_NAME} does not match the checksum in {CONFIG_NAME}: the weights were truncated, "
+            "modified, or a save was interrupted; save the adapter again"
+        )
+    return config_from_dict(data), meta
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        _fsync(path)
+    except OSError:
+        pass  # some filesystems cannot fsync a directory; the renames are still atomic
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with Linux renameat2; False where the system cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EXDEV):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _install(tmp: Path, directory: Path) -> None:
+    """Move the finished temporary folder into place without a moment where neither adapter is whole."""
+    if not directory.exists():
+        os.rename(tmp, directory)
+    elif not directory.is_dir():
+        raise ValueError(f"{directory} exists and is not a folder; choose another path")
+    elif set(os.listdir(directory)) <= {CONFIG_NAME, WEIGHTS_NAME}:
+        if _exchange(tmp, directory):
+            shutil.rmtree(tmp)  # now holds the previous adapter
+        else:
+            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
+            os.rmdir(old)
+            os.rename(directory, old)
+            os.rename(tmp, directory)
+            shutil.rmtree(old)
+    else:
+        # Other files live here (a checkpoint folder): replace our two files, weights first.
+        for name in (WEIGHTS_NAME, CONFIG_NAME):
+            os.replace(tmp / name, directory / name)
+    _fsync_dir(directory.parent)
+
+
+def _interrupted_save_hint(directory: Path) -> str:
+    parent = directory.parent
+    if parent.is_dir():
+        olds = sorted(p for p in parent.glob(f".{directory.name}.old-*") if p.is_dir())
+        if olds:
+            return f"; an interrupted save left the previous adapter in {olds[-1]}: rename it to {directory.name}"
+    return ""

@@ -1,0 +1,182 @@
+"""The shared wrapper around a frozen layer: several named adapters, which are active, merge state.
+
+Composition of active adapters is defined on weights: with adapters ``a_1 .. a_n`` active (in
+that order) the layer computes ``f_n(... f_1(W0))`` where ``f_i`` is ``a_i``'s weight map
+(``W -> W R_i`` for rotations, ``W -> W + dW_i`` for additive updates). On activations this is
+``F_i(x) = a_i.forward(x, F_{i-1})``, ``F_0(x) = W0 x``: for rotations ``W0 R_1 R_2 ... R_n x``,
+so the rotation of the last active adapter touches ``x`` first. Merging folds them in the same
+order, so merged and unmerged outputs agree.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .methods.base import AdapterMethod, Base
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """'linear', 'conv1d' (transformers' transposed GPT-2 Conv1D), 'conv2d', or None if unsupported."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None:
+        return "conv1d"
+    if isinstance(module, nn.Conv2d):
+        return "conv2d"
+    return None
+
+
+def layer_dims(module: nn.Module) -> tuple[int, int]:
+    """(d_in, d_out) of a supported layer; a Conv2d's input side is its flattened patch (C_in*kh*kw)."""
+    kind = layer_kind(module)
+    w = module.weight
+    if kind == "linear":
+        return w.shape[1], w.shape[0]
+    if kind == "conv1d":
+        return w.shape[0], w.shape[1]
+    if kind == "conv2d":
+        return w[0].numel(), w.shape[0]
+    raise TypeError(f"unsupported layer type {type(module).__name__}")
+
+
+class AdapterLayer(nn.Module):
+    """A frozen ``nn.Linear`` / GPT-2 ``Conv1D`` / ``nn.Conv2d`` with named adapters."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        kind = layer_kind(base_layer)
+        if kind is None:
+            raise TypeError(f"cannot adapt {type(base_layer).__name__}: supported are nn.Linear, Conv1D and nn.Conv2d")
+        self.base_layer = base_layer
+        self.kind = kind
+        self.d_in, self.d_out = layer_dims(base_layer)
+        self.adapters = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+
+    # Attributes that transformers and user code read off a linear layer.
+    @property
+    def weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base_layer.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.d_in
+
+    @property
+    def out_features(self) -> int:
+        return self.d_out
+
+    def weight_matrix(self) -> Tensor:
+        """The base weight as a (d_out, d_in) matrix (a view, in the base dtype)."""
+        w = self.base_layer.weight
+        if self.kind == "conv1d":
+            return w.T
+        if self.kind == "conv2d":
+            return w.reshape(w.shape[0], -1)
+        return w
+
+    @torch.no_grad()
+    def _write_weight(self, W: Tensor) -> None:
+        """Round a float32 (d_out, d_in) matrix once into the base weight, in place."""
+        w = self.base_layer.weight
+        if self.kind == "conv1d":
+            W = W.T
+        w.copy_(W.reshape(w.shape).to(w.dtype))
+
+    def _forward_adapters(self) -> list[AdapterMethod]:
+        return [self.adapters[n] for n in self.active_adapters if n in self.adapters and n not in self.merged_adapters]
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        adapters = [] if self.disabled else self._forward_adapters()
+        if not adapters:
+            return self.base_layer(x, *args, **kwargs)
+        if self.kind == "conv2d":
+            W = self.weight_matrix().float()
+            for a in adapters:
+                W = a.merged_weight(W)
+            w = W.reshape(self.base_layer.weight.shape).to(x.dtype)
+            return self.base_layer._conv_forward(x, w, self.base_layer.bias)
+        fn: Base = self._base_no_bias
+        for a in adapters:
+            fn = _compose(a, fn)
+        out = fn(x)
+        bias = self.base_layer.bias
+        return out if bias is None else out + bias
+
+    def _base_no_bias(self, x: Tensor) -> Tensor:
+        if self.kind == "conv1d":
+            return x @ self.base_layer.weight
+        return F.linear(x, self.base_layer.weight)
+
+    @torch.no_grad()
+    def merged_matrix(self, names: list[str]) -> Tensor:
+        """The float32 weight after folding ``names`` (in order) into the current weight; nothing written."""
+        W = self.weight_matrix().float()
+        for n in names:
+            W = self.adapters[n].merged_weight(W)
+        return W
+
+    @torch.no_grad()
+    def merge(self, names: list[str]) -> None:
+        """Fold adapters into the base weight, in float32, rounding once to the base dtype."""
+        names = [n for n in names if n in self.adapters and n not in self.merged_adapters]
+        if names:
+            self._write_weight(self.merged_matrix(names))
+            self.merged_adapters.extend(names)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo every merge, last merged first."""
+        if not self.merged_adapters:
+            return
+        W = self.weight_matrix().float()
+        for n in reversed(self.merged_adapters):
+            W = self.adapters[n].unmerged_weight(W)
+        self._write_weight(W)
+        self.merged_adapters = []
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, active={self.active_adapters}, merged={self.merged_adapters}"
+
+
+def _compose(adapter: AdapterMethod, inner: Base) -> Base:
+    return lambda z: adapter(z, inner)
+
+
+class ModulesToSave(nn.Module):
+    """A module trained in full for some adapters (e.g. a new classifier head): one copy per adapter."""
+
+    def __init__(self, original: nn.Module) -> None:
+        super().__init__()
+        self.original = original
+        self.copies = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.disabled = False
+
+    def add(self, name: str) -> None:
+        clone = copy.deepcopy(self.original)
+        for p in clone.parameters():
+            p.requires_grad_(True)
+        self.copies[name] = clone
+
+    def current(self) -> nn.Module:
+        """The copy of the first active adapter that has one, else the frozen original."""
+        if not self.disabled:
+            for n in self.active_adapters:
+                if n in self.copies:
+                    return self.copies[n]
+        return self.original
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.current()(*args, **kwargs)

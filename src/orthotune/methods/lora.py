@@ -1,0 +1,77 @@
+"""LoRA (Hu et al., 2021, arXiv:2106.09685): ``W = W0 + s B A``, ``s = alpha / r`` (or ``alpha / sqrt(r)``).
+
+Same parameterisation and initialisation as peft 0.21 (``A`` Kaiming-uniform with a = sqrt(5),
+``B`` zero), so peft LoRA adapters map across parameter for parameter.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..config import AdapterConfig, check_positive_int
+from .base import AdapterMethod, Base, cast_to
+
+
+@dataclass
+class LoRAConfig(AdapterConfig):
+    """LoRA hyperparameters, named as in peft: ``r * (d_in + d_out)`` parameters per layer."""
+
+    method = "lora"
+
+    r: int = field(default=8, metadata={"help": "Rank of the update B A."})
+    lora_alpha: float = field(default=8.0, metadata={"help": "Scale numerator: s = lora_alpha / r."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter's input."})
+    use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilised scale s = lora_alpha / sqrt(r)."})
+
+    def validate(self) -> None:
+        check_positive_int("r", self.r)
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+class LoRA(AdapterMethod):
+    """Additive low-rank update on activations: ``y = W0 x + s B (A dropout(x))``."""
+
+    config_class = LoRAConfig
+
+    def __init__(self, config: LoRAConfig, d_in: int, d_out: int, weight: Tensor) -> None:
+        super().__init__(config, d_in, d_out, weight)
+        self.lora_A = nn.Parameter(self._param_like(config.r, d_in, weight=weight))
+        self.lora_B = nn.Parameter(self._param_like(d_out, config.r, weight=weight))
+        self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.scaling = config.scaling
+        self.reset_parameters()
+
+    @classmethod
+    def check_layer(cls, config: LoRAConfig, d_in: int, d_out: int, name: str) -> None:
+        if config.r > min(d_in, d_out):
+            raise ValueError(f"LoRA r={config.r} exceeds min(d_in, d_out)={min(d_in, d_out)} of {name!r}; lower r")
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            if self.config.init_identity:
+                nn.init.zeros_(self.lora_B)
+            else:
+                nn.init.normal_(self.lora_B, std=0.1)
+
+    def delta_weight(self) -> Tensor:
+        return self.scaling * (self.lora_B.float() @ self.lora_A.float())
+
+    def forward(self, x: Tensor, base: Base) -> Tensor:
+        A, B = cast_to(x, self.lora_A, self.lora_B)
+        return base(x) + self.scaling * ((self.dropout(x) @ A.T) @ B.T)
+
+    def merged_weight(self, W: Tensor) -> Tensor:
+        return W + self.delta_weight().to(W.dtype)
+
+    def unmerged_weight(self, W: Tensor) -> Tensor:
+        return W - self.delta_weight().to(W.dtype)

@@ -1,0 +1,318 @@
+"""``OrthoModel``: a model with named adapters, and everything users do with them.
+
+It wraps the user's model like peft's ``PeftModel``: attribute access, ``forward`` and
+``generate`` pass through to the wrapped model, whose targeted layers carry
+:class:`~orthotune.layer.AdapterLayer` wrappers. Every operation validates before it mutates, so
+a failed call leaves the model as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import AdapterConfig
+from .inject import find_modules_to_save, find_targets, unwrap_all, wrap
+from .layer import AdapterLayer, ModulesToSave, layer_dims
+from .registry import method_class
+
+
+class OrthoModel(nn.Module):
+    """A model with orthotune adapters; build it with :func:`orthotune.get_model`."""
+
+    def __init__(self, model: nn.Module, config: AdapterConfig | None = None, adapter_name: str = "default") -> None:
+        super().__init__()
+        if isinstance(model, OrthoModel):
+            raise ValueError("this model already carries orthotune adapters: use its add_adapter() instead")
+        self.base_model = model
+        self.configs: dict[str, AdapterConfig] = {}
+        self._active: list[str] = []
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if config is not None:
+            self.add_adapter(adapter_name, config)
+            self.set_adapter(adapter_name)
+
+    # ------------------------------------------------------------------ pass-through
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped model (still carrying adapter layers)."""
+        return self.base_model
+
+    def __reduce_ex__(self, protocol: int) -> Any:
+        # Instances may be of a per-architecture subclass made at run time: rebuild it by name.
+        return (_new_instance, (type(self.base_model),), self.__dict__.copy())
+
+    # ------------------------------------------------------------------ introspection
+    def adapter_layers(self) -> Iterator[tuple[str, AdapterLayer]]:
+        """(name, layer) for every adapted layer, names relative to the wrapped model."""
+        for name, module in self.base_model.named_modules():
+            if isinstance(module, AdapterLayer):
+                yield name, module
+
+    def saved_modules(self) -> Iterator[tuple[str, ModulesToSave]]:
+        """(name, wrapper) for every module trained in full (``modules_to_save``)."""
+        for name, module in self.base_model.named_modules():
+            if isinstance(module, ModulesToSave):
+                yield name, module
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """Names of the adapters applied in forward, in composition order."""
+        return list(self._active)
+
+    @property
+    def active_adapter(self) -> str:
+        """The first active adapter (peft's name for the single-adapter case)."""
+        return self._active[0]
+
+    def trainable_parameters(self) -> dict[str, Any]:
+        """Exact counts: trainable, total, and trainable per adapted layer and per adapter."""
+        per_layer: dict[str, int] = {}
+        per_adapter: dict[str, int] = {n: 0 for n in self.configs}
+        for lname, layer in self.adapter_layers():
+            for aname, adapter in layer.adapters.items():
+                n = sum(p.numel() for p in adapter.parameters())
+                per_adapter[aname] += n
+                if aname in self._active:
+                    per_layer[lname] = per_layer.get(lname, 0) + n
+        for mname, saved in self.saved_modules():
+            for aname, clone in saved.copies.items():
+                n = sum(p.numel() for p in clone.parameters())
+                per_adapter[aname] += n
+                if aname in self._active:
+                    per_layer[mname] = per_layer.get(mname, 0) + n
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return {"trainable": trainable, "total": total, "per_layer": per_layer, "per_adapter": per_adapter}
+
+    def print_trainable_parameters(self) -> None:
+        """peft's one-line summary."""
+        c = self.trainable_parameters()
+        pct = 100.0 * c["trainable"] / max(c["total"], 1)
+        print(f"trainable params: {c['trainable']:,} || all params: {c['total']:,} || trainable%: {pct:.4f}")
+
+    # ------------------------------------------------------------------ adapters
+    def add_adapter(self, adapter_name: str, config: AdapterConfig) -> None:
+        """Add an adapter (inactive unless it is the first); nothing changes if any check fails."""
+        if not isinstance(config, AdapterConfig):
+            raise ValueError(f"config must be an orthotune AdapterConfig (e.g. LoCOConfig), got {type(config).__name__}")
+        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name or "/" in adapter_name:
+            raise ValueError(f"adapter name {adapter_name!r} must be a non-empty string without '.' or '/'")
+        if adapter_name in self.configs:
+            raise ValueError(f"an adapter named {adapter_name!r} exists already; delete_adapter() it or pick another name")
+        targets = find_targets(self.base_model, config)
+        saved = find_modules_to_save(self.base_model, config.modules_to_save) if config.modules_to_save else []
+        for sname, _ in saved:
+            inside = [t for t, _ in targets if t.startswith(sname + ".") or t == sname]
+            if inside:
+                raise ValueError(
+                    f"{inside[0]!r} is both a target and inside modules_to_save entry {sname!r}; "
+                    "exclude it from target_modules (a saved module is trained in full)"
+                )
+        modules = {name: build_method(config, module) for name, module in targets}
+        self._attach(adapter_name, config, modules, [n for n, _ in saved])
+
+    def _attach(self, name: str, config: AdapterConfig, modules: dict[str, nn.Module], saved: list[str]) -> None:
+        """Wire built method modules (and saved-module copies) into the model under ``name``."""
+        for lname, method in modules.items():
+            layer = wrap(self.base_model, lname, AdapterLayer)
+            layer.adapters[name] = method
+            layer.active_adapters = list(self._active)
+        for sname in saved:
+            wrapper = wrap(self.base_model, sname, ModulesToSave)
+            wrapper.add(name)
+            wrapper.active_adapters = list(self._active)
+        self.configs[name] = config
+        self._refresh_trainable()
+
+    def set_adapter(self, adapter_names: str | list[str]) -> None:
+        """Make these adapters active, in this composition order (first = innermost, see layer.py)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        unknown = [n for n in names if n not in self.configs]
+        if unknown or not names:
+            raise ValueError(f"unknown adapter(s) {unknown or names}; adapters here: {sorted(self.configs)}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"adapter names repeat in {names}")
+        self._active = names
+        for _, module in self._wrappers():
+            module.active_adapters = list(names)
+        self._refresh_trainable()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter everywhere; refuses (changing nothing) while it is merged."""
+        if adapter_name not in self.configs:
+            raise ValueError(f"no adapter named {adapter_name!r}; adapters here: {sorted(self.configs)}")
+        if any(adapter_name in layer.merged_adapters for _, layer in self.adapter_layers()):
+            raise ValueError(f"adapter {adapter_name!r} is merged; unmerge() before deleting it")
+        for _, layer in list(self.adapter_layers()):
+            if adapter_name in layer.adapters:
+                del layer.adapters[adapter_name]
+        for _, saved in self.saved_modules():
+            if adapter_name in saved.copies:
+                del saved.copies[adapter_name]
+        del self.configs[adapter_name]
+        self._active = [n for n in self._active if n != adapter_name]
+        for _, module in self._wrappers():
+            module.active_adapters = list(self._active)
+        self._refresh_trainable()
+
+    def _wrappers(self) -> Iterator[tuple[str, AdapterLayer | ModulesToSave]]:
+        yield from self.adapter_layers()
+        yield from self.saved_modules()
+
+    def _refresh_trainable(self) -> None:
+        """Only the active adapters' parameters (and their saved-module copies) train."""
+        for _, layer in self.adapter_layers():
+            for name, adapter in layer.adapters.items():
+                adapter.requires_grad_(name in self._active)
+        for _, saved in self.saved_modules():
+            for name, clone in saved.copies.items():
+                clone.requires_grad_(name in self._active)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Inside the block the model computes the base outputs, merged adapters included."""
+        merged = {name: list(layer.merged_adapters) for name, layer in self.adapter_layers()}
+        self.unmerge()
+        wrappers = [m for _, m in self._wrappers()]
+        for m in wrappers:
+            m.disabled = True
+        try:
+            yield
+        finally:
+            for m in wrappers:
+                m.disabled = False
+            for name, layer in self.adapter_layers():
+                layer.merge(merged.get(name, []))
+
+    # ------------------------------------------------------------------ merging
+    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold adapters (default: the active ones) into the base weights, float32 then rounded once.
+
+        ``safe_merge=True`` computes every merged weight first and raises, writing nothing, if any
+        holds NaN or Inf.
+        """
+        names = self._active if adapter_names is None else list(adapter_names)
+        unknown = [n for n in names if n not in self.configs]
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown}; adapters here: {sorted(self.configs)}")
+        layers = list(self.adapter_layers())
+        todo = [n for n in names if any(n in layer.adapters and n not in layer.merged_adapters for _, layer in layers)]
+        if not todo:
+            warnings.warn("All adapters are already merged, nothing to do.", stacklevel=2)
+            return
+        if safe_merge:
+            for lname, layer in layers:
+                pending = [n for n in todo if n in layer.adapters and n not in layer.merged_adapters]
+                if pending and not torch.isfinite(layer.merged_matrix(pending)).all():
+                    raise ValueError(
+                        f"NaNs or Infs detected in the merged weights of {lname!r} for adapter(s) {pending}; "
+                        "the adapter seems to be broken. Nothing was merged."
+                    )
+        for _, layer in layers:
+            layer.merge(todo)
+
+    def unmerge(self) -> None:
+        """Undo all merges (restores the base weights within float rounding)."""
+        for _, layer in self.adapter_layers():
+            layer.unmerge()
+
+    @property
+    def merged(self) -> bool:
+        """True if any adapter is merged into any layer."""
+        return any(layer.merged_adapters for _, layer in self.adapter_layers())
+
+    def merge_and_unload(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> nn.Module:
+        """Merge, then remove every wrapper: returns the plain model (saved modules keep their trained copy)."""
+        if self._active or adapter_names:
+            self.merge(adapter_names, safe_merge=safe_merge)
+        unwrap_all(self.base_model)
+        return self.base_model
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter without merging: returns the original model."""
+        self.unmerge()
+        for _, saved in self.saved_modules():
+            saved.disabled = True
+        unwrap_all(self.base_model)
+        return self.base_model
+
+    # ------------------------------------------------------------------ saving and loading
+    def save_adapter(self, directory: str | Path, adapter_name: str | None = None) -> None:
+        """Write one adapter as ``adapter_config.json`` + ``adapter_model.safetensors``, atomically."""
+        from .io import save_adapter
+
+        save_adapter(self, directory, adapter_name or self.active_adapter)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """peft's layout: the first active adapter in ``directory``, every other one in ``directory/<name>``."""
+        first = self.active_adapter
+        self.save_adapter(directory, first)
+        for name in self.configs:
+            if name != first:
+                self.save_adapter(Path(directory) / name, name)
+
+    def load_adapter(self, directory: str | Path, adapter_name: str = "default") -> None:
+        """Load a saved adapter under ``adapter_name`` (not activated); the model is untouched on error."""
+        from .io import read_adapter
+
+        if adapter_name in self.configs:
+            raise ValueError(f"an adapter named {adapter_name!r} exists already; pick another adapter_name")
+        config, modules, saved_states = read_adapter(self.base_model, directory)
+        self._attach(adapter_name, config, modules, list(saved_states))
+        with torch.no_grad():
+            for sname, state in saved_states.items():
+                wrapper = self.base_model.get_submodule(sname)
+                wrapper.copies[adapter_name].load_state_dict(state)
+
+
+def build_method(config: AdapterConfig, module: nn.Module) -> nn.Module:
+    """A method module for one base layer, on its device, adapter dtype from the config."""
+    d_in, d_out = layer_dims(module)
+    weight = module.weight
+    if type(module).__name__ == "Conv1D":
+        weight = weight.T
+    weight = weight.reshape(d_out, d_in)
+    return method_class(config)(config, d_in, d_out, weight.detach())
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def ortho_class(base_cls: type) -> type:
+    """A subclass of OrthoModel whose ``forward`` shows ``base_cls.forward``'s signature.
+
+    transformers' Trainer reads argument names (``labels``, dataset columns) off
+    ``inspect.signature(model.forward)``; this keeps that working through the wrapper.
+    """
+    if base_cls not in _CLASSES:
+
+        def forward(self: OrthoModel, *args: Any, **kwargs: Any) -> Any:
+            return self.base_model(*args, **kwargs)
+
+        forward.__wrapped__ = base_cls.forward  # type: ignore[attr-defined]
+        forward.__doc__ = base_cls.forward.__doc__
+        _CLASSES[base_cls] = type(f"Ortho{base_cls.__name__}", (OrthoModel,), {"forward": forward, "__module__": __name__})
+    return _CLASSES[base_cls]
+
+
+def _new_instance(base_cls: type) -> OrthoModel:
+    cls = ortho_class(base_cls)
+    return cls.__new__(cls)

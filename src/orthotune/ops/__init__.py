@@ -1,0 +1,1 @@
+"""Pure tensor math: no module state, each function checked against float64 references."""

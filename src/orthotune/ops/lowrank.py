@@ -1,0 +1,63 @@
+"""The one form shared by the low-rank orthogonal family: ``R = I + U M V^T``.
+
+LoCO chains, HRA (compact WY) and LOFT all rotate activations as ``x -> x + U (M (V^T x))`` with
+``U, V`` of shape (d, m) and a small ``M`` (m, m) computed once per step. Everything here works on
+that triple without ever forming a d x d matrix, except :func:`materialize`, which exists to merge.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def apply_rows(x: Tensor, U: Tensor, M: Tensor, V: Tensor) -> Tensor:
+    """Rotate row vectors: ``x R^T = x + ((x V) M^T) U^T`` for ``x`` of shape (..., d)."""
+    return x + ((x @ V) @ M.transpose(-1, -2)) @ U.transpose(-1, -2)
+
+
+def materialize(U: Tensor, M: Tensor, V: Tensor) -> Tensor:
+    """The dense ``I + U M V^T`` (d x d): only for merging and for tests."""
+    d = U.shape[-2]
+    eye = torch.eye(d, dtype=U.dtype, device=U.device)
+    return eye + U @ M @ V.transpose(-1, -2)
+
+
+def merge_right(W: Tensor, U: Tensor, M: Tensor, V: Tensor) -> Tensor:
+    """``W R = W + (W U) M V^T`` for ``W`` (d_out, d): merging without a d x d matrix."""
+    return W + ((W @ U) @ M) @ V.transpose(-1, -2)
+
+
+def lowrank_norm(X: Tensor, K: Tensor, Y: Tensor, ord: str | int = "fro") -> Tensor:
+    """``||X K Y^T||`` (Frobenius or spectral) from thin QR factors, never forming the d x d product.
+
+    Orthonormalising ``X`` and ``Y`` first keeps the small matrix free of the cancellation a Gram-
+    matrix trace would suffer when the product is tiny (e.g. an orthogonality error near 1e-7).
+    """
+    _, Rx = torch.linalg.qr(X)
+    _, Ry = torch.linalg.qr(Y)
+    return torch.linalg.matrix_norm(Rx @ K @ Ry.transpose(-1, -2), ord=ord)
+
+
+def orthogonality_error(U: Tensor, M: Tensor, V: Tensor) -> Tensor:
+    """``||R^T R - I||_F / sqrt(d)`` for ``R = I + U M V^T``, in O(d m^2).
+
+    ``R^T R - I = Z K Z^T`` with ``Z = [U, V]`` and ``K = [[0, M], [M^T, M^T U^T U M]]``.
+    """
+    d = U.shape[-2]
+    Z = torch.cat([U, V], dim=-1)
+    m = M.shape[-1]
+    zero = torch.zeros(m, m, dtype=M.dtype, device=M.device)
+    K = torch.cat(
+        [torch.cat([zero, M], -1), torch.cat([M.transpose(-1, -2), M.transpose(-1, -2) @ (U.transpose(-1, -2) @ U) @ M], -1)],
+        -2,
+    )
+    return lowrank_norm(Z, K, Z) / d**0.5
+
+
+def difference_norm(a: tuple[Tensor, Tensor, Tensor], b: tuple[Tensor, Tensor, Tensor], ord: str | int = "fro") -> Tensor:
+    """``||R_a - R_b||`` for two rotations in the one form, without forming either."""
+    Ua, Ma, Va = a
+    Ub, Mb, Vb = b
+    K = torch.block_diag(Ma, -Mb)
+    return lowrank_norm(torch.cat([Ua, Ub], -1), K, torch.cat([Va, Vb], -1), ord=ord)

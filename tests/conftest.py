@@ -1,0 +1,65 @@
+"""Shared fixtures: small models with every supported layer kind, seeded."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+class MLP(nn.Module):
+    """Linear layers of different widths, a bias-free one, and a head."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.lin0 = nn.Linear(d, 24)
+        self.lin1 = nn.Linear(24, 24, bias=False)
+        self.lin2 = nn.Linear(24, 12)
+        self.head = nn.Linear(12, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.lin2(torch.tanh(self.lin1(torch.tanh(self.lin0(x)))))))
+
+
+class GPT2Block(nn.Module):
+    """transformers' transposed Conv1D layers, as in GPT-2."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        self.c_attn = Conv1D(3 * d, d)
+        self.c_proj = Conv1D(d, 3 * d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(torch.tanh(self.c_attn(x)))
+
+
+class ConvNet(nn.Module):
+    """A 3x3 and a 1x1 convolution (flattened patches are the rotated input side)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0 = nn.Conv2d(4, 8, 3, padding=1)
+        self.conv1 = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv1(torch.tanh(self.conv0(x)))
+
+
+MODELS = {
+    "mlp": (MLP, ["lin0", "lin1", "lin2"], lambda: torch.randn(6, 16)),
+    "conv1d": (GPT2Block, ["c_attn", "c_proj"], lambda: torch.randn(2, 5, 16)),
+    "conv2d": (ConvNet, ["conv0", "conv1"], lambda: torch.randn(2, 4, 6, 6)),
+}
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)

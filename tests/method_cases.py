@@ -1,0 +1,36 @@
+"""Configurations the shared contract suite runs for each registered method.
+
+Adding a method to ``orthotune.registry.METHODS`` without cases here fails
+``test_every_method_has_cases``: one entry below is all a new method needs to get the suite.
+``params(d_in, d_out)`` is the method's trainable-parameter count per layer, written from the paper.
+``models`` restricts a case to the test models whose shapes it fits (default: all).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class Case:
+    method: str
+    kwargs: dict[str, Any]
+    params: Callable[[int, int], int]
+    models: tuple[str, ...] = ("mlp", "conv1d", "conv2d")
+    orthogonal: bool = False  # exact orthogonality of the input rotation is asserted after training
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        args = ",".join(f"{k}={v}" for k, v in self.kwargs.items())
+        return f"{self.method}({args})"
+
+
+CASES: list[Case] = [
+    Case("loco", dict(rank=2, chain_length=3), lambda i, o: 2 * 3 * 2 * i, orthogonal=True),
+    Case("loco", dict(rank=1, chain_length=4, mode="sequential"), lambda i, o: 2 * 4 * 1 * i, orthogonal=True),
+    Case("loco", dict(rank=2, chain_length=2, mode="approx"), lambda i, o: 2 * 2 * 2 * i, orthogonal=True),
+    Case("lora", dict(r=4, lora_alpha=8), lambda i, o: 4 * (i + o)),
+    Case("lora", dict(r=2, lora_alpha=4, use_rslora=True), lambda i, o: 2 * (i + o)),
+]
