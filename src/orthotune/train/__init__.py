@@ -1,0 +1,1 @@
+"""Training recipes: real models and data loaded offline, training loops, evaluation."""
