@@ -8,12 +8,16 @@ from __future__ import annotations
 
 from .config import AdapterConfig
 from .methods.base import AdapterMethod
+from .methods.fourierft import FourierFT, FourierFTConfig
+from .methods.loca import LoCA, LoCAConfig
 from .methods.lora import LoRA, LoRAConfig
 from .methods.loco import LoCO, LoCOConfig
 
 METHODS: dict[str, tuple[type[AdapterConfig], type[AdapterMethod]]] = {
     "loco": (LoCOConfig, LoCO),
     "lora": (LoRAConfig, LoRA),
+    "loca": (LoCAConfig, LoCA),
+    "fourierft": (FourierFTConfig, FourierFT),
 }
 
 
