@@ -9,7 +9,7 @@ from collections.abc import Sequence
 def _demo(args: argparse.Namespace) -> None:
     from .train.demo import run_demo
 
-    run_demo(out_dir=args.out, train_size=args.train_size, epochs=args.epochs, lr=args.lr, seed=args.seed)
+    run_demo(out_dir=args.out, train_size=args.train_size, test_size=args.test_size, epochs=args.epochs, lr=args.lr, seed=args.seed)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="fine-tune all-MiniLM-L6-v2 on BANKING77 with LoCO on CPU, save, reload, merge")
     demo.add_argument("--out", default="runs/demo", help="output folder (adapter and results.json)")
     demo.add_argument("--train-size", type=int, default=None, help="use a seeded subset of the training set")
+    demo.add_argument("--test-size", type=int, default=None, help="evaluate on a seeded subset of the test set")
     demo.add_argument("--epochs", type=int, default=1)
     demo.add_argument("--lr", type=float, default=3e-3)
     demo.add_argument("--seed", type=int, default=0)

