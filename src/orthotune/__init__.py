@@ -17,6 +17,7 @@ from torch import nn  # noqa: E402
 from .config import AdapterConfig  # noqa: E402
 from .methods.loco import LoCOConfig, approximation_error  # noqa: E402
 from .methods.lora import LoRAConfig  # noqa: E402
+from .methods.pissa import PiSSAConfig  # noqa: E402
 from .model import OrthoModel, ortho_class  # noqa: E402
 from .registry import METHODS  # noqa: E402
 
@@ -63,6 +64,7 @@ __all__ = [
     "LoCOConfig",
     "LoRAConfig",
     "OrthoModel",
+    "PiSSAConfig",
     "get_model",
     "load_adapter",
     "loco_approximation_error",

@@ -10,10 +10,12 @@ from .config import AdapterConfig
 from .methods.base import AdapterMethod
 from .methods.lora import LoRA, LoRAConfig
 from .methods.loco import LoCO, LoCOConfig
+from .methods.pissa import PiSSA, PiSSAConfig
 
 METHODS: dict[str, tuple[type[AdapterConfig], type[AdapterMethod]]] = {
     "loco": (LoCOConfig, LoCO),
     "lora": (LoRAConfig, LoRA),
+    "pissa": (PiSSAConfig, PiSSA),
 }
 
 
