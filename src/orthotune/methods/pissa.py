@@ -92,18 +92,18 @@ class PiSSA(AdapterMethod):
             if not self.config.init_identity:
                 self.lora_B.add_(torch.randn_like(self.lora_B), alpha=0.1)
 
-    def _factors(self) -> tuple[Tensor, Tensor]:
+    def factors(self) -> tuple[Tensor, Tensor]:
         """``(left, right)`` with ``B A - B0 A0 = right @ left``: ``[A - A0; A0]`` and ``[B, B - B0]``."""
         left = torch.cat([self.lora_A - self.lora_A0, self.lora_A0], dim=0)
         right = torch.cat([self.lora_B, self.lora_B - self.lora_B0], dim=1)
         return left, right
 
     def delta_weight(self) -> Tensor:
-        left, right = self._factors()
+        left, right = self.factors()
         return self.scaling * (right.float() @ left.float())
 
     def forward(self, x: Tensor, base: Base) -> Tensor:
-        left, right = cast_to(x, *self._factors())
+        left, right = cast_to(x, *self.factors())
         xd = self.dropout(x)
         out = base(x) + self.scaling * ((xd @ left.T) @ right.T)
         if self.training and isinstance(self.dropout, nn.Dropout):
