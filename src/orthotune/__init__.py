@@ -15,6 +15,9 @@ from pathlib import Path  # noqa: E402
 from torch import nn  # noqa: E402
 
 from .config import AdapterConfig  # noqa: E402
+from .loca_schedule import LocationLearner  # noqa: E402
+from .methods.fourierft import FourierFTConfig  # noqa: E402
+from .methods.loca import LoCAConfig  # noqa: E402
 from .methods.loco import LoCOConfig, approximation_error  # noqa: E402
 from .methods.lora import LoRAConfig  # noqa: E402
 from .methods.pissa import PiSSAConfig  # noqa: E402
@@ -64,6 +67,9 @@ def loco_approximation_error(model: OrthoModel, adapter_name: str | None = None)
 __all__ = [
     "METHODS",
     "AdapterConfig",
+    "FourierFTConfig",
+    "LoCAConfig",
+    "LocationLearner",
     "LoCOConfig",
     "LoRAConfig",
     "OrthoModel",

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from .config import AdapterConfig
 from .methods.base import AdapterMethod
+from .methods.fourierft import FourierFT, FourierFTConfig
+from .methods.loca import LoCA, LoCAConfig
 from .methods.lora import LoRA, LoRAConfig
 from .methods.loco import LoCO, LoCOConfig
 from .methods.pissa import PiSSA, PiSSAConfig
@@ -16,6 +18,8 @@ METHODS: dict[str, tuple[type[AdapterConfig], type[AdapterMethod]]] = {
     "loco": (LoCOConfig, LoCO),
     "lora": (LoRAConfig, LoRA),
     "pissa": (PiSSAConfig, PiSSA),
+    "loca": (LoCAConfig, LoCA),
+    "fourierft": (FourierFTConfig, FourierFT),
 }
 
 
