@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
 from torch import nn
 
 import orthotune
-from orthotune import LoCOConfig, LoRAConfig, PiSSAConfig
+from orthotune import FourierFTConfig, LoCOConfig, LoRAConfig, PiSSAConfig
+from orthotune.interop.peft import FORMATS
 from orthotune.layer import AdapterLayer
 
 from .conftest import MODELS
@@ -19,6 +21,7 @@ from .test_contract import train_steps
 peft = pytest.importorskip("peft")
 
 SAVED = {"mlp": ["head"], "conv1d": None, "conv2d": None}
+PEFT_TYPES = sorted({f.peft_type for f in FORMATS.values()})
 
 
 def fresh(model_name: str) -> nn.Module:
@@ -88,6 +91,32 @@ def test_export_loads_in_peft_with_identical_outputs(model_name: str, method: st
     merged_equal(back.merge_and_unload(), theirs.merge_and_unload(), atol=1e-6)
 
 
+@pytest.mark.parametrize("model_name", ["mlp", "conv1d"])  # peft's FourierFT has no Conv2d
+def test_fourierft_both_ways(model_name: str, tmp_path) -> None:
+    _, targets, make_x = MODELS[model_name]
+    kw = dict(n_frequency=30, scaling=120.0, random_loc_seed=5)
+    theirs = peft.get_peft_model(fresh(model_name), peft.FourierFTConfig(target_modules=targets, modules_to_save=SAVED[model_name], **kw))
+    perturb(theirs)
+    theirs.save_pretrained(tmp_path / "p")
+    ours = orthotune.from_peft(fresh(model_name), tmp_path / "p")
+    assert isinstance(ours.configs["default"], FourierFTConfig)
+    x = make_x()
+    assert torch.allclose(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
+
+    train_steps(ours, x)
+    ours.export_peft(tmp_path / "q")
+    again = peft.PeftModel.from_pretrained(fresh(model_name), tmp_path / "q")
+    assert torch.allclose(again(x), ours(x), atol=1e-5, rtol=1e-5)
+    merged_equal(ours.merge_and_unload(), again.merge_and_unload(), atol=1e-6)
+
+
+def test_fourierft_conv2d_export_refused(tmp_path) -> None:
+    model = orthotune.get_model(fresh("conv2d"), FourierFTConfig(target_modules=["conv0"], n_frequency=8))
+    with pytest.raises(ValueError, match="peft's FourierFT adapts Linear and Conv1D layers only"):
+        model.export_peft(tmp_path / "p")
+    assert not (tmp_path / "p").exists()
+
+
 def test_lora_round_trip_is_bit_exact(tmp_path) -> None:
     ours = orthotune.get_model(fresh("mlp"), LoRAConfig(target_modules=["lin0", "lin2"], r=2, use_rslora=True, init_identity=False))
     ours.export_peft(tmp_path / "p")
@@ -135,6 +164,11 @@ def _lora_with(**kwargs):
     return save
 
 
+def _fourierft_pattern(p):
+    config = peft.FourierFTConfig(target_modules=["lin0", "lin1"], n_frequency=8, n_frequency_pattern={"lin1": 12})
+    peft.get_peft_model(fresh("mlp"), config).save_pretrained(p)
+
+
 def _orthotune_folder(p):
     orthotune.get_model(fresh("mlp"), LoRAConfig(target_modules=["lin0"], r=2)).save_adapter(p)
 
@@ -150,16 +184,17 @@ def _other_tensors(p):
 @pytest.mark.parametrize(
     "make,match",
     [
-        (_ia3, r"peft 'IA3' adapter, which orthotune cannot read; supported peft types: \['LORA'\]"),
-        (_lora_with(use_dora=True), r"use_dora=True has no orthotune equivalent"),
+        (_ia3, r"peft 'IA3' adapter, which orthotune cannot read; supported peft types: " + re.escape(str(PEFT_TYPES))),
+        (_lora_with(use_dora=True), r"peft LORA option use_dora=True has no orthotune equivalent"),
         (_lora_with(rank_pattern={"lin0": 4}), r"rank_pattern=\{'lin0': 4\} has no orthotune equivalent"),
         (_lora_with(bias="lora_only"), r"bias='lora_only' has no orthotune equivalent"),
         (_lora_with(init_lora_weights="olora"), r"init_lora_weights='olora', which rewrites the base weights"),
         (_lora_with(init_lora_weights="pissa_niter_2"), r"random sketch svd_lowrank drew"),
         (_orthotune_folder, r"orthotune adapter folder, not a peft one: load it with orthotune.load_adapter"),
         (_other_tensors, r"holds no LORA tensors"),
+        (_fourierft_pattern, r"peft FOURIERFT option n_frequency_pattern=\{'lin1': 12\} has no orthotune equivalent"),
     ],
-    ids=["unknown-type", "dora", "rank_pattern", "bias", "olora", "pissa_niter", "orthotune-folder", "other-tensors"],
+    ids=["unknown-type", "dora", "rank_pattern", "bias", "olora", "pissa_niter", "orthotune-folder", "other-tensors", "fourierft-pattern"],
 )
 def test_unsupported_folders_fail_clearly_and_change_nothing(make, match, tmp_path) -> None:
     make(tmp_path / "p")
@@ -190,6 +225,6 @@ def test_peft_folder_given_to_load_adapter_points_to_from_peft(tmp_path) -> None
 
 def test_export_of_a_method_without_peft_format_fails_clearly(tmp_path) -> None:
     model = orthotune.get_model(fresh("mlp"), LoCOConfig(target_modules=["lin0"], rank=1))
-    with pytest.raises(ValueError, match=r"'loco' has no peft format to export to; exportable methods: \['lora', 'pissa'\]"):
+    with pytest.raises(ValueError, match=r"'loco' has no peft format to export to; exportable methods: " + re.escape(str(sorted(FORMATS)))):
         model.export_peft(tmp_path / "p")
     assert not (tmp_path / "p").exists()

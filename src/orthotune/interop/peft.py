@@ -26,6 +26,7 @@ from ..inject import iter_named_layers
 from ..io import CONFIG_NAME, SAVED_PREFIX, WEIGHTS_NAME, adapter_state_dict, build_adapter, write_folder
 from ..layer import base_weight_matrix, layer_dims, layer_kind
 from ..methods.base import AdapterMethod
+from ..methods.fourierft import fourier_locations
 from ..methods.pissa import principal_factors
 from ..registry import METHODS
 
@@ -57,26 +58,36 @@ class PeftFormat:
     tensors_out: Callable[[AdapterMethod, nn.Module], dict[str, Tensor]]
 
 
-# ---------------------------------------------------------------------------------------------- LoRA
-# peft LoRA options orthotune reads, or that do not change the adapted model; any other option set
-# to a non-default value is refused by name (a newer peft's options included).
-_LORA_READ = {
+# Options of every peft config that orthotune reads or that do not change the adapted model (the
+# tensors in the file say which modules were adapted).
+_PEFT_COMMON = {
     "peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
-    "inference_mode", "r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules", "exclude_modules",
-    "modules_to_save", "fan_in_fan_out", "init_lora_weights", "layers_to_transform", "layers_pattern",
-    "megatron_core", "qalora_group_size", "eva_config", "corda_config", "lora_ga_config", "runtime_config",
+    "inference_mode", "target_modules", "exclude_modules", "modules_to_save", "fan_in_fan_out",
+    "layers_to_transform", "layers_pattern",
+}  # fmt: skip
+
+
+def _check_options(cfg: dict[str, Any], read: set[str], reads: str) -> None:
+    """Refuse, by name, every option outside ``read`` set to a non-default value (a newer peft's included)."""
+    for key, value in cfg.items():
+        if key not in _PEFT_COMMON | read and value not in (None, False, {}, [], "none"):
+            raise ValueError(
+                f"the peft {cfg['peft_type']} option {key}={value!r} has no orthotune equivalent (orthotune reads "
+                f"{reads}); merge or convert that adapter in peft first"
+            )
+
+
+# ---------------------------------------------------------------------------------------------- LoRA
+_LORA_READ = {
+    "r", "lora_alpha", "lora_dropout", "use_rslora", "init_lora_weights", "megatron_core", "qalora_group_size",
+    "eva_config", "corda_config", "lora_ga_config", "runtime_config",
 }  # fmt: skip
 # Inits that only set the starting A, B: the saved A, B are the whole adapter.
 _PLAIN_INITS = (True, False, "gaussian", "orthogonal", "eva", "mica")
 
 
 def _lora_fields(cfg: dict[str, Any]) -> dict[str, Any]:
-    for key, value in cfg.items():
-        if key not in _LORA_READ and value not in (None, False, {}, [], "none"):
-            raise ValueError(
-                f"the peft LoRA option {key}={value!r} has no orthotune equivalent (orthotune reads plain LoRA: "
-                "r, lora_alpha, lora_dropout, use_rslora, modules_to_save); merge or convert that adapter in peft first"
-            )
+    _check_options(cfg, _LORA_READ, "plain LoRA: r, lora_alpha, lora_dropout, use_rslora, modules_to_save")
     return {
         "r": cfg["r"],
         "lora_alpha": cfg.get("lora_alpha", 8),
@@ -159,16 +170,50 @@ def _pissa_tensors_out(method: AdapterMethod, layer: nn.Module) -> dict[str, Ten
     return _peft_lora_shapes(left, right, layer)
 
 
-_LORA_TENSORS = ("lora_A.weight", "lora_B.weight")
+# ---------------------------------------------------------------------------------------------- FourierFT
+def _fourierft_config_in(cfg: dict[str, Any]) -> dict[str, Any]:
+    _check_options(cfg, {"n_frequency", "scaling", "random_loc_seed", "init_weights"}, "n_frequency, scaling, random_loc_seed")
+    return {"n_frequency": cfg["n_frequency"], "scaling": cfg.get("scaling", 150.0), "random_loc_seed": cfg.get("random_loc_seed", 777)}
+
+
+def _fourierft_tensors_in(config: AdapterConfig, layer: nn.Module, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    d_in, d_out = layer_dims(layer)  # the cells are peft's seeded draw, not stored in its file
+    cells = fourier_locations(d_out, d_in, config.n_frequency, config.random_loc_seed)
+    return {"spectrum": tensors["fourierft_spectrum"], "locations": cells}
+
+
+def _fourierft_config_out(config: AdapterConfig) -> dict[str, Any]:
+    return {
+        "peft_type": "FOURIERFT",
+        "n_frequency": config.n_frequency,
+        "scaling": config.scaling,
+        "random_loc_seed": config.random_loc_seed,
+        "init_weights": False,
+        "bias": "none",
+        "n_frequency_pattern": {},
+    }
+
+
+def _fourierft_tensors_out(method: AdapterMethod, layer: nn.Module) -> dict[str, Tensor]:
+    if layer_kind(layer) == "conv2d":
+        raise ValueError("peft's FourierFT adapts Linear and Conv1D layers only: this adapter has a Conv2d target")
+    return {"fourierft_spectrum": method.spectrum}
+
 
 FORMATS: dict[str, PeftFormat] = {
     "lora": PeftFormat(
-        "lora", "LORA", _LORA_TENSORS, lambda c: not _is_pissa(c), _lora_config_in, _lora_tensors_in, _lora_config_out, _lora_tensors_out
+        "lora", "LORA", ("lora_A.weight", "lora_B.weight"), lambda c: not _is_pissa(c),
+        _lora_config_in, _lora_tensors_in, _lora_config_out, _lora_tensors_out,
     ),
     "pissa": PeftFormat(
-        "pissa", "LORA", _LORA_TENSORS, _is_pissa, _pissa_config_in, _pissa_tensors_in, _pissa_config_out, _pissa_tensors_out
+        "pissa", "LORA", ("lora_A.weight", "lora_B.weight"), _is_pissa,
+        _pissa_config_in, _pissa_tensors_in, _pissa_config_out, _pissa_tensors_out,
     ),
-}
+    "fourierft": PeftFormat(
+        "fourierft", "FOURIERFT", ("fourierft_spectrum",), lambda c: True,
+        _fourierft_config_in, _fourierft_tensors_in, _fourierft_config_out, _fourierft_tensors_out,
+    ),
+}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- reading
