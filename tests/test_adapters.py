@@ -244,3 +244,23 @@ class TestAdapterManagement:
             out = plain(x)
             assert out.dtype == dtype and torch.isfinite(out).all()
             assert rel(out, y) < 0.5 * rel(ref(x), y), "the merged weights hold the adapter"
+
+    def test_load_adapter_weights_restores_in_place(self, case: Case, tmp_path) -> None:
+        model_name = case.models[0]
+        cls, targets, make_x = MODELS[model_name]
+        head = [n for n, m in cls().named_children() if n not in targets][-1:]
+        _, model, x = build(case, model_name, init_identity=False, modules_to_save=head or None)
+        model.save_adapter(tmp_path / "a")
+        saved_out = model(x)
+        params = [p for p in model.parameters() if p.requires_grad]
+        train_steps(model, x, opt="sgd", lr=0.1)
+        assert rel(model(x), saved_out) > 1e-6
+        model.load_adapter_weights(tmp_path / "a")
+        assert torch.equal(model(x), saved_out)
+        assert all(a is b for a, b in zip(params, [p for p in model.parameters() if p.requires_grad])), "same Parameters"
+        model.add_adapter("other", _config(case, targets))  # init_identity=True, no saved module: another config
+        with pytest.raises(ValueError, match="holds a different configuration than adapter 'other'"):
+            model.load_adapter_weights(tmp_path / "a", "other")
+        model.merge()
+        with pytest.raises(ValueError, match="'default' is merged"):
+            model.load_adapter_weights(tmp_path / "a")
