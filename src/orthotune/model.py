@@ -9,6 +9,7 @@ a failed call leaves the model as it was.
 from __future__ import annotations
 
 import contextlib
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from .config import AdapterConfig
+from .finite import all_finite
 from .inject import find_modules_to_save, find_targets, unwrap_all, wrap
 from .layer import AdapterLayer, ModulesToSave, base_weight_matrix, layer_dims
 from .registry import method_class
@@ -30,16 +32,24 @@ class OrthoModel(nn.Module):
         super().__init__()
         if isinstance(model, OrthoModel):
             raise ValueError("this model already carries orthotune adapters: use its add_adapter() instead")
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.base_model = model
         self.configs: dict[str, AdapterConfig] = {}
         self._active: list[str] = []
-        for p in model.parameters():
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        for p in trainable:
             p.requires_grad_(False)
+        if config is not None:
+            try:
+                self.add_adapter(adapter_name, config)
+            except Exception:
+                for p in trainable:  # a failed get_model leaves the user's model as it was
+                    p.requires_grad_(True)
+                raise
+            self.set_adapter(adapter_name)
         if _is_checkpointing(model):
             self._enable_input_require_grads()
-        if config is not None:
-            self.add_adapter(adapter_name, config)
-            self.set_adapter(adapter_name)
 
     # ------------------------------------------------------------------ pass-through
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -126,6 +136,7 @@ class OrthoModel(nn.Module):
                     "exclude it from target_modules (a saved module is trained in full)"
                 )
         modules = {name: build_method(config, module) for name, module in targets}
+        _check_finite_init(adapter_name, modules)
         self._attach(adapter_name, config, modules, [n for n, _ in saved])
 
     def _check_new_name(self, adapter_name: str) -> None:
@@ -229,6 +240,8 @@ class OrthoModel(nn.Module):
         says when they do not. ``safe_merge=True`` computes every merged weight first and raises,
         writing nothing, if any holds NaN or Inf.
         """
+        if isinstance(adapter_names, str):
+            adapter_names = [adapter_names]
         names = self._active if adapter_names is None else list(adapter_names)
         unknown = [n for n in names if n not in self.configs]
         if unknown:
@@ -405,6 +418,20 @@ def _is_checkpointing(model: nn.Module) -> bool:
     return False
 
 
+def _check_finite_init(adapter_name: str, modules: dict[str, nn.Module]) -> None:
+    """Refuse an adapter that starts with NaN/Inf (e.g. an init scale overflowing the adapter dtype)."""
+    tensors = [t for m in modules.values() for t in m.state_dict().values() if t.dtype.is_floating_point]
+    if all_finite(tensors):
+        return
+    for lname, module in modules.items():
+        for key, t in module.state_dict().items():
+            if t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
+                raise ValueError(
+                    f"adapter {adapter_name!r} would start with NaN or Inf in {key!r} of layer {lname!r}: the config's "
+                    "scales or init are too large for the adapter dtype; lower them. Nothing was added"
+                )
+
+
 def build_method(config: AdapterConfig, module: nn.Module) -> nn.Module:
     """A method module for one base layer, on its device, adapter dtype from the config."""
     d_in, d_out = layer_dims(module)
@@ -412,6 +439,7 @@ def build_method(config: AdapterConfig, module: nn.Module) -> nn.Module:
 
 
 _CLASSES: dict[type, type] = {}
+_CLASSES_LOCK = threading.Lock()  # one class per base class, also when models are wrapped in threads
 
 
 def ortho_class(base_cls: type) -> type:
@@ -420,15 +448,16 @@ def ortho_class(base_cls: type) -> type:
     transformers' Trainer reads argument names (``labels``, dataset columns) off
     ``inspect.signature(model.forward)``; this keeps that working through the wrapper.
     """
-    if base_cls not in _CLASSES:
+    with _CLASSES_LOCK:
+        if base_cls not in _CLASSES:
 
-        def forward(self: OrthoModel, *args: Any, **kwargs: Any) -> Any:
-            return self.base_model(*args, **kwargs)
+            def forward(self: OrthoModel, *args: Any, **kwargs: Any) -> Any:
+                return self.base_model(*args, **kwargs)
 
-        forward.__wrapped__ = base_cls.forward  # type: ignore[attr-defined]
-        forward.__doc__ = base_cls.forward.__doc__
-        _CLASSES[base_cls] = type(f"Ortho{base_cls.__name__}", (OrthoModel,), {"forward": forward, "__module__": __name__})
-    return _CLASSES[base_cls]
+            forward.__wrapped__ = base_cls.forward  # type: ignore[attr-defined]
+            forward.__doc__ = base_cls.forward.__doc__
+            _CLASSES[base_cls] = type(f"Ortho{base_cls.__name__}", (OrthoModel,), {"forward": forward, "__module__": __name__})
+        return _CLASSES[base_cls]
 
 
 def _new_instance(base_cls: type) -> OrthoModel:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..config import AdapterConfig, check_positive_int
+from ..config import AdapterConfig, check_finite_number, check_positive_int
 from .base import AdapterMethod, Base, cast_to
 
 
@@ -29,6 +29,7 @@ class LoRAConfig(AdapterConfig):
 
     def validate(self) -> None:
         check_positive_int("r", self.r)
+        check_finite_number("lora_alpha", self.lora_alpha)
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
 

@@ -33,8 +33,8 @@ def _cached(kind: str, n: int, dtype: torch.dtype, device: torch.device | str | 
     table = _CACHE.get(key)
     if table is None:
         # Built in float64 with exact integer phase reduction, then rounded once to the target dtype.
-        table = build(n).to(device=device, dtype=dtype)
-        _CACHE[key] = table
+        # setdefault: threads that build the same table at once all get the one that went in first
+        table = _CACHE.setdefault(key, build(n).to(device=device, dtype=dtype))
     return table
 
 
