@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .config import AdapterConfig
 from .finite import all_finite
@@ -32,8 +32,6 @@ class OrthoModel(nn.Module):
         super().__init__()
         if isinstance(model, OrthoModel):
             raise ValueError("this model already carries orthotune adapters: use its add_adapter() instead")
-        if not isinstance(model, nn.Module):
-            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.base_model = model
         self.configs: dict[str, AdapterConfig] = {}
         self._active: list[str] = []
@@ -136,7 +134,7 @@ class OrthoModel(nn.Module):
                     "exclude it from target_modules (a saved module is trained in full)"
                 )
         modules = {name: build_method(config, module) for name, module in targets}
-        _check_finite_init(adapter_name, modules)
+        _check_finite_init(adapter_name, modules, dict(targets))
         self._attach(adapter_name, config, modules, [n for n, _ in saved])
 
     def _check_new_name(self, adapter_name: str) -> None:
@@ -401,8 +399,9 @@ def attach_loaded(
         model._check_new_name(adapter_name)
         loaded, wrapped = read(model.base_model), model
     else:
+        cls = ortho_class(type(model))  # refuses a non-Module before anything is read
         loaded = read(model)
-        wrapped = ortho_class(type(model))(model)
+        wrapped = cls(model)
     wrapped._attach_loaded(adapter_name, *loaded)
     wrapped.set_adapter(adapter_name)
     return wrapped
@@ -418,18 +417,28 @@ def _is_checkpointing(model: nn.Module) -> bool:
     return False
 
 
-def _check_finite_init(adapter_name: str, modules: dict[str, nn.Module]) -> None:
-    """Refuse an adapter that starts with NaN/Inf (e.g. an init scale overflowing the adapter dtype)."""
+@torch.no_grad()
+def _check_finite_init(adapter_name: str, modules: dict[str, nn.Module], bases: dict[str, nn.Module]) -> None:
+    """Refuse an adapter that starts with NaN/Inf in its tensors or its output (e.g. an init scale
+    that overflows the adapter dtype): one probe row per layer, one fused check for all of them."""
+    probes: dict[str, Tensor] = {}
+    for lname, method in modules.items():
+        W = base_weight_matrix(bases[lname])
+        if method.activation_path:
+            probes[lname] = method(torch.ones(1, W.shape[1], dtype=W.dtype, device=W.device), lambda z, W=W: z @ W.T)
+        else:
+            probes[lname] = method.merged_weight(W.float())
     tensors = [t for m in modules.values() for t in m.state_dict().values() if t.dtype.is_floating_point]
-    if all_finite(tensors):
+    if all_finite(tensors + list(probes.values())):
         return
-    for lname, module in modules.items():
-        for key, t in module.state_dict().items():
-            if t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
-                raise ValueError(
-                    f"adapter {adapter_name!r} would start with NaN or Inf in {key!r} of layer {lname!r}: the config's "
-                    "scales or init are too large for the adapter dtype; lower them. Nothing was added"
-                )
+    for lname, method in modules.items():
+        named = [(repr(k), t) for k, t in method.state_dict().items() if t.dtype.is_floating_point] + [("its output", probes[lname])]
+        bad = next((k for k, t in named if not bool(torch.isfinite(t).all())), None)
+        if bad is not None:
+            raise ValueError(
+                f"adapter {adapter_name!r} would start with NaN or Inf in {bad} on layer {lname!r}: the config's scales "
+                "or init are too large for this layer or the adapter dtype; lower them. Nothing was added"
+            )
 
 
 def build_method(config: AdapterConfig, module: nn.Module) -> nn.Module:
@@ -448,6 +457,8 @@ def ortho_class(base_cls: type) -> type:
     transformers' Trainer reads argument names (``labels``, dataset columns) off
     ``inspect.signature(model.forward)``; this keeps that working through the wrapper.
     """
+    if not (isinstance(base_cls, type) and issubclass(base_cls, nn.Module)):
+        raise ValueError(f"model must be a torch.nn.Module, got {getattr(base_cls, '__name__', base_cls)}")
     with _CLASSES_LOCK:
         if base_cls not in _CLASSES:
 
