@@ -106,3 +106,16 @@ def test_guard_every_and_arguments() -> None:
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="every must be a positive integer"):
             orthotune.guard_finite(opt, model, every=bad)
+
+
+def test_a_nan_loss_is_traced_to_the_module_where_it_starts() -> None:
+    net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    model = orthotune.get_model(net, LoRAConfig(target_modules=["0", "3"], r=2))
+    with torch.no_grad():
+        net[1].weight.fill_(1e38)  # a frozen layer that overflows
+    x = torch.full((3, 4), 1e3)
+    loss = model(x).pow(2).mean()
+    assert not torch.isfinite(loss)
+    with pytest.raises(FloatingPointError, match=r"the loss is (nan|inf) .*the non-finite values start in module '1'"):
+        orthotune.check_finite(model, loss, batch=x)
+    assert orthotune.finite.first_nonfinite_module(model, (torch.zeros(1, 4),)) is None

@@ -315,3 +315,19 @@ def test_save_cut_between_the_two_files_of_a_shared_folder_keeps_the_previous_ad
     model.save_adapter(path)
     assert torch.equal(orthotune.load_adapter(MLP(), path)(x), model(x))
     assert sorted(p.name for p in path.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME, "trainer_state.json"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_adapter_saved_on_cpu_loads_into_a_gpu_model_and_back(tmp_path) -> None:
+    model = orthotune.get_model(MLP(), LoCOConfig(target_modules=["lin0", "lin1"], rank=2, init_identity=False))
+    model.save_adapter(tmp_path / "cpu")
+    on_gpu = orthotune.load_adapter(MLP().to("cuda", torch.bfloat16), tmp_path / "cpu")
+    assert all(p.device.type == "cuda" for p in on_gpu.parameters())
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        ref, got = model(x), on_gpu(x.to("cuda", torch.bfloat16)).float().cpu()
+    assert float((got - ref).norm() / ref.norm()) < 2e-2
+    on_gpu.save_adapter(tmp_path / "gpu")
+    back = orthotune.load_adapter(MLP(), tmp_path / "gpu")
+    with torch.no_grad():
+        assert torch.equal(back(x), model(x))

@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -124,3 +125,26 @@ def test_orthogonality_survives_10000_low_precision_steps() -> None:
     assert len(report) == 2 * len(ORTHOGONAL)
     bad = [r for r in report if not (r["orthogonality"] < TOLERANCE and r["vs_float64"] < TOLERANCE)]
     assert not bad, bad
+
+
+MERGE_CASES = [c for c in CASES if "mlp" in c.models]
+
+
+@pytest.mark.parametrize("case", MERGE_CASES, ids=[c.id for c in MERGE_CASES])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_merging_into_a_low_precision_base_rounds_once(case, dtype) -> None:
+    """The merged weight is the float64 reference rounded once: off by at most half a unit in the
+    last place (plus float32's own error), where merging in low precision would be off by more."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(WIDTH, WIDTH)).to(dtype)
+    W0 = base[0].weight.detach().double().clone()
+    config = METHODS[case.method][0](target_modules=["0"], init_identity=False, **case.kwargs)
+    model = orthotune.get_model(base, config)
+    adapter = base[0].adapters["default"]
+    reference = copy.deepcopy(adapter).double().merged_weight(W0)
+    model.merge()
+    merged = base[0].weight.detach().double()
+    tiny = torch.finfo(dtype).tiny
+    ulp = torch.finfo(dtype).eps * torch.exp2(torch.floor(torch.log2(reference.abs().clamp_min(tiny))))
+    err = (merged - reference).abs()
+    assert (err <= ulp / 2 + 1e-5 * reference.abs() + 1e-7).all(), float((err / ulp).max())

@@ -91,16 +91,18 @@ def _loss_value(loss: Tensor | float | None) -> float | None:
     return float(loss.detach().float().item()) if isinstance(loss, Tensor) else float(loss)
 
 
-def check_finite(model: nn.Module, loss: Tensor | float | None = None, *, step: int | None = None, grads: bool = True) -> None:
+def check_finite(
+    model: nn.Module, loss: Tensor | float | None = None, *, step: int | None = None, grads: bool = True, batch: Any = None
+) -> None:
     """Raise ``FloatingPointError`` naming the first non-finite adapter weight, gradient, or the loss.
 
     Weights are checked first (a bad weight is the cause of everything after it), then gradients
-    (``grads=True``, where set), then ``loss``. Costs one fused reduction when all is finite.
+    (``grads=True``, where set), then ``loss``; for a non-finite loss with finite weights, ``batch``
+    (the forward's inputs) is run again to name the module where the non-finite values start.
+    Costs one fused reduction when all is finite.
     """
     where = f" at step {step}" if step is not None else ""
-    for kind, use_grads in (("weights", False), ("gradient", True)):
-        if use_grads and not grads:
-            continue
+    for use_grads in (False, True) if grads else (False,):
         named = list(adapter_tensors(model, grads=use_grads))
         if all_finite([t for _, t in named]):
             continue
@@ -111,11 +113,63 @@ def check_finite(model: nn.Module, loss: Tensor | float | None = None, *, step: 
             raise FloatingPointError(f"non-finite values{where} in {what}{desc} ({_describe(t)}): {_HINT}")
     value = _loss_value(loss)
     if value is not None and not math.isfinite(value):
+        origin = first_nonfinite_module(model, batch) if batch is not None else None
+        start = f"; the non-finite values start in module {origin!r}" if origin else ""
         raise FloatingPointError(
-            f"the loss is {value}{where} while every adapter weight and gradient is finite: the frozen model's forward "
-            "overflowed (float16 activations?) or the batch holds invalid inputs or labels; check the batch, or train "
-            "in bfloat16/float32"
+            f"the loss is {value}{where} while every adapter weight and gradient is finite{start}: the frozen model's "
+            "forward overflowed (float16 activations?) or the batch holds invalid inputs or labels; check the batch, "
+            "or train in bfloat16/float32"
         )
+
+
+def _finite_tensors(obj: Any) -> bool:
+    """Whether every floating tensor in a (nested) output or argument structure is finite."""
+    found: list[Tensor] = []
+
+    def collect(o: Any) -> None:
+        if isinstance(o, Tensor):
+            if o.is_floating_point() or o.is_complex():
+                found.append(o)
+        elif isinstance(o, dict):
+            for v in o.values():
+                collect(v)
+        elif isinstance(o, (list, tuple)):
+            for v in o:
+                collect(v)
+
+    collect(obj)
+    return all_finite(found)
+
+
+@torch.no_grad()
+def first_nonfinite_module(model: nn.Module, batch: Any) -> str | None:
+    """Run ``model`` on ``batch`` (keyword arguments as a dict, positional ones as a tuple, or one
+    tensor) and name the first module, in execution order, whose output holds NaN or Inf although
+    its inputs do not: where the non-finite values start. None if the forward stays finite."""
+    from .model import OrthoModel
+
+    root = model.base_model if isinstance(model, OrthoModel) else model
+    found: list[str] = []
+
+    def watch(name: str) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if not found and not _finite_tensors(output) and _finite_tensors(args):
+                found.append(name)
+
+        return hook
+
+    handles = [m.register_forward_hook(watch(n)) for n, m in root.named_modules() if n]
+    try:
+        if isinstance(batch, dict):
+            model(**batch)
+        elif isinstance(batch, tuple):
+            model(*batch)
+        else:
+            model(batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return found[0] if found else None
 
 
 def guard_finite(optimizer: torch.optim.Optimizer, model: nn.Module, every: int = 1) -> RemovableHandle:
