@@ -17,6 +17,13 @@ from torch import nn  # noqa: E402
 from .config import AdapterConfig  # noqa: E402
 from .methods.loco import LoCOConfig, approximation_error  # noqa: E402
 from .methods.lora import LoRAConfig  # noqa: E402
+from .methods.boft import BOFTConfig  # noqa: E402
+from .methods.goft import GOFTConfig  # noqa: E402
+from .methods.hra import HRAConfig, orthogonality_loss as hra_orthogonality_loss  # noqa: E402
+from .methods.loft import LOFTConfig  # noqa: E402
+from .methods.oft import OFTConfig  # noqa: E402
+from .methods.psoft import PSOFTConfig  # noqa: E402
+from .supports import select_supports  # noqa: E402
 from .model import OrthoModel, ortho_class  # noqa: E402
 from .registry import METHODS  # noqa: E402
 
@@ -60,6 +67,14 @@ def loco_approximation_error(model: OrthoModel, adapter_name: str | None = None)
 __all__ = [
     "METHODS",
     "AdapterConfig",
+    "BOFTConfig",
+    "GOFTConfig",
+    "HRAConfig",
+    "LOFTConfig",
+    "OFTConfig",
+    "PSOFTConfig",
+    "hra_orthogonality_loss",
+    "select_supports",
     "LoCOConfig",
     "LoRAConfig",
     "OrthoModel",

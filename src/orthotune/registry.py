@@ -8,12 +8,24 @@ from __future__ import annotations
 
 from .config import AdapterConfig
 from .methods.base import AdapterMethod
+from .methods.boft import BOFT, BOFTConfig
+from .methods.goft import GOFT, GOFTConfig
+from .methods.hra import HRA, HRAConfig
+from .methods.loft import LOFT, LOFTConfig
+from .methods.oft import OFT, OFTConfig
+from .methods.psoft import PSOFT, PSOFTConfig
 from .methods.lora import LoRA, LoRAConfig
 from .methods.loco import LoCO, LoCOConfig
 
 METHODS: dict[str, tuple[type[AdapterConfig], type[AdapterMethod]]] = {
     "loco": (LoCOConfig, LoCO),
     "lora": (LoRAConfig, LoRA),
+    "loft": (LOFTConfig, LOFT),
+    "oft": (OFTConfig, OFT),
+    "boft": (BOFTConfig, BOFT),
+    "hra": (HRAConfig, HRA),
+    "psoft": (PSOFTConfig, PSOFT),
+    "goft": (GOFTConfig, GOFT),
 }
 
 
