@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from .config import AdapterConfig
 from .methods.base import AdapterMethod
+from .methods.fourierft import FourierFT, FourierFTConfig
+from .methods.loca import LoCA, LoCAConfig
 from .methods.boft import BOFT, BOFTConfig
 from .methods.goft import GOFT, GOFTConfig
 from .methods.hra import HRA, HRAConfig
@@ -16,10 +18,14 @@ from .methods.oft import OFT, OFTConfig
 from .methods.psoft import PSOFT, PSOFTConfig
 from .methods.lora import LoRA, LoRAConfig
 from .methods.loco import LoCO, LoCOConfig
+from .methods.pissa import PiSSA, PiSSAConfig
 
 METHODS: dict[str, tuple[type[AdapterConfig], type[AdapterMethod]]] = {
     "loco": (LoCOConfig, LoCO),
     "lora": (LoRAConfig, LoRA),
+    "pissa": (PiSSAConfig, PiSSA),
+    "loca": (LoCAConfig, LoCA),
+    "fourierft": (FourierFTConfig, FourierFT),
     "loft": (LOFTConfig, LOFT),
     "oft": (OFTConfig, OFT),
     "boft": (BOFTConfig, BOFT),

@@ -1,0 +1,5 @@
+"""``python -m orthotune``: the command line."""
+
+from .cli import main
+
+main()
