@@ -201,10 +201,16 @@ def test_preset_config_validation() -> None:
         orthotune.PSOFTConfig(psoft_svd="qr")
 
 
-def test_multiplicative_dropout_only_in_training() -> None:
+@pytest.mark.parametrize(
+    "cfg",
+    [orthotune.OFTConfig(oft_block_size=2, module_dropout=0.5), orthotune.BOFTConfig(boft_block_size=2, boft_dropout=0.5)],
+    ids=["oft", "boft"],
+)
+def test_multiplicative_dropout_only_in_training(cfg) -> None:
     torch.manual_seed(0)
-    cfg = orthotune.OFTConfig(oft_block_size=2, module_dropout=0.5, init_identity=False)
-    module = orthotune.METHODS["oft"][1](cfg, 16, 4, torch.zeros(4, 16))
+    module = orthotune.METHODS[cfg.method][1](cfg.replace(init_identity=False), 16, 16, torch.zeros(16, 16))
+    if hasattr(module, "boft_s"):
+        nn.init.ones_(module.boft_s)  # keep BOFT's output scale out of the comparison
     x = torch.randn(3, 16)
     eval_out = module.eval()(x, lambda z: z)
     train_out = module.train()(x, lambda z: z)
