@@ -116,6 +116,9 @@ class LOFT(AdapterMethod):
     def build(config: LOFTConfig, d_in: int, d_out: int, weight: Tensor, like: Tensor) -> tuple[Support, Transform]:
         """The support and the (not yet initialised) transform for one layer."""
         kind, r = config.support, _dim(config, d_in)
+        # a support basis is fixed, not trained: kept in float32, since one rounded to bfloat16 is
+        # orthonormal only to ~4e-3 and R = I + P (T - I) P^T inherits that error
+        basis = like if like.dtype in (torch.float32, torch.float64) else like.float()
         if kind == "full":
             support: Support = FullSupport(d_in)
         elif kind in ("coordinate", "gradient_coordinate"):
@@ -123,11 +126,11 @@ class LOFT(AdapterMethod):
             index = torch.full((r,), -1, device=like.device) if task_aware else coordinate_basis(r, like.device)
             support = CoordinateSupport(index, task_aware=task_aware)
         elif kind == "principal":
-            support = DenseSupport(principal_basis(weight, r).to(like))
+            support = DenseSupport(principal_basis(weight, r).to(basis))
         elif kind == "random":
-            support = DenseSupport(random_basis(d_in, r, like))
+            support = DenseSupport(random_basis(d_in, r, basis))
         else:
-            support = DenseSupport(torch.zeros(d_in, r, dtype=like.dtype, device=like.device), task_aware=True)
+            support = DenseSupport(torch.zeros(d_in, r, dtype=basis.dtype, device=like.device), task_aware=True)
         return support, _transform(config, r, like)
 
     @classmethod
