@@ -317,6 +317,7 @@ def test_save_cut_between_the_two_files_of_a_shared_folder_keeps_the_previous_ad
     assert sorted(p.name for p in path.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME, "trainer_state.json"]
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_adapter_saved_on_cpu_loads_into_a_gpu_model_and_back(tmp_path) -> None:
     model = orthotune.get_model(MLP(), LoCOConfig(target_modules=["lin0", "lin1"], rank=2, init_identity=False))

@@ -117,6 +117,7 @@ def _run_workers(groups: list[list[int]]) -> list[dict]:
     return report
 
 
+@pytest.mark.slow
 def test_orthogonality_survives_10000_low_precision_steps() -> None:
     workers = max(1, min(4, len(os.sched_getaffinity(0)), len(ORTHOGONAL)))
     groups = [ORTHOGONAL[i::workers] for i in range(workers)]

@@ -39,18 +39,14 @@ def adapter_tensors(model: nn.Module, grads: bool = False) -> Iterator[tuple[str
         return p.grad if grads else p
 
     if isinstance(model, OrthoModel):
-        for lname, layer in model.adapter_layers():
-            for aname, adapter in layer.adapters.items():
-                for pname, p in adapter.named_parameters():
+        owners = [(f"layer {n!r}", layer.adapters) for n, layer in model.adapter_layers()]
+        owners += [(f"saved module {n!r}", saved.copies) for n, saved in model.saved_modules()]
+        for owner, modules in owners:
+            for aname, module in modules.items():
+                for pname, p in module.named_parameters():
                     t = pick(p)
                     if t is not None:
-                        yield f"layer {lname!r}, adapter {aname!r}, parameter {pname!r}", t
-        for sname, saved in model.saved_modules():
-            for aname, clone in saved.copies.items():
-                for pname, p in clone.named_parameters():
-                    t = pick(p)
-                    if t is not None:
-                        yield f"saved module {sname!r}, adapter {aname!r}, parameter {pname!r}", t
+                        yield f"{owner}, adapter {aname!r}, parameter {pname!r}", t
         return
     for pname, p in model.named_parameters():
         t = pick(p) if p.requires_grad else None
