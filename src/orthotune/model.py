@@ -424,15 +424,19 @@ def _check_finite_init(adapter_name: str, modules: dict[str, nn.Module], bases: 
     probes: dict[str, Tensor] = {}
     for lname, method in modules.items():
         W = base_weight_matrix(bases[lname])
-        if method.activation_path:
-            probes[lname] = method(torch.ones(1, W.shape[1], dtype=W.dtype, device=W.device), lambda z, W=W: z @ W.T)
-        else:
-            probes[lname] = method.merged_weight(W.float())
+        try:
+            if method.activation_path:
+                probes[lname] = method(torch.ones(1, W.shape[1], dtype=W.dtype, device=W.device), lambda z, W=W: z @ W.T)
+            else:
+                probes[lname] = method.merged_weight(W.float())
+        except ValueError:
+            pass  # not runnable yet (a LOFT support awaiting select_supports): its first forward says why
     tensors = [t for m in modules.values() for t in m.state_dict().values() if t.dtype.is_floating_point]
     if all_finite(tensors + list(probes.values())):
         return
     for lname, method in modules.items():
-        named = [(repr(k), t) for k, t in method.state_dict().items() if t.dtype.is_floating_point] + [("its output", probes[lname])]
+        named = [(repr(k), t) for k, t in method.state_dict().items() if t.dtype.is_floating_point]
+        named += [("its output", probes[lname])] if lname in probes else []
         bad = next((k for k, t in named if not bool(torch.isfinite(t).all())), None)
         if bad is not None:
             raise ValueError(
