@@ -23,9 +23,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .. import batching
 from ..config import AdapterConfig, check_choice, check_positive_int
 from ..ops import lowrank, skew
-from .base import AdapterMethod, Base, cast_to
+from .base import AdapterMethod, Base
 
 MODES = ("exact", "sequential", "approx")
 
@@ -101,11 +102,29 @@ class LoCO(AdapterMethod):
             Uc, Vc, M = skew.chain_core(A, B, C)
         return Uc, M, Vc
 
+    def core_key(self) -> tuple:
+        """LoCO layers of one mode, chain length, rank and width share one batched core per step."""
+        c = self.config
+        return (c.mode, c.chain_length, c.rank, self.d_in, self.U.dtype, self.U.device)
+
+    def step_core(self) -> tuple[Tensor, Tensor]:
+        """What forward applies: ``(U, W)`` with ``R x = x + U W^T x`` (``W = V M^T``); per factor in sequential mode."""
+        return _fold(self.config.mode, self.U, self.V)
+
+    @classmethod
+    def step_cores(cls, modules: list[LoCO]) -> tuple[Tensor, Tensor]:
+        """:meth:`step_core` of many layers of one :meth:`core_key`, in one batched computation."""
+        U = torch.stack([m.U for m in modules])
+        V = torch.stack([m.V for m in modules])
+        return _fold(modules[0].config.mode, U, V)
+
     def forward(self, x: Tensor, base: Base) -> Tensor:
-        if self.config.mode == "sequential":
-            A, B, C = cast_to(x, *self.factors())
-            return base(skew.sequential_apply_rows(x, A, B, C))
-        return base(lowrank.apply_rows(x, *cast_to(x, *self.core())))
+        U, W = batching.current(self, x.dtype)
+        if self.config.mode == "sequential":  # R = R_1 ... R_k: factor k meets x first
+            for i in reversed(range(U.shape[0])):
+                x = lowrank.rotate_rows(x, U[i], W[i])
+            return base(x)
+        return base(lowrank.rotate_rows(x, U, W))
 
     def merged_weight(self, W: Tensor) -> Tensor:
         U, M, V = self.core()
@@ -123,6 +142,24 @@ class LoCO(AdapterMethod):
             report = {"orthogonality_error": float(lowrank.orthogonality_error(*self.core()))}
             report.update(approximation_error(self))
         return report
+
+
+def _fold(mode: str, U: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
+    """Factors (..., k, d, r) -> what forward applies, float32, the small core folded into the right factor.
+
+    exact / approx: ``(U_c, V_c M^T)`` (..., d, 2kr) of the one form; sequential: ``(A_i, B_i C_i^T)``
+    (..., k, d, 2r), one per factor.
+    """
+    if U.dtype not in (torch.float32, torch.float64):
+        U, V = U.float(), V.float()
+    if mode == "sequential":
+        A, B, C = skew.skew_exp_factors(U, V)
+        return A, B @ C.transpose(-1, -2)
+    if mode == "approx":
+        Uc, Vc, M = skew.sum_exp_core(*skew.skew_factors(U, V))
+    else:
+        Uc, Vc, M = skew.chain_core(*skew.skew_exp_factors(U, V))
+    return Uc, Vc @ M.transpose(-1, -2)
 
 
 @torch.no_grad()

@@ -1,0 +1,99 @@
+"""The GPU fast paths against their references (run on the GPU machine: ``pytest -m gpu``).
+
+bf16 activations against float64 references: relative errors between 1e-3 and 1e-2 are bf16
+rounding; float32 cores must match to float32 rounding. Inputs are fresh random draws.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import orthotune
+from orthotune import batching
+from orthotune.methods.loco import LoCO, LoCOConfig
+from orthotune.ops import lowrank, skew
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+cuda = torch.device("cuda")
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm())
+
+
+def test_fused_one_form_bf16_against_float64() -> None:
+    d, m, T = 2048, 32, 4096
+    x = torch.randn(T, d, device=cuda)
+    U, W = torch.randn(d, m, device=cuda) / d**0.5, torch.randn(d, m, device=cuda) / d**0.5
+    g = torch.randn(T, d, device=cuda)
+    xb, Ub, Wb = (t.bfloat16().requires_grad_() for t in (x, U, W))
+    out = lowrank.rotate_rows(xb, Ub, Wb)
+    out.backward(g.bfloat16())
+    x64, U64, W64 = (t.double().requires_grad_() for t in (x, U, W))
+    ref = x64 + (x64 @ W64) @ U64.T
+    ref.backward(g.double())
+    assert torch.isfinite(out).all()
+    assert rel(out, ref) < 1e-2
+    for a, b in ((xb, x64), (Ub, U64), (Wb, W64)):
+        assert rel(a.grad, b.grad) < 2e-2
+
+
+def test_batched_loco_cores_float32_on_gpu() -> None:
+    """One batched call for 48 layers equals 48 per-layer cores, and stays orthogonal, for large generators too."""
+    cfg = LoCOConfig(rank=4, chain_length=4, init_identity=False)
+    mods = [LoCO(cfg, 256, 256, torch.empty(256, 256, device=cuda)) for _ in range(48)]
+    with torch.no_grad():
+        for i, mod in enumerate(mods):
+            mod.U.mul_(1 + i)  # generator norms from ~1 to ~50: no fixed Taylor length would do
+    U, W = LoCO.step_cores(mods)
+    for i in (0, 17, 47):
+        Ui, Wi = mods[i].step_core()
+        assert rel(U[i], Ui) < 1e-6 and rel(W[i], Wi) < 1e-5
+        Uc, M, Vc = (t.double().cpu() for t in mods[i].core())
+        assert float(lowrank.orthogonality_error(Uc, M, Vc)) < 1e-5
+        A, B, C = (t.double().cpu() for t in skew.skew_exp_factors(mods[i].U.double(), mods[i].V.double()))
+        U64, V64, M64 = skew.chain_core(A, B, C)
+        assert rel(W[i].cpu(), V64 @ M64.T) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["loco", "lora", "loca"])
+def test_bf16_model_batched_against_float32_reference(name: str) -> None:
+    cfgs = {
+        "loco": orthotune.LoCOConfig(target_modules=["a", "b", "c"], rank=4, chain_length=4, init_identity=False),
+        "lora": orthotune.LoRAConfig(target_modules=["a", "b", "c"], r=16, init_identity=False),
+        "loca": orthotune.LoCAConfig(target_modules=["a", "b", "c"], n_frequency=500, init_identity=False),
+    }
+    torch.manual_seed(0)
+    base = nn.ModuleDict(dict(a=nn.Linear(512, 512), b=nn.Linear(512, 512), c=nn.Linear(512, 1024)))
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = base["a"], base["b"], base["c"]
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+    ref = orthotune.get_model(Net().to(cuda), cfgs[name])
+    fast = copy.deepcopy(ref).to(torch.bfloat16)
+    for layer in fast.base_model.modules():
+        for p in getattr(layer, "adapters", nn.ModuleDict()).parameters():
+            p.data = p.data.float()  # adapter parameters float32 on a bf16 base (the default policy)
+    x = torch.randn(8, 256, 512, device=cuda)
+    y_ref = ref(x)
+    y = fast(x.bfloat16())
+    assert y.dtype == torch.bfloat16 and rel(y, y_ref) < 2e-2
+    y_ref.pow(2).mean().backward()
+    y.float().pow(2).mean().backward()
+    for (n, a), (_, b) in zip(fast.named_parameters(), ref.named_parameters()):
+        if a.requires_grad:
+            assert a.grad.dtype == torch.float32 and rel(a.grad, b.grad) < 5e-2, n
+    assert batching.refresh(fast.base_model) >= 1
