@@ -108,7 +108,7 @@ def train(
                 loss.backward()
                 opt.step()
                 sched.step()
-                losses.append(float(loss))
+                losses.append(loss.item())
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
                 bar.update()
     model.eval()
