@@ -107,6 +107,17 @@ def _ot(config_name: str, **kw: Any) -> Builder:
     return build
 
 
+def _per_layer(builder: Builder) -> Builder:
+    """An orthotune model without the batching hook: every layer computes its own core (ablation)."""
+
+    def build(model: nn.Module) -> nn.Module:
+        wrapped = builder(model)
+        wrapped.base_model._forward_pre_hooks.clear()
+        return wrapped
+
+    return build
+
+
 def _full(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(True)
@@ -146,6 +157,10 @@ def train_specs() -> list[Spec]:
              prepare=_gradient_supports),
         Spec("orthotune LoCA n1000", "orthotune", _ot("LoCAConfig", n_frequency=1000)),
         Spec("orthotune FourierFT n1000", "orthotune", _ot("FourierFTConfig", n_frequency=1000)),
+        Spec("ablation: LoCO k4 r4 exact, cores per layer", "ablation", _per_layer(_ot("LoCOConfig", chain_length=4, rank=4)),
+             "no batching hook"),
+        Spec("ablation: LoRA r16, cast per layer", "ablation", _per_layer(_ot("LoRAConfig", r=16, lora_alpha=32)),
+             "no batching hook"),
     ]
 
 
@@ -283,7 +298,7 @@ def infer_section(args: argparse.Namespace, shape: Shape) -> list[dict[str, Any]
     if "hra" in METHODS:
         variants.append(("orthotune HRA r8, unmerged", lambda: adapted(orthotune.HRAConfig(target_modules=TARGETS, r=8), False)))
     rows = {name: dict(name=name, prefill_ms=[], decode_ms=[]) for name, _ in variants}
-    for _ in range(args.rounds + 1):  # interleaved: drift is shared by every variant
+    for _ in range(args.rounds):  # interleaved: drift is shared by every variant
         for name, make in variants:
             _reset(device)
             try:
@@ -333,7 +348,7 @@ def scaling_section(args: argparse.Namespace) -> list[dict[str, Any]]:
         extra = [peft_oft] + ([oft] if "oft" in METHODS else [])
         grid.append(("hidden", hidden, 16, [floor] + methods(16) + extra))
     for rank in args.ranks:
-        grid.append(("rank", 2048, rank, [floor] + methods(rank)))
+        grid.append(("rank", args.rank_hidden, rank, [floor] + methods(rank)))
     for sweep, hidden, rank, specs in grid:
         shape = Shape.scaled(hidden)
         by: dict[str, dict[str, Any]] = {}
@@ -357,7 +372,7 @@ def scaling_section(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def plot_scaling(rows: list[dict[str, Any]], path: Path) -> None:
+def plot_scaling(rows: list[dict[str, Any]], path: Path, rank_hidden: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -365,8 +380,8 @@ def plot_scaling(rows: list[dict[str, Any]], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, sweep, xkey, xlabel in ((axes[0], "hidden", "hidden", "hidden size (2 layers, rank 16)"),
-                                    (axes[1], "rank", "rank", "rank (hidden 2048, 2 layers)")):
-        sub = [r for r in rows if r["sweep"] == sweep and r["name"] != "floor"]
+                                    (axes[1], "rank", "rank", "rank (2 layers)")):
+        sub = [r for r in rows if r["name"] != "floor" and (r["sweep"] == sweep or (sweep == "rank" and r["hidden"] == rank_hidden))]
         for name in sorted({r["name"] for r in sub}):
             pts = sorted((r[xkey], r["x_lora"]) for r in sub if r["name"] == name and r["x_lora"])
             if pts:
@@ -532,12 +547,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--slow-ms", type=float, default=200.0, help="methods slower than this run one round only")
     ap.add_argument("--hidden", type=int, nargs="*", default=[1024, 2048, 4096, 8192])
-    ap.add_argument("--ranks", type=int, nargs="*", default=[4, 16, 64])
+    ap.add_argument("--ranks", type=int, nargs="*", default=[4, 64], help="rank 16 is the hidden sweep's")
+    ap.add_argument("--rank-hidden", type=int, default=2048, help="hidden size of the rank sweep")
     ap.add_argument("--small", action="store_true", help="a tiny model (CPU smoke test of the harness)")
     args = ap.parse_args(argv)
     shape = Shape(hidden=64, intermediate=128, layers=2, heads=4, vocab=256, batch=2, seq=32) if args.small else Shape()
     if args.small:
-        args.hidden, args.ranks = [64, 128], [4, 8]
+        args.hidden, args.ranks, args.rank_hidden = [64, 128], [4, 8], 64
     sections = set(args.sections.split(","))
     args.out.mkdir(parents=True, exist_ok=True)
     env = environment(args.device)
@@ -549,24 +565,28 @@ def main(argv: list[str] | None = None) -> None:
         specs = [s for s in specs if s.build is None or "peft lora" in s.name.lower() or any(k in s.name.lower() for k in keep)]
     if args.small:
         specs = [s for s in specs if s.library != "peft" or "LoRA" in s.name]  # peft's BOFT/PSOFT need real widths
+    def save() -> None:  # after every section: a run cut short still leaves its numbers
+        (args.out / "efficiency.json").write_text(json.dumps(res, indent=1, default=str))
+        (args.out / "efficiency.md").write_text(markdown(env, shape, res))
+
     if "train" in sections:
         res["train"] = train_section(args, shape, specs)
+        save()
     if "infer" in sections:
         res["infer"] = infer_section(args, shape)
-    if "scaling" in sections:
-        res["scaling"] = scaling_section(args)
-        if res["scaling"]:
-            plot_scaling(res["scaling"], args.out / "scaling.png")
+        save()
     if "profile" in sections and args.device == "cuda":
         names = ["floor: frozen base, no adapter", "peft LoRA r16", "orthotune LoRA r16", "orthotune LoCO k4 r4 exact parallel",
                  "orthotune HRA r8", "orthotune OFT b32", "orthotune LoCA n1000"]
         chosen = [s for s in train_specs() if s.name in names and (not s.needs or s.needs in METHODS)]
         res["profile"] = profile_section(args, shape, chosen, args.out / "profile.txt")
-    (args.out / "efficiency.json").write_text(json.dumps(res, indent=1, default=str))
-    md = markdown(env, shape, res)
-    (args.out / "efficiency.md").write_text(md)
-    print(md)
-
+        save()
+    if "scaling" in sections:
+        res["scaling"] = scaling_section(args)
+        if res["scaling"]:
+            plot_scaling(res["scaling"], args.out / "scaling.png", args.rank_hidden)
+        save()
+    print(markdown(env, shape, res))
 
 if __name__ == "__main__":
     sys.exit(main())

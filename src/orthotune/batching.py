@@ -65,12 +65,21 @@ class _Entry:
 _CACHE: weakref.WeakKeyDictionary[nn.Module, _Entry] = weakref.WeakKeyDictionary()
 
 
+def _params(module: nn.Module) -> list[Tensor]:
+    """``module.parameters()`` without its name bookkeeping: this runs once per layer per forward."""
+    out = [p for p in module._parameters.values() if p is not None]
+    for child in module._modules.values():
+        if child is not None:
+            out += _params(child)
+    return out
+
+
 def _stamp(module: nn.Module) -> tuple[tuple[int, int], ...]:
-    return tuple((p._version, p.data_ptr()) for p in module.parameters())
+    return tuple((p._version, p.data_ptr()) for p in _params(module))
 
 
 def _needs_grad(module: nn.Module) -> bool:
-    return torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters())
+    return torch.is_grad_enabled() and any(p.requires_grad for p in _params(module))
 
 
 def _usable(entry: _Entry | None, module: nn.Module, grad: bool) -> bool:
@@ -95,9 +104,7 @@ def _groups(root: nn.Module) -> tuple[dict[tuple[Any, ...], list[nn.Module]], bo
     """Batchable modules the next forward runs, by (class, key, layer dtype); and whether any adapter layer exists."""
     groups: dict[tuple[Any, ...], list[nn.Module]] = defaultdict(list)
     seen = False
-    for layer in root.modules():
-        if not isinstance(layer, AdapterLayer):
-            continue
+    for layer in _adapter_layers(root):
         seen = True
         if layer.disabled or layer.kind == "conv2d":
             continue
@@ -107,6 +114,18 @@ def _groups(root: nn.Module) -> tuple[dict[tuple[Any, ...], list[nn.Module]], bo
             if key is not None:
                 groups[(type(method), key, layer.weight.dtype)].append(method)
     return groups, seen
+
+
+def _adapter_layers(root: nn.Module) -> list[AdapterLayer]:
+    """Every adapter layer under ``root`` in module order (a plain walk: cheaper than ``modules()``)."""
+    found, stack = [], [root]
+    while stack:
+        module = stack.pop()
+        if isinstance(module, AdapterLayer):
+            found.append(module)
+        else:
+            stack.extend(reversed([m for m in module._modules.values() if m is not None]))
+    return found
 
 
 def refresh(root: nn.Module) -> int | None:
