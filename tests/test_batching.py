@@ -16,7 +16,8 @@ from torch import nn
 import orthotune
 from orthotune import batching
 from orthotune.layer import frozen_weight
-from orthotune.ops import lowrank
+from orthotune.methods.loco import LoCO
+from orthotune.ops import lowrank, skew
 
 f64 = torch.float64
 
@@ -52,6 +53,7 @@ def pair(name: str):
     model.double()
     reference = copy.deepcopy(model)
     reference.base_model._forward_pre_hooks.clear()
+    reference.base_model._forward_hooks.clear()
     return model, reference
 
 
@@ -63,8 +65,8 @@ def grads(model: nn.Module) -> dict[str, torch.Tensor]:
 def test_batched_equals_per_layer_outputs_and_gradients(name: str) -> None:
     model, reference = pair(name)
     x = torch.randn(2, 5, 12, dtype=f64)
-    # LoCO's core depends on d_in only: blocks and wide share one call; LoRA's on both widths.
-    assert batching.refresh(model.base_model) == (3 if name == "lora" else 2)
+    # LoCO: one call for every width; LoRA: one per shape (blocks, wide, out)
+    assert batching.refresh(model.base_model) == (3 if name == "lora" else 1)
     y, y_ref = model(x), reference(x)
     assert torch.equal(y, y_ref)
     y.pow(2).sum().backward()
@@ -74,6 +76,27 @@ def test_batched_equals_per_layer_outputs_and_gradients(name: str) -> None:
     for n in g:
         assert torch.equal(g[n], g_ref[n]), n
         assert g[n].abs().sum() > 0, n
+
+
+@pytest.mark.parametrize("mode", ["exact", "approx", "sequential"])
+def test_batched_loco_cores_match_the_chain_reference(mode: str) -> None:
+    """Gram matrices per width, phi and the chain once for all: equal to each layer's closed-form core."""
+    torch.manual_seed(1)
+    cfg = orthotune.LoCOConfig(rank=2, chain_length=3, mode=mode, init_identity=False)
+    mods = [LoCO(cfg, d, d, torch.empty(d, d, dtype=f64)).double() for d in (10, 16, 10, 7)]
+    with torch.no_grad():
+        for i, m in enumerate(mods):
+            m.U.mul_(3.0 * i)  # generator norms from 0 to ~10
+    for indices, (U, W) in LoCO.step_cores(mods):
+        for j, i in enumerate(indices):
+            m = mods[i]
+            if mode == "sequential":
+                A, B, C = m.factors()
+                assert torch.allclose(U[j], A) and torch.allclose(W[j], C @ B.transpose(-1, -2), atol=1e-12)
+            else:
+                Uc, M, Vc = m.core()
+                assert torch.allclose(U[j], Uc) and torch.allclose(W[j], M @ Vc.T, atol=1e-12)
+    assert sorted(i for indices, _ in LoCO.step_cores(mods) for i in indices) == [0, 1, 2, 3]
 
 
 def test_gradient_accumulation_and_spent_cores() -> None:
@@ -92,7 +115,7 @@ def test_inference_reuses_cores_until_parameters_change() -> None:
     model, _ = pair("loco-exact")
     x = torch.randn(3, 12, dtype=f64)
     with torch.no_grad():
-        assert batching.refresh(model.base_model) == 2
+        assert batching.refresh(model.base_model) == 1
         assert batching.refresh(model.base_model) == 0
         before = model(x)
         method = model.base_model.blocks[1].adapters["default"]
@@ -106,15 +129,42 @@ def test_inference_reuses_cores_until_parameters_change() -> None:
         assert torch.equal(model(x), after)
 
 
-def test_training_step_then_eval_sees_new_parameters() -> None:
+def test_direct_layer_call_after_an_update_sees_new_parameters() -> None:
+    model, _ = pair("loco-exact")
+    x = torch.randn(3, 12, dtype=f64)
+    layer = model.base_model.blocks[1]
+    with torch.no_grad():
+        model(x)  # caches the cores
+        layer.adapters["default"].U.add_(0.1)  # an update after the forward
+        direct = layer(x)  # no hook runs here: the cached core must not be served
+        batching.clear(model.base_model)
+        assert torch.equal(layer(x), direct)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_training_step_then_eval_sees_new_parameters(fused: bool) -> None:
+    """A fused optimizer updates parameters without bumping their version counters: still no stale core."""
     model, reference = pair("lora")
     x = torch.randn(3, 12, dtype=f64)
     for m in (model, reference):
-        opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=0.1, fused=fused)
+        with torch.no_grad():
+            m(x)  # an evaluation first: its cores are reusable for inference
         m(x).pow(2).sum().backward()
         opt.step()
     with torch.no_grad():
         assert torch.equal(model(x), reference(x))
+
+
+@pytest.mark.parametrize("scale", [1e-3, 0.5, 4.0, 60.0])
+def test_expm_matches_matrix_exp(scale: float) -> None:
+    X = torch.randn(5, 9, 9, dtype=f64) * scale / 3
+    ref = torch.linalg.matrix_exp(X)
+    assert ((skew.expm(X) - ref).abs().max() / ref.abs().max()) < 1e-12
+    S = X - X.transpose(-1, -2)  # skew: exp is orthogonal, float32 keeps it to rounding
+    E = skew.expm(S.float()).double()
+    assert (E.transpose(-1, -2) @ E - torch.eye(9, dtype=f64)).abs().max() < 1e-5 * max(1.0, scale)
+    assert skew.expm(torch.full((2, 3, 3), float("nan"))).isnan().all()
 
 
 def test_disabled_merged_and_unloaded_models() -> None:
@@ -129,7 +179,7 @@ def test_disabled_merged_and_unloaded_models() -> None:
     base = model.merge_and_unload()
     assert any(fn is batching.refresh_hook for fn in base._forward_pre_hooks.values())
     assert torch.allclose(base(x), y)  # the hook finds no adapter layer and removes itself
-    assert not base._forward_pre_hooks
+    assert not base._forward_pre_hooks and not base._forward_hooks
     del plain
 
 
@@ -139,7 +189,7 @@ def test_two_adapters_and_pickling() -> None:
     model.set_adapter(["default", "other"])
     model.double()
     x = torch.randn(3, 12, dtype=f64)
-    assert batching.refresh(model.base_model) == 5
+    assert batching.refresh(model.base_model) == 4
     y = model(x)
     again = pickle.loads(pickle.dumps(model))
     assert torch.equal(again(x), y)
@@ -147,20 +197,20 @@ def test_two_adapters_and_pickling() -> None:
 
 
 @pytest.mark.parametrize("shape", [(7, 10), (2, 3, 10)])
-def test_fused_one_form_matches_reference_and_gradcheck(shape: tuple[int, ...]) -> None:
+def test_one_form_matches_reference_and_gradcheck(shape: tuple[int, ...]) -> None:
     d, m = 10, 4
     x = torch.randn(*shape, dtype=f64, requires_grad=True)
     U, V, M = (torch.randn(d, m, dtype=f64), torch.randn(d, m, dtype=f64), torch.randn(m, m, dtype=f64))
-    W = V @ M.T
-    assert torch.allclose(lowrank.rotate_rows(x, U, W), lowrank.apply_rows(x, U, M, V), atol=1e-12)
-    params = (x, U.requires_grad_(), W.requires_grad_())
+    Wt = M @ V.T
+    assert torch.allclose(lowrank.rotate_rows(x, U, Wt), lowrank.apply_rows(x, U, M, V), atol=1e-12)
+    params = (x, U.requires_grad_(), Wt.requires_grad_())
     assert torch.autograd.gradcheck(lowrank.rotate_rows, params)
     y = torch.randn(*shape[:-1], 6, dtype=f64, requires_grad=True)
-    A, B = torch.randn(d, m, dtype=f64, requires_grad=True), torch.randn(6, m, dtype=f64, requires_grad=True)
-    assert torch.allclose(lowrank.add_lowrank(y, x, A, B), y + (x @ A) @ B.T, atol=1e-12)
+    A, B = torch.randn(m, d, dtype=f64, requires_grad=True), torch.randn(6, m, dtype=f64, requires_grad=True)
+    assert torch.allclose(lowrank.add_lowrank(y, x, A, B), y + (x @ A.T) @ B.T, atol=1e-12)
     assert torch.autograd.gradcheck(lowrank.add_lowrank, (y, x, A, B))
     xt = torch.randn(10, 5, dtype=f64).T  # non-contiguous input
-    assert torch.allclose(lowrank.rotate_rows(xt, U, W), xt + (xt @ W) @ U.T, atol=1e-12)
+    assert torch.allclose(lowrank.rotate_rows(xt, U, Wt), xt + (xt @ Wt.T) @ U.T, atol=1e-12)
 
 
 @pytest.mark.parametrize("method", ["loca", "fourierft"])
@@ -182,5 +232,5 @@ def test_spectral_update_folded_into_the_weight(method: str) -> None:
         if a.requires_grad:
             assert torch.allclose(a.grad, b.grad, atol=1e-10), n
     layer = models["dense"].base_model.wide
-    assert frozen_weight(layer._base_no_bias) is layer.weight
+    assert frozen_weight(layer._base_no_bias).data_ptr() == layer.weight.data_ptr()
     assert frozen_weight(lambda z: layer._base_no_bias(z)) is None

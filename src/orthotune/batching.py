@@ -11,19 +11,23 @@ asks :func:`current` for its core.
 The protocol, duck-typed on method modules:
 
 * ``core_key() -> Hashable | None``: modules with equal keys (and class, and layer dtype) are
-  batched together; ``None`` opts out.
+  batched together in one call; ``None`` opts out.
 * ``step_core() -> tuple[Tensor, ...]``: the per-layer reference, the tensors ``forward`` needs.
-* ``step_cores(modules) -> tuple[Tensor, ...]`` (classmethod): the same for many modules at once,
-  each tensor stacked along a new first dimension; gradients flow through it to every module.
+* ``step_cores(modules) -> list[(indices, tuple[Tensor, ...])]`` (classmethod): the same for many
+  modules at once, in chunks of modules whose cores have one shape, each tensor stacked along a new
+  first dimension in the order of ``indices``; gradients flow through it to every module.
 
 When a cached core is used:
 
-* Its parameters' version counters and storages must be unchanged (every in-place update bumps
-  ``_version``, ``optimizer.step()`` and ``load_state_dict`` included), so inference and generation
-  compute the cores once, not once per call.
 * Under autograd, a core is computed afresh by every forward that runs the hook, and used for at most
   one backward: a hook on the batched tensors marks it spent once their gradient is computed, and a
-  spent core is recomputed, layer by layer, by anything that runs later without the hook.
+  spent core is recomputed, layer by layer, by anything that runs later without the hook (reentrant
+  activation checkpointing). A training core is never reused by a later forward.
+* Without autograd, a core computed without autograd is reused while its parameters' version
+  counters and storages are unchanged (``copy_``, ``load_state_dict`` and non-fused optimizers bump
+  them), so inference and generation compute the cores once, not once per call. Fused optimizers and
+  ``.data`` edits do not bump versions; a training forward in between (as every training step has)
+  replaces the cache anyway, else call :func:`clear` after such an edit.
 
 Without a cache (CPU tests, direct layer calls, methods without the protocol) ``current`` falls back
 to ``step_core()``: the same values, layer by layer.
@@ -31,6 +35,7 @@ to ``step_core()``: the same values, layer by layer.
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from collections import defaultdict
 from collections.abc import Hashable
@@ -59,6 +64,12 @@ class _Entry:
     dtype: torch.dtype
     core: Core
     group: _Group = field(repr=False)
+    checked: int = -1  # the refresh that last found this entry valid
+
+
+#: Numbers refreshes: an entry checked by the running forward's refresh needs no second check.
+_PASSES = itertools.count()
+_LAST_PASS = [-1]
 
 
 #: module -> its cached core; outside the module so that copying or pickling a model never sees it.
@@ -74,18 +85,24 @@ def _params(module: nn.Module) -> list[Tensor]:
     return out
 
 
-def _stamp(module: nn.Module) -> tuple[tuple[int, int], ...]:
-    return tuple((p._version, p.data_ptr()) for p in _params(module))
+def _stamp(params: list[Tensor]) -> tuple[tuple[int, int], ...]:
+    return tuple((p._version, p.data_ptr()) for p in params)
 
 
-def _needs_grad(module: nn.Module) -> bool:
-    return torch.is_grad_enabled() and any(p.requires_grad for p in _params(module))
+def _usable(entry: _Entry | None, params: list[Tensor], grad: bool) -> bool:
+    """Whether a cached core may serve a forward that needs (``grad``) or does not need gradients.
 
-
-def _usable(entry: _Entry | None, module: nn.Module, grad: bool) -> bool:
-    if entry is None or entry.stamp != _stamp(module):
+    Version counters miss some updates (fused optimizers, ``.data`` edits), so a core computed for
+    training is never reused by a later forward: only cores computed without autograd are, while
+    their parameters' versions and storages are unchanged (inference, generation).
+    """
+    if entry is None or entry.stamp != _stamp(params):
         return False
-    return not grad or (entry.group.grad and not entry.group.spent)
+    return (entry.group.grad and not entry.group.spent) if grad else not entry.group.grad
+
+
+def _needs_grad(params: list[Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(p.requires_grad for p in params)
 
 
 def _cast(core: Core, dtype: torch.dtype) -> Core:
@@ -93,10 +110,19 @@ def _cast(core: Core, dtype: torch.dtype) -> Core:
 
 
 def current(module: nn.Module, dtype: torch.dtype) -> Core:
-    """The module's per-step core in ``dtype``: the batched cache when valid, else ``step_core()``."""
+    """The module's per-step core in ``dtype``: the batched cache when valid, else ``step_core()``.
+
+    Under ``torch.compile`` always ``step_core()``: the compiler fuses it, and a cache is state it cannot trace.
+    """
+    if torch.compiler.is_compiling():
+        return _cast(module.step_core(), dtype)
     entry = _CACHE.get(module)
-    if _usable(entry, module, _needs_grad(module)):
-        return entry.core if entry.dtype == dtype else _cast(entry.core, dtype)
+    if entry is not None:
+        if entry.checked == _LAST_PASS[0] and not entry.group.spent:  # validated by this forward's refresh
+            return entry.core if entry.dtype == dtype else _cast(entry.core, dtype)
+        params = _params(module)
+        if _usable(entry, params, _needs_grad(params)):
+            return entry.core if entry.dtype == dtype else _cast(entry.core, dtype)
     return _cast(module.step_core(), dtype)
 
 
@@ -137,19 +163,24 @@ def refresh(root: nn.Module) -> int | None:
     if not seen:
         return None
     calls = 0
+    pass_id = _LAST_PASS[0] = next(_PASSES)
     for (cls, _, dtype), modules in groups.items():
-        grad = any(_needs_grad(m) for m in modules)
-        if not grad and all(_usable(_CACHE.get(m), m, False) for m in modules):
-            continue  # inference: parameters unchanged since the cores were computed
-        stacked = _cast(cls.step_cores(modules), dtype)
+        params = [_params(m) for m in modules]
+        grad = any(_needs_grad(p) for p in params)
+        entries = [_CACHE.get(m) for m in modules]
+        if not grad and all(_usable(e, p, False) for e, p in zip(entries, params)):
+            for e in entries:  # inference: parameters unchanged since the cores were computed
+                e.checked = pass_id
+            continue
         group = _Group(grad=grad)
-        if grad:
-            marker = next((t for t in stacked if t.requires_grad), None)
+        for indices, stacked in cls.step_cores(modules):
+            stacked = _cast(stacked, dtype)
+            marker = next((t for t in stacked if t.requires_grad), None) if grad else None
             if marker is not None:
                 marker.register_hook(_spend(group))
-        slices = [t.unbind(0) for t in stacked]
-        for i, m in enumerate(modules):
-            _CACHE[m] = _Entry(_stamp(m), dtype, tuple(s[i] for s in slices), group)
+            slices = [t.unbind(0) for t in stacked]
+            for j, i in enumerate(indices):
+                _CACHE[modules[i]] = _Entry(_stamp(params[i]), dtype, tuple(s[j] for s in slices), group, pass_id)
         calls += 1
     return calls
 
@@ -168,14 +199,24 @@ def clear(root: nn.Module) -> None:
 
 
 def refresh_hook(module: nn.Module, args: Any) -> None:
-    """Forward pre-hook on the wrapped model; removes itself once no adapter layer is left."""
+    """Forward pre-hook on the wrapped model; removes itself (and :func:`end_hook`) once no adapter layer is left."""
+    if torch.compiler.is_compiling():
+        return
     if refresh(module) is None:
-        for key, fn in list(module._forward_pre_hooks.items()):
-            if fn is refresh_hook:
-                del module._forward_pre_hooks[key]
+        for hooks in (module._forward_pre_hooks, module._forward_hooks):
+            for key, fn in list(hooks.items()):
+                if fn is refresh_hook or fn is end_hook:
+                    del hooks[key]
+
+
+def end_hook(module: nn.Module, args: Any, output: Any) -> None:
+    """Forward hook: after the forward, cached cores are checked again before use (parameters may change)."""
+    if not torch.compiler.is_compiling():
+        _LAST_PASS[0] = -1
 
 
 def attach(model: nn.Module) -> None:
-    """Register :func:`refresh_hook` on ``model`` (once): batched cores before every forward."""
+    """Register :func:`refresh_hook` and :func:`end_hook` on ``model`` (once): batched cores for every forward."""
     if not any(fn is refresh_hook for fn in model._forward_pre_hooks.values()):
         model.register_forward_pre_hook(refresh_hook)
+        model.register_forward_hook(end_hook, always_call=True)

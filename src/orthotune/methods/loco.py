@@ -103,20 +103,23 @@ class LoCO(AdapterMethod):
         return Uc, M, Vc
 
     def core_key(self) -> tuple:
-        """LoCO layers of one mode, chain length, rank and width share one batched core per step."""
+        """LoCO layers of one mode, chain length and rank share one batched core per step, whatever their width."""
         c = self.config
-        return (c.mode, c.chain_length, c.rank, self.d_in, self.U.dtype, self.U.device)
+        return (c.mode, c.chain_length, c.rank, self.U.dtype, self.U.device)
 
     def step_core(self) -> tuple[Tensor, Tensor]:
-        """What forward applies: ``(U, W)`` with ``R x = x + U W^T x`` (``W = V M^T``); per factor in sequential mode."""
-        return _fold(self.config.mode, self.U, self.V)
+        """What forward applies: ``(U, Wt)`` with ``R x = x + U Wt x`` (``Wt = M V^T``); per factor in sequential mode."""
+        ((U, W),) = _step_cores(self.config.mode, [(self.U[None], self.V[None])])
+        return U[0], W[0]
 
     @classmethod
-    def step_cores(cls, modules: list[LoCO]) -> tuple[Tensor, Tensor]:
-        """:meth:`step_core` of many layers of one :meth:`core_key`, in one batched computation."""
-        U = torch.stack([m.U for m in modules])
-        V = torch.stack([m.V for m in modules])
-        return _fold(modules[0].config.mode, U, V)
+    def step_cores(cls, modules: list[LoCO]) -> list[tuple[list[int], tuple[Tensor, Tensor]]]:
+        """:meth:`step_core` of many layers: stacked per width, the small cores of all widths in one computation."""
+        widths: dict[int, list[int]] = {}
+        for i, m in enumerate(modules):
+            widths.setdefault(m.d_in, []).append(i)
+        stacks = [(torch.stack([modules[i].U for i in idx]), torch.stack([modules[i].V for i in idx])) for idx in widths.values()]
+        return list(zip(widths.values(), _step_cores(modules[0].config.mode, stacks)))
 
     def forward(self, x: Tensor, base: Base) -> Tensor:
         U, W = batching.current(self, x.dtype)
@@ -144,22 +147,37 @@ class LoCO(AdapterMethod):
         return report
 
 
-def _fold(mode: str, U: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
-    """Factors (..., k, d, r) -> what forward applies, float32, the small core folded into the right factor.
+def _step_cores(mode: str, stacks: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
+    """Per-step cores of layers given as stacks ``(U, V)`` of shape (L, k, d, r), one stack per width.
 
-    exact / approx: ``(U_c, V_c M^T)`` (..., d, 2kr) of the one form; sequential: ``(A_i, B_i C_i^T)``
-    (..., k, d, 2r), one per factor.
+    Only the Gram matrices ``B^T A`` (2kr x 2kr) depend on the width: they are computed per stack,
+    then ``phi`` and the chain core run once for all layers of all widths, and the core is folded
+    into the right factor per stack. Returns, per stack, exact / approx: ``(U_c, M V_c^T)``
+    ((L, d, 2kr), (L, 2kr, d)), the one form; sequential: ``(A_i, C_i B_i^T)`` ((L, k, d, 2r),
+    (L, k, 2r, d)), one pair per factor. Float32 (float64 if the parameters are).
     """
-    if U.dtype not in (torch.float32, torch.float64):
-        U, V = U.float(), V.float()
-    if mode == "sequential":
-        A, B, C = skew.skew_exp_factors(U, V)
-        return A, B @ C.transpose(-1, -2)
+    k = stacks[0][0].shape[-3]
+    parts = []
+    for U, V in stacks:
+        if U.dtype not in (torch.float32, torch.float64):
+            U, V = U.float(), V.float()
+        A, B = skew.skew_factors(U, V)
+        parts.append((A, B, skew.stack_factors(A), skew.stack_factors(B)))
+    gram = torch.cat([Vs.transpose(-1, -2) @ Us for _, _, Us, Vs in parts])
     if mode == "approx":
-        Uc, Vc, M = skew.sum_exp_core(*skew.skew_factors(U, V))
+        small = skew.phi(gram)  # exp(S_1 + ... + S_k) = I + U phi(V^T U) V^T
     else:
-        Uc, Vc, M = skew.chain_core(*skew.skew_exp_factors(U, V))
-    return Uc, Vc @ M.transpose(-1, -2)
+        C = skew.phi(skew.diagonal_blocks(gram, k))
+        small = C if mode == "sequential" else skew.chain_from_gram(gram, C)
+    out, start = [], 0
+    for A, B, Us, Vs in parts:
+        core = small[start : start + A.shape[0]]
+        start += A.shape[0]
+        if mode == "sequential":
+            out.append((A, core @ B.transpose(-1, -2)))
+        else:
+            out.append((Us, core @ Vs.transpose(-1, -2)))
+    return out
 
 
 @torch.no_grad()

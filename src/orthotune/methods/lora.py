@@ -73,18 +73,19 @@ class LoRA(AdapterMethod):
         return (self.config.r, self.d_in, self.d_out, self.scaling, self.lora_A.dtype, self.lora_A.device)
 
     def step_core(self) -> tuple[Tensor, Tensor]:
-        """``(A^T, s B)``: the factors forward applies, the scale folded into ``B``."""
-        return self.lora_A.T, self.scaling * self.lora_B
+        """``(A, s B)``: the factors forward applies, the scale folded into ``B``."""
+        return self.lora_A, self.scaling * self.lora_B
 
     @classmethod
-    def step_cores(cls, modules: list[LoRA]) -> tuple[Tensor, Tensor]:
+    def step_cores(cls, modules: list[LoRA]) -> list[tuple[range, tuple[Tensor, Tensor]]]:
         A = torch.stack([m.lora_A for m in modules])
         B = torch.stack([m.lora_B for m in modules])
-        return A.transpose(1, 2), modules[0].scaling * B
+        return [(range(len(modules)), (A, modules[0].scaling * B))]
 
     def forward(self, x: Tensor, base: Base) -> Tensor:
         A, B = batching.current(self, x.dtype)
-        return lowrank.add_lowrank(base(x), self.dropout(x), A, B)
+        # dropout=0 is nn.Identity: skip the module call (host time is what these layers cost on a GPU)
+        return lowrank.add_lowrank(base(x), x if self.config.lora_dropout == 0 else self.dropout(x), A, B)
 
     def merged_weight(self, W: Tensor) -> Tensor:
         return W + self.delta_weight().to(W.dtype)

@@ -8,8 +8,8 @@ that triple without ever forming a d x d matrix, except :func:`materialize`, whi
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 
 def apply_rows(x: Tensor, U: Tensor, M: Tensor, V: Tensor) -> Tensor:
@@ -17,52 +17,19 @@ def apply_rows(x: Tensor, U: Tensor, M: Tensor, V: Tensor) -> Tensor:
     return x + ((x @ V) @ M.transpose(-1, -2)) @ U.transpose(-1, -2)
 
 
-class _LowRankUpdate(torch.autograd.Function):
-    """``y + (x P) Q^T`` as one autograd node: two skinny matmuls, the add fused into the second.
+def rotate_rows(x: Tensor, U: Tensor, Wt: Tensor) -> Tensor:
+    """``x + (x Wt^T) U^T``: the one form with ``M`` folded in (``Wt = M V^T``), for ``x`` of shape (..., d).
 
-    Backward: ``gh = g Q``, ``dP = x^T gh``, ``dQ = g^T (x P)``, ``dx = gh P^T``; when ``y`` is ``x``
-    (a rotation, ``x + (x P) Q^T``) the two paths to ``x`` are summed in the same fused ``addmm``.
+    Same values as :func:`apply_rows` (``apply_rows(x, U, M, V) == rotate_rows(x, U, M @ V.T)``)
+    with one small matmul less; ``U`` (d, m) and ``Wt`` (m, d) in ``x``'s dtype. Three plain ops on
+    purpose: on a GPU these layers are host-bound, so the fewest dispatches (and a C++ backward) win.
     """
-
-    @staticmethod
-    def forward(ctx, y: Tensor, x: Tensor, P: Tensor, Q: Tensor, same: bool) -> Tensor:  # type: ignore[override]
-        x2 = x.reshape(-1, x.shape[-1])
-        h = x2 @ P
-        out = torch.addmm((x2 if same else y.reshape(-1, y.shape[-1])), h, Q.transpose(0, 1))
-        ctx.save_for_backward(x2, h, P, Q)
-        ctx.same = same
-        ctx.x_shape = x.shape
-        return out.view(*y.shape[:-1], Q.shape[0])
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g: Tensor):  # type: ignore[override]
-        x2, h, P, Q = ctx.saved_tensors
-        g2 = g.reshape(-1, g.shape[-1])
-        gh = g2 @ Q
-        need_y, need_x, need_p, need_q, _ = ctx.needs_input_grad
-        dx = None
-        if need_x or (ctx.same and need_y):
-            dx = torch.addmm(g2, gh, P.transpose(0, 1)) if ctx.same else gh @ P.transpose(0, 1)
-            dx = dx.view(ctx.x_shape)
-        dy = g if (need_y and not ctx.same) else None
-        dP = x2.transpose(0, 1) @ gh if need_p else None
-        dQ = g2.transpose(0, 1) @ h if need_q else None
-        return dy, dx, dP, dQ, None
-
-
-def rotate_rows(x: Tensor, U: Tensor, W: Tensor) -> Tensor:
-    """``x + (x W) U^T``: the one form with ``M`` folded in (``W = V M^T``), fused forward and backward.
-
-    Same values as :func:`apply_rows` (``apply_rows(x, U, M, V) == rotate_rows(x, U, V @ M.T)``);
-    ``U``, ``W`` are (d, m) in ``x``'s dtype.
-    """
-    return _LowRankUpdate.apply(x, x, W, U, True)
+    return x + F.linear(F.linear(x, Wt), U)
 
 
 def add_lowrank(y: Tensor, x: Tensor, A: Tensor, B: Tensor) -> Tensor:
-    """``y + (x A) B^T`` for ``x`` (..., d_in), ``A`` (d_in, m), ``B`` (d_out, m): LoRA's update, fused."""
-    return _LowRankUpdate.apply(y, x, A, B, False)
+    """``y + (x A^T) B^T`` for ``x`` (..., d_in), ``A`` (m, d_in), ``B`` (d_out, m): LoRA's update."""
+    return y + F.linear(F.linear(x, A), B)
 
 
 def materialize(U: Tensor, M: Tensor, V: Tensor) -> Tensor:
