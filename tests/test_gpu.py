@@ -100,4 +100,5 @@ def test_bf16_model_batched_against_float32_reference(name: str) -> None:
     for (n, a), (_, b) in zip(fast.named_parameters(), ref.named_parameters()):
         if a.requires_grad:
             assert a.grad.dtype == torch.float32 and rel(a.grad, b.grad) < 5e-2, n
-    assert batching.refresh(fast.base_model) == (0 if name == "loca" else 1)  # LoCA: no per-step core
+    # LoCO: one call for all widths; LoRA: one per shape (a, b share one); LoCA: no per-step core
+    assert batching.refresh(fast.base_model) == {"loco": 1, "lora": 2, "loca": 0}[name]

@@ -118,7 +118,12 @@ class LoCO(AdapterMethod):
         widths: dict[int, list[int]] = {}
         for i, m in enumerate(modules):
             widths.setdefault(m.d_in, []).append(i)
-        stacks = [(torch.stack([modules[i].U for i in idx]), torch.stack([modules[i].V for i in idx])) for idx in widths.values()]
+        stacks = []
+        for idx in widths.values():
+            # One stack for U and V, then leading-dim slices: their gradients come back as contiguous
+            # slices of one tensor, which autograd hands to the parameters without a copy each.
+            both = torch.stack([modules[i].U for i in idx] + [modules[i].V for i in idx])
+            stacks.append((both[: len(idx)], both[len(idx) :]))
         return list(zip(widths.values(), _step_cores(modules[0].config.mode, stacks)))
 
     def forward(self, x: Tensor, base: Base) -> Tensor:
