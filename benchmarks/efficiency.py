@@ -127,7 +127,7 @@ def _full(model: nn.Module) -> nn.Module:
 
 def _gradient_supports(model: nn.Module, ids: torch.Tensor) -> None:
     """Fill LOFT's gradient-informed supports from two batches (the recipe's first-order statistic)."""
-    orthotune.select_supports(model, [dict(input_ids=ids, labels=ids)] * 2)
+    orthotune.select_supports(model, [dict(input_ids=ids, labels=ids)] * 2, num_batches=2, progress=False)
 
 
 def train_specs() -> list[Spec]:
@@ -203,10 +203,8 @@ def build(spec: Spec, shape: Shape, device: str, ids: torch.Tensor) -> nn.Module
     return model
 
 
-def train_run(spec: Spec, shape: Shape, device: str, warmup: int, steps: int) -> dict[str, Any]:
-    """Median step ms, peak GiB and trainable parameters of one method (model built afresh)."""
-    _reset(device)
-    ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq), device=device, generator=torch.Generator(device).manual_seed(1))
+def training(spec: Spec, shape: Shape, device: str, ids: torch.Tensor) -> tuple[list[nn.Parameter], Callable[[], None]]:
+    """A freshly built model's trainable parameters and one training step (forward, backward, AdamW)."""
     model = build(spec, shape, device, ids)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -214,7 +212,7 @@ def train_run(spec: Spec, shape: Shape, device: str, warmup: int, steps: int) ->
     emb = model.get_input_embeddings()
 
     def step() -> None:
-        if spec.build is None:
+        if spec.build is None:  # the floor: backward through the activations only
             out = model(inputs_embeds=emb(ids).detach().requires_grad_(), labels=ids, use_cache=False)
         else:
             out = model(input_ids=ids, labels=ids, use_cache=False)
@@ -223,11 +221,19 @@ def train_run(spec: Spec, shape: Shape, device: str, warmup: int, steps: int) ->
             opt.step()
             opt.zero_grad(set_to_none=True)
 
+    return params, step
+
+
+def train_run(spec: Spec, shape: Shape, device: str, warmup: int, steps: int) -> dict[str, Any]:
+    """Median step ms, peak GiB and trainable parameters of one method (model built afresh)."""
+    _reset(device)
+    ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq), device=device, generator=torch.Generator(device).manual_seed(1))
+    params, step = training(spec, shape, device, ids)
     timer = Timer(device)
     times = [timer(step) for _ in range(warmup + steps)][warmup:]
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
     result = dict(step_ms=times, peak_gib=peak, trainable=sum(p.numel() for p in params))
-    del model, opt, params
+    del params, step
     _reset(device)
     return result
 
@@ -405,21 +411,7 @@ def profile_section(args: argparse.Namespace, shape: Shape, specs: list[Spec], p
     for spec in specs:
         _reset(args.device)
         ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq), device=args.device)
-        model = build(spec, shape, args.device, ids)
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-5) if params else None
-        emb = model.get_input_embeddings()
-
-        def step() -> None:
-            if spec.build is None:
-                out = model(inputs_embeds=emb(ids).detach().requires_grad_(), labels=ids, use_cache=False)
-            else:
-                out = model(input_ids=ids, labels=ids, use_cache=False)
-            out.loss.backward()
-            if opt is not None:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-
+        params, step = training(spec, shape, args.device, ids)
         for _ in range(3):
             step()
         torch.cuda.synchronize()
@@ -441,7 +433,7 @@ def profile_section(args: argparse.Namespace, shape: Shape, specs: list[Spec], p
                     f"{launches:.0f} kernels and {ops:.0f} aten ops per step\n")
         text.append(events.table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=60))
         text.append("most called (3 steps):\n" + events.table(sort_by="count", row_limit=25, max_name_column_width=60))
-        del model, opt, params, prof
+        del params, step, prof
     path.write_text("\n".join(text))
     return rows
 
@@ -490,6 +482,11 @@ def _f(v: Any, fmt: str = "{:.2f}") -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
 
 
+def _table(title: str, header: list[str], rows: list[list[str]]) -> list[str]:
+    return [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(row) + " |" for row in rows), ""]
+
+
 def markdown(env: dict[str, Any], shape: Shape, res: dict[str, Any]) -> str:
     lines = [
         "# orthotune efficiency benchmark",
@@ -506,40 +503,30 @@ def markdown(env: dict[str, Any], shape: Shape, res: dict[str, Any]) -> str:
         "",
     ]
     if res.get("train"):
-        lines += ["## Training step", "",
-                  "| method | step ms | x peft LoRA | x floor | peak GiB | mem x peft LoRA | trainable | note |",
-                  "|---|---|---|---|---|---|---|---|"]
+        rows = []
         for r in res["train"]:
             note = r.get("skipped") or r.get("error") or r.get("note", "")
             if r.get("matched"):
                 note = ("params matched to LoRA r16; " + note).rstrip("; ")
-            lines.append(f"| {r['name']} | {_f(r.get('median_ms'), '{:.1f}')} | {_f(r.get('x_lora'))} | {_f(r.get('x_floor'))} | "
-                         f"{_f(r.get('peak_gib'))} | {_f(r.get('mem_x_lora'))} | {_f(r.get('trainable'), '{:,}')} | {note} |")
-        lines.append("")
+            rows.append([r["name"], _f(r.get("median_ms"), "{:.1f}"), _f(r.get("x_lora")), _f(r.get("x_floor")),
+                         _f(r.get("peak_gib")), _f(r.get("mem_x_lora")), _f(r.get("trainable"), "{:,}"), note])
+        lines += _table("Training step", ["method", "step ms", "x peft LoRA", "x floor", "peak GiB", "mem x peft LoRA",
+                                          "trainable", "note"], rows)
     if res.get("infer"):
-        lines += ["## Inference (no grad)", "",
-                  f"| model | prefill {shape.batch}x{shape.seq} ms | x base | decode ms/token (batch {shape.batch}) | x base |",
-                  "|---|---|---|---|---|"]
-        for r in res["infer"]:
-            lines.append(f"| {r['name']} | {_f(r.get('prefill_median_ms'))} | {_f(r.get('prefill_x_base'), '{:.3f}')} | "
-                         f"{_f(r.get('decode_median_ms'))} | {_f(r.get('decode_x_base'), '{:.3f}')} |")
-        lines.append("")
+        rows = [[r["name"], _f(r.get("prefill_median_ms")), _f(r.get("prefill_x_base"), "{:.3f}"),
+                 _f(r.get("decode_median_ms")), _f(r.get("decode_x_base"), "{:.3f}")] for r in res["infer"]]
+        lines += _table("Inference (no grad)", ["model", f"prefill {shape.batch}x{shape.seq} ms", "x base",
+                                                f"decode ms/token (batch {shape.batch})", "x base"], rows)
     if res.get("scaling"):
-        lines += ["## Scaling (2 layers, batch 4 x 1024)", "",
-                  "| sweep | hidden | rank | method | step ms | x peft LoRA | x floor | mem x peft LoRA | trainable |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for r in res["scaling"]:
-            lines.append(f"| {r['sweep']} | {r['hidden']} | {r['rank']} | {r['name']} | {_f(r['median_ms'], '{:.1f}')} | "
-                         f"{_f(r.get('x_lora'))} | {_f(r.get('x_floor'))} | {_f(r.get('mem_x_lora'))} | {r['trainable']:,} |")
-        lines.append("")
+        rows = [[r["sweep"], str(r["hidden"]), str(r["rank"]), r["name"], _f(r["median_ms"], "{:.1f}"), _f(r.get("x_lora")),
+                 _f(r.get("x_floor")), _f(r.get("mem_x_lora")), f"{r['trainable']:,}"] for r in res["scaling"]]
+        lines += _table("Scaling (2 layers, batch 4 x 1024)", ["sweep", "hidden", "rank", "method", "step ms", "x peft LoRA",
+                                                                "x floor", "mem x peft LoRA", "trainable"], rows)
     if res.get("profile"):
-        lines += ["## Profile (3 steps under torch.profiler, which slows the host)", "",
-                  "| method | CPU ms/step | wall ms/step | GPU busy ms/step | kernels/step | aten ops/step |",
-                  "|---|---|---|---|---|---|"]
-        for r in res["profile"]:
-            lines.append(f"| {r['name']} | {r['cpu_ms']:.1f} | {r['wall_ms']:.1f} | {r['gpu_busy_ms']:.1f} | "
-                         f"{r['kernels_per_step']:.0f} | {r['aten_ops_per_step']:.0f} |")
-        lines.append("")
+        rows = [[r["name"], f"{r['cpu_ms']:.1f}", f"{r['wall_ms']:.1f}", f"{r['gpu_busy_ms']:.1f}",
+                 f"{r['kernels_per_step']:.0f}", f"{r['aten_ops_per_step']:.0f}"] for r in res["profile"]]
+        lines += _table("Profile (3 steps under torch.profiler, which slows the host)",
+                        ["method", "CPU ms/step", "wall ms/step", "GPU busy ms/step", "kernels/step", "aten ops/step"], rows)
     return "\n".join(lines)
 
 

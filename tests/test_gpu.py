@@ -25,7 +25,7 @@ cuda = torch.device("cuda")
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
+    a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm())
 
 
@@ -68,12 +68,14 @@ def test_batched_loco_cores_float32_on_gpu() -> None:
             assert rel(W[j].cpu(), M64 @ V64.T) < 1e-4
 
 
-@pytest.mark.parametrize("name", ["loco", "lora", "loca"])
+@pytest.mark.parametrize("name", ["loco", "lora", "loca", "oft", "hra"])
 def test_bf16_model_batched_against_float32_reference(name: str) -> None:
     cfgs = {
         "loco": orthotune.LoCOConfig(target_modules=["a", "b", "c"], rank=4, chain_length=4, init_identity=False),
         "lora": orthotune.LoRAConfig(target_modules=["a", "b", "c"], r=16, init_identity=False),
         "loca": orthotune.LoCAConfig(target_modules=["a", "b", "c"], n_frequency=500, init_identity=False),
+        "oft": orthotune.OFTConfig(target_modules=["a", "b", "c"], r=0, oft_block_size=32, init_identity=False),
+        "hra": orthotune.HRAConfig(target_modules=["a", "b", "c"], r=8, init_identity=False),
     }
     torch.manual_seed(0)
     base = nn.ModuleDict(dict(a=nn.Linear(512, 512), b=nn.Linear(512, 512), c=nn.Linear(512, 1024)))
@@ -100,5 +102,5 @@ def test_bf16_model_batched_against_float32_reference(name: str) -> None:
     for (n, a), (_, b) in zip(fast.named_parameters(), ref.named_parameters()):
         if a.requires_grad:
             assert a.grad.dtype == torch.float32 and rel(a.grad, b.grad) < 5e-2, n
-    # LoCO: one call for all widths; LoRA: one per shape (a, b share one); LoCA: no per-step core
-    assert batching.refresh(fast.base_model) == {"loco": 1, "lora": 2, "loca": 0}[name]
+    # LoCO, OFT, HRA: one call (one input width); LoRA: one per shape (a, b share one); LoCA: no per-step core
+    assert batching.refresh(fast.base_model) == {"loco": 1, "lora": 2, "loca": 0, "oft": 1, "hra": 1}[name]

@@ -1,4 +1,4 @@
-"""Per-step cores of all adapted layers of one shape, computed together once per forward.
+"""Per-step cores of all adapted layers of one kind, computed together once per forward.
 
 A rotation needs a small core every step (LoCO's ``2kr x 2kr`` chain core, ...); LoRA needs its
 factors cast to the activations' dtype. Cheap in FLOPs, but done layer by layer it is dozens of
@@ -29,8 +29,9 @@ When a cached core is used:
   ``.data`` edits do not bump versions; a training forward in between (as every training step has)
   replaces the cache anyway, else call :func:`clear` after such an edit.
 
-Without a cache (CPU tests, direct layer calls, methods without the protocol) ``current`` falls back
-to ``step_core()``: the same values, layer by layer.
+Without a valid cache (direct layer calls, methods without the protocol, ``torch.compile``, which
+fuses the per-layer cores itself) ``current`` falls back to ``step_core()``: the same values, layer
+by layer.
 """
 
 from __future__ import annotations
@@ -77,8 +78,10 @@ _CACHE: weakref.WeakKeyDictionary[nn.Module, _Entry] = weakref.WeakKeyDictionary
 
 
 def _params(module: nn.Module) -> list[Tensor]:
-    """``module.parameters()`` without its name bookkeeping: this runs once per layer per forward."""
+    """The module's parameters and buffers (what its core depends on, e.g. a LOFT support), as
+    ``parameters()`` and ``buffers()`` without their name bookkeeping: this runs once per layer per forward."""
     out = [p for p in module._parameters.values() if p is not None]
+    out += [b for b in module._buffers.values() if b is not None]
     for child in module._modules.values():
         if child is not None:
             out += _params(child)
