@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import batching
 from .config import AdapterConfig
 from .inject import find_modules_to_save, find_targets, unwrap_all, wrap
 from .layer import AdapterLayer, ModulesToSave, base_weight_matrix, layer_dims
@@ -33,6 +34,7 @@ class OrthoModel(nn.Module):
         self.base_model = model
         self.configs: dict[str, AdapterConfig] = {}
         self._active: list[str] = []
+        batching.attach(model)  # per-step cores of all layers in one batched call per forward
         for p in model.parameters():
             p.requires_grad_(False)
         if _is_checkpointing(model):
