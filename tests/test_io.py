@@ -36,6 +36,8 @@ def untouched(model: nn.Module, before: dict) -> bool:
     """No wrapper, the same tensors, and every parameter still trainable (as a fresh model's are)."""
     return (
         not any(isinstance(m, AdapterLayer) for m in model.modules())
+        and not model._forward_pre_hooks
+        and not model._forward_hooks
         and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
         and all(p.requires_grad for p in model.parameters())
     )

@@ -110,6 +110,7 @@ def snapshot(model: nn.Module) -> tuple[dict, dict]:
 def assert_untouched(model: nn.Module, before: tuple[dict, dict]) -> None:
     state, grads = before
     assert not any(isinstance(m, AdapterLayer) for m in model.modules()), "a failed call left a wrapper behind"
+    assert not model._forward_pre_hooks and not model._forward_hooks, "a failed call left a hook behind"
     now = model.state_dict()
     assert now.keys() == state.keys() and all(torch.equal(now[k], v) for k, v in state.items())
     assert {n: p.requires_grad for n, p in model.named_parameters()} == grads

@@ -26,6 +26,7 @@ from .method_cases import CASES
 
 def assert_unchanged(model: nn.Module, before: dict, trainable: dict) -> None:
     assert not any(isinstance(m, AdapterLayer) for m in model.modules())
+    assert not model._forward_pre_hooks and not model._forward_hooks, "a failed call left a hook behind"
     assert all(v.is_meta or torch.equal(model.state_dict()[k], v) for k, v in before.items())
     assert {n: p.requires_grad for n, p in model.named_parameters()} == trainable
 

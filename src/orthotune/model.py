@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import batching
 from .config import AdapterConfig
 from .finite import all_finite
 from .inject import find_modules_to_save, find_targets, unwrap_all, wrap
@@ -45,6 +46,8 @@ class OrthoModel(nn.Module):
                 for p in trainable:  # a failed get_model leaves the user's model as it was
                     p.requires_grad_(True)
                 raise
+        batching.attach(model)  # per-step cores of all layers in one batched call per forward
+        if config is not None:
             self.set_adapter(adapter_name)
         if _is_checkpointing(model):
             self._enable_input_require_grads()
