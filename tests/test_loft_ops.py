@@ -116,6 +116,26 @@ def test_givens_equals_dense_product(dim: int) -> None:
     assert torch.allclose(givens.apply_rows(z, C, S, partner, transpose=True), z @ T, atol=1e-12)
 
 
+
+@pytest.mark.parametrize("dim, block", [(5, 1), (36, 4), (48, 16), (96, 32), (704, 64), (7, 1)])
+def test_givens_compact_equals_the_layers(dim: int, block: int) -> None:
+    """Block-diagonal + small dense regrouping == the layer-by-layer product (batched cores too)."""
+    assert givens.compact_block(dim) == block
+    theta = torch.randn(2, dim - 1, dtype=f64)
+    partner, index, sign = givens.tree_layout(dim)
+    C, S = givens.coefficients(theta, index, sign)
+    blocks, high = givens.compact(C, S, partner, block)
+    assert blocks.shape == (2, dim // block, block, block) and high.shape == (2, dim // block, dim // block)
+    z = torch.randn(3, dim, dtype=f64)
+    for i in range(2):
+        T = givens_dense(theta[i], dim)
+        assert torch.allclose(givens.apply_compact(z, blocks[i], high[i]), z @ T.T, atol=1e-12)
+        assert torch.allclose(givens.apply_compact(z, blocks[i], high[i], transpose=True), z @ T, atol=1e-12)
+
+
+def test_givens_compact_block_leaves_large_odd_dims_layered() -> None:
+    assert givens.compact_block(2 * 1001) == 0 and givens.compact_block(5632) == 64
+
 def test_reflection_core_is_the_householder_product() -> None:
     u = torch.randn(20, 5, dtype=f64)
     eye = torch.eye(20, dtype=f64)

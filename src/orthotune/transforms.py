@@ -210,11 +210,17 @@ class Butterfly(Transform):
 
 
 class Givens(Transform):
-    """``T = G_{L-1} ... G_0``: ``dim - 1`` Givens rotations in ``ceil(log2 dim)`` parallel layers (GOFT)."""
+    """``T = G_{L-1} ... G_0``: ``dim - 1`` Givens rotations in ``ceil(log2 dim)`` parallel layers (GOFT).
+
+    Per step the layers are regrouped into a block-diagonal matrix and a small dense one
+    (:func:`orthotune.ops.givens.compact`) where ``dim`` has a power-of-two factor >= 8, so the
+    activations see two matmuls instead of ``L`` gathers; otherwise they are applied layer by layer.
+    """
 
     def __init__(self, dim: int, like: Tensor) -> None:
         super().__init__(dim)
         self.theta = _param(like, dim - 1)
+        self.block = givens.compact_block(dim)
         partner, angle_index, sign = givens.tree_layout(dim)
         self.register_buffer("partner", partner.to(like.device), persistent=False)
         self.register_buffer("angle_index", angle_index.to(like.device), persistent=False)
@@ -232,11 +238,14 @@ class Givens(Transform):
     @classmethod
     def stack_cores(cls, transforms: list[Transform]) -> tuple[Tensor, Tensor]:
         t = transforms[0]
-        return givens.coefficients(torch.stack([core_dtype(x.theta) for x in transforms]), t.angle_index, t.sign)
+        C, S = givens.coefficients(torch.stack([core_dtype(x.theta) for x in transforms]), t.angle_index, t.sign)
+        return givens.compact(C, S, t.partner, t.block) if t.block else (C, S)
 
     def apply_core(self, core: tuple[Tensor, ...], z: Tensor, mode: Mode) -> Tensor:
-        C, S = core
-        return givens.apply_rows(z, C.to(z.dtype), S.to(z.dtype), self.partner, transpose=mode == "merge")
+        a, b = (c.to(z.dtype) for c in core)
+        if self.block:
+            return givens.apply_compact(z, a, b, transpose=mode == "merge")
+        return givens.apply_rows(z, a, b, self.partner, transpose=mode == "merge")
 
 
 class LowRankTransform(Transform):

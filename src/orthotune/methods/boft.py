@@ -19,11 +19,11 @@ from ..config import AdapterConfig, check_positive_int
 from ..supports import FullSupport
 from ..transforms import Butterfly, Transform
 from .base import Base, cast_to
-from .loft import LOFT
+from .loft import LOFT, FoldOption
 
 
 @dataclass
-class BOFTConfig(AdapterConfig):
+class BOFTConfig(FoldOption, AdapterConfig):
     """BOFT, named as in peft: ``m * n_blocks * b^2 + d_out`` parameters per layer."""
 
     method = "boft"

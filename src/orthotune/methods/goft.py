@@ -14,11 +14,11 @@ from torch import Tensor
 from ..config import AdapterConfig
 from ..supports import FullSupport
 from ..transforms import Givens, Transform
-from .loft import LOFT
+from .loft import LOFT, FoldOption
 
 
 @dataclass
-class GOFTConfig(AdapterConfig):
+class GOFTConfig(FoldOption, AdapterConfig):
     """GOFT: ``d_in - 1`` angles per layer, no hyperparameters beyond the targets."""
 
     method = "goft"

@@ -17,11 +17,11 @@ from torch import Tensor
 from ..config import AdapterConfig, check_positive_int
 from ..supports import FullSupport
 from ..transforms import BlockCayley, Transform
-from .loft import LOFT
+from .loft import LOFT, FoldOption
 
 
 @dataclass
-class OFTConfig(AdapterConfig):
+class OFTConfig(FoldOption, AdapterConfig):
     """OFT, named as in peft: ``n_blocks * b(b-1)/2`` parameters per layer (``b(b-1)/2`` with block_share)."""
 
     method = "oft"

@@ -82,29 +82,40 @@ class PSOFTTransform(Transform):
                 if v is not None:
                     v.fill_(1.0)
 
-    def matrix(self) -> Tensor:
-        W = core_dtype(self.weight)
-        c = self.config
+    batchable = True
+
+    def signature(self) -> tuple:
+        c = self.config  # every setting that changes T, so that only like transforms share a batched call
+        return super().signature(), (c.psoft_orth, c.use_cayley_neumann, c.num_cayley_neumann_terms, c.cayley_neumann_eps)
+
+    @classmethod
+    def stack_cores(cls, transforms: list[Transform]) -> tuple[Tensor]:
+        """``T`` (n, r, r) of every transform in one batched Cayley (float32)."""
+        t = transforms[0]
+        c = t.config
+        W = torch.stack([core_dtype(x.weight) for x in transforms])
         if not c.psoft_orth:
             T = W
         else:
-            Q = cayley.skew_from_triu(W, self.rows, self.cols, c.r)
+            Q = cayley.skew_from_triu(W, t.rows, t.cols, c.r)
             if not c.use_cayley_neumann:
                 T = cayley.cayley(Q)
             else:
-                if c.cayley_neumann_eps is not None:
-                    norm = torch.linalg.matrix_norm(Q)
-                    if torch.isfinite(norm) and norm > c.cayley_neumann_eps:
-                        Q = Q * (c.cayley_neumann_eps / (norm + 1e-12))
+                if c.cayley_neumann_eps is not None:  # rescale to the given Frobenius norm where it exceeds it
+                    norm = torch.linalg.matrix_norm(Q)[..., None, None]
+                    Q = torch.where(norm > c.cayley_neumann_eps, Q * (c.cayley_neumann_eps / (norm + 1e-12)), Q)
                 T = cayley.cayley_neumann(Q, c.num_cayley_neumann_terms)
-        if self.vector_b is not None:
-            T = core_dtype(self.vector_b)[:, None] * T
-        if self.vector_a is not None:
-            T = T * core_dtype(self.vector_a)[None, :]
-        return T
+        if t.vector_b is not None:
+            T = torch.stack([core_dtype(x.vector_b) for x in transforms])[..., :, None] * T
+        if t.vector_a is not None:
+            T = T * torch.stack([core_dtype(x.vector_a) for x in transforms])[..., None, :]
+        return (T,)
 
-    def rotate(self, z: Tensor, mode: Mode) -> Tensor:
-        T = self.matrix()
+    def matrix(self) -> Tensor:
+        return self.core()[0]
+
+    def apply_core(self, core: tuple[Tensor, ...], z: Tensor, mode: Mode) -> Tensor:
+        (T,) = core
         if mode == "unmerge":
             return z @ torch.linalg.inv(T.double()).to(z.dtype)
         return z @ (T if mode == "merge" else T.mT).to(z.dtype)
