@@ -33,6 +33,8 @@ CASES: list[Case] = [
     Case("loco", dict(rank=2, chain_length=2, mode="approx"), lambda i, o: 2 * 2 * 2 * i, orthogonal=True),
     Case("lora", dict(r=4, lora_alpha=8), lambda i, o: 4 * (i + o)),
     Case("lora", dict(r=2, lora_alpha=4, use_rslora=True), lambda i, o: 2 * (i + o)),
+    Case("pissa", dict(r=4, lora_alpha=8), lambda i, o: 4 * (i + o)),
+    Case("pissa", dict(r=2, lora_alpha=2, use_rslora=True, svd_niter=2), lambda i, o: 2 * (i + o)),
     Case("loca", dict(n_frequency=32, scale=2.0), lambda i, o: 32),
     Case("loca", dict(n_frequency=20, compute="dense"), lambda i, o: 20),
     Case("fourierft", dict(n_frequency=32, scaling=300.0), lambda i, o: 32),

@@ -121,3 +121,12 @@ def test_gpt2_conv1d_is_adapted_with_transposed_weight() -> None:
     y = m(input_ids=ids).logits
     m.merge()
     assert torch.allclose(m(input_ids=ids).logits, y, atol=1e-4)
+
+
+def test_default_targets_follow_the_architecture() -> None:
+    from transformers import ViTConfig, ViTModel
+
+    vit = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=16, patch_size=8))
+    m = orthotune.get_model(vit, LoCOConfig(rank=2))
+    assert {n.rsplit(".", 1)[1] for n in adapted(m)} in ({"q_proj", "v_proj"}, {"query", "value"})
+    assert len(adapted(m)) == 4

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from ._compat import patch_torchvision  # noqa: E402
+
+patch_torchvision()
+
 from pathlib import Path  # noqa: E402
 
 from torch import nn  # noqa: E402
@@ -20,7 +24,8 @@ from .methods.fourierft import FourierFTConfig  # noqa: E402
 from .methods.loca import LoCAConfig  # noqa: E402
 from .methods.loco import LoCOConfig, approximation_error  # noqa: E402
 from .methods.lora import LoRAConfig  # noqa: E402
-from .model import OrthoModel, ortho_class  # noqa: E402
+from .methods.pissa import PiSSAConfig  # noqa: E402
+from .model import OrthoModel, attach_loaded, ortho_class  # noqa: E402
 from .registry import METHODS  # noqa: E402
 
 
@@ -35,17 +40,20 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
     Everything is validated before the model changes: a missing, corrupted, tampered or mismatched
     folder raises ValueError and leaves ``model`` as it was.
     """
-    if isinstance(model, OrthoModel):
-        model.load_adapter(directory, adapter_name)
-        model.set_adapter(adapter_name)
-        return model
     from .io import read_adapter
 
-    read_adapter(model, directory)  # validate first: wrapping below mutates the model
-    wrapped = ortho_class(type(model))(model)
-    wrapped.load_adapter(directory, adapter_name)
-    wrapped.set_adapter(adapter_name)
-    return wrapped
+    return attach_loaded(model, adapter_name, lambda base: read_adapter(base, directory))
+
+
+def from_peft(model: nn.Module, directory: str | Path, adapter_name: str = "default") -> OrthoModel:
+    """Load an adapter folder saved by peft into orthotune's implementation of the same method.
+
+    Supported peft types and options: :mod:`orthotune.interop.peft`; anything else raises a
+    ValueError that names it, before ``model`` changes.
+    """
+    from .interop.peft import read_peft
+
+    return attach_loaded(model, adapter_name, lambda base: read_peft(base, directory))
 
 
 def loco_approximation_error(model: OrthoModel, adapter_name: str | None = None) -> dict[str, dict[str, float]]:
@@ -69,6 +77,8 @@ __all__ = [
     "LoCOConfig",
     "LoRAConfig",
     "OrthoModel",
+    "PiSSAConfig",
+    "from_peft",
     "get_model",
     "load_adapter",
     "loco_approximation_error",

@@ -112,7 +112,7 @@ def _methods(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from .train.demo import run_demo
 
-    run_demo(out_dir=args.out, train_size=args.train_size, test_size=args.test_size, epochs=args.epochs, lr=args.lr, seed=args.seed)
+    run_demo(out_dir=args.out, train_size=args.train_size, test_size=args.test_size, epochs=args.epochs, lr=args.lr, seed=args.seed, min_gain=args.min_gain)
 
 
 def _add_recipe_args(p: argparse.ArgumentParser, shortcuts: bool) -> None:
@@ -177,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=int, default=1)
     demo.add_argument("--lr", type=float, default=3e-3)
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--min-gain", type=float, default=0.02, help="fail unless accuracy rises by this much")
     demo.set_defaults(func=_demo)
     return parser
 

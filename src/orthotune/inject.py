@@ -17,8 +17,9 @@ from .config import AdapterConfig
 from .layer import AdapterLayer, ModulesToSave, layer_dims, layer_kind
 from .registry import method_class
 
-#: Used when a config gives no target_modules, keyed by transformers' ``config.model_type``.
-DEFAULT_TARGETS: dict[str, list[str]] = {
+#: Used when a config gives no target_modules, keyed by transformers' ``config.model_type``
+#: (a regex where the layer names changed across transformers versions).
+DEFAULT_TARGETS: dict[str, list[str] | str] = {
     "bert": ["query", "value"],
     "roberta": ["query", "value"],
     "distilbert": ["q_lin", "v_lin"],
@@ -26,7 +27,7 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "mistral": ["q_proj", "v_proj"],
     "qwen2": ["q_proj", "v_proj"],
     "gpt2": ["c_attn"],
-    "vit": ["query", "value"],
+    "vit": r".*\.(q_proj|v_proj|query|value)",  # q_proj/v_proj since transformers 5
 }
 
 

@@ -75,13 +75,25 @@ def save_adapter(model: OrthoModel, directory: str | Path, adapter_name: str) ->
         "base_model_name_or_path": getattr(base_cfg, "name_or_path", None) or None,
         "targets": targets,
     }
+    payload = {**model.configs[adapter_name].to_dict(), **meta}
+    write_folder(directory, state, payload, {"format": "pt", "orthotune_format": str(FORMAT_VERSION)}, checksum=True)
+
+
+def write_folder(
+    directory: str | Path, tensors: dict[str, torch.Tensor], config: dict[str, Any], metadata: dict[str, str], checksum: bool
+) -> None:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` atomically (see the module docstring).
+
+    With ``checksum`` the weights' SHA-256 goes into the config as ``weights_sha256``.
+    """
+    directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "orthotune_format": str(FORMAT_VERSION)})
-        meta["weights_sha256"] = _sha256(tmp / WEIGHTS_NAME)
-        payload = {**model.configs[adapter_name].to_dict(), **meta}
-        (tmp / CONFIG_NAME).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=metadata)
+        if checksum:
+            config = {**config, "weights_sha256": _sha256(tmp / WEIGHTS_NAME)}
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for f in (WEIGHTS_NAME, CONFIG_NAME):
             _fsync(tmp / f)
         _install(tmp, directory)
@@ -96,24 +108,39 @@ def read_adapter(base: nn.Module, directory: str | Path) -> tuple[AdapterConfig,
     Returns the config, the method module per target (weights loaded), and the state of each
     saved module (keys checked against the module it belongs to).
     """
-    from .model import build_method
-
     directory = Path(directory)
     config, meta = read_config(directory)
     try:
         state = load_file(str(directory / WEIGHTS_NAME))
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{directory / WEIGHTS_NAME} is not a readable safetensors file ({err}); save the adapter again") from err
+    modules, saved_states = build_adapter(base, config, meta["targets"], state, directory, meta["base_model_class"])
+    return config, modules, saved_states
+
+
+def build_adapter(
+    base: nn.Module,
+    config: AdapterConfig,
+    targets: dict[str, list],
+    state: dict[str, torch.Tensor],
+    source: str | Path,
+    saved_for: str | None,
+) -> tuple[dict[str, nn.Module], dict[str, dict]]:
+    """Check an adapter's tensors (orthotune's key layout) against ``base`` and build its modules.
+
+    ``targets`` maps each adapted module to ``[d_out, d_in, kind]``; ``source`` and ``saved_for``
+    (the architecture it was trained on) only serve the error messages. Touches nothing in ``base``.
+    """
+    from .model import build_method
 
     layers = dict(iter_named_layers(base))
-    targets: dict[str, list] = meta["targets"]
     modules: dict[str, nn.Module] = {}
     for lname, (d_out, d_in, kind) in targets.items():
         module = layers.get(lname)
         if module is None or layer_kind(module) is None:
             raise ValueError(
-                f"the adapter in {directory} adapts {lname!r}, which this model does not have as a linear layer: "
-                f"it was saved for a {meta['base_model_class']}; load it into that architecture"
+                f"the adapter in {source} adapts {lname!r}, which this model does not have as a linear layer: "
+                f"it was saved for a {saved_for or 'different model'}; load it into that architecture"
             )
         if layer_dims(module) != (d_in, d_out) or layer_kind(module) != kind:
             got_in, got_out = layer_dims(module)
@@ -126,19 +153,22 @@ def read_adapter(base: nn.Module, directory: str | Path) -> tuple[AdapterConfig,
     expected: dict[str, torch.Tensor] = {}
     for lname, method in modules.items():
         expected.update({f"{lname}.{k}": v for k, v in method.state_dict().items()})
-    saved_states = _saved_module_states(base, state, config, directory)
+    saved_states = _saved_module_states(base, state, config, source)
     for sname, sstate in saved_states.items():
         expected.update({f"{SAVED_PREFIX}{sname}.{k}": v for k, v in sstate.items()})
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ValueError(
-            f"{directory / WEIGHTS_NAME} does not fit its config: missing {missing[:5]}, unexpected {unexpected[:5]}; "
+            f"the tensors in {source} do not fit their config: missing {missing[:5]}, unexpected {unexpected[:5]}; "
             "the folder was edited or mixes two adapters: save the adapter again"
         )
     for key, ref in expected.items():
         if state[key].shape != ref.shape:
-            raise ValueError(f"tensor {key!r} has shape {tuple(state[key].shape)}, expected {tuple(ref.shape)}")
+            raise ValueError(
+                f"tensor {key!r} in {source} has shape {tuple(state[key].shape)}, this model needs {tuple(ref.shape)}; "
+                "it was saved for a different base model"
+            )
     with torch.no_grad():
         for lname, method in modules.items():
             method.load_state_dict({k: state[f"{lname}.{k}"] for k in method.state_dict()})
@@ -146,10 +176,10 @@ def read_adapter(base: nn.Module, directory: str | Path) -> tuple[AdapterConfig,
             prefix = f"{SAVED_PREFIX}{sname}."
             for k in sstate:
                 sstate[k] = state[prefix + k]
-    return config, modules, saved_states
+    return modules, saved_states
 
 
-def _saved_module_states(base: nn.Module, state: dict, config: AdapterConfig, directory: Path) -> dict[str, dict]:
+def _saved_module_states(base: nn.Module, state: dict, config: AdapterConfig, source: str | Path) -> dict[str, dict]:
     """The reference state (keys and shapes) of each saved module named in the file."""
     if not config.modules_to_save:
         return {}
@@ -163,7 +193,7 @@ def _saved_module_states(base: nn.Module, state: dict, config: AdapterConfig, di
         rest = key[len(SAVED_PREFIX):]
         owner = next((n for n in found if rest.startswith(n + ".")), None)
         if owner is None:
-            raise ValueError(f"{directory}: saved module tensor {key!r} belongs to no module of this model")
+            raise ValueError(f"{source}: saved module tensor {key!r} belongs to no module of this model")
         out.setdefault(owner, dict(found[owner].state_dict()))
     return out
 
@@ -182,7 +212,8 @@ def read_config(directory: str | Path) -> tuple[AdapterConfig, dict[str, Any]]:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{directory / CONFIG_NAME} is not valid JSON ({err}); the file is corrupted: save the adapter again") from err
     if not isinstance(data, dict) or "format_version" not in data:
-        raise ValueError(f"{directory / CONFIG_NAME} is not an orthotune adapter config (no format_version)")
+        hint = ": it was saved by peft, load it with orthotune.from_peft" if isinstance(data, dict) and "peft_type" in data else ""
+        raise ValueError(f"{directory / CONFIG_NAME} is not an orthotune adapter config (no format_version){hint}")
     version = data["format_version"]
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ValueError(

@@ -44,6 +44,13 @@ def layer_dims(module: nn.Module) -> tuple[int, int]:
     raise TypeError(f"unsupported layer type {type(module).__name__}")
 
 
+def base_weight_matrix(module: nn.Module) -> Tensor:
+    """A supported layer's weight as a (d_out, d_in) matrix (a view where possible, base dtype)."""
+    d_in, d_out = layer_dims(module)
+    w = module.weight
+    return (w.T if layer_kind(module) == "conv1d" else w).reshape(d_out, d_in)
+
+
 class AdapterLayer(nn.Module):
     """A frozen ``nn.Linear`` / GPT-2 ``Conv1D`` / ``nn.Conv2d`` with named adapters."""
 
@@ -79,12 +86,7 @@ class AdapterLayer(nn.Module):
 
     def weight_matrix(self) -> Tensor:
         """The base weight as a (d_out, d_in) matrix (a view, in the base dtype)."""
-        w = self.base_layer.weight
-        if self.kind == "conv1d":
-            return w.T
-        if self.kind == "conv2d":
-            return w.reshape(w.shape[0], -1)
-        return w
+        return base_weight_matrix(self.base_layer)
 
     @torch.no_grad()
     def _write_weight(self, W: Tensor) -> None:

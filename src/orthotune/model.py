@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import AdapterConfig
 from .inject import find_modules_to_save, find_targets, unwrap_all, wrap
-from .layer import AdapterLayer, ModulesToSave, layer_dims
+from .layer import AdapterLayer, ModulesToSave, base_weight_matrix, layer_dims
 from .registry import method_class
 
 
@@ -35,6 +35,8 @@ class OrthoModel(nn.Module):
         self._active: list[str] = []
         for p in model.parameters():
             p.requires_grad_(False)
+        if _is_checkpointing(model):
+            self._enable_input_require_grads()
         if config is not None:
             self.add_adapter(adapter_name, config)
             self.set_adapter(adapter_name)
@@ -113,10 +115,7 @@ class OrthoModel(nn.Module):
         """Add an adapter (inactive unless it is the first); nothing changes if any check fails."""
         if not isinstance(config, AdapterConfig):
             raise ValueError(f"config must be an orthotune AdapterConfig (e.g. LoCOConfig), got {type(config).__name__}")
-        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name or "/" in adapter_name:
-            raise ValueError(f"adapter name {adapter_name!r} must be a non-empty string without '.' or '/'")
-        if adapter_name in self.configs:
-            raise ValueError(f"an adapter named {adapter_name!r} exists already; delete_adapter() it or pick another name")
+        self._check_new_name(adapter_name)
         targets = find_targets(self.base_model, config)
         saved = find_modules_to_save(self.base_model, config.modules_to_save) if config.modules_to_save else []
         for sname, _ in saved:
@@ -128,6 +127,12 @@ class OrthoModel(nn.Module):
                 )
         modules = {name: build_method(config, module) for name, module in targets}
         self._attach(adapter_name, config, modules, [n for n, _ in saved])
+
+    def _check_new_name(self, adapter_name: str) -> None:
+        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name or "/" in adapter_name:
+            raise ValueError(f"adapter name {adapter_name!r} must be a non-empty string without '.' or '/'")
+        if adapter_name in self.configs:
+            raise ValueError(f"an adapter named {adapter_name!r} exists already; delete_adapter() it or pick another name")
 
     def _attach(self, name: str, config: AdapterConfig, modules: dict[str, nn.Module], saved: list[str]) -> None:
         """Wire built method modules (and saved-module copies) into the model under ``name``."""
@@ -143,13 +148,20 @@ class OrthoModel(nn.Module):
         self._refresh_trainable()
 
     def set_adapter(self, adapter_names: str | list[str]) -> None:
-        """Make these adapters active, in this composition order (first = innermost, see layer.py)."""
+        """Make these adapters active, in this composition order (first = innermost, see layer.py).
+
+        Switching adapters on a merged model unmerges it first (with a warning, as peft does): merged
+        weights hold the previous composition.
+        """
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         unknown = [n for n in names if n not in self.configs]
         if unknown or not names:
             raise ValueError(f"unknown adapter(s) {unknown or names}; adapters here: {sorted(self.configs)}")
         if len(set(names)) != len(names):
             raise ValueError(f"adapter names repeat in {names}")
+        if names != self._active and self.merged:
+            warnings.warn("Adapters cannot be switched while merged: unmerging the model first.", stacklevel=2)
+            self.unmerge()
         self._active = names
         for _, module in self._wrappers():
             module.active_adapters = list(names)
@@ -188,17 +200,22 @@ class OrthoModel(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Inside the block the model computes the base outputs, merged adapters included."""
+        """Inside the block the model computes the base outputs, merged adapters included.
+
+        Merged adapters are unmerged on entry and merged again on exit; the previous state is
+        restored also when the block raises, and blocks may nest.
+        """
         merged = {name: list(layer.merged_adapters) for name, layer in self.adapter_layers()}
         self.unmerge()
         wrappers = [m for _, m in self._wrappers()]
+        before = [m.disabled for m in wrappers]
         for m in wrappers:
             m.disabled = True
         try:
             yield
         finally:
-            for m in wrappers:
-                m.disabled = False
+            for m, state in zip(wrappers, before):
+                m.disabled = state
             for name, layer in self.adapter_layers():
                 layer.merge(merged.get(name, []))
 
@@ -206,8 +223,11 @@ class OrthoModel(nn.Module):
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Fold adapters (default: the active ones) into the base weights, float32 then rounded once.
 
-        ``safe_merge=True`` computes every merged weight first and raises, writing nothing, if any
-        holds NaN or Inf.
+        Adapters are folded in the order given, after those merged already; the forward pass then
+        applies the unmerged active ones on top. For multiplicative (rotation) adapters the merged
+        model equals the unmerged one only if the merged adapters lead the active order: a warning
+        says when they do not. ``safe_merge=True`` computes every merged weight first and raises,
+        writing nothing, if any holds NaN or Inf.
         """
         names = self._active if adapter_names is None else list(adapter_names)
         unknown = [n for n in names if n not in self.configs]
@@ -226,8 +246,25 @@ class OrthoModel(nn.Module):
                         f"NaNs or Infs detected in the merged weights of {lname!r} for adapter(s) {pending}; "
                         "the adapter seems to be broken. Nothing was merged."
                     )
+        self._warn_if_order_changes(layers, todo)
         for _, layer in layers:
             layer.merge(todo)
+
+    def _warn_if_order_changes(self, layers: list[tuple[str, AdapterLayer]], todo: list[str]) -> None:
+        for lname, layer in layers:
+            active = [n for n in self._active if n in layer.adapters]
+            folded = layer.merged_adapters + [n for n in todo if n in layer.adapters and n not in layer.merged_adapters]
+            if (
+                all(n in active for n in folded)
+                and folded != active[: len(folded)]
+                and any(layer.adapters[n].multiplicative for n in active)
+            ):
+                warnings.warn(
+                    f"merging {folded} into {lname!r} does not follow the active order {active}: rotations do not "
+                    "commute, so the merged model differs from the unmerged one; merge in the active order",
+                    stacklevel=3,
+                )
+                return
 
     def unmerge(self) -> None:
         """Undo all merges (restores the base weights within float rounding)."""
@@ -273,24 +310,105 @@ class OrthoModel(nn.Module):
         """Load a saved adapter under ``adapter_name`` (not activated); the model is untouched on error."""
         from .io import read_adapter
 
-        if adapter_name in self.configs:
-            raise ValueError(f"an adapter named {adapter_name!r} exists already; pick another adapter_name")
-        config, modules, saved_states = read_adapter(self.base_model, directory)
-        self._attach(adapter_name, config, modules, list(saved_states))
+        self._check_new_name(adapter_name)
+        self._attach_loaded(adapter_name, *read_adapter(self.base_model, directory))
+
+    def _attach_loaded(self, name: str, config: AdapterConfig, modules: dict[str, nn.Module], saved_states: dict[str, dict]) -> None:
+        """Wire in an adapter read by :func:`orthotune.io.build_adapter` (weights loaded, saved modules' states)."""
+        self._attach(name, config, modules, list(saved_states))
         with torch.no_grad():
             for sname, state in saved_states.items():
                 wrapper = self.base_model.get_submodule(sname)
-                wrapper.copies[adapter_name].load_state_dict(state)
+                wrapper.copies[name].load_state_dict(state)
+
+    def load_adapter_weights(self, directory: str | Path, adapter_name: str | None = None) -> None:
+        """Overwrite an existing adapter's weights from a folder saved with the same config (resuming).
+
+        Tensors are copied in place, so optimizers holding the parameters stay valid; the folder
+        is validated in full before anything changes.
+        """
+        from .io import read_adapter
+
+        name = adapter_name or self.active_adapter
+        if name not in self.configs:
+            raise ValueError(f"no adapter named {name!r}; adapters here: {sorted(self.configs)}")
+        if any(name in layer.merged_adapters for _, layer in self.adapter_layers()):
+            raise ValueError(f"adapter {name!r} is merged; unmerge() before loading weights into it")
+        config, modules, saved_states = read_adapter(self.base_model, directory)
+        if config.to_dict() != self.configs[name].to_dict():
+            raise ValueError(
+                f"{directory} holds a different configuration than adapter {name!r}: load it as a new adapter with "
+                "load_adapter(directory, new_name) instead"
+            )
+        layers = {lname: layer for lname, layer in self.adapter_layers() if name in layer.adapters}
+        if set(modules) != set(layers):
+            raise ValueError(f"{directory} adapts other modules than adapter {name!r}: load it with load_adapter() instead")
+        with torch.no_grad():
+            for lname, method in modules.items():
+                layers[lname].adapters[name].load_state_dict(method.state_dict())
+            for sname, state in saved_states.items():
+                self.base_model.get_submodule(sname).copies[name].load_state_dict(state)
+
+    def export_peft(self, directory: str | Path, adapter_name: str | None = None) -> None:
+        """Write one adapter in peft's format (see :mod:`orthotune.interop.peft`), for peft, vLLM and others."""
+        from .interop.peft import export_peft
+
+        export_peft(self, directory, adapter_name or self.active_adapter)
+
+    # ------------------------------------------------------------------ transformers integration
+    def activation_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
+        """The wrapped model's checkpointing, with its input embeddings' outputs requiring grad (as peft does).
+
+        The base is frozen, so without that a reentrant checkpointed block gets no input that
+        requires grad and the adapters inside it get no gradient.
+        """
+        self.base_model.activation_checkpointing_enable(*args, **kwargs)
+        self._enable_input_require_grads()
+
+    def gradient_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
+        """transformers' older name of :meth:`activation_checkpointing_enable`."""
+        self.base_model.gradient_checkpointing_enable(*args, **kwargs)
+        self._enable_input_require_grads()
+
+    def _enable_input_require_grads(self) -> None:
+        enable = getattr(self.base_model, "enable_input_require_grads", None)
+        hooks = getattr(self.base_model, "_require_grads_hooks", None) or getattr(self.base_model, "_require_grads_hook", None)
+        if enable is not None and not hooks:  # each call adds hooks: enable once
+            enable()
+
+
+def attach_loaded(
+    model: nn.Module, adapter_name: str, read: Callable[[nn.Module], tuple[AdapterConfig, dict, dict]]
+) -> OrthoModel:
+    """Read an adapter for ``model`` (plain or OrthoModel) with ``read(base)``, attach and activate it.
+
+    ``read`` validates everything and touches nothing, so a failure leaves ``model`` as it was.
+    """
+    if isinstance(model, OrthoModel):
+        model._check_new_name(adapter_name)
+        loaded, wrapped = read(model.base_model), model
+    else:
+        loaded = read(model)
+        wrapped = ortho_class(type(model))(model)
+    wrapped._attach_loaded(adapter_name, *loaded)
+    wrapped.set_adapter(adapter_name)
+    return wrapped
+
+
+def _is_checkpointing(model: nn.Module) -> bool:
+    """Whether a transformers model has activation checkpointing on (False for other models)."""
+    for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), attr):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                return bool(getattr(model, attr))
+    return False
 
 
 def build_method(config: AdapterConfig, module: nn.Module) -> nn.Module:
     """A method module for one base layer, on its device, adapter dtype from the config."""
     d_in, d_out = layer_dims(module)
-    weight = module.weight
-    if type(module).__name__ == "Conv1D":
-        weight = weight.T
-    weight = weight.reshape(d_out, d_in)
-    return method_class(config)(config, d_in, d_out, weight.detach())
+    return method_class(config)(config, d_in, d_out, base_weight_matrix(module).detach())
 
 
 _CLASSES: dict[type, type] = {}

@@ -12,10 +12,12 @@ from .methods.fourierft import FourierFT, FourierFTConfig
 from .methods.loca import LoCA, LoCAConfig
 from .methods.lora import LoRA, LoRAConfig
 from .methods.loco import LoCO, LoCOConfig
+from .methods.pissa import PiSSA, PiSSAConfig
 
 METHODS: dict[str, tuple[type[AdapterConfig], type[AdapterMethod]]] = {
     "loco": (LoCOConfig, LoCO),
     "lora": (LoRAConfig, LoRA),
+    "pissa": (PiSSAConfig, PiSSA),
     "loca": (LoCAConfig, LoCA),
     "fourierft": (FourierFTConfig, FourierFT),
 }

@@ -57,29 +57,13 @@ def save_weights(model: nn.Module, directory: Path) -> None:
 @torch.no_grad()
 def load_weights_inplace(model: nn.Module, directory: Path) -> None:
     """Load saved weights into the live modules (keeping parameter identity, so optimiser state maps)."""
-    if not isinstance(model, OrthoModel):
-        state = load_file(str(directory / FULL_WEIGHTS))
-        params = dict(model.named_parameters())
-        for name, value in state.items():
-            params[name].copy_(value)
+    if isinstance(model, OrthoModel):
+        model.load_adapter_weights(directory)
         return
-    from ..io import WEIGHTS_NAME, adapter_state_dict, read_config
-
-    read_config(directory)  # checksum and format checks
-    state = load_file(str(directory / WEIGHTS_NAME))
-    name = model.active_adapter
-    expected = set(adapter_state_dict(model, name))
-    if expected != set(state):
-        diff = sorted(expected ^ set(state))[:5]
-        raise ValueError(f"the checkpoint in {directory} does not fit this run's adapter (differing keys {diff}); was the recipe changed?")
-    for lname, layer in model.adapter_layers():
-        module = layer.adapters[name]
-        module.load_state_dict({k: state[f"{lname}.{k}"] for k in module.state_dict()})
-    from ..io import SAVED_PREFIX
-
-    for sname, saved in model.saved_modules():
-        clone = saved.copies[name]
-        clone.load_state_dict({k: state[f"{SAVED_PREFIX}{sname}.{k}"] for k in clone.state_dict()})
+    state = load_file(str(directory / FULL_WEIGHTS))
+    params = dict(model.named_parameters())
+    for name, value in state.items():
+        params[name].copy_(value)
 
 
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module, trainer_state: dict[str, Any], keep: int) -> Path:

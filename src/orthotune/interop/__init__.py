@@ -1,0 +1,1 @@
+"""Reading and writing other libraries' adapter formats (peft: :mod:`orthotune.interop.peft`)."""

@@ -1,0 +1,127 @@
+"""PiSSA (Meng, Wang, Zhang; 2024, arXiv:2404.02948): LoRA started on the principal singular directions.
+
+With ``W0 = U S V^T``: ``A0 = sqrt(S_r / s) V_r^T``, ``B0 = U_r sqrt(S_r / s)`` (``s`` the LoRA
+scale, so ``s B0 A0`` is the rank-r principal part of ``W0``), exactly as peft 0.21's
+``init_lora_weights="pissa"`` (full SVD) and ``"pissa_niter_K"`` (``torch.svd_lowrank``, K
+subspace iterations). The paper trains ``A, B`` on top of the residual ``W0 - s B0 A0``; here the
+base weight is never modified: ``A0, B0`` are kept as buffers and the layer computes
+
+    ``y = W0 x + s (B A - B0 A0) x = W0 x + s [B, B - B0] [A - A0; A0] x``,
+
+which is the same model (``(W0 - s B0 A0) + s B A``), is exactly the identity at step 0 (both
+differences are exact zeros), keeps ``disable_adapter`` returning the true base model and makes an
+adapter folder self-contained. The difference form is one rank-2r pass like the plain
+``[B, -B0][A; A0]``, but it never subtracts two large principal terms, so no precision is lost
+to cancellation in bf16/fp16 activations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .base import AdapterMethod, Base, cast_to
+from .lora import LoRAConfig
+
+
+@dataclass
+class PiSSAConfig(LoRAConfig):
+    """LoRA's hyperparameters (peft names) plus the SVD: ``r * (d_in + d_out)`` parameters per layer."""
+
+    method = "pissa"
+
+    svd_niter: int | None = field(
+        default=None,
+        metadata={
+            "help": "None: exact SVD of W0 (peft's init_lora_weights='pissa'). K >= 0: randomized torch.svd_lowrank "
+            "with K subspace iterations (peft's 'pissa_niter_K'), much faster on large layers."
+        },
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        if self.svd_niter is not None and (isinstance(self.svd_niter, bool) or not isinstance(self.svd_niter, int) or self.svd_niter < 0):
+            raise ValueError(f"svd_niter must be None (exact SVD) or an integer >= 0, got {self.svd_niter!r}")
+
+
+def principal_factors(weight: Tensor, r: int, scaling: float, niter: int | None = None) -> tuple[Tensor, Tensor]:
+    """``(A0, B0)`` in float32 with ``scaling * B0 @ A0`` the rank-r principal part of ``weight`` (d_out, d_in)."""
+    W = weight.float()
+    if niter is None:
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        U, S, Vh = U[:, :r], S[:r], Vh[:r]
+    else:
+        U, S, V = torch.svd_lowrank(W, q=r, niter=niter)
+        Vh = V.T
+    root = torch.sqrt(S / scaling)
+    return root[:, None] * Vh, U * root[None, :]
+
+
+class PiSSA(AdapterMethod):
+    """Additive update ``s (B A - B0 A0)`` on activations, ``A, B`` trained from ``A0, B0``."""
+
+    config_class = PiSSAConfig
+
+    def __init__(self, config: PiSSAConfig, d_in: int, d_out: int, weight: Tensor) -> None:
+        super().__init__(config, d_in, d_out, weight)
+        self.scaling = config.scaling
+        A0, B0 = principal_factors(weight, config.r, self.scaling, config.svd_niter)
+        like = self._param_like(0, weight=weight)
+        self.register_buffer("lora_A0", A0.to(like))
+        self.register_buffer("lora_B0", B0.to(like))
+        self.lora_A = nn.Parameter(torch.empty_like(self.lora_A0))
+        self.lora_B = nn.Parameter(torch.empty_like(self.lora_B0))
+        self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.reset_parameters()
+
+    @classmethod
+    def check_layer(cls, config: PiSSAConfig, d_in: int, d_out: int, name: str) -> None:
+        if config.r > min(d_in, d_out):
+            raise ValueError(
+                f"PiSSA r={config.r} exceeds min(d_in, d_out)={min(d_in, d_out)} of {name!r}: W0 has no more "
+                "singular directions; lower r"
+            )
+
+    def reset_parameters(self) -> None:
+        """``A = A0``, ``B = B0`` (the identity); a perturbed ``B`` when ``init_identity`` is False."""
+        with torch.no_grad():
+            self.lora_A.copy_(self.lora_A0)
+            self.lora_B.copy_(self.lora_B0)
+            if not self.config.init_identity:
+                self.lora_B.add_(torch.randn_like(self.lora_B), alpha=0.1)
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """``(left, right)`` with ``B A - B0 A0 = right @ left``: ``[A - A0; A0]`` and ``[B, B - B0]``."""
+        left = torch.cat([self.lora_A - self.lora_A0, self.lora_A0], dim=0)
+        right = torch.cat([self.lora_B, self.lora_B - self.lora_B0], dim=1)
+        return left, right
+
+    def delta_weight(self) -> Tensor:
+        left, right = self.factors()
+        return self.scaling * (right.float() @ left.float())
+
+    def forward(self, x: Tensor, base: Base) -> Tensor:
+        left, right = cast_to(x, *self.factors())
+        xd = self.dropout(x)
+        out = base(x) + self.scaling * ((xd @ left.T) @ right.T)
+        if self.training and isinstance(self.dropout, nn.Dropout):
+            # peft drops the input of the whole B A path, whose principal part s B0 A0 we keep in W0
+            A0, B0 = cast_to(x, self.lora_A0, self.lora_B0)
+            out = out + self.scaling * (((xd - x) @ A0.T) @ B0.T)
+        return out
+
+    def merged_weight(self, W: Tensor) -> Tensor:
+        return W + self.delta_weight().to(W.dtype)
+
+    def unmerged_weight(self, W: Tensor) -> Tensor:
+        return W - self.delta_weight().to(W.dtype)
+
+    def diagnostics(self) -> dict[str, float]:
+        """How far training moved the factors from the principal start (relative Frobenius norms)."""
+        with torch.no_grad():
+            return {
+                "A_shift": float((self.lora_A - self.lora_A0).norm() / self.lora_A0.norm().clamp_min(1e-30)),
+                "B_shift": float((self.lora_B - self.lora_B0).norm() / self.lora_B0.norm().clamp_min(1e-30)),
+            }
