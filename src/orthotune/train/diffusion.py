@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .images import IMAGE_SETS, few_shot_split, load_images
+from .images import IMAGE_SETS, few_shot_split, load_images, validation_split
 from .task import Task, batch_indices
 
 
@@ -77,7 +77,9 @@ class DiTDataSettings:
     shots: int = 100  # training images per class; the rest are held out
     split_seed: int = 0
     label_dropout: float = 0.1  # classifier-free guidance: the null label this often
-    eval_size: int | None = None  # held-out images scored (default: all)
+    val_size: int = 200  # held-out images set aside for tuning (eval_split: val)
+    eval_split: str = "test"  # "test": the held-out images not in val; "val": the tuning images
+    eval_size: int | None = None  # score only this many of the chosen split (default: all)
     eval_timesteps: int = 10  # timesteps t = T/2n, 3T/2n, ... per held-out image
     eval_batch_size: int = 500
     sample_steps: int = 50
@@ -89,6 +91,8 @@ class DiTDataSettings:
             raise ValueError(f"data.dataset must be one of {list(IMAGE_SETS)}, got {self.dataset!r}")
         if not 0 <= self.label_dropout < 1:
             raise ValueError(f"data.label_dropout must be in [0, 1), got {self.label_dropout!r}")
+        if self.eval_split not in ("val", "test"):
+            raise ValueError(f"data.eval_split must be 'val' or 'test', got {self.eval_split!r}")
 
 
 def to_signed(x: Tensor) -> Tensor:
@@ -101,7 +105,7 @@ class DiffusionTask(Task):
     name = "diffusion"
     metric = "denoising_loss"
     higher_is_better = False
-    default_targets = ["qkv", "proj", "fc1", "fc2"]
+    default_targets = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
     default_modules_to_save = ["y_embedder"]
     ModelSettings = DiTModelSettings
     DataSettings = DiTDataSettings
@@ -115,8 +119,8 @@ class DiffusionTask(Task):
         d = self.data_settings
         x, y = load_images(d.dataset, cfg["input_size"], "all" if d.dataset == "digits" else "train")
         train_idx, held_idx = few_shot_split(y, d.shots, d.split_seed)
-        if d.eval_size is not None:
-            held_idx = held_idx[torch.randperm(len(held_idx), generator=torch.Generator().manual_seed(d.split_seed))[: d.eval_size]]
+        val_idx, test_idx = validation_split(held_idx, d.val_size, d.split_seed)
+        held_idx = (val_idx if d.eval_split == "val" else test_idx)[: d.eval_size]
         self.train_x, self.train_y = to_signed(x[train_idx]), y[train_idx]
         self.eval_x, self.eval_y = to_signed(x[held_idx]), y[held_idx]
         self.num_classes = int(y.max()) + 1

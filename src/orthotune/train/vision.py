@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .images import IMAGE_SETS, few_shot_split, load_images
+from .images import IMAGE_SETS, few_shot_split, load_images, validation_split
 from .task import CosineClassifier, Task, accuracy, batch_indices
 
 
@@ -53,11 +53,15 @@ class ViTDataSettings:
     dataset: str = "digits"
     shots: int = 20  # labelled training images per class; every other image is held out
     split_seed: int = 0  # the same split for every run seed
+    val_size: int = 300  # held-out images set aside for tuning (eval_split: val)
+    eval_split: str = "test"  # "test": the held-out images not in val; "val": the tuning images
     eval_batch_size: int = 512
 
     def validate(self) -> None:
         if self.dataset not in IMAGE_SETS:
             raise ValueError(f"data.dataset must be one of {list(IMAGE_SETS)}, got {self.dataset!r}")
+        if self.eval_split not in ("val", "test"):
+            raise ValueError(f"data.eval_split must be 'val' or 'test', got {self.eval_split!r}")
 
 
 class ImageClassificationTask(Task):
@@ -65,7 +69,7 @@ class ImageClassificationTask(Task):
 
     name = "image_classification"
     metric = "accuracy"
-    default_targets = ["qkv", "proj", "fc1", "fc2"]
+    default_targets = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
     default_modules_to_save = ["head"]
     ModelSettings = ViTModelSettings
     DataSettings = ViTDataSettings
@@ -78,6 +82,8 @@ class ImageClassificationTask(Task):
         d = self.data_settings
         x, y = load_images(d.dataset, self.pretrained.config["model"]["img_size"], "all" if d.dataset == "digits" else "test")
         train_idx, held_idx = few_shot_split(y, d.shots, d.split_seed)
+        val_idx, test_idx = validation_split(held_idx, d.val_size, d.split_seed)
+        held_idx = val_idx if d.eval_split == "val" else test_idx
         self.train_x, self.train_y = normalise(x[train_idx]), y[train_idx]
         self.eval_x, self.eval_y = normalise(x[held_idx]), y[held_idx]
         self.num_labels = int(y.max()) + 1
