@@ -13,6 +13,7 @@ python3 -c "import torch, transformers, timm; print('torch', torch.__version__, 
 timeout $((deadline + 120)) python3 benchmarks/quality.py --tasks text vit dit --workers 8 --threads 2 --deadline "$deadline" \
   --out "$OUT" --tag call1 --scratch /root/bench --set "text:model.path=$PWD/minilm-banking" "$@" 2>&1 | grep -v "Loading weights" | tee "$OUT/log_call1.txt"
 wait
+cp "$OUT/quality_call1.json" /root/  # call 2 takes its learning rates from these sweeps
 for m in lora loco full; do  # sample grids of seed 0 (at most 8 files come back)
   [ -f /root/bench/dit/$m/test-0/samples.png ] && cp /root/bench/dit/$m/test-0/samples.png "$OUT/dit_samples_$m.png"
 done

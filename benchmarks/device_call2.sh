@@ -20,8 +20,9 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 export PYTHONPATH=$PWD/src:/root/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export ORTHOTUNE_CACHE=/root/ot-cache ORTHOTUNE_SMOLLM2_GGUF=/root/SmolLM2-135M-Instruct.Q4_1.gguf
 d=$PWD/lm-data
+lr=(); [ -f /root/quality_call1.json ] && lr=(--no-sweep --lr-from /root/quality_call1.json)
 timeout $((deadline + 120)) python3 benchmarks/quality.py --tasks lm --workers 8 --threads 2 --deadline "$deadline" \
   --out "$OUT" --tag call2 --scratch /root/bench --set lm:data.source=jsonl --set "lm:data.train_path=$d/train.jsonl" \
-  --set "lm:data.val_path=$d/val.jsonl" --set "lm:data.test_path=$d/test.jsonl" "$@" 2>&1 | grep -v "Loading weights" | tee "$OUT/log_call2.txt"
+  --set "lm:data.val_path=$d/val.jsonl" --set "lm:data.test_path=$d/test.jsonl" "${lr[@]}" "$@" 2>&1 | grep -v "Loading weights" | tee "$OUT/log_call2.txt"
 [ -f /root/bench/lm/lora/test-0/curves.png ] && cp /root/bench/lm/lora/test-0/curves.png "$OUT/lm_curves_lora.png"
 ls -la "$OUT"

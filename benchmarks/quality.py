@@ -242,7 +242,8 @@ def recipe_config(bench: Bench, split: dict[str, Any], method: str, kwargs: dict
     data["seed"] = seed
     data["output_dir"] = str(out_dir)
     overrides = [f"{k}={json.dumps(v)}" for k, v in {**bench.overrides, **split}.items()]
-    overrides += [f"train.lr={lr!r}", "train.save_every=0", "train.eval_every=0"] + extra
+    overrides += [f"train.lr={lr!r}", "train.save_every=0", "train.eval_every=0", f"train.eval_before={str(split is bench.test).lower()}"]
+    overrides += extra
     return apply_overrides(data, overrides)
 
 
@@ -252,6 +253,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--seeds", type=int, default=len(SEEDS))
     parser.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True, help="tune the learning rate on validation")
+    parser.add_argument("--lr-from", help="an earlier session's JSON: scale each method's base lr by what its sweeps chose there")
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     parser.add_argument("--threads", type=int, default=2, help="CPU threads per worker")
     parser.add_argument("--deadline", type=float, default=None, help="seconds from start after which no run may still be going")
@@ -280,6 +282,8 @@ def run_session(args: argparse.Namespace) -> None:
     session: dict[str, Any] = {"environment": environment(args), "tasks": {}}
     jobs: dict[str, dict[str, Any]] = {}
     budgets: dict[str, dict[str, Any]] = {}
+    multipliers = lr_multipliers(Path(args.lr_from)) if args.lr_from else {}
+    session["lr_from"] = {"file": args.lr_from, "multipliers": multipliers} if args.lr_from else None
     rank = {m: i for i, m in enumerate(args.methods)}  # the order given is the order of priority
     tasks_rank = {t: i for i, t in enumerate(args.tasks)}
     for task in args.tasks:
@@ -298,7 +302,7 @@ def run_session(args: argparse.Namespace) -> None:
         for m in args.methods:
             if "error" in budgets[task][m]:
                 continue
-            base = bench.full_lr if METHODS[m].method == "full" else METHODS[m].lr
+            base = (bench.full_lr if METHODS[m].method == "full" else METHODS[m].lr) * multipliers.get(m, 1.0)
             lrs = [base * f for f in SWEEP] if args.sweep else [base]
             for lr in lrs if args.sweep else []:
                 key = f"sweep:{task}:{m}:{lr:.3g}"
@@ -382,6 +386,19 @@ def save_session(session: dict[str, Any], jobs: dict[str, dict[str, Any]], resul
     session["complete"] = len(results) == len(jobs)
     (out / f"quality_{tag}.json").write_text(json.dumps(session, indent=1) + "\n")
     write_report(out)
+
+
+def lr_multipliers(path: Path) -> dict[str, float]:
+    """Per method, the median (over the tasks of an earlier session) of tuned lr / base lr."""
+    session = json.loads(path.read_text())
+    found: dict[str, list[float]] = {}
+    for task, t in session["tasks"].items():
+        for m, runs in t["runs"].items():
+            base = BENCHES[task].full_lr if METHODS[m].method == "full" else METHODS[m].lr
+            chosen = {r["lr"] for r in runs if "value" in r}
+            if len(chosen) == 1:
+                found.setdefault(m, []).append(chosen.pop() / base)
+    return {m: statistics.median_low(v) for m, v in found.items()}
 
 
 def task_overrides(items: list[str], task: str) -> list[str]:

@@ -134,7 +134,12 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True, stop_aft
     task, model = build(config, fresh=checkpoint is None)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_config(config, run_dir / "config.yaml")
-    selection = select(model, task, config, progress) if checkpoint is None and needs_selection(model) else None
+    selection = None
+    if checkpoint is None and needs_selection(model):
+        selection = select(model, task, config, progress)
+        (run_dir / "selection.json").write_text(json.dumps(selection, indent=1) + "\n")
+    elif checkpoint is not None and (run_dir / "selection.json").is_file():
+        selection = json.loads((run_dir / "selection.json").read_text())
     counts = parameter_counts(model)
     if progress:
         print(f"{config.task} / {config.method}: {counts['trainable']:,} trainable ({counts['adapter']:,} in adapters) "
