@@ -273,6 +273,8 @@ def main() -> None:
 
 
 def run_session(args: argparse.Namespace) -> None:
+    from orthotune.train.runconfig import load_run_config
+
     start = time.time()
     deadline = start + args.deadline if args.deadline else math.inf
     out = Path(args.out)
@@ -291,8 +293,10 @@ def run_session(args: argparse.Namespace) -> None:
         extra = task_overrides(args.set, task)
         shapes = target_shapes(bench, extra)
         budgets[task] = {m: match_budget(m, shapes) for m in args.methods}
-        session["tasks"][task] = {"recipe": bench.recipe, "layers": len(shapes), "budgets": budgets[task], "sweeps": {}, "runs": {}}
-        pretrain = bench.pretrain if not any(o.startswith("model.checkpoint=") for o in extra) else None
+        session["tasks"][task] = {"recipe": bench.recipe, "overrides": extra, "layers": len(shapes), "budgets": budgets[task],
+                                  "sweeps": {}, "runs": {}}
+        checkpoint = load_run_config(ROOT / bench.recipe, extra).model.get("checkpoint", "")
+        pretrain = checkpoint.split(":", 1)[1] if checkpoint.startswith("pretrained:") else None
         if pretrain and f"pretrain:{pretrain}" not in jobs:
             from orthotune.train.pretrain import SPECS
 
@@ -474,8 +478,10 @@ def write_report(out: Path) -> Path:
     for s in sessions:
         for task, t in s["tasks"].items():
             pct = BENCHES[task].higher_is_better
-            lines += ["", f"## {TITLES.get(task, task)}", "",
-                      f"Recipe `{t['recipe']}`; {t['layers']} adapted layers; budget = LoRA r=8 = "
+            where = s["environment"]["device"]
+            lines += ["", f"## {TITLES.get(task, task)} [{where}]", "",
+                      f"Recipe `{t['recipe']}`" + (f" with `{' '.join(t['overrides'])}`" if t.get("overrides") else "")
+                      + f"; {t['layers']} adapted layers; budget = LoRA r=8 = "
                       f"{next(iter(t['budgets'].values()))['budget']:,} adapter parameters.", "",
                       "| method | hyperparameters | adapter params (vs LoRA) | lr (tuned) | step 0 | test | train s |",
                       "|---|---|---:|---:|---:|---:|---:|"]
@@ -489,8 +495,13 @@ def write_report(out: Path) -> Path:
                 kwargs = ", ".join(f"{k}={v}" for k, v in b["kwargs"].items()) or "all weights"
                 lr = f"{ok[0]['lr']:.2g}" if ok else "-"
                 before = [r["before"][BENCHES[task].metric] for r in ok if r.get("before")]
-                errors = sorted({r["error"] for r in runs if "error" in r})
-                test = _fmt([r["value"] for r in ok], pct) + (f" ({len(runs) - len(ok)} failed: {errors[0][:80]})" if errors else "")
+                skipped = [r for r in runs if r.get("error", "").startswith("skipped")]
+                errors = sorted({r["error"] for r in runs if "error" in r and r not in skipped})
+                test = _fmt([r["value"] for r in ok], pct)
+                if skipped:
+                    test += f" ({len(skipped)} not run: out of time)"
+                if errors:
+                    test += f" ({len(runs) - len(ok) - len(skipped)} failed: {errors[0][:80]})"
                 secs = f"{statistics.mean(r['train_seconds'] for r in ok):.1f}" if ok else "-"
                 ratio = f" ({100 * params / b['budget']:.0f}%)" if METHODS[m].method != "full" else ""
                 lines.append(f"| {m} | {kwargs} | {params:,}{ratio} | {lr} | {_fmt(before, pct) if before else '-'} | {test} | {secs} |"
