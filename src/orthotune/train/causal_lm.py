@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import check_choice
 from .assets import reasoning_rows, smollm2_path
 from .task import Task, batch_indices
 
@@ -37,8 +38,7 @@ class LMModelSettings:
     max_new_tokens: int | None = None  # default: longest reference answer + 4
 
     def validate(self) -> None:
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        check_choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
 
 
 @dataclass
@@ -55,10 +55,8 @@ class LMDataSettings:
     test_path: str | None = None
 
     def validate(self) -> None:
-        if self.source not in SOURCES:
-            raise ValueError(f"data.source must be one of {list(SOURCES)}, got {self.source!r}")
-        if self.eval_split not in ("val", "test"):
-            raise ValueError(f"data.eval_split must be 'val' or 'test', got {self.eval_split!r}")
+        check_choice("data.source", self.source, SOURCES)
+        check_choice("data.eval_split", self.eval_split, ("val", "test"))
         if self.source == "jsonl" and not (self.train_path and self.val_path and self.test_path):
             raise ValueError("data.source 'jsonl' needs data.train_path, data.val_path and data.test_path")
 

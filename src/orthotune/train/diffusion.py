@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import check_choice
 from .images import IMAGE_SETS, few_shot_split, load_images, validation_split
 from .task import Task, batch_indices
 
@@ -87,12 +88,10 @@ class DiTDataSettings:
     guidance: float = 2.0
 
     def validate(self) -> None:
-        if self.dataset not in IMAGE_SETS:
-            raise ValueError(f"data.dataset must be one of {list(IMAGE_SETS)}, got {self.dataset!r}")
+        check_choice("data.dataset", self.dataset, IMAGE_SETS)
         if not 0 <= self.label_dropout < 1:
             raise ValueError(f"data.label_dropout must be in [0, 1), got {self.label_dropout!r}")
-        if self.eval_split not in ("val", "test"):
-            raise ValueError(f"data.eval_split must be 'val' or 'test', got {self.eval_split!r}")
+        check_choice("data.eval_split", self.eval_split, ("val", "test"))
 
 
 def to_signed(x: Tensor) -> Tensor:

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config import check_choice
+
 FULL = "full"  # full fine-tuning: every parameter trains, no adapter
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -72,12 +74,9 @@ class TrainSettings:
                 raise ValueError(f"train.{name} must be an integer >= 0, got {value!r}")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"train.lr must be a positive finite number, got {self.lr!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"train.optimizer={self.optimizer!r} is not supported; choose one of {list(OPTIMIZERS)}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"train.schedule={self.schedule!r} is not supported; choose one of {list(SCHEDULES)}")
-        if self.autocast not in AUTOCAST:
-            raise ValueError(f"train.autocast={self.autocast!r} is not supported; choose one of {list(AUTOCAST)}")
+        check_choice("train.optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("train.schedule", self.schedule, SCHEDULES)
+        check_choice("train.autocast", self.autocast, AUTOCAST)
         if not (isinstance(self.warmup, (int, float)) and self.warmup >= 0):
             raise ValueError(f"train.warmup must be >= 0 (a fraction < 1 or a step count), got {self.warmup!r}")
         if self.grad_clip is not None and not (self.grad_clip > 0):

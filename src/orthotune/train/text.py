@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..config import check_choice
 from .assets import INTENT_SETS, TextDataset, load_intents, minilm_path
 from .task import CosineClassifier, Task, accuracy, batch_indices
 
@@ -57,10 +58,8 @@ class TextModelSettings:
     head_init: str = "class_means"  # or "random"
 
     def validate(self) -> None:
-        if self.head_init not in ("class_means", "random"):
-            raise ValueError(f"model.head_init must be 'class_means' or 'random', got {self.head_init!r}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        check_choice("model.head_init", self.head_init, ("class_means", "random"))
+        check_choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
 
 
 @dataclass
@@ -72,10 +71,8 @@ class TextDataSettings:
     eval_batch_size: int = 128
 
     def validate(self) -> None:
-        if self.dataset not in INTENT_SETS:
-            raise ValueError(f"data.dataset={self.dataset!r} is unknown; choose one of {list(INTENT_SETS)}")
-        if self.eval_split not in ("dev", "test"):
-            raise ValueError(f"data.eval_split must be 'dev' or 'test', got {self.eval_split!r}")
+        check_choice("data.dataset", self.dataset, INTENT_SETS)
+        check_choice("data.eval_split", self.eval_split, ("dev", "test"))
 
 
 class TextClassificationTask(Task):

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..config import check_choice
 from .images import IMAGE_SETS, few_shot_split, load_images, validation_split
 from .task import CosineClassifier, Task, accuracy, batch_indices
 
@@ -44,8 +45,7 @@ class ViTModelSettings:
     head_init: str = "class_means"  # or "random"
 
     def validate(self) -> None:
-        if self.head_init not in ("class_means", "random"):
-            raise ValueError(f"model.head_init must be 'class_means' or 'random', got {self.head_init!r}")
+        check_choice("model.head_init", self.head_init, ("class_means", "random"))
 
 
 @dataclass
@@ -58,10 +58,8 @@ class ViTDataSettings:
     eval_batch_size: int = 512
 
     def validate(self) -> None:
-        if self.dataset not in IMAGE_SETS:
-            raise ValueError(f"data.dataset must be one of {list(IMAGE_SETS)}, got {self.dataset!r}")
-        if self.eval_split not in ("val", "test"):
-            raise ValueError(f"data.eval_split must be 'val' or 'test', got {self.eval_split!r}")
+        check_choice("data.dataset", self.dataset, IMAGE_SETS)
+        check_choice("data.eval_split", self.eval_split, ("val", "test"))
 
 
 class ImageClassificationTask(Task):
