@@ -25,8 +25,15 @@ from .methods.loca import LoCAConfig  # noqa: E402
 from .methods.loco import LoCOConfig, approximation_error  # noqa: E402
 from .methods.lora import LoRAConfig  # noqa: E402
 from .methods.pissa import PiSSAConfig  # noqa: E402
+from .methods.boft import BOFTConfig  # noqa: E402
+from .methods.goft import GOFTConfig  # noqa: E402
+from .methods.hra import HRAConfig, orthogonality_loss as hra_orthogonality_loss  # noqa: E402
+from .methods.loft import LOFTConfig  # noqa: E402
+from .methods.oft import OFTConfig  # noqa: E402
+from .methods.psoft import PSOFTConfig  # noqa: E402
 from .model import OrthoModel, attach_loaded, ortho_class  # noqa: E402
 from .registry import METHODS  # noqa: E402
+from .supports import select_supports  # noqa: E402
 
 
 def get_model(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> OrthoModel:
@@ -74,6 +81,14 @@ __all__ = [
     "FourierFTConfig",
     "LoCAConfig",
     "LocationLearner",
+    "BOFTConfig",
+    "GOFTConfig",
+    "HRAConfig",
+    "LOFTConfig",
+    "OFTConfig",
+    "PSOFTConfig",
+    "hra_orthogonality_loss",
+    "select_supports",
     "LoCOConfig",
     "LoRAConfig",
     "OrthoModel",

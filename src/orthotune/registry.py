@@ -10,6 +10,12 @@ from .config import AdapterConfig
 from .methods.base import AdapterMethod
 from .methods.fourierft import FourierFT, FourierFTConfig
 from .methods.loca import LoCA, LoCAConfig
+from .methods.boft import BOFT, BOFTConfig
+from .methods.goft import GOFT, GOFTConfig
+from .methods.hra import HRA, HRAConfig
+from .methods.loft import LOFT, LOFTConfig
+from .methods.oft import OFT, OFTConfig
+from .methods.psoft import PSOFT, PSOFTConfig
 from .methods.lora import LoRA, LoRAConfig
 from .methods.loco import LoCO, LoCOConfig
 from .methods.pissa import PiSSA, PiSSAConfig
@@ -20,6 +26,12 @@ METHODS: dict[str, tuple[type[AdapterConfig], type[AdapterMethod]]] = {
     "pissa": (PiSSAConfig, PiSSA),
     "loca": (LoCAConfig, LoCA),
     "fourierft": (FourierFTConfig, FourierFT),
+    "loft": (LOFTConfig, LOFT),
+    "oft": (OFTConfig, OFT),
+    "boft": (BOFTConfig, BOFT),
+    "hra": (HRAConfig, HRA),
+    "psoft": (PSOFTConfig, PSOFT),
+    "goft": (GOFTConfig, GOFT),
 }
 
 

@@ -1,0 +1,134 @@
+"""PSOFT (principal-subspace orthogonal fine-tuning; peft 0.21's ``PsoftConfig``) as a LOFT preset:
+the principal support ``P = V_r`` (top right singular vectors of ``W0``) and an r x r Cayley
+transform, optionally with peft's magnitude vectors ``T = diag(b) cayley(Q) diag(a)``.
+
+peft writes the update as ``B (T - I) A`` with ``A = V_r^T``, ``B = U_r S_r``: since
+``W0 V_r = U_r S_r`` that is ``W0 P (T - I) P^T``, LOFT's rotation on the principal support, and
+``psoft_alpha`` cancels out of it. Magnitudes (peft's default) or ``psoft_orth=False`` make ``T``
+non-orthogonal; unmerging then inverts ``T`` (r x r). Only the PSOFT init (``ab_svd_init=
+"psoft_init"``) is a rotation of ``W0``; peft's ``"pissa_init"`` variant is not carried.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..config import AdapterConfig, check_choice, check_positive_int
+from ..ops import cayley
+from ..supports import DenseSupport, principal_basis
+from ..transforms import Mode, Transform, register_triu_indices, zero_or_normal, core_dtype
+from .loft import LOFT
+
+
+@dataclass
+class PSOFTConfig(AdapterConfig):
+    """PSOFT, named as in peft: ``r(r-1)/2`` (+ ``r`` per magnitude vector; ``r^2`` without psoft_orth)."""
+
+    method = "psoft"
+
+    r: int = field(default=32, metadata={"help": "Rank: the principal subspace's dimension, T is r x r."})
+    psoft_orth: bool = field(default=True, metadata={"help": "Cayley-parameterised orthogonal T; False: a free r x r matrix."})
+    psoft_mag_a: bool = field(default=True, metadata={"help": "Learn a scale vector on T's input side."})
+    psoft_mag_b: bool = field(default=True, metadata={"help": "Learn a scale vector on T's output side."})
+    use_cayley_neumann: bool = field(default=False, metadata={"help": "Neumann series instead of the exact inverse."})
+    num_cayley_neumann_terms: int = field(default=5, metadata={"help": "Terms of the Neumann series."})
+    cayley_neumann_eps: float | None = field(
+        default=None, metadata={"help": "With Neumann: rescale Q to this Frobenius norm when it exceeds it."}
+    )
+    psoft_svd: str = field(default="full", metadata={"help": "'full' (torch.linalg.svd) or 'lowrank' (seeded svd_lowrank)."})
+    psoft_svd_lowrank_niter: int = field(default=10, metadata={"help": "Power iterations of the 'lowrank' SVD."})
+    random_seed: int = field(default=0, metadata={"help": "Seed of the 'lowrank' SVD's random projection."})
+    psoft_dropout: float = field(default=0.0, metadata={"help": "Dropout on the input of the update path."})
+
+    def validate(self) -> None:
+        check_positive_int("r", self.r)
+        check_positive_int("num_cayley_neumann_terms", self.num_cayley_neumann_terms)
+        check_positive_int("psoft_svd_lowrank_niter", self.psoft_svd_lowrank_niter)
+        check_choice("psoft_svd", self.psoft_svd, ("full", "lowrank"))
+        if not 0.0 <= self.psoft_dropout < 1.0:
+            raise ValueError(f"psoft_dropout must be in [0, 1), got {self.psoft_dropout!r}")
+        if self.cayley_neumann_eps is not None and not self.cayley_neumann_eps > 0:
+            raise ValueError(f"cayley_neumann_eps must be positive or None, got {self.cayley_neumann_eps!r}")
+
+
+class PSOFTTransform(Transform):
+    """``T = diag(b) C diag(a)``, ``C`` Cayley (exact or Neumann) of an r x r skew ``Q``, or free."""
+
+    def __init__(self, config: PSOFTConfig, like: Tensor) -> None:
+        super().__init__(config.r)
+        self.config = config
+        r = config.r
+        self.exact = config.psoft_orth and not config.use_cayley_neumann and not (config.psoft_mag_a or config.psoft_mag_b)
+        if config.psoft_orth:
+            self.weight = nn.Parameter(like.new_empty(r * (r - 1) // 2))
+            register_triu_indices(self, r, like.device)
+        else:
+            self.weight = nn.Parameter(like.new_empty(r, r))
+        self.vector_a = nn.Parameter(like.new_empty(r)) if config.psoft_mag_a else None
+        self.vector_b = nn.Parameter(like.new_empty(r)) if config.psoft_mag_b else None
+
+    def reset(self, identity: bool) -> None:
+        if self.config.psoft_orth:  # peft's init: zero generator (or I), unit magnitudes
+            zero_or_normal(self.weight, identity)
+        with torch.no_grad():
+            if not self.config.psoft_orth:
+                nn.init.eye_(self.weight)
+                if not identity:
+                    self.weight.add_(0.1 * torch.randn_like(self.weight))
+            for v in (self.vector_a, self.vector_b):
+                if v is not None:
+                    v.fill_(1.0)
+
+    def matrix(self) -> Tensor:
+        W = core_dtype(self.weight)
+        c = self.config
+        if not c.psoft_orth:
+            T = W
+        else:
+            Q = cayley.skew_from_triu(W, self.rows, self.cols, c.r)
+            if not c.use_cayley_neumann:
+                T = cayley.cayley(Q)
+            else:
+                if c.cayley_neumann_eps is not None:
+                    norm = torch.linalg.matrix_norm(Q)
+                    if torch.isfinite(norm) and norm > c.cayley_neumann_eps:
+                        Q = Q * (c.cayley_neumann_eps / (norm + 1e-12))
+                T = cayley.cayley_neumann(Q, c.num_cayley_neumann_terms)
+        if self.vector_b is not None:
+            T = core_dtype(self.vector_b)[:, None] * T
+        if self.vector_a is not None:
+            T = T * core_dtype(self.vector_a)[None, :]
+        return T
+
+    def rotate(self, z: Tensor, mode: Mode) -> Tensor:
+        T = self.matrix()
+        if mode == "unmerge":
+            return z @ torch.linalg.inv(T.double()).to(z.dtype)
+        return z @ (T if mode == "merge" else T.mT).to(z.dtype)
+
+
+class PSOFT(LOFT):
+    """A rotation (with magnitudes, a general invertible map) inside W0's principal subspace."""
+
+    config_class = PSOFTConfig
+
+    def __init__(self, config: PSOFTConfig, d_in: int, d_out: int, weight: Tensor) -> None:
+        super().__init__(config, d_in, d_out, weight)
+        if config.psoft_dropout > 0:
+            self.path_dropout = nn.Dropout(config.psoft_dropout)
+
+    @staticmethod
+    def build(config: PSOFTConfig, d_in: int, d_out: int, weight: Tensor, like: Tensor) -> tuple[DenseSupport, Transform]:
+        P = principal_basis(weight, config.r, config.psoft_svd, config.psoft_svd_lowrank_niter, config.random_seed)
+        return DenseSupport(P.to(like)), PSOFTTransform(config, like)
+
+    @classmethod
+    def check_layer(cls, config: PSOFTConfig, d_in: int, d_out: int, name: str) -> None:
+        if config.r > min(d_in, d_out):
+            raise ValueError(
+                f"PSOFT r={config.r} exceeds min(d_in, d_out)={min(d_in, d_out)} of {name!r}: W0 has only that many "
+                f"principal directions; use r <= {min(d_in, d_out)}"
+            )

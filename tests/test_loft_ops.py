@@ -1,0 +1,137 @@
+"""LOFT's tensor math against float64 dense references and peft 0.21's own helpers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from orthotune.ops import butterfly, cayley, givens, householder
+
+f64 = torch.float64
+
+
+def skew_batch(n: int, b: int, scale: float) -> torch.Tensor:
+    X = torch.randn(n, b, b, dtype=f64) * scale
+    return X - X.transpose(-1, -2)
+
+
+def test_cayley_is_exact_and_orthogonal() -> None:
+    Q = skew_batch(3, 5, 0.7)
+    eye = torch.eye(5, dtype=f64)
+    R = cayley.cayley(Q)
+    assert torch.allclose(R, (eye + Q) @ torch.linalg.inv(eye - Q), atol=1e-12)
+    assert (R.transpose(-1, -2) @ R - eye).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("terms", [1, 2, 3, 4, 5, 7])
+def test_cayley_neumann_is_peft_series_and_approximates_cayley(terms: int) -> None:
+    from peft.tuners.oft.layer import OFTRotationModule
+
+    b = 6
+    module = OFTRotationModule(2, b * (b - 1) // 2, b, 2 * b)
+    vec = torch.randn(2, b * (b - 1) // 2) * 0.05
+    rows, cols = torch.triu_indices(b, b, 1)
+    Q = cayley.skew_from_triu(vec, rows, cols, b)
+    assert torch.equal(Q, module._pytorch_skew_symmetric(vec, b))
+    assert torch.allclose(cayley.cayley_neumann(Q, terms), module._cayley_batch(vec, b, True, terms), atol=1e-7)
+    # peft's exact branch is (I - Q)(I + Q)^{-1}: the transpose of orthotune's cayley(Q)
+    assert torch.allclose(cayley.cayley(Q), module._cayley_batch(vec, b, False).transpose(-1, -2), atol=1e-6)
+    if terms >= 4:  # the series approximates orthotune's exact rotation, not its transpose
+        gap = (cayley.cayley_neumann(Q.double(), terms) - cayley.cayley(Q.double())).abs().max()
+        assert gap < 20 * float(torch.linalg.matrix_norm(Q, ord=2).max()) ** (terms - 1)
+
+
+def test_apply_blocks_equals_dense_block_diagonal() -> None:
+    blocks = torch.randn(4, 3, 3, dtype=f64)
+    z = torch.randn(5, 2, 12, dtype=f64)
+    dense = torch.block_diag(*blocks)
+    assert torch.allclose(cayley.apply_blocks(z, blocks), z @ dense.T)
+    assert torch.allclose(cayley.apply_blocks(z, blocks, transpose=True), z @ dense)
+    shared = cayley.apply_blocks(z, blocks[:1])
+    assert torch.allclose(shared, z @ torch.block_diag(*[blocks[0]] * 4).T)
+
+
+def test_drop_blocks_replaces_a_share_of_one_factor() -> None:
+    torch.manual_seed(0)
+    blocks = torch.randn(3, 8, 2, 2)
+    dropped = cayley.drop_blocks(blocks, 0.5)
+    is_eye = (dropped == torch.eye(2)).all(-1).all(-1)
+    changed = ~(dropped == blocks).all(-1).all(-1)
+    assert int(is_eye.sum()) == 4 and torch.equal(is_eye, changed)
+    assert int(changed.any(-1).sum()) == 1  # one factor only
+    assert torch.equal(cayley.drop_blocks(blocks, 0.1), blocks)  # int(0.1 * 8) = 0 blocks
+
+
+@pytest.mark.parametrize("n,block_num,half", [(16, 8, 1), (16, 4, 1), (24, 6, 2), (32, 4, 2), (48, 12, 1), (64, 2, 8)])
+def test_butterfly_permutation_is_peft_s(n: int, block_num: int, half: int) -> None:
+    from peft.tuners.boft.layer import BOFTLayer
+
+    expected = BOFTLayer.block_butterfly_perm(None, n, block_num, half, n_butterfly_factor=1)
+    assert torch.equal(butterfly.butterfly_permutation(n, block_num, half), expected)
+
+
+@pytest.mark.parametrize("dim,b,m", [(16, 2, 3), (24, 3, 1), (24, 2, 2), (32, 4, 3)])
+def test_butterfly_apply_equals_dense_product(dim: int, b: int, m: int) -> None:
+    perms = butterfly.butterfly_permutations(dim, b, m)
+    blocks = cayley.cayley(skew_batch(m * (dim // b), b, 0.5)).reshape(m, dim // b, b, b)
+    R = torch.eye(dim, dtype=f64)
+    for i in range(m):  # R = F_0 F_1 ... F_{m-1}, F_i = P_i D_i P_i^T with P_i[j, perm[j]] = 1
+        P = torch.zeros(dim, dim, dtype=f64)
+        P[torch.arange(dim), perms[i]] = 1.0
+        R = R @ (P @ torch.block_diag(*blocks[i]) @ P.T)
+    z = torch.randn(3, dim, dtype=f64)
+    inv = torch.argsort(perms, -1)
+    assert torch.allclose(butterfly.apply_rows(z, blocks, perms, inv), z @ R.T, atol=1e-12)
+    assert torch.allclose(butterfly.apply_rows(z, blocks, perms, inv, transpose=True), z @ R, atol=1e-12)
+    assert (R.T @ R - torch.eye(dim, dtype=f64)).abs().max() < 1e-12
+
+
+def givens_dense(theta: torch.Tensor, dim: int) -> torch.Tensor:
+    """``G_{L-1} ... G_0`` built rotation by rotation: layer l rotates (i, i + 2^l), i = 0, 2^(l+1), ..."""
+    T = torch.eye(dim, dtype=f64)
+    k = 0
+    for l in range(math.ceil(math.log2(dim))):
+        G = torch.eye(dim, dtype=f64)
+        for a in range(0, dim - 2**l, 2 ** (l + 1)):
+            b = a + 2**l
+            c, s = torch.cos(theta[k]), torch.sin(theta[k])
+            G[a, a], G[a, b], G[b, a], G[b, b] = c, -s, s, c
+            k += 1
+        T = G @ T
+    assert k == dim - 1
+    return T
+
+
+@pytest.mark.parametrize("dim", [2, 5, 8, 13, 36])
+def test_givens_equals_dense_product(dim: int) -> None:
+    theta = torch.randn(dim - 1, dtype=f64)
+    partner, index, sign = givens.tree_layout(dim)
+    assert partner.shape[0] == math.ceil(math.log2(dim))  # log-depth: every layer is parallel
+    C, S = givens.coefficients(theta, index, sign)
+    T = givens_dense(theta, dim)
+    z = torch.randn(4, dim, dtype=f64)
+    assert torch.allclose(givens.apply_rows(z, C, S, partner), z @ T.T, atol=1e-12)
+    assert torch.allclose(givens.apply_rows(z, C, S, partner, transpose=True), z @ T, atol=1e-12)
+
+
+def test_reflection_core_is_the_householder_product() -> None:
+    u = torch.randn(20, 5, dtype=f64)
+    eye = torch.eye(20, dtype=f64)
+    H = eye.clone()
+    for i in range(5):
+        H = H @ (eye - 2 * torch.outer(u[:, i], u[:, i]) / u[:, i].dot(u[:, i]))
+    U, M, V = householder.reflection_core(u)
+    assert torch.allclose(eye + U @ M @ V.T, H, atol=1e-12)
+    Q, M, _ = householder.gram_schmidt_core(u)
+    assert torch.allclose(eye + Q @ M @ Q.T, eye - 2 * Q @ Q.T) and torch.allclose(Q.T @ Q, torch.eye(5, dtype=f64))
+
+
+def test_orthogonality_penalty() -> None:
+    u = torch.randn(10, 3, dtype=f64)
+    unit = u / u.norm(dim=0)
+    expected = ((unit.T @ unit - torch.eye(3, dtype=f64)) ** 2).sum()
+    assert torch.allclose(householder.orthogonality_penalty(u), expected)
+    orthogonal = torch.linalg.qr(u).Q * torch.tensor([2.0, 3.0, 0.5], dtype=f64)
+    assert householder.orthogonality_penalty(orthogonal) < 1e-24
