@@ -80,6 +80,7 @@ class Method:
     candidates: Callable[[int, int], list[dict[str, Any]]]  # (LoRA budget, number of layers) -> kwargs list
     lr: float
     note: str = ""
+    monotone: bool = True  # candidates come in increasing parameter count: the search stops past the budget
 
 
 def _per_layer(budget: int, layers: int) -> int:
@@ -100,7 +101,7 @@ METHODS: dict[str, Method] = {  # in order of priority when a deadline cuts the 
     "oft": Method("oft", lambda b, n: [dict(r=0, oft_block_size=s) for s in (2, 4, 8, 16, 32, 64, 128, 192, 256)], 2e-3,
                   "block-diagonal Cayley"),
     "boft": Method("boft", lambda b, n: [dict(boft_block_size=s, boft_n_butterfly_factor=m) for s in (2, 4, 8, 16, 32, 64)
-                                         for m in (1, 2, 3, 4, 5)], 2e-3, "butterfly factors"),
+                                         for m in (1, 2, 3, 4, 5)], 2e-3, "butterfly factors", monotone=False),
     "hra": Method("hra", lambda b, n: [dict(r=r) for r in range(2, 129, 2)], 2e-3, "Householder reflections"),
     "psoft": Method("psoft", lambda b, n: [dict(r=r) for r in range(4, 401, 2)], 2e-3, "principal subspace (PSOFT)"),
     "pissa": Method("pissa", lambda b, n: [dict(r=8, lora_alpha=16)], 5e-4, "principal singular init"),
@@ -194,8 +195,16 @@ def match_budget(name: str, shapes: list[tuple[int, int]]) -> dict[str, Any]:
         return {"kwargs": {}, "params": None, "budget": budget}
     if m.method not in REGISTRY:
         return {"error": f"method {m.method!r} is not registered in this build", "budget": budget}
+    candidates = m.candidates(budget, len(shapes))
+    if m.monotone:  # bisect for the first candidate at or over the budget (a rejected one counts as over)
+        lo, hi = 0, len(candidates)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            n = count(m.method, candidates[mid], shapes)
+            lo, hi = (mid + 1, hi) if n is not None and n < budget else (lo, mid)
+        candidates = candidates[max(0, lo - 1) : lo + 1]
     best = None
-    for kwargs in m.candidates(budget, len(shapes)):
+    for kwargs in candidates:
         n = count(m.method, kwargs, shapes)
         if n is not None and (best is None or abs(n - budget) < abs(best[1] - budget)):
             best = (kwargs, n)

@@ -20,10 +20,11 @@ _spec.loader.exec_module(quality)
 
 SHAPES = [(16, 24), (24, 24), (24, 12)]  # (d_in, d_out) of the test MLP's lin0, lin1, lin2
 CASES = [("lora", {"r": 3}), ("pissa", {"r": 2}), ("loco", {"rank": 2, "chain_length": 2}), ("loca", {"n_frequency": 40}),
-         ("fourierft", {"n_frequency": 30})]
+         ("fourierft", {"n_frequency": 30}), ("oft", {"r": 0, "oft_block_size": 4}), ("boft", {"boft_block_size": 4,
+         "boft_n_butterfly_factor": 2}), ("hra", {"r": 4}), ("psoft", {"r": 6}), ("loft", {"support": "gradient", "r": 6})]
 
 
-@pytest.mark.parametrize("method, kwargs", [c for c in CASES if c[0] in REGISTRY], ids=lambda v: str(v))
+@pytest.mark.parametrize("method, kwargs", CASES, ids=[c[0] for c in CASES])
 def test_count_equals_the_wrapped_models_count(method, kwargs) -> None:
     config = REGISTRY[method][0](target_modules=["lin0", "lin1", "lin2"], **kwargs)
     counts = orthotune.get_model(MLP(), config).trainable_parameters()
@@ -38,6 +39,9 @@ def test_budget_matches_lora_r8_on_minilm() -> None:
     assert loco["budget"] == budget and loco["params"] == budget  # 2 k r d = 2 * 2 * 4 * 384 per layer
     assert loco["kwargs"] == {"rank": 4, "chain_length": 2, "mode": "exact"}
     assert quality.match_budget("loca", shapes)["params"] == budget
+    for name in quality.METHODS:  # every row of the table has a matched configuration on MiniLM
+        match = quality.match_budget(name, shapes)
+        assert "error" not in match and (name == "full" or abs(match["params"] / budget - 1) < 0.1), (name, match)
     assert quality.count("lora", {"r": 300}, [(16, 24)]) is None  # a layer rejects it: never a candidate
 
 

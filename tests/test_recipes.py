@@ -83,18 +83,29 @@ def test_text_recipe_learns_and_writes_its_outputs(tmp_path) -> None:
     assert json.loads((run_dir / "results.json").read_text())["final"] == results["final"]
 
 
-def test_resume_is_bit_identical(tmp_path) -> None:
-    # LoCA with dropout: the global RNG must be restored, and the run is interrupted inside a location
-    # phase (steps 1-2 and 4-5 of the 3-step cycle), so the learner's positions and Adam state must be too
-    adapter = {"n_frequency": 64, "dropout": 0.2, "coefficient_steps": 1, "location_steps": 2, "location_learning_steps": 5,
-               "location_lr": 0.05}
-    straight = finetune(text_config(tmp_path, "straight", method="loca", adapter=adapter), progress=False)
-    config = text_config(tmp_path, "resumed", method="loca", adapter=adapter, **{"train.save_every": 2})
+@pytest.mark.parametrize(
+    "method, adapter",
+    [
+        # LoCA with dropout: the global RNG must be restored, and the run is interrupted inside a location
+        # phase (steps 1-2 and 4-5 of the 3-step cycle), so the learner's positions and Adam state must be too
+        ("loca", {"n_frequency": 64, "dropout": 0.2, "coefficient_steps": 1, "location_steps": 2, "location_learning_steps": 5,
+                  "location_lr": 0.05}),
+        # LOFT with gradient-informed supports: chosen from data before step 0, restored (not re-chosen) on resume
+        ("loft", {"support": "gradient", "transform": "cayley", "r": 8}),
+    ],
+    ids=["loca", "loft-gradient"],
+)
+def test_resume_is_bit_identical(tmp_path, method, adapter) -> None:
+    straight = finetune(text_config(tmp_path, "straight", method=method, adapter=adapter), progress=False)
+    config = text_config(tmp_path, "resumed", method=method, adapter=adapter, **{"train.save_every": 2})
     partial = finetune(config, progress=False, stop_after=4)
     assert partial["interrupted"] and partial["steps"] == 4
     state = torch.load(Path(config.output_dir) / "checkpoints" / "step-000004" / "trainer_state.pt", weights_only=False)
     assert (state["epoch"], state["batch_index"]) == (0, 4)  # 48 examples / 8 per batch: 6 batches an epoch
-    assert state["learner"]["positions"]  # saved mid location phase
+    if method == "loca":
+        assert state["learner"]["positions"]  # saved mid location phase
+    else:
+        assert len(straight["selection"]) == 12 and all(0 < v["captured_fraction"] <= 1 for v in straight["selection"].values())
     assert sorted(p.name for p in (Path(config.output_dir) / "checkpoints").glob("step-*")) == ["step-000002", "step-000004"]
     resumed = finetune(config, resume=True, progress=False)
     assert resumed["history"]["train"] == straight["history"]["train"]  # every loss and lr, bit for bit
@@ -102,6 +113,7 @@ def test_resume_is_bit_identical(tmp_path) -> None:
     b = load_file(str(Path(config.output_dir) / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # coefficients, cells and head
     assert resumed["final"] == straight["final"]
+    assert resumed["selection"] == straight["selection"]
 
 
 def test_loca_locations_move_in_the_loop(tmp_path) -> None:
