@@ -1,4 +1,7 @@
-"""End to end on real weights and real data: all-MiniLM-L6-v2 fine-tuned with LoCO on BANKING77."""
+"""End to end on real weights and real data: all-MiniLM-L6-v2 fine-tuned with LoCO on BANKING77.
+
+(The recipe's training loop itself is tested in tests/test_recipes.py.)
+"""
 
 from __future__ import annotations
 
@@ -7,9 +10,8 @@ import json
 import pytest
 import torch
 
-import orthotune
 from orthotune.train.assets import load_intents, minilm_path
-from orthotune.train.text import SentenceClassifier, batches, train
+from orthotune.train.text import batches
 
 transformers = pytest.importorskip("transformers")
 
@@ -17,20 +19,6 @@ transformers = pytest.importorskip("transformers")
 @pytest.fixture(scope="module")
 def tokenizer():
     return transformers.AutoTokenizer.from_pretrained(minilm_path())
-
-
-def test_short_finetune_lowers_the_loss(tokenizer) -> None:
-    torch.manual_seed(0)
-    data = load_intents("banking", "train").subset(320, seed=0)
-    model = SentenceClassifier(transformers.AutoModel.from_pretrained(minilm_path()), len(data.label_names))
-    model = orthotune.get_model(model, orthotune.LoCOConfig(target_modules=["query", "value"], rank=2, chain_length=2, modules_to_save=["head"]))
-    losses = train(model, data, tokenizer, epochs=2, batch_size=32, lr=1e-2, seed=0)
-    assert len(losses) == 20
-    first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
-    assert last < first - 0.25, (first, last)  # 77 classes from a random head: 4.33 -> 3.81 here
-    # the frozen encoder really was adapted: its LoCO rotations moved away from the identity
-    moved = [float((l.adapters["default"].rotation() - torch.eye(l.d_in)).norm()) for _, l in model.adapter_layers()]
-    assert min(moved) > 1e-3
 
 
 def test_demo_command_end_to_end(tmp_path, capsys) -> None:
@@ -49,5 +37,5 @@ def test_demo_command_end_to_end(tmp_path, capsys) -> None:
 
 def test_length_sorted_batches_cover_every_example(tokenizer) -> None:
     data = load_intents("banking", "dev").subset(50)
-    seen = torch.cat([b["labels"] for b in batches(data, tokenizer, 16, shuffle=False)])
+    seen = torch.cat([b["labels"] for b in batches(data, tokenizer, 16)])
     assert sorted(seen.tolist()) == sorted(data.labels)

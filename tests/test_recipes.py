@@ -71,9 +71,16 @@ def test_text_recipe_learns_and_writes_its_outputs(tmp_path) -> None:
     config = text_config(tmp_path, "loco", method="loco", adapter={"rank": 2, "chain_length": 2},
                          **{"model.head_init": "random", "data.train_size": 160, "data.eval_size": 100, "train.steps": 12,
                             "train.batch_size": 16, "train.lr": 3e-2, "train.eval_before": True, "train.eval_every": 6})
-    results = finetune(config, progress=False)
+    outcome = run(config, progress=False)
+    results = outcome.results
     before, after = results["before"]["accuracy"], results["final"]["accuracy"]
     assert after >= before + 0.1, (before, after)
+    losses = [loss for _, loss, _ in results["history"]["train"]]
+    assert sum(losses[-3:]) < sum(losses[:3]) - 0.75, losses
+    # the frozen encoder really was adapted: its LoCO rotations moved away from the identity
+    with torch.no_grad():
+        moved = [float((layer.adapters["default"].rotation() - torch.eye(384)).norm()) for _, layer in outcome.model.adapter_layers()]
+    assert min(moved) > 1e-3
     assert [s for s, _ in results["history"]["eval"]] == [0, 6, 12]
     assert results["parameters"]["adapter"] == 12 * 2 * 2 * 2 * 384  # 2 k r d per layer, 12 layers
     run_dir = Path(config.output_dir)
