@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import check_choice
+from ..config import AdapterConfig, check_choice
 
 FULL = "full"  # full fine-tuning: every parameter trains, no adapter
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -150,7 +150,7 @@ class RunConfig:
         elif self.adapter:
             raise ValueError("method 'full' trains every parameter and takes no adapter settings; remove 'adapter'")
 
-    def adapter_config(self):  # -> orthotune.AdapterConfig
+    def adapter_config(self) -> AdapterConfig:
         """The method's config from ``adapter`` (task defaults fill target_modules / modules_to_save)."""
         from ..registry import METHODS
         from .tasks import TASKS
