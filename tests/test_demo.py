@@ -24,12 +24,12 @@ def tokenizer():
 def test_demo_command_end_to_end(tmp_path, capsys) -> None:
     from orthotune.cli import main
 
-    # a quarter of the data (the full demo gains ~6 points: 0.849 -> 0.913 on all 3,080 test examples)
-    main(["demo", "--out", str(tmp_path), "--train-size", "2500", "--test-size", "600", "--min-gain", "0.01"])
+    # a sixth of the data gains 3.3-3.8 points (seeds 0-2; the full demo gains ~6: 0.849 -> 0.913 on all 3,080 test examples)
+    main(["demo", "--out", str(tmp_path), "--train-size", "1600", "--test-size", "400", "--min-gain", "0.02"])
     out = capsys.readouterr().out
     assert "accuracy before fine-tuning" in out and "FAILED" not in out
     result = json.loads((tmp_path / "results.json").read_text())
-    assert result["accuracy_after"] >= result["accuracy_before"] + 0.01
+    assert result["accuracy_after"] >= result["accuracy_before"] + 0.02
     assert result["reload_max_abs_diff"] == 0.0 and result["merge_max_rel_diff"] < 1e-5
     assert 0 <= result["approx_error_max"] <= result["approx_bound_max"]
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()

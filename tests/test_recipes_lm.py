@@ -8,6 +8,7 @@ model's logits.
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import pytest
 import torch
@@ -40,6 +41,9 @@ def test_lm_recipe_lowers_the_answer_loss_and_merges(tmp_path) -> None:
     before, after = results["before"], results["final"]
     assert after["answer_nll"] < 0.7 * before["answer_nll"], (before, after)
     assert 0.0 <= after["exact_match"] <= 1.0
+    replies = [json.loads(line) for line in (tmp_path / "run" / "replies.jsonl").read_text().splitlines()]
+    assert len(replies) == 6 and all(set(r) == {"question", "answer", "reply", "exact"} for r in replies)
+    assert sum(r["exact"] for r in replies) / 6 == after["exact_match"]  # the file shows what exact match scored
 
     task, adapted = load_trained(cfg, tmp_path / "run" / "adapter")
     batch = task.collate(task.eval_encoded[:4])

@@ -189,6 +189,18 @@ class CausalLMTask(Task):
             out += self.tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
         return out
 
+    def artifacts(self, model: nn.Module, out_dir: Path) -> list[str]:
+        """``replies.jsonl``: the greedy replies to the first 32 held-out questions, to read what exact match scored."""
+        n = min(32, len(self.eval_rows))
+        was_training = model.training
+        model.eval()
+        replies = self.generate(model, [p for p, _ in self.eval_encoded[:n]])
+        model.train(was_training)
+        path = out_dir / "replies.jsonl"
+        path.write_text("".join(json.dumps({**row, "reply": reply, "exact": normalise_answer(reply) == normalise_answer(row["answer"])}) + "\n"
+                                for row, reply in zip(self.eval_rows, replies)))
+        return [str(path)]
+
     def save_merged(self, model: nn.Module, directory: Path) -> None:
         """A plain transformers folder: ``AutoModelForCausalLM.from_pretrained`` loads it."""
         model.save_pretrained(directory)
