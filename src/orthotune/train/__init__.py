@@ -1,1 +1,1 @@
-"""Training recipes: real models and data loaded offline, training loops, evaluation."""
+"""Training recipes: real models and data loaded offline, one training loop, evaluation, plots."""

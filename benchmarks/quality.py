@@ -1,0 +1,534 @@
+"""The evaluation table: every method at a matched trainable-parameter budget, on the four recipes.
+
+For each task (a recipe under ``recipes/``) and method:
+
+1. **Budget.** The method's hyperparameters are the candidate whose adapter parameter count on the
+   task's target layers is closest to LoRA r=8's (counted exactly by building the method's modules
+   on the layer shapes).
+2. **Learning rate** (``--sweep``). Three learning rates, the method's base rate x {1/3, 1, 3},
+   seed 0, scored on the task's *validation* split; the best one is kept.
+3. **Table.** Seeds 0, 1, 2 at that rate, scored on the *test* split: mean, std, step-0 baseline,
+   exact trainable parameters, training time.
+
+Runs go to a pool of worker processes (one GPU shared by several runs: small models leave it
+mostly idle), highest priority first: pretraining the ViT/DiT backbones, then ready table runs
+(seed by seed), then sweep runs. With ``--deadline`` no run starts that would not finish in
+time, so an incomplete table shows fewer seeds instead of nothing.
+
+    python benchmarks/quality.py --tasks text vit dit --workers 8 --deadline 300 --out benchmarks/results
+    python benchmarks/quality.py --report benchmarks/results      # quality.md from the JSON files
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import dataclasses
+import datetime
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+SEEDS = (0, 1, 2)
+SWEEP = (1 / 3, 1.0, 3.0)
+
+
+@dataclass
+class Bench:
+    """One task of the table: its recipe, the benchmark's overrides, and the split keys."""
+
+    recipe: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    val: dict[str, Any] = field(default_factory=dict)
+    test: dict[str, Any] = field(default_factory=dict)
+    full_lr: float = 1e-4  # base learning rate of full fine-tuning
+    pretrain: str | None = None  # backbone spec the task needs first
+    metric: str = "accuracy"
+    higher_is_better: bool = True
+    secondary: str | None = None  # another final metric the table shows (lower is better)
+
+
+BENCHES: dict[str, Bench] = {
+    "text": Bench("recipes/text_banking77.yaml",
+                  {"data.train_size": None, "data.eval_size": None, "train.steps": None, "train.epochs": 1},
+                  val={"data.eval_split": "dev"}, test={"data.eval_split": "test"}, full_lr=1e-4),
+    "lm": Bench("recipes/lm_arithmetic.yaml", {}, val={"data.eval_split": "val"}, test={"data.eval_split": "test"}, full_lr=3e-5,
+                metric="exact_match", secondary="answer_nll"),
+    "vit": Bench("recipes/vit_digits.yaml", {}, val={"data.eval_split": "val"}, test={"data.eval_split": "test"},
+                 full_lr=3e-4, pretrain="vit-fmnist"),
+    "dit": Bench("recipes/dit_digits.yaml", {}, val={"data.eval_split": "val"}, test={"data.eval_split": "test"},
+                 full_lr=3e-4, pretrain="dit-fmnist", metric="denoising_loss", higher_is_better=False),
+}
+
+
+@dataclass
+class Method:
+    """A table row: a registered method, its candidate hyperparameters and its base learning rate."""
+
+    method: str  # name in orthotune.METHODS, or "full"
+    candidates: Callable[[int, int], list[dict[str, Any]]]  # (LoRA budget, number of layers) -> kwargs list
+    lr: float
+    note: str = ""
+    monotone: bool = True  # candidates come in increasing parameter count: the search stops past the budget
+
+
+def _per_layer(budget: int, layers: int) -> int:
+    return max(1, round(budget / layers))
+
+
+# Base learning rates: the centre of the sweep. LoRA's and LoCO's were moved up 3x after the first GPU
+# session, whose sweeps chose the top of their grid on every task (benchmarks/results/quality_call1.json).
+METHODS: dict[str, Method] = {  # in order of priority when a deadline cuts the session short
+    "lora": Method("lora", lambda b, n: [dict(r=8, lora_alpha=16)], 6e-3, "r=8 (the budget)"),
+    "loco": Method("loco", lambda b, n: [dict(rank=r, chain_length=k, mode="exact") for k in (2,) for r in range(1, 65)], 9e-3,
+                   "a chain of 2 rotations, exact parallel form"),
+    "loco-parallel": Method("loco", lambda b, n: [dict(rank=r, chain_length=k, mode="approx") for k in (2,) for r in range(1, 65)],
+                            9e-3, "a chain of 2 rotations, exp(S_1 + S_2) approximation"),
+    "loft-grad": Method("loft", lambda b, n: [dict(support="gradient", transform="cayley", r=r) for r in range(4, 401, 2)], 2e-3,
+                        "gradient-informed support, Cayley transform"),
+    "loca": Method("loca", lambda b, n: [dict(n_frequency=_per_layer(b, n))], 3e-3, "learned DCT locations"),
+    "oft": Method("oft", lambda b, n: [dict(r=0, oft_block_size=s) for s in (2, 4, 8, 16, 32, 64, 128, 192, 256)], 2e-3,
+                  "block-diagonal Cayley"),
+    "boft": Method("boft", lambda b, n: [dict(boft_block_size=s, boft_n_butterfly_factor=m) for s in (2, 4, 8, 16, 32, 64)
+                                         for m in (1, 2, 3, 4, 5)], 2e-3, "butterfly factors", monotone=False),
+    "hra": Method("hra", lambda b, n: [dict(r=r) for r in range(2, 129, 2)], 2e-3, "Householder reflections"),
+    "psoft": Method("psoft", lambda b, n: [dict(r=r) for r in range(4, 401, 2)], 2e-3, "principal subspace (PSOFT)"),
+    "pissa": Method("pissa", lambda b, n: [dict(r=8, lora_alpha=16)], 5e-4, "principal singular init"),
+    "fourierft": Method("fourierft", lambda b, n: [dict(n_frequency=_per_layer(b, n), scaling=150.0)], 3e-2, "random DFT cells"),
+    "full": Method("full", lambda b, n: [{}], 0.0, "every parameter"),
+}
+
+
+# --------------------------------------------------------------------------- budgets
+def target_shapes(bench: Bench, extra: list[str]) -> list[tuple[int, int]]:
+    """(d_in, d_out) of every layer the task's recipe targets, from a weightless copy of its model."""
+    import torch
+
+    from orthotune.inject import iter_named_layers, matcher
+    from orthotune.layer import layer_dims, layer_kind
+    from orthotune.train.runconfig import load_run_config
+
+    config = load_run_config(ROOT / bench.recipe, [f"{k}={json.dumps(v)}" for k, v in bench.overrides.items()] + extra)
+    build = _skeleton(config)
+    with torch.device("meta"):
+        model = build()
+    # matched by name as get_model matches them (its weight checks refuse meta tensors, which carry the shapes)
+    is_target = matcher(config.adapter_config().target_modules)
+    return [layer_dims(m) for n, m in iter_named_layers(model) if is_target(n) and layer_kind(m) is not None]
+
+
+def _skeleton(config: Any) -> Callable[[], Any]:
+    """A function building the task's model without weights (files are read here, outside the meta device)."""
+    from transformers import AutoConfig
+
+    if config.task == "text_classification":
+        from transformers import AutoModel
+
+        from orthotune.train.assets import minilm_path
+        from orthotune.train.text import SentenceClassifier
+
+        hf = AutoConfig.from_pretrained(config.model.get("path") or minilm_path())
+        return lambda: SentenceClassifier(AutoModel.from_config(hf), 2)
+    if config.task == "causal_lm":
+        from transformers import AutoModelForCausalLM
+
+        from orthotune.train.assets import smollm2_path
+
+        hf = AutoConfig.from_pretrained(config.model.get("path") or smollm2_path())
+        return lambda: AutoModelForCausalLM.from_config(hf)
+    from orthotune.train.pretrain import SPECS, build_backbone
+
+    ref = config.model["checkpoint"]
+    if ref.startswith("pretrained:"):
+        spec = SPECS[ref.split(":", 1)[1]]
+        kind, arch = spec.kind, spec.model
+    else:
+        saved = json.loads((Path(ref) / "config.json").read_text())
+        kind, arch = saved["kind"], saved["model"]
+    return lambda: build_backbone(kind, arch)
+
+
+def count(method: str, kwargs: dict[str, Any], shapes: list[tuple[int, int]]) -> int | None:
+    """Exact adapter parameters of ``method(**kwargs)`` on ``shapes``; None if a layer rejects it."""
+    import torch
+
+    from orthotune.registry import METHODS as REGISTRY
+
+    config_cls, module_cls = REGISTRY[method]
+    try:
+        config = config_cls(target_modules=["x"], **kwargs)
+        total = 0
+        for (d_in, d_out), k in _multiset(shapes).items():
+            module_cls.check_layer(config, d_in, d_out, "x")
+            module = module_cls(config, d_in, d_out, torch.zeros(d_out, d_in))
+            total += k * sum(p.numel() for p in module.parameters())
+        return total
+    except (ValueError, TypeError):
+        return None
+
+
+def _multiset(shapes: list[tuple[int, int]]) -> dict[tuple[int, int], int]:
+    out: dict[tuple[int, int], int] = {}
+    for s in shapes:
+        out[s] = out.get(s, 0) + 1
+    return out
+
+
+def match_budget(name: str, shapes: list[tuple[int, int]]) -> dict[str, Any]:
+    """The candidate closest to LoRA r=8's parameter count: {kwargs, params, budget} or {error}."""
+    from orthotune.registry import METHODS as REGISTRY
+
+    budget = count("lora", dict(r=8), shapes)
+    m = METHODS[name]
+    if m.method == "full":
+        return {"kwargs": {}, "params": None, "budget": budget}
+    if m.method not in REGISTRY:
+        return {"error": f"method {m.method!r} is not registered in this build", "budget": budget}
+    candidates = m.candidates(budget, len(shapes))
+    if m.monotone:  # bisect for the first candidate at or over the budget (a rejected one counts as over)
+        lo, hi = 0, len(candidates)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            n = count(m.method, candidates[mid], shapes)
+            lo, hi = (mid + 1, hi) if n is not None and n < budget else (lo, mid)
+        candidates = candidates[max(0, lo - 1) : lo + 1]
+    best = None
+    for kwargs in candidates:
+        n = count(m.method, kwargs, shapes)
+        if n is not None and (best is None or abs(n - budget) < abs(best[1] - budget)):
+            best = (kwargs, n)
+    if best is None:
+        return {"error": "no candidate fits these layers", "budget": budget}
+    return {"kwargs": best[0], "params": best[1], "budget": budget}
+
+
+# --------------------------------------------------------------------------- jobs
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def run_job(job: dict[str, Any]) -> dict[str, Any]:
+    """In a worker: pretrain a backbone, or one fine-tuning run; returns a compact record."""
+    t0 = time.perf_counter()
+    try:
+        if job["kind"] == "pretrain":
+            from orthotune.train.pretrain import PretrainSpec, ensure_pretrained
+
+            path = ensure_pretrained(job["name"], progress=False, spec=PretrainSpec(**job["spec"]))
+            meta = json.loads((path / "config.json").read_text())["pretraining"]
+            return {"path": str(path), "test": meta["test"], "seconds": meta["seconds"], "wall": time.perf_counter() - t0}
+        from orthotune.train.finetune import finetune
+        from orthotune.train.runconfig import RunConfig
+
+        r = finetune(RunConfig.from_dict(job["config"]), progress=False)
+        return {"value": r["final"][r["metric"]], "final": r["final"], "before": r.get("before"),
+                "parameters": {k: r["parameters"][k] for k in ("trainable", "adapter", "total")},
+                "train_seconds": r["train_seconds"], "wall": time.perf_counter() - t0,
+                "history_eval": r["history"]["eval"], "files": r.get("files", [])}
+    except Exception as err:  # one failed run must not stop the table: record it
+        return {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()[-2000:], "wall": time.perf_counter() - t0}
+
+
+def recipe_config(bench: Bench, split: dict[str, Any], method: str, kwargs: dict[str, Any], lr: float, seed: int,
+                  out_dir: Path, extra: list[str]) -> dict[str, Any]:
+    from orthotune.train.runconfig import apply_overrides, read_mapping
+
+    data = read_mapping(ROOT / bench.recipe)
+    target = data.get("adapter", {}).get("target_modules")
+    data["method"] = METHODS[method].method
+    data["adapter"] = {} if METHODS[method].method == "full" else {"target_modules": target, **kwargs}
+    data["seed"] = seed
+    data["output_dir"] = str(out_dir)
+    overrides = [f"{k}={json.dumps(v)}" for k, v in {**bench.overrides, **split}.items()]
+    overrides += [f"train.lr={lr!r}", "train.save_every=0", "train.eval_every=0", f"train.eval_before={str(split is bench.test).lower()}"]
+    overrides += extra
+    return apply_overrides(data, overrides)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", nargs="+", default=list(BENCHES), choices=list(BENCHES))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--seeds", type=int, default=len(SEEDS))
+    parser.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True, help="tune the learning rate on validation")
+    parser.add_argument("--lr-from", help="an earlier session's JSON: scale each method's base lr by what its sweeps chose there")
+    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) // 2))
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads per worker")
+    parser.add_argument("--deadline", type=float, default=None, help="seconds from start after which no run may still be going")
+    parser.add_argument("--pretrain-steps", type=int, default=None, help="shorter backbone pretraining (quick checks only)")
+    parser.add_argument("--first-estimate", type=float, default=30.0, help="assumed seconds of a task's first run (deadline)")
+    parser.add_argument("--scratch", default="/tmp/orthotune-bench", help="run folders")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--tag", default=None, help="name of this session's JSON (default: the task names)")
+    parser.add_argument("--set", action="append", default=[],
+                        help="extra recipe override for every run (train.steps=5) or for one task (vit:train.steps=5)")
+    parser.add_argument("--report", metavar="DIR", help="only (re)write DIR/quality.md from the JSON files there")
+    args = parser.parse_args()
+    if args.report:
+        write_report(Path(args.report))
+        return
+    run_session(args)
+
+
+def run_session(args: argparse.Namespace) -> None:
+    from orthotune.train.runconfig import load_run_config
+
+    start = time.time()
+    deadline = start + args.deadline if args.deadline else math.inf
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    scratch = Path(args.scratch)
+    seeds = SEEDS[: args.seeds]
+    session: dict[str, Any] = {"environment": environment(args), "tasks": {}}
+    jobs: dict[str, dict[str, Any]] = {}
+    budgets: dict[str, dict[str, Any]] = {}
+    multipliers = lr_multipliers(Path(args.lr_from)) if args.lr_from else {}
+    session["lr_from"] = {"file": args.lr_from, "multipliers": multipliers} if args.lr_from else None
+    rank = {m: i for i, m in enumerate(args.methods)}  # the order given is the order of priority
+    tasks_rank = {t: i for i, t in enumerate(args.tasks)}
+    for task in args.tasks:
+        bench = BENCHES[task]
+        extra = task_overrides(args.set, task)
+        shapes = target_shapes(bench, extra)
+        budgets[task] = {m: match_budget(m, shapes) for m in args.methods}
+        session["tasks"][task] = {"recipe": bench.recipe, "overrides": extra, "layers": len(shapes), "budgets": budgets[task],
+                                  "sweeps": {}, "runs": {}}
+        checkpoint = load_run_config(ROOT / bench.recipe, extra).model.get("checkpoint", "")
+        pretrain = checkpoint.split(":", 1)[1] if checkpoint.startswith("pretrained:") else None
+        if pretrain and f"pretrain:{pretrain}" not in jobs:
+            from orthotune.train.pretrain import SPECS
+
+            spec = dataclasses.replace(SPECS[pretrain], **({"steps": args.pretrain_steps} if args.pretrain_steps else {}))
+            jobs[f"pretrain:{pretrain}"] = {"kind": "pretrain", "name": pretrain, "spec": dataclasses.asdict(spec), "deps": [], "prio": (0,)}
+        deps = [f"pretrain:{pretrain}"] if pretrain else []
+        for m in args.methods:
+            if "error" in budgets[task][m]:
+                continue
+            base = (bench.full_lr if METHODS[m].method == "full" else METHODS[m].lr) * multipliers.get(m, 1.0)
+            lrs = [base * f for f in SWEEP] if args.sweep else [base]
+            for lr in lrs if args.sweep else []:
+                key = f"sweep:{task}:{m}:{lr:.3g}"
+                jobs[key] = {"kind": "run", "task": task, "method": m, "lr": lr, "seed": 0, "split": "val", "deps": deps,
+                             "prio": (2, rank[m], tasks_rank[task], lr), "extra": extra}
+            for seed in seeds:
+                key = f"table:{task}:{m}:{seed}"
+                sweep_keys = [f"sweep:{task}:{m}:{lr:.3g}" for lr in lrs] if args.sweep else []
+                jobs[key] = {"kind": "run", "task": task, "method": m, "seed": seed, "split": "test", "deps": deps + sweep_keys,
+                             "prio": (1, seed, rank[m], tasks_rank[task]), "base_lr": base, "extra": extra, "sweep_keys": sweep_keys, "sweep_lrs": lrs if args.sweep else []}
+
+    tag = args.tag or "-".join(args.tasks)
+    results: dict[str, dict[str, Any]] = {}
+    pending = dict(jobs)
+    durations: dict[str, list[float]] = {}
+    ctx = mp.get_context("spawn")
+    print(f"{len(jobs)} jobs on {args.workers} workers" + (f", deadline {args.deadline:.0f} s" if args.deadline else ""), flush=True)
+    with cf.ProcessPoolExecutor(max_workers=args.workers, mp_context=ctx, initializer=_init_worker, initargs=(args.threads,)) as pool:
+        running: dict[cf.Future, str] = {}
+        while pending or running:
+            ready = sorted((k for k, j in pending.items() if all(d in results for d in j["deps"])), key=lambda k: pending[k]["prio"])
+            for key in ready:
+                if len(running) >= args.workers:
+                    break
+                job = pending.pop(key)
+                if any("error" in results[d] for d in job["deps"] if d.startswith("pretrain:")):
+                    results[key] = {"error": "its backbone failed to pretrain"}
+                    continue
+                if job["kind"] == "run":
+                    bench = BENCHES[job["task"]]
+                    extra = list(job["extra"]) + [f"model.checkpoint={results[d]['path']}" for d in job["deps"] if d.startswith("pretrain:")]
+                    if job["split"] == "test":
+                        job["lr"] = chosen_lr(job, results)
+                        folder = scratch / job["task"] / job["method"] / f"test-{job['seed']}"
+                    else:
+                        folder = scratch / job["task"] / job["method"] / f"val-lr{job['lr']:.3g}"
+                    job["config"] = recipe_config(bench, bench.test if job["split"] == "test" else bench.val, job["method"],
+                                                  budgets[job["task"]][job["method"]]["kwargs"], job["lr"], job["seed"], folder, extra)
+                estimate = statistics.mean(durations.get(job.get("task", ""), [args.first_estimate])) * 1.15
+                if job["kind"] == "run" and time.time() + estimate > deadline:
+                    results[key] = {"error": "skipped: not enough time left before the deadline"}
+                    continue
+                running[pool.submit(run_job, {k: v for k, v in job.items() if k not in ("deps", "prio")})] = key
+            if not running:
+                if pending and not ready:
+                    for key in list(pending):  # their dependencies can no longer run
+                        results[key] = {"error": "a job it depends on did not run"}
+                        pending.pop(key)
+                continue
+            done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+            for fut in done:
+                key = running.pop(fut)
+                results[key] = res = fut.result()
+                job = jobs[key]
+                if job["kind"] == "run" and "error" not in res:
+                    durations.setdefault(job["task"], []).append(res["wall"])
+                status = res.get("error") or (f"{res['value']:.4f}" if "value" in res else f"test {res.get('test')}")
+                print(f"[{time.time() - start:6.1f} s] {key}: {status} ({res['wall']:.1f} s)", flush=True)
+            save_session(session, jobs, results, out, tag, start)
+
+    save_session(session, jobs, results, out, tag, start)
+    print(f"wrote {out / f'quality_{tag}.json'} and {out / 'quality.md'} in {time.time() - start:.0f} s", flush=True)
+
+
+def save_session(session: dict[str, Any], jobs: dict[str, dict[str, Any]], results: dict[str, dict[str, Any]], out: Path,
+                 tag: str, start: float) -> None:
+    """Write the session so far (every finished job) to quality_<tag>.json and refresh quality.md."""
+    for task in session["tasks"].values():
+        task["sweeps"], task["runs"] = {}, {}
+    for key, job in jobs.items():
+        if key not in results:
+            continue
+        res = results[key]
+        if job["kind"] == "pretrain":
+            session.setdefault("pretraining", {})[job["name"]] = res
+            continue
+        entry = {"method": job["method"], "seed": job["seed"], "lr": job.get("lr"), **res}
+        bucket = "sweeps" if key.startswith("sweep:") else "runs"
+        session["tasks"][job["task"]][bucket].setdefault(job["method"], []).append(entry)
+    session["wall_seconds"] = time.time() - start
+    session["complete"] = len(results) == len(jobs)
+    (out / f"quality_{tag}.json").write_text(json.dumps(session, indent=1) + "\n")
+    write_report(out)
+
+
+def lr_multipliers(path: Path) -> dict[str, float]:
+    """Per method, the median (over the tasks of an earlier session) of tuned lr / base lr."""
+    session = json.loads(path.read_text())
+    found: dict[str, list[float]] = {}
+    for task, t in session["tasks"].items():
+        for m, runs in t["runs"].items():
+            base = BENCHES[task].full_lr if METHODS[m].method == "full" else METHODS[m].lr
+            chosen = {r["lr"] for r in runs if "value" in r}
+            if len(chosen) == 1:
+                found.setdefault(m, []).append(chosen.pop() / base)
+    return {m: statistics.median_low(v) for m, v in found.items()}
+
+
+def task_overrides(items: list[str], task: str) -> list[str]:
+    """The ``--set`` items for ``task``: unprefixed ones, and ``task:key=value`` ones without the prefix."""
+    out = []
+    for item in items:
+        key = item.split("=", 1)[0]
+        if ":" not in key:
+            out.append(item)
+        elif key.split(":", 1)[0] == task:
+            out.append(item.split(":", 1)[1])
+    return out
+
+
+def chosen_lr(job: dict[str, Any], results: dict[str, dict[str, Any]]) -> float:
+    """The sweep's best learning rate on validation (the lower one on ties); the base rate without a sweep."""
+    scored = [(results[k]["value"], lr) for k, lr in zip(job["sweep_keys"], job["sweep_lrs"]) if "value" in results.get(k, {})]
+    if not scored:
+        return job["base_lr"]
+    higher = BENCHES[job["task"]].higher_is_better
+    return max(scored, key=lambda s: (s[0] if higher else -s[0], -s[1]))[1]
+
+
+def environment(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "python": platform.python_version(),
+           "torch": torch.__version__, "transformers": transformers.__version__, "cuda": torch.version.cuda,
+           "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "cpu_count": os.cpu_count(),
+           "workers": args.workers, "threads_per_worker": args.threads, "deadline_s": args.deadline, "sweep": args.sweep,
+           "extra_overrides": args.set}
+    try:
+        from orthotune.train.compat import import_timm
+
+        env["timm"] = import_timm().__version__
+    except ImportError:
+        env["timm"] = None
+    return env
+
+
+# --------------------------------------------------------------------------- report
+TITLES = {"text": "Text classification: all-MiniLM-L6-v2 on BANKING77 (test accuracy)",
+          "lm": "Causal LM: SmolLM2-135M-Instruct on reasoning-gym basic_arithmetic (test exact match)",
+          "vit": "Image classification: ViT (pretrained on Fashion-MNIST) -> digits, 20-shot (test accuracy)",
+          "dit": "Diffusion: DiT (pretrained on Fashion-MNIST) -> digits (held-out denoising loss, lower is better)"}
+
+
+def _fmt(values: list[float], pct: bool) -> str:
+    if not values:
+        return "-"
+    scale = 100.0 if pct else 1.0
+    mean = statistics.mean(values) * scale
+    std = statistics.stdev(values) * scale if len(values) > 1 else 0.0
+    digits = 1 if pct else 4
+    return f"{mean:.{digits}f} ± {std:.{digits}f} (n={len(values)})"
+
+
+def write_report(out: Path) -> Path:
+    """quality.md: one table per task from every quality_*.json in ``out``."""
+    sessions = [json.loads(p.read_text()) for p in sorted(out.glob("quality_*.json"))]
+    lines = ["# Evaluation table", "",
+             "Generated by `benchmarks/quality.py` from the JSON files beside this one (every run's numbers are there).", ""]
+    for s in sessions:
+        env = s["environment"]
+        lrs = ("learning rate tuned per method on validation (base x 1/3, 1, 3; seed 0)" if env.get("sweep", True)
+               else "no learning-rate sweep: each method's fixed base rate (METHODS in benchmarks/quality.py)")
+        lines.append(f"- session {', '.join(s['tasks'])}: {env['device']}, torch {env['torch']}, transformers {env['transformers']}, "
+                     f"timm {env.get('timm')}, {env['date']}, {env['workers']} concurrent runs, {s['wall_seconds']:.0f} s; {lrs}")
+        for name, res in (s.get("pretraining") or {}).items():
+            if "error" in res:
+                lines.append(f"  - pretraining {name}: failed ({res['error']})")
+            else:
+                lines.append(f"  - pretraining {name}: Fashion-MNIST test {res['test']}, {res['seconds']:.0f} s")
+    for s in sessions:
+        for task, t in s["tasks"].items():
+            pct = BENCHES[task].higher_is_better
+            second = BENCHES[task].secondary
+            where = s["environment"]["device"]
+            lines += ["", f"## {TITLES.get(task, task)} [{where}]", "",
+                      f"Recipe `{t['recipe']}`" + (f" with `{' '.join(t['overrides'])}`" if t.get("overrides") else "")
+                      + f"; {t['layers']} adapted layers; budget = LoRA r=8 = "
+                      f"{next(iter(t['budgets'].values()))['budget']:,} adapter parameters.", "",
+                      "| method | hyperparameters | adapter params (vs LoRA) | lr | step 0 | test | train s |"
+                      + (f" test {second} |" if second else ""),
+                      "|---|---|---:|---:|---:|---:|---:|" + ("---:|" if second else "")]
+            for m, b in t["budgets"].items():
+                if "error" in b:
+                    lines.append(f"| {m} | {b['error']} | | | | | |")
+                    continue
+                runs = t["runs"].get(m, [])
+                ok = [r for r in runs if "value" in r]
+                params = ok[0]["parameters"]["adapter"] if ok else b["params"]
+                kwargs = ", ".join(f"{k}={v}" for k, v in b["kwargs"].items()) or "all weights"
+                lr = f"{ok[0]['lr']:.2g}" if ok else "-"
+                before = [r["before"][BENCHES[task].metric] for r in ok if r.get("before")]
+                skipped = [r for r in runs if r.get("error", "").startswith("skipped")]
+                errors = sorted({r["error"] for r in runs if "error" in r and r not in skipped})
+                test = _fmt([r["value"] for r in ok], pct)
+                if skipped:
+                    test += f" ({len(skipped)} not run: out of time)"
+                if errors:
+                    test += f" ({len(runs) - len(ok) - len(skipped)} failed: {errors[0][:80]})"
+                secs = f"{statistics.mean(r['train_seconds'] for r in ok):.1f}" if ok else "-"
+                ratio = f" ({100 * params / b['budget']:.0f}%)" if METHODS[m].method != "full" else ""
+                row = (f"| {m} | {kwargs} | {params:,}{ratio} | {lr} | {_fmt(before, pct) if before else '-'} | {test} | {secs} |"
+                       if params is not None else f"| {m} | {kwargs} | - | {lr} | - | {test} | {secs} |")
+                if second:
+                    row += f" {_fmt([r['final'][second] for r in ok if second in r.get('final', {})], False)} |"
+                lines.append(row)
+    path = out / "quality.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""Run a recipe: build the task's model, wrap it with the method, train, evaluate, save; eval and merge.
+
+A run folder holds ``config.yaml`` (the resolved recipe), ``adapter/`` (the trained adapter, or the
+trained tensors of a full fine-tune), ``results.json``, ``curves.png``, any task artifacts (a
+sample grid) and ``checkpoints/`` while it trains.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import __version__
+from ..model import OrthoModel
+from .assets import offline
+from .checkpoint import latest_checkpoint, save_weights
+from .loop import fit
+from .runconfig import FULL, RunConfig, read_mapping, write_config
+from .task import Task
+from .tasks import TASKS
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build(config: RunConfig, fresh: bool = True) -> tuple[Task, nn.Module]:
+    """The task and its model wrapped for ``config.method`` (``fresh``: with data-dependent init)."""
+    offline()
+    seed_everything(config.seed)
+    device = resolve_device(config.device)
+    task = TASKS[config.task](config.model, config.data, config.seed, device)
+    model = task.build_model(fresh=fresh)
+    if config.method == FULL:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return task, model
+    import orthotune
+
+    return task, orthotune.get_model(model, config.adapter_config())
+
+
+def needs_selection(model: nn.Module) -> bool:
+    """True if an adapter has a task-aware support still to be chosen from data (LOFT ``support='gradient'``)."""
+    return any(
+        getattr(support, "task_aware", False) and not getattr(support, "ready", True)
+        for support in (getattr(m, "support", None) for m in model.modules())
+    )
+
+
+def select(model: OrthoModel, task: Task, config: RunConfig, progress: bool) -> dict[str, Any]:
+    """LOFT's selection step: gradient-informed supports from the first training batches."""
+    from ..supports import select_supports
+
+    n = config.train.selection_batches
+    bs = config.train.batch_size
+    per_epoch = task.batches_per_epoch(bs)
+    data = (task.train_batch(*divmod(i, per_epoch), bs) for i in range(n))
+    return select_supports(model, data, num_batches=n, loss_fn=lambda m, b: task.loss(m, b, -1), progress=progress)
+
+
+def parameter_counts(model: nn.Module) -> dict[str, Any]:
+    """Exact counts: trainable (with modules_to_save), adapter-only, total, per adapted layer."""
+    if isinstance(model, OrthoModel):
+        counts = model.trainable_parameters()
+        layers = dict(model.adapter_layers())
+        adapter = sum(n for name, n in counts["per_layer"].items() if name in layers)
+        return {"trainable": counts["trainable"], "adapter": adapter, "total": counts["total"], "per_layer": counts["per_layer"]}
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"trainable": trainable, "adapter": trainable, "total": sum(p.numel() for p in model.parameters()), "per_layer": {}}
+
+
+def environment() -> dict[str, Any]:
+    import transformers
+
+    env = {
+        "orthotune": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+        "python": platform.python_version(), "cpu_threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+    }
+    return env
+
+
+@dataclass
+class Outcome:
+    """A finished (or interrupted) run: its results and the trained model in memory."""
+
+    results: dict[str, Any]
+    task: Task
+    model: nn.Module
+
+
+def finetune(config: RunConfig, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> dict[str, Any]:
+    """Run ``config`` end to end; returns (and writes) ``results.json``'s content.
+
+    ``resume=True`` continues from the run folder's latest checkpoint (an error if the recipe
+    changed), or starts fresh when there is none. ``stop_after`` interrupts the run after that
+    many steps (leaving its checkpoints), as a crash would.
+    """
+    return run(config, resume, progress, stop_after).results
+
+
+def run(config: RunConfig, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> Outcome:
+    """:func:`finetune`, also returning the task and the trained model."""
+    t0 = time.perf_counter()
+    run_dir = Path(config.output_dir)
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    if checkpoint is not None:
+        saved = read_mapping(run_dir / "config.yaml")
+        if saved != config.to_dict():
+            raise ValueError(f"{run_dir}/config.yaml differs from this recipe: resume with the recipe the run started with")
+    elif run_dir.joinpath("checkpoints").exists():
+        shutil.rmtree(run_dir / "checkpoints")  # a fresh start never mixes with an older run's checkpoints
+    task, model = build(config, fresh=checkpoint is None)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_config(config, run_dir / "config.yaml")
+    selection = None
+    if checkpoint is None and needs_selection(model):
+        selection = select(model, task, config, progress)
+        (run_dir / "selection.json").write_text(json.dumps(selection, indent=1) + "\n")
+    elif checkpoint is not None and (run_dir / "selection.json").is_file():
+        selection = json.loads((run_dir / "selection.json").read_text())
+    counts = parameter_counts(model)
+    if progress:
+        print(f"{config.task} / {config.method}: {counts['trainable']:,} trainable ({counts['adapter']:,} in adapters) "
+              f"of {counts['total']:,} parameters on {task.device}")
+    fitted = fit(model, task, config.train, run_dir, resume_from=checkpoint, progress=progress, stop_after=stop_after)
+    results: dict[str, Any] = {
+        "task": config.task, "method": config.method, "seed": config.seed, "metric": task.metric,
+        "higher_is_better": task.higher_is_better, "parameters": counts, "steps": fitted.steps_done,
+        "total_steps": fitted.total_steps, "interrupted": fitted.interrupted,
+        "train_seconds": fitted.train_seconds, "eval_seconds": fitted.eval_seconds,
+        "history": fitted.history, "selection": selection, "environment": environment(), "config": config.to_dict(),
+    }
+    evals = fitted.history["eval"]
+    if evals:
+        results["before"] = evals[0][1] if evals[0][0] == 0 else None
+        results["final"] = evals[-1][1]
+    if fitted.interrupted:
+        return Outcome(results, task, model)
+    save_weights(model, run_dir / "adapter")
+    from .plots import training_curves
+
+    files = [training_curves(fitted.history, task.metric, run_dir / "curves.png", title=f"{config.task} / {config.method}")]
+    files += task.artifacts(model, run_dir)
+    results["files"] = [str(Path(f).relative_to(run_dir)) for f in files]
+    results["wall_seconds"] = time.perf_counter() - t0
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    return Outcome(results, task, model)
+
+
+def load_run(run: str | Path | None = None, config: RunConfig | None = None, adapter: str | Path | None = None) -> tuple[RunConfig, Path]:
+    """(recipe, adapter folder) from a run folder, or from an explicit recipe and adapter folder."""
+    if config is None:
+        if run is None:
+            raise ValueError("give a run folder or a recipe (--config) with an adapter folder (--adapter)")
+        config = RunConfig.from_dict(read_mapping(Path(run) / "config.yaml"))
+    adapter = Path(adapter) if adapter is not None else Path(run if run is not None else config.output_dir) / "adapter"
+    if not adapter.is_dir():
+        raise ValueError(f"adapter folder {adapter} does not exist")
+    return config, adapter
+
+
+def load_trained(config: RunConfig, adapter: Path) -> tuple[Task, nn.Module]:
+    """The task and its model with the trained adapter (or full fine-tune weights) loaded."""
+    if config.method == FULL:
+        from .checkpoint import load_weights_inplace
+
+        task, model = build(config, fresh=False)
+        load_weights_inplace(model, adapter)
+        return task, model.eval()
+    import orthotune
+
+    offline()
+    seed_everything(config.seed)
+    task = TASKS[config.task](config.model, config.data, config.seed, resolve_device(config.device))
+    return task, orthotune.load_adapter(task.build_model(fresh=False), adapter).eval()
+
+
+def evaluate_adapter(config: RunConfig, adapter: Path) -> dict[str, float]:
+    """The task's held-out metrics for a trained adapter."""
+    task, model = load_trained(config, adapter)
+    return task.evaluate(model)
+
+
+def merge_adapter(config: RunConfig, adapter: Path, out: str | Path) -> Path:
+    """Merge the adapter into the base weights and write a plain model folder, atomically."""
+    out = Path(out)
+    if out.exists():
+        raise ValueError(f"{out} exists; choose a new folder for the merged model")
+    task, model = load_trained(config, adapter)
+    plain = model.merge_and_unload(safe_merge=True) if isinstance(model, OrthoModel) else model
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        task.save_merged(plain, tmp)
+        os.chmod(tmp, 0o755)
+        os.rename(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
