@@ -67,3 +67,19 @@ MODELS = {
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def boft_factors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """peft builds BOFT with several butterfly factors only through its CUDA block-diagonal
+    extension; on CPU it silently uses one factor. Stand the extension in with torch.block_diag so
+    peft's own code path (dense permutations, factor products) runs here."""
+    from peft.tuners.boft import layer as boft_layer
+
+    class FakeFBD:
+        @staticmethod
+        def forward(blocks):
+            return [torch.stack([torch.block_diag(*f) for f in blocks])]
+
+    monkeypatch.setattr(boft_layer, "_FBD_CUDA", FakeFBD)
+    monkeypatch.setattr(boft_layer.FastBlockDiag, "apply", staticmethod(lambda t: FakeFBD.forward(t)[0]))

@@ -127,9 +127,9 @@ def test_modes_agree_exactly_and_approx_reports_gap() -> None:
 
 @pytest.mark.parametrize("mode", ["exact", "sequential", "approx"])
 def test_gradcheck_layer_float64(mode: str) -> None:
-    module = LoCO(LoCOConfig(rank=2, chain_length=3, mode=mode, init_identity=False), 10, 6, torch.zeros(6, 10)).double()
-    W = torch.randn(6, 10, dtype=f64)
-    x = torch.randn(4, 10, dtype=f64, requires_grad=True)
+    module = LoCO(LoCOConfig(rank=1, chain_length=3, mode=mode, init_identity=False), 6, 4, torch.zeros(4, 6)).double()
+    W = torch.randn(4, 6, dtype=f64)
+    x = torch.randn(3, 6, dtype=f64, requires_grad=True)
 
     def f(U, V, x):
         return torch.func.functional_call(module, {"U": U, "V": V}, (x, lambda z: z @ W.T))

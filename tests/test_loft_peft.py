@@ -1,8 +1,9 @@
 """The LOFT presets compute what peft 0.21 computes, parameter for parameter (outputs and merged weights).
 
-Parameters map across as they are, except peft's OFT Cayley-Neumann branch, which approximates the
-transpose of peft's own exact branch: orthotune's Neumann approximates its exact rotation, so those
-parameters cross negated (peft-notes.md section 3.1; docs/loft.md).
+Parameters map across with the peft interop table (``orthotune.interop.peft.FORMATS``, what
+``from_peft`` reads folders with): as they are, except peft's OFT Cayley-Neumann branch, which
+approximates the transpose of peft's own exact branch: orthotune's Neumann approximates its exact
+rotation, so those parameters cross negated (peft-notes.md section 3.1; docs/loft.md).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 import orthotune
 from orthotune import BOFTConfig, HRAConfig, OFTConfig, PSOFTConfig
+from orthotune.interop.peft import FORMATS, split_peft_tensors
 
 from .conftest import MODELS
 
@@ -28,12 +30,14 @@ def _pair(model_name: str, ours_cfg, theirs_cfg):
     return ours, theirs, make_x()
 
 
-def _copy(ours, theirs, mapping) -> None:
-    """``mapping(our_method_module, their_layer)`` -> list of (our tensor, their tensor)."""
+def _copy(ours, theirs) -> None:
+    """peft's adapter tensors into ours, mapped as ``from_peft`` maps a saved folder's."""
+    config = ours.configs["default"]
+    fmt = FORMATS[config.method]
+    per_module, _ = split_peft_tensors(peft.get_peft_model_state_dict(theirs), fmt, "the peft model")
     with torch.no_grad():
         for name, layer in ours.adapter_layers():
-            for mine, other in mapping(layer.adapters["default"], theirs.base_model.model.get_submodule(name)):
-                mine.copy_(other.detach().reshape(mine.shape))
+            layer.adapters["default"].load_state_dict(fmt.tensors_in(config, layer.base_layer, per_module[name]))
 
 
 def _assert_same(ours, theirs, x, atol: float = 1e-5) -> None:
@@ -58,31 +62,13 @@ def _assert_same(ours, theirs, x, atol: float = 1e-5) -> None:
     ids=["b4", "r2", "share", "neumann5", "neumann3"],
 )
 def test_oft_matches_peft(kwargs: dict) -> None:
-    neumann = kwargs.get("use_cayley_neumann", False)
     ours, theirs, x = _pair(
         "mlp",
         lambda **t: OFTConfig(**kwargs, **t),
         lambda **t: peft.OFTConfig(**{"use_cayley_neumann": False, **kwargs}, init_weights=False, **t),
     )
-    sign = -1.0 if neumann else 1.0  # peft's Neumann series approximates the transpose of its exact branch
-    _copy(ours, theirs, lambda m, p: [(m.transform.weight, sign * p.oft_R["default"].weight)])
+    _copy(ours, theirs)
     _assert_same(ours, theirs, x)
-
-
-@pytest.fixture
-def boft_factors(monkeypatch):
-    """peft builds BOFT with several butterfly factors only through its CUDA block-diagonal
-    extension; on CPU it silently uses one factor. Stand the extension in with torch.block_diag so
-    peft's own code path (dense permutations, factor products) runs here."""
-    from peft.tuners.boft import layer as boft_layer
-
-    class FakeFBD:
-        @staticmethod
-        def forward(blocks):
-            return [torch.stack([torch.block_diag(*f) for f in blocks])]
-
-    monkeypatch.setattr(boft_layer, "_FBD_CUDA", FakeFBD)
-    monkeypatch.setattr(boft_layer.FastBlockDiag, "apply", staticmethod(lambda t: FakeFBD.forward(t)[0]))
 
 
 @pytest.mark.parametrize(
@@ -96,7 +82,7 @@ def test_boft_matches_peft(kwargs: dict, boft_factors) -> None:
     for name, layer in ours.adapter_layers():
         expected = kwargs.get("boft_n_butterfly_factor", 1)
         assert theirs.base_model.model.get_submodule(name).boft_R["default"].shape[0] == expected
-    _copy(ours, theirs, lambda m, p: [(m.transform.weight, p.boft_R["default"]), (m.boft_s, p.boft_s["default"])])
+    _copy(ours, theirs)
     _assert_same(ours, theirs, x)
 
 
@@ -108,7 +94,7 @@ def test_hra_matches_peft(model_name: str, apply_gs: bool) -> None:
         lambda **t: HRAConfig(r=4, apply_GS=apply_gs, init_identity=False, **t),
         lambda **t: peft.HRAConfig(r=4, apply_GS=apply_gs, init_weights=False, **t),
     )
-    _copy(ours, theirs, lambda m, p: [(m.transform.u, p.hra_u["default"])])
+    _copy(ours, theirs)
     _assert_same(ours, theirs, x)
 
 
@@ -136,17 +122,13 @@ def test_psoft_matches_peft(kwargs: dict) -> None:
         lambda **t: PSOFTConfig(r=4, init_identity=False, **kwargs, **t),
         lambda **t: peft.PsoftConfig(r=4, init_weights=False, **kwargs, **t),
     )
-
-    def mapping(m, p):
-        rot = p.psoft_R["default"]
-        pairs = [(m.transform.weight, rot.weight)]
-        for ours_v, theirs_v in ((m.transform.vector_a, rot.vector_a), (m.transform.vector_b, rot.vector_b)):
-            if ours_v is not None:
-                pairs.append((ours_v, 1.0 + 0.1 * torch.randn_like(theirs_v)))
-                theirs_v.data.copy_(pairs[-1][1])
-        return pairs
-
-    _copy(ours, theirs, mapping)
+    with torch.no_grad():  # peft starts its magnitudes at 1 even with init_weights=False
+        for name, _ in ours.adapter_layers():
+            rot = theirs.base_model.model.get_submodule(name).psoft_R["default"]
+            for v in (rot.vector_a, rot.vector_b):
+                if v is not None:
+                    v.normal_(1.0, 0.1)
+    _copy(ours, theirs)
     _assert_same(ours, theirs, x)
 
 

@@ -19,6 +19,7 @@ from pathlib import Path  # noqa: E402
 from torch import nn  # noqa: E402
 
 from .config import AdapterConfig  # noqa: E402
+from .finite import check_finite, guard_finite  # noqa: E402
 from .loca_schedule import LocationLearner  # noqa: E402
 from .methods.fourierft import FourierFTConfig  # noqa: E402
 from .methods.loca import LoCAConfig  # noqa: E402
@@ -93,8 +94,10 @@ __all__ = [
     "LoRAConfig",
     "OrthoModel",
     "PiSSAConfig",
+    "check_finite",
     "from_peft",
     "get_model",
+    "guard_finite",
     "load_adapter",
     "loco_approximation_error",
 ]

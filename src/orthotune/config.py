@@ -8,6 +8,7 @@ shapes happens at construction; shape checks happen at injection (``check_layer`
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -61,6 +62,9 @@ class AdapterConfig:
         """Method-specific checks that need no layer shapes; raise ValueError naming the fix."""
 
     def _check_common(self) -> None:
+        for name in ("init_identity", "autocast_adapter_dtype"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if value is None:
@@ -112,6 +116,12 @@ def check_positive_int(name: str, value: Any) -> None:
     """Raise a clear error unless ``value`` is an int >= 1."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_finite_number(name: str, value: Any) -> None:
+    """Raise a clear error unless ``value`` is a finite real number (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

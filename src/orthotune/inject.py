@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
+import torch
 from torch import nn
 
 from .config import AdapterConfig
@@ -46,9 +47,23 @@ def iter_named_layers(model: nn.Module, prefix: str = "") -> Iterator[tuple[str,
 
 def matches(name: str, pattern: str | list[str]) -> bool:
     """peft's rule: list entries match by full name or dotted suffix, a string by regex fullmatch."""
+    return matcher(pattern)(name)
+
+
+def matcher(pattern: str | list[str]) -> Callable[[str], bool]:
+    """:func:`matches` for one pattern, prepared once: a list is looked up by the name's dotted suffixes,
+    so matching N names against a list of P entries costs O(N * depth), not O(N * P)."""
     if isinstance(pattern, str):
-        return re.fullmatch(pattern, name) is not None
-    return any(name == p or name.endswith("." + p) for p in pattern)
+        regex = re.compile(pattern)
+        return lambda name: regex.fullmatch(name) is not None
+    entries = frozenset(pattern)
+    return lambda name: any(s in entries for s in _dotted_suffixes(name))
+
+
+def _dotted_suffixes(name: str) -> list[str]:
+    """'a.b.c' -> ['a.b.c', 'b.c', 'c']."""
+    parts = name.split(".")
+    return [".".join(parts[i:]) for i in range(len(parts))]
 
 
 def _output_head(model: nn.Module) -> nn.Module | None:
@@ -59,12 +74,27 @@ def _output_head(model: nn.Module) -> nn.Module | None:
         return None
 
 
-def _unsupported_reason(module: nn.Module) -> str | None:
+def unsupported_reason(module: nn.Module) -> str | None:
+    """Why a layer cannot carry an adapter (with the fix), or None if it can."""
     kind = layer_kind(module)
     if kind is None:
-        return f"is a {type(module).__name__}, not a linear layer (nn.Linear, GPT-2 Conv1D or nn.Conv2d)"
+        return (
+            f"is a {type(module).__name__}, not a linear layer (nn.Linear, GPT-2 Conv1D or nn.Conv2d): point "
+            "target_modules at its linear sub-layers"
+        )
     if kind == "conv2d" and module.groups != 1:
         return f"is a grouped Conv2d (groups={module.groups}); only groups=1 convolutions can be adapted"
+    weight = module.weight
+    if not weight.dtype.is_floating_point:
+        # bitsandbytes/torchao layers subclass nn.Linear but hold packed integer weights
+        return (
+            f"has a {weight.dtype} weight (quantised or integer, {type(module).__name__}); adapters need a "
+            "floating-point base weight: load the model in float32/bfloat16/float16"
+        )
+    if weight.device.type == "meta":
+        return "has its weight on the meta device (not loaded yet); load the model's weights before adding adapters"
+    if not bool(torch.isfinite(weight).all()):
+        return "has NaN or Inf in its frozen weight (a broken checkpoint or an overflowed cast); reload the base model"
     return None
 
 
@@ -84,25 +114,27 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.
 
     if targets == "all-linear":
         head = _output_head(model)
-        saved = config.modules_to_save or []
+        is_saved = matcher(config.modules_to_save or [])
         chosen = [
             (n, m)
             for n, m in layers
-            if layer_kind(m) in ("linear", "conv1d") and m is not head and not matches(n, saved)
+            if layer_kind(m) in ("linear", "conv1d") and m is not head and not is_saved(n)
         ]
     else:
-        chosen = [(n, m) for n, m in layers if matches(n, targets)]
+        is_target = matcher(targets)
+        chosen = [(n, m) for n, m in layers if is_target(n)]
         if isinstance(targets, list):
             _check_every_entry_matched(targets, [n for n, _ in layers])
-        bad = [(n, reason) for n, m in chosen if (reason := _unsupported_reason(m))]
-        if bad:
-            name, reason = bad[0]
-            raise ValueError(
-                f"target {name!r} {reason}: point target_modules at its linear sub-layers or add it to exclude_modules"
-                + (f" ({len(bad) - 1} more like it)" if len(bad) > 1 else "")
-            )
     if config.exclude_modules is not None:
-        chosen = [(n, m) for n, m in chosen if not matches(n, config.exclude_modules)]
+        is_excluded = matcher(config.exclude_modules)
+        chosen = [(n, m) for n, m in chosen if not is_excluded(n)]
+    bad = [(n, reason) for n, m in chosen if (reason := unsupported_reason(m))]
+    if bad:
+        name, reason = bad[0]
+        raise ValueError(
+            f"target {name!r} {reason}, or add it to exclude_modules"
+            + (f" ({len(bad) - 1} more like it)" if len(bad) > 1 else "")
+        )
     if not chosen:
         raise ValueError(
             f"target_modules={targets!r} matched no adaptable layer (after exclude_modules); "
@@ -117,8 +149,9 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.
 
 def _check_every_entry_matched(entries: list[str], names: list[str]) -> None:
     leaves = sorted({n.split(".")[-1] for n in names})
+    suffixes = {s for n in names for s in _dotted_suffixes(n)}
     for entry in entries:
-        if not any(n == entry or n.endswith("." + entry) for n in names):
+        if entry not in suffixes:
             close = difflib.get_close_matches(entry.split(".")[-1], leaves, n=3)
             hint = f"; did you mean {close}?" if close else f"; module names end in e.g. {leaves[:8]}"
             raise ValueError(f"target_modules entry {entry!r} matches no module in the model{hint}")
@@ -132,9 +165,11 @@ def find_modules_to_save(model: nn.Module, patterns: list[str]) -> list[tuple[st
     """The modules named by ``modules_to_save``; every entry must match something."""
     layers = list(iter_named_layers(model))
     _check_every_entry_matched(patterns, [n for n, _ in layers])
-    found = [(n, m) for n, m in layers if matches(n, patterns)]
+    is_saved = matcher(patterns)
+    found = [(n, m) for n, m in layers if is_saved(n)]
     # keep outermost matches only (a saved module's children are saved with it)
-    return [(n, m) for n, m in found if not any(n.startswith(o + ".") for o, _ in found if o != n)]
+    names = {n for n, _ in found}
+    return [(n, m) for n, m in found if not any(".".join(n.split(".")[:i]) in names for i in range(1, n.count(".") + 1))]
 
 
 def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:

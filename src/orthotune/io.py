@@ -7,7 +7,9 @@ mismatched folder is refused with a clear message before anything in the model c
 Atomicity: both files are written into a temporary sibling folder, flushed, then swapped in with
 one ``renameat2(RENAME_EXCHANGE)`` (Linux) or two renames; an interrupted save leaves the previous
 adapter intact. A folder holding other files too (e.g. a trainer checkpoint) gets each file
-replaced atomically instead, and the checksum catches a save cut between the two replacements.
+replaced atomically instead, after hard-linking the previous pair to hidden ``.<name>.prev``
+files; the checksum catches a save cut between the two replacements and the error points at
+that backup. Non-finite tensors are refused on save and on load.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from torch import nn
 
 from . import __version__
 from .config import FORMAT_VERSION, AdapterConfig
-from .inject import iter_named_layers
+from .finite import all_finite
+from .inject import iter_named_layers, unsupported_reason
 from .layer import layer_dims, layer_kind
 from .registry import config_from_dict
 
@@ -59,9 +62,16 @@ def adapter_state_dict(model: OrthoModel, adapter_name: str) -> dict[str, torch.
 
 
 def save_adapter(model: OrthoModel, directory: str | Path, adapter_name: str) -> None:
-    """Write one adapter folder atomically (see the module docstring)."""
+    """Write one adapter folder atomically (see the module docstring); refuses non-finite weights."""
     directory = Path(directory)
     state = {k: v.to("cpu").contiguous() for k, v in adapter_state_dict(model, adapter_name).items()}
+    bad = _first_nonfinite(state)
+    if bad is not None:
+        raise ValueError(
+            f"refusing to save adapter {adapter_name!r}: tensor {bad!r} holds NaN or Inf (training diverged; "
+            "orthotune.check_finite(model) names the layer). Nothing was written: an adapter already saved at "
+            f"{directory} is left as it was"
+        )
     targets = {
         lname: [layer.d_out, layer.d_in, layer.kind]
         for lname, layer in model.adapter_layers()
@@ -142,6 +152,9 @@ def build_adapter(
                 f"the adapter in {source} adapts {lname!r}, which this model does not have as a linear layer: "
                 f"it was saved for a {saved_for or 'different model'}; load it into that architecture"
             )
+        reason = unsupported_reason(module)
+        if reason is not None:
+            raise ValueError(f"cannot load the adapter in {source}: layer {lname!r} {reason}")
         if layer_dims(module) != (d_in, d_out) or layer_kind(module) != kind:
             got_in, got_out = layer_dims(module)
             raise ValueError(
@@ -165,10 +178,26 @@ def build_adapter(
         )
     for key, ref in expected.items():
         if state[key].shape != ref.shape:
-            raise ValueError(
-                f"tensor {key!r} in {source} has shape {tuple(state[key].shape)}, this model needs {tuple(ref.shape)}; "
+            why = (
                 "it was saved for a different base model"
+                if key.startswith(SAVED_PREFIX)
+                else "the tensors do not fit the config for this model's layer shapes: the adapter was saved for a "
+                "different base model, or the folder was edited (e.g. its rank); save the adapter again"
             )
+            raise ValueError(
+                f"tensor {key!r} in {source} has shape {tuple(state[key].shape)}, this model needs {tuple(ref.shape)}; {why}"
+            )
+        if state[key].dtype.is_floating_point != ref.dtype.is_floating_point:
+            raise ValueError(
+                f"tensor {key!r} in {source} is {state[key].dtype}, this adapter needs a {ref.dtype} tensor; "
+                "the folder was edited: save the adapter again"
+            )
+    bad = _first_nonfinite(state)
+    if bad is not None:
+        raise ValueError(
+            f"tensor {bad!r} in {source} holds NaN or Inf: the adapter was saved from a diverged run; load an "
+            "earlier checkpoint"
+        )
     with torch.no_grad():
         for lname, method in modules.items():
             method.load_state_dict({k: state[f"{lname}.{k}"] for k in method.state_dict()})
@@ -215,7 +244,9 @@ def read_config(directory: str | Path) -> tuple[AdapterConfig, dict[str, Any]]:
         hint = ": it was saved by peft, load it with orthotune.from_peft" if isinstance(data, dict) and "peft_type" in data else ""
         raise ValueError(f"{directory / CONFIG_NAME} is not an orthotune adapter config (no format_version){hint}")
     version = data["format_version"]
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(f"{directory / CONFIG_NAME} has an invalid format_version {version!r}; the file was edited: save the adapter again")
+    if version > FORMAT_VERSION:
         raise ValueError(
             f"{directory} was written in adapter format {version!r}, newer than this orthotune's {FORMAT_VERSION}; "
             "upgrade orthotune to load it"
@@ -225,11 +256,26 @@ def read_config(directory: str | Path) -> tuple[AdapterConfig, dict[str, Any]]:
         raise ValueError(f"{directory / CONFIG_NAME} lists no adapted modules ('targets'); save the adapter again")
     actual = _sha256(directory / WEIGHTS_NAME)
     if actual != meta["weights_sha256"]:
+        backups = _backup_paths(directory)
+        hint = (
+            f"; an interrupted save left the previous adapter as {backups[0].name} and {backups[1].name} in "
+            f"{directory}: rename them to {WEIGHTS_NAME} and {CONFIG_NAME}"
+            if _pair_consistent(*backups)
+            else "; save the adapter again"
+        )
         raise ValueError(
             f"{directory / WEIGHTS_NAME} does not match the checksum in {CONFIG_NAME}: the weights were truncated, "
-            "modified, or a save was interrupted; save the adapter again"
+            f"modified, or a save was interrupted{hint}"
         )
     return config_from_dict(data), meta
+
+
+def _first_nonfinite(state: dict[str, torch.Tensor]) -> str | None:
+    """The key of the first floating tensor holding NaN or Inf (one fused check when all are finite)."""
+    floats = {k: v for k, v in state.items() if v.dtype.is_floating_point}
+    if all_finite(list(floats.values())):
+        return None
+    return next(k for k, v in floats.items() if not bool(torch.isfinite(v).all()))
 
 
 def _sha256(path: Path) -> str:
@@ -291,10 +337,48 @@ def _install(tmp: Path, directory: Path) -> None:
             os.rename(tmp, directory)
             shutil.rmtree(old)
     else:
-        # Other files live here (a checkpoint folder): replace our two files, weights first.
+        # Other files live here (a checkpoint folder): replace our two files, weights first, with
+        # the previous pair kept as hidden backups until both are in.
+        backups = _keep_backups(directory)
         for name in (WEIGHTS_NAME, CONFIG_NAME):
             os.replace(tmp / name, directory / name)
+        _fsync_dir(directory)
+        for b in backups:
+            b.unlink(missing_ok=True)
     _fsync_dir(directory.parent)
+
+
+def _backup_paths(directory: Path) -> tuple[Path, Path]:
+    """Where a folder shared with other files keeps its previous (weights, config) during a save."""
+    return directory / f".{WEIGHTS_NAME}.prev", directory / f".{CONFIG_NAME}.prev"
+
+
+def _pair_consistent(weights: Path, config: Path) -> bool:
+    """Whether a (weights, config) pair exists and the weights match the config's checksum."""
+    try:
+        return weights.is_file() and json.loads(config.read_text()).get("weights_sha256") == _sha256(weights)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _keep_backups(directory: Path) -> tuple[Path, ...]:
+    """Hard-link the current whole adapter to the backup names (copy where links are refused).
+
+    If the current pair is not whole (an earlier save was cut), backups that are whole already
+    hold the last good adapter and are kept as they are.
+    """
+    backups = _backup_paths(directory)
+    current = (directory / WEIGHTS_NAME, directory / CONFIG_NAME)
+    if not _pair_consistent(*current):
+        return backups if _pair_consistent(*backups) else ()
+    for src, dst in zip(current, backups):
+        dst.unlink(missing_ok=True)  # stale; the current pair is whole while this runs
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+    _fsync_dir(directory)
+    return backups
 
 
 def _interrupted_save_hint(directory: Path) -> str:

@@ -152,6 +152,16 @@ class AdapterLayer(nn.Module):
         return f"kind={self.kind}, active={self.active_adapters}, merged={self.merged_adapters}"
 
 
+def frozen_weight(base: Base) -> Tensor | None:
+    """The frozen (d_out, d_in) weight that ``base`` multiplies by, when ``base`` is a layer's own frozen
+    map (no other adapter composed inside it); else None. Lets an additive method fold its update into
+    the weight (one matmul instead of two) without changing the result."""
+    layer = getattr(base, "__self__", None)
+    if isinstance(layer, AdapterLayer) and getattr(base, "__func__", None) is AdapterLayer._base_no_bias:
+        return layer.weight_matrix()
+    return None
+
+
 def _compose(adapter: AdapterMethod, inner: Base) -> Base:
     return lambda z: adapter(z, inner)
 

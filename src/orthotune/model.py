@@ -9,15 +9,18 @@ a failed call leaves the model as it was.
 from __future__ import annotations
 
 import contextlib
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from . import batching
 from .config import AdapterConfig
+from .finite import all_finite
 from .inject import find_modules_to_save, find_targets, unwrap_all, wrap
 from .layer import AdapterLayer, ModulesToSave, base_weight_matrix, layer_dims
 from .registry import method_class
@@ -33,13 +36,21 @@ class OrthoModel(nn.Module):
         self.base_model = model
         self.configs: dict[str, AdapterConfig] = {}
         self._active: list[str] = []
-        for p in model.parameters():
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        for p in trainable:
             p.requires_grad_(False)
+        if config is not None:
+            try:
+                self.add_adapter(adapter_name, config)
+            except Exception:
+                for p in trainable:  # a failed get_model leaves the user's model as it was
+                    p.requires_grad_(True)
+                raise
+        batching.attach(model)  # per-step cores of all layers in one batched call per forward
+        if config is not None:
+            self.set_adapter(adapter_name)
         if _is_checkpointing(model):
             self._enable_input_require_grads()
-        if config is not None:
-            self.add_adapter(adapter_name, config)
-            self.set_adapter(adapter_name)
 
     # ------------------------------------------------------------------ pass-through
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -126,6 +137,7 @@ class OrthoModel(nn.Module):
                     "exclude it from target_modules (a saved module is trained in full)"
                 )
         modules = {name: build_method(config, module) for name, module in targets}
+        _check_finite_init(adapter_name, modules, dict(targets))
         self._attach(adapter_name, config, modules, [n for n, _ in saved])
 
     def _check_new_name(self, adapter_name: str) -> None:
@@ -229,6 +241,8 @@ class OrthoModel(nn.Module):
         says when they do not. ``safe_merge=True`` computes every merged weight first and raises,
         writing nothing, if any holds NaN or Inf.
         """
+        if isinstance(adapter_names, str):
+            adapter_names = [adapter_names]
         names = self._active if adapter_names is None else list(adapter_names)
         unknown = [n for n in names if n not in self.configs]
         if unknown:
@@ -388,8 +402,9 @@ def attach_loaded(
         model._check_new_name(adapter_name)
         loaded, wrapped = read(model.base_model), model
     else:
+        cls = ortho_class(type(model))  # refuses a non-Module before anything is read
         loaded = read(model)
-        wrapped = ortho_class(type(model))(model)
+        wrapped = cls(model)
     wrapped._attach_loaded(adapter_name, *loaded)
     wrapped.set_adapter(adapter_name)
     return wrapped
@@ -405,6 +420,34 @@ def _is_checkpointing(model: nn.Module) -> bool:
     return False
 
 
+@torch.no_grad()
+def _check_finite_init(adapter_name: str, modules: dict[str, nn.Module], bases: dict[str, nn.Module]) -> None:
+    """Refuse an adapter that starts with NaN/Inf in its tensors or its output (e.g. an init scale
+    that overflows the adapter dtype): one probe row per layer, one fused check for all of them."""
+    probes: dict[str, Tensor] = {}
+    for lname, method in modules.items():
+        W = base_weight_matrix(bases[lname])
+        try:
+            if method.activation_path:
+                probes[lname] = method(torch.ones(1, W.shape[1], dtype=W.dtype, device=W.device), lambda z, W=W: z @ W.T)
+            else:
+                probes[lname] = method.merged_weight(W.float())
+        except ValueError:
+            pass  # not runnable yet (a LOFT support awaiting select_supports): its first forward says why
+    tensors = [t for m in modules.values() for t in m.state_dict().values() if t.dtype.is_floating_point]
+    if all_finite(tensors + list(probes.values())):
+        return
+    for lname, method in modules.items():
+        named = [(repr(k), t) for k, t in method.state_dict().items() if t.dtype.is_floating_point]
+        named += [("its output", probes[lname])] if lname in probes else []
+        bad = next((k for k, t in named if not bool(torch.isfinite(t).all())), None)
+        if bad is not None:
+            raise ValueError(
+                f"adapter {adapter_name!r} would start with NaN or Inf in {bad} on layer {lname!r}: the config's scales "
+                "or init are too large for this layer or the adapter dtype; lower them. Nothing was added"
+            )
+
+
 def build_method(config: AdapterConfig, module: nn.Module) -> nn.Module:
     """A method module for one base layer, on its device, adapter dtype from the config."""
     d_in, d_out = layer_dims(module)
@@ -412,6 +455,7 @@ def build_method(config: AdapterConfig, module: nn.Module) -> nn.Module:
 
 
 _CLASSES: dict[type, type] = {}
+_CLASSES_LOCK = threading.Lock()  # one class per base class, also when models are wrapped in threads
 
 
 def ortho_class(base_cls: type) -> type:
@@ -420,15 +464,18 @@ def ortho_class(base_cls: type) -> type:
     transformers' Trainer reads argument names (``labels``, dataset columns) off
     ``inspect.signature(model.forward)``; this keeps that working through the wrapper.
     """
-    if base_cls not in _CLASSES:
+    if not (isinstance(base_cls, type) and issubclass(base_cls, nn.Module)):
+        raise ValueError(f"model must be a torch.nn.Module, got {getattr(base_cls, '__name__', base_cls)}")
+    with _CLASSES_LOCK:
+        if base_cls not in _CLASSES:
 
-        def forward(self: OrthoModel, *args: Any, **kwargs: Any) -> Any:
-            return self.base_model(*args, **kwargs)
+            def forward(self: OrthoModel, *args: Any, **kwargs: Any) -> Any:
+                return self.base_model(*args, **kwargs)
 
-        forward.__wrapped__ = base_cls.forward  # type: ignore[attr-defined]
-        forward.__doc__ = base_cls.forward.__doc__
-        _CLASSES[base_cls] = type(f"Ortho{base_cls.__name__}", (OrthoModel,), {"forward": forward, "__module__": __name__})
-    return _CLASSES[base_cls]
+            forward.__wrapped__ = base_cls.forward  # type: ignore[attr-defined]
+            forward.__doc__ = base_cls.forward.__doc__
+            _CLASSES[base_cls] = type(f"Ortho{base_cls.__name__}", (OrthoModel,), {"forward": forward, "__module__": __name__})
+        return _CLASSES[base_cls]
 
 
 def _new_instance(base_cls: type) -> OrthoModel:

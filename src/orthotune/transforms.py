@@ -42,8 +42,29 @@ class Transform(nn.Module):
     def reset(self, identity: bool) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def rotate(self, z: Tensor, mode: Mode) -> Tensor:  # pragma: no cover - abstract
+    #: Whether :meth:`stack_cores` computes the per-step cores of many transforms at once.
+    batchable: bool = False
+
+    def rotate(self, z: Tensor, mode: Mode) -> Tensor:
+        return self.apply_core(self.core(), z, mode)
+
+    def apply_core(self, core: tuple[Tensor, ...], z: Tensor, mode: Mode) -> Tensor:  # pragma: no cover - abstract
+        """``z T^T`` / ``z T`` / ``z T^{-1}`` from this step's :meth:`core` (not ``nn.Module.apply``)."""
         raise NotImplementedError
+
+    def core(self) -> tuple[Tensor, ...]:
+        """The per-step tensors :meth:`apply` needs (float32): the batched computation for one transform."""
+        return tuple(t[0] for t in type(self).stack_cores([self]))
+
+    @classmethod
+    def stack_cores(cls, transforms: list[Transform]) -> tuple[Tensor, ...]:  # pragma: no cover - abstract
+        """:meth:`core` of many transforms of one :meth:`signature`, stacked on a new first dimension."""
+        raise NotImplementedError
+
+    def signature(self) -> tuple:
+        """Transforms of one class and signature (parameter shapes, settings) share one :meth:`stack_cores` call."""
+        settings = sorted((k, v) for k, v in vars(self).items() if isinstance(v, (bool, int, float, str, type(None))))
+        return tuple(p.shape for p in self.parameters()), tuple(settings)
 
     def lowrank(self) -> tuple[Tensor, Tensor, Tensor] | None:
         """``(A, M, B)`` with ``T = I + A M B^T`` for low-rank transforms, else None."""
@@ -108,13 +129,21 @@ class BlockCayley(Transform):
     def reset(self, identity: bool) -> None:
         zero_or_normal(self.weight, identity)
 
+    batchable = True
+
     def blocks(self) -> Tensor:
         """The (n, b, b) rotation blocks, float32."""
-        Q = cayley.skew_from_triu(core_dtype(self.weight), self.rows, self.cols, self.block_size)
-        return cayley.cayley(Q) if self.exact else cayley.cayley_neumann(Q, self.neumann_terms)
+        return self.core()[0]
 
-    def rotate(self, z: Tensor, mode: Mode) -> Tensor:
-        B = self.blocks()
+    @classmethod
+    def stack_cores(cls, transforms: list[Transform]) -> tuple[Tensor]:
+        t = transforms[0]
+        W = torch.stack([core_dtype(x.weight) for x in transforms])
+        Q = cayley.skew_from_triu(W, t.rows, t.cols, t.block_size)
+        return (cayley.cayley(Q) if t.exact else cayley.cayley_neumann(Q, t.neumann_terms),)
+
+    def apply_core(self, core: tuple[Tensor, ...], z: Tensor, mode: Mode) -> Tensor:
+        (B,) = core
         if mode == "forward" and self.training and self.dropout > 0:
             B = cayley.drop_blocks(B[None], self.dropout)[0]
         if mode == "unmerge" and not self.exact:
@@ -157,16 +186,24 @@ class Butterfly(Transform):
     def reset(self, identity: bool) -> None:
         zero_or_normal(self.weight, identity)
 
+    batchable = True
+
     def blocks(self) -> Tensor:
-        W = core_dtype(self.weight)
-        if self.layout == "square":
+        """The (m, n, b, b) rotation blocks of the factors, float32."""
+        return self.core()[0]
+
+    @classmethod
+    def stack_cores(cls, transforms: list[Transform]) -> tuple[Tensor]:
+        t = transforms[0]
+        W = torch.stack([core_dtype(x.weight) for x in transforms])
+        if t.layout == "square":
             Q = cayley.skew_from_square(W)
         else:
-            Q = cayley.skew_from_triu(W, self.rows, self.cols, self.block_size)
-        return cayley.cayley(Q)
+            Q = cayley.skew_from_triu(W, t.rows, t.cols, t.block_size)
+        return (cayley.cayley(Q),)
 
-    def rotate(self, z: Tensor, mode: Mode) -> Tensor:
-        B = self.blocks()
+    def apply_core(self, core: tuple[Tensor, ...], z: Tensor, mode: Mode) -> Tensor:
+        (B,) = core
         if mode == "forward" and self.training and self.dropout > 0:
             B = cayley.drop_blocks(B, self.dropout)
         return butterfly.apply_rows(z, B.to(z.dtype), self.perms, self.inverse_perms, transpose=mode == "merge")
@@ -190,16 +227,29 @@ class Givens(Transform):
     def reset(self, identity: bool) -> None:
         zero_or_normal(self.theta, identity)
 
-    def rotate(self, z: Tensor, mode: Mode) -> Tensor:
-        C, S = givens.coefficients(core_dtype(self.theta), self.angle_index, self.sign)
+    batchable = True
+
+    @classmethod
+    def stack_cores(cls, transforms: list[Transform]) -> tuple[Tensor, Tensor]:
+        t = transforms[0]
+        return givens.coefficients(torch.stack([core_dtype(x.theta) for x in transforms]), t.angle_index, t.sign)
+
+    def apply_core(self, core: tuple[Tensor, ...], z: Tensor, mode: Mode) -> Tensor:
+        C, S = core
         return givens.apply_rows(z, C.to(z.dtype), S.to(z.dtype), self.partner, transpose=mode == "merge")
 
 
 class LowRankTransform(Transform):
     """A transform given as ``T = I + A M B^T``: applied and merged through the one form."""
 
-    def rotate(self, z: Tensor, mode: Mode) -> Tensor:
-        A, M, B = (t.to(z.dtype) for t in self.lowrank())
+    batchable = True
+
+    def lowrank(self) -> tuple[Tensor, Tensor, Tensor]:
+        A, M, B = self.core()
+        return A, M, B
+
+    def apply_core(self, core: tuple[Tensor, ...], z: Tensor, mode: Mode) -> Tensor:
+        A, M, B = (t.to(z.dtype) for t in core)
         if mode == "merge":
             return lowrank.merge_right(z, A, M, B)
         return lowrank.apply_rows(z, A, M, B)  # exact: T^{-1} = T^T
@@ -229,9 +279,10 @@ class Householder(LowRankTransform):
             else:
                 nn.init.kaiming_uniform_(self.u, a=math.sqrt(5))
 
-    def lowrank(self) -> tuple[Tensor, Tensor, Tensor]:
-        u = core_dtype(self.u)
-        return householder.gram_schmidt_core(u) if self.gram_schmidt else householder.reflection_core(u)
+    @classmethod
+    def stack_cores(cls, transforms: list[Transform]) -> tuple[Tensor, Tensor, Tensor]:
+        u = torch.stack([core_dtype(x.u) for x in transforms])
+        return householder.gram_schmidt_core(u) if transforms[0].gram_schmidt else householder.reflection_core(u)
 
 
 class SkewExp(LowRankTransform):
@@ -256,7 +307,9 @@ class SkewExp(LowRankTransform):
             else:
                 nn.init.normal_(self.U, std=0.5 / math.sqrt(self.dim))
 
-    def lowrank(self) -> tuple[Tensor, Tensor, Tensor]:
-        A, B, C = skew.skew_exp_factors(core_dtype(self.U), core_dtype(self.V))
-        U, V, M = skew.chain_core(A, B, C)
-        return U, M, V
+    @classmethod
+    def stack_cores(cls, transforms: list[Transform]) -> tuple[Tensor, Tensor, Tensor]:
+        U = torch.stack([core_dtype(x.U) for x in transforms])
+        V = torch.stack([core_dtype(x.V) for x in transforms])
+        A, B, M = skew.chain_core(*skew.skew_exp_factors(U, V))
+        return A, M, B

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,13 +30,18 @@ from ..layer import base_weight_matrix, layer_dims, layer_kind
 from ..methods.base import AdapterMethod
 from ..methods.fourierft import fourier_locations
 from ..methods.pissa import principal_factors
+from ..methods.psoft import PSOFTConfig
 from ..registry import METHODS
+from ..supports import principal_basis
 
 if TYPE_CHECKING:
     from ..model import OrthoModel
 
 PEFT_PREFIX = "base_model.model."
 PEFT_BIN_NAME = "adapter_model.bin"
+# The peft release whose format export_peft writes (peft reads it to pick a parameterisation, e.g. OFT's
+# Cayley-Neumann series, which changed in 0.18).
+PEFT_FORMAT_VERSION = "0.21.2"
 
 
 @dataclass(frozen=True)
@@ -45,7 +52,9 @@ class PeftFormat:
     or PiSSA). ``config_in(cfg)``: orthotune config fields (targets are added by the caller),
     raising ValueError for any peft option without an equivalent. ``tensors_in(config, layer,
     tensors)``: the method's state for one base layer from peft's tensors of that module (keys
-    ``tensor_names``). ``config_out`` / ``tensors_out``: the reverse, for export.
+    ``tensor_names``, and those of ``optional_names`` the file has). ``config_out`` /
+    ``tensors_out``: the reverse, for export. ``tensors_in`` and ``tensors_out`` raise ValueError
+    for a layer peft's format cannot hold; the caller adds the module's name.
     """
 
     method: str
@@ -56,6 +65,7 @@ class PeftFormat:
     tensors_in: Callable[[AdapterConfig, nn.Module, dict[str, Tensor]], dict[str, Tensor]]
     config_out: Callable[[AdapterConfig], dict[str, Any]]
     tensors_out: Callable[[AdapterMethod, nn.Module], dict[str, Tensor]]
+    optional_names: tuple[str, ...] = ()
 
 
 # Options of every peft config that orthotune reads or that do not change the adapted model (the
@@ -200,6 +210,216 @@ def _fourierft_tensors_out(method: AdapterMethod, layer: nn.Module) -> dict[str,
     return {"fourierft_spectrum": method.spectrum}
 
 
+# ---------------------------------------------------------------------------------------------- orthogonal
+_OWN_FORMAT = "save the adapter with save_adapter(), or merge_and_unload() it for tools that read plain weights"
+
+
+def _peft_kinds(layer: nn.Module, peft_type: str, kinds: tuple[str, ...]) -> None:
+    """Refuse a layer peft's tuner cannot adapt (export only: peft's own folders never hold one)."""
+    kind = layer_kind(layer)
+    if kind not in kinds:
+        names = {"linear": "Linear", "conv1d": "GPT-2 Conv1D", "conv2d": "Conv2d"}
+        raise ValueError(
+            f"peft's {peft_type} adapts {' and '.join(names[k] for k in kinds)} layers only, this is a {names[kind]}: "
+            + _OWN_FORMAT
+        )
+    if kind == "conv2d" and layer.kernel_size[0] != layer.kernel_size[1]:
+        raise ValueError(
+            f"peft 0.21's {peft_type} takes Conv2d kernels to be square (kernel_size[0] twice), this one is "
+            f"{tuple(layer.kernel_size)}: " + _OWN_FORMAT
+        )
+
+
+def _warn_oft_conv(layer: nn.Module) -> None:
+    if layer_kind(layer) == "conv2d" and tuple(layer.kernel_size) != (1, 1):
+        warnings.warn(
+            "peft 0.21's unmerged OFT forward on a Conv2d with a kernel larger than 1x1 is not its merged model (it "
+            "rotates stride-1 unpadded patches and sums them back, so even its identity start changes the output); "
+            "orthotune computes peft's merged model, W0 R, as merge_and_unload() gives it in peft"
+        )
+
+
+def _version(text: str | None) -> tuple[int, int]:
+    parts = re.match(r"(\d+)\.(\d+)", text or "")
+    return (int(parts[1]), int(parts[2])) if parts else (0, 0)
+
+
+# peft's defaults where a folder lacks a field (oft_block_size is required, as peft requires it)
+_OFT_DEFAULTS = {
+    "r": 0, "use_cayley_neumann": True, "num_cayley_neumann_terms": 5, "block_share": False, "module_dropout": 0.0,
+}  # fmt: skip
+
+
+def _oft_config_in(cfg: dict[str, Any]) -> dict[str, Any]:
+    names = ["oft_block_size", *_OFT_DEFAULTS]
+    _check_options(cfg, {*names, "eps", "init_weights"}, ", ".join(names))
+    if "oft_block_size" not in cfg:
+        raise ValueError(
+            "this peft OFT adapter predates peft 0.14 (its config has no oft_block_size), whose OFT parameterisation "
+            "peft itself no longer reads; merge it with peft 0.13 or retrain it"
+        )
+    fields = {"oft_block_size": cfg["oft_block_size"], **{k: cfg.get(k, v) for k, v in _OFT_DEFAULTS.items()}}
+    if fields["use_cayley_neumann"] and _version(cfg.get("peft_version")) < (0, 18):
+        raise ValueError(
+            f"this peft OFT adapter uses the Cayley-Neumann series of peft < 0.18 (peft_version="
+            f"{cfg.get('peft_version')!r}), which peft 0.18 changed (its last term); orthotune computes the new series. "
+            "Merge it with the peft that trained it (merge_and_unload), or retrain it with peft >= 0.18"
+        )
+    return fields
+
+
+def _oft_sign(config: AdapterConfig) -> float:
+    # peft's Neumann series approximates the transpose of its exact rotation, orthotune's its own exact one
+    return -1.0 if config.use_cayley_neumann else 1.0
+
+
+def _oft_tensors_in(config: AdapterConfig, layer: nn.Module, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    weight = tensors["oft_R.weight"]
+    d_in, _ = layer_dims(layer)
+    b = config.block(d_in)
+    expected = (1 if config.block_share else d_in // b, b * (b - 1) // 2)
+    if (config.r and d_in % config.r) or d_in % b or tuple(weight.shape) != expected:
+        theirs = round((1 + math.sqrt(1 + 8 * weight.shape[-1])) / 2)
+        raise ValueError(
+            f"its oft_R holds blocks of size {theirs} where the config gives {b} for an input of {d_in}: peft "
+            "adjusted r / oft_block_size on this layer ('Invalid oft_block_size' warning). orthotune uses one block "
+            f"size for every layer and needs a divisor of each input size: retrain with e.g. oft_block_size={theirs} "
+            "if it divides every target"
+        )
+    _warn_oft_conv(layer)
+    return {"transform.weight": _oft_sign(config) * weight}
+
+
+def _oft_config_out(config: AdapterConfig) -> dict[str, Any]:
+    fields = {k: getattr(config, k) for k in ["oft_block_size", *_OFT_DEFAULTS]}
+    return {"peft_type": "OFT", **fields, "coft": False, "eps": 6e-5, "init_weights": True, "bias": "none"}
+
+
+def _oft_tensors_out(method: AdapterMethod, layer: nn.Module) -> dict[str, Tensor]:
+    _peft_kinds(layer, "OFT", ("linear", "conv2d"))
+    _warn_oft_conv(layer)
+    return {"oft_R.weight": _oft_sign(method.config) * method.transform.weight}
+
+
+_BOFT_DEFAULTS = {"boft_block_size": 4, "boft_block_num": 0, "boft_n_butterfly_factor": 1, "boft_dropout": 0.0}
+
+
+def _boft_config_in(cfg: dict[str, Any]) -> dict[str, Any]:
+    _check_options(cfg, {*_BOFT_DEFAULTS, "init_weights"}, ", ".join(_BOFT_DEFAULTS))
+    return {k: cfg.get(k, v) for k, v in _BOFT_DEFAULTS.items()}
+
+
+def _boft_tensors_in(config: AdapterConfig, layer: nn.Module, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    R, s = tensors["boft_R"], tensors["boft_s"]  # an old checkpoint's boft_P is peft's fixed permutations
+    m = config.boft_n_butterfly_factor
+    if R.shape[0] == 1 < m:
+        raise ValueError(
+            f"its boft_R holds {R.shape[0]} butterfly factor(s) where the config asks for {m}: peft built it without "
+            "its CUDA extension, which silently uses one factor ('Setting boft_n_butterfly_factor to 1'). Set "
+            '"boft_n_butterfly_factor": 1 in its adapter_config.json (what peft trained) and load it again'
+        )
+    return {"transform.weight": R, "boft_s": s.reshape(-1, 1)}  # peft's Conv2d keeps s as (1, d_out)
+
+
+def _boft_config_out(config: AdapterConfig) -> dict[str, Any]:
+    return {"peft_type": "BOFT", **{k: getattr(config, k) for k in _BOFT_DEFAULTS}, "init_weights": True, "bias": "none"}
+
+
+def _boft_tensors_out(method: AdapterMethod, layer: nn.Module) -> dict[str, Tensor]:
+    _peft_kinds(layer, "BOFT", ("linear", "conv2d"))
+    s = method.boft_s.reshape(1, -1) if layer_kind(layer) == "conv2d" else method.boft_s
+    return {"boft_R": method.transform.weight, "boft_s": s}
+
+
+def _hra_config_in(cfg: dict[str, Any]) -> dict[str, Any]:
+    _check_options(cfg, {"r", "apply_GS", "init_weights"}, "r, apply_GS")
+    r, gs = cfg.get("r", 8), cfg.get("apply_GS", False)
+    return {"r": r, "apply_GS": gs, "init_identity": not (gs or r % 2)}  # only orthotune's init checks it
+
+
+def _hra_config_out(config: AdapterConfig) -> dict[str, Any]:
+    return {"peft_type": "HRA", "r": config.r, "apply_GS": config.apply_GS, "init_weights": True, "bias": "none"}
+
+
+def _hra_tensors_out(method: AdapterMethod, layer: nn.Module) -> dict[str, Tensor]:
+    _peft_kinds(layer, "HRA", ("linear", "conv2d"))
+    return {"hra_u": method.transform.u}
+
+
+_PSOFT_FIELDS = (
+    "r", "psoft_orth", "psoft_mag_a", "psoft_mag_b", "use_cayley_neumann", "num_cayley_neumann_terms",
+    "cayley_neumann_eps", "psoft_dropout",
+)  # fmt: skip
+_PSOFT_VECTORS = ("vector_a", "vector_b")
+_LOWRANK_PSOFT = (
+    "with psoft_svd='lowrank' peft pairs the randomized subspace V with the randomized U S, which is not W0 V, so its "
+    "update is not a rotation of W0 and differs from orthotune's PSOFT by the SVD's error"
+)
+
+
+def _psoft_config_in(cfg: dict[str, Any]) -> dict[str, Any]:
+    read = {*_PSOFT_FIELDS, "psoft_alpha", "ab_svd_init", "psoft_svd", "psoft_svd_lowrank_niter", "random_seed"}
+    read.add("init_weights")
+    _check_options(cfg, read, ", ".join(_PSOFT_FIELDS) + " (psoft_alpha cancels out)")
+    if cfg.get("ab_svd_init", "psoft_init") != "psoft_init":
+        raise ValueError(
+            f"the peft PSOFT option ab_svd_init={cfg['ab_svd_init']!r} splits the singular values between A and B, so "
+            "its update is not a map of W0 inside the principal subspace, which orthotune's PSOFT is; merge it in peft "
+            "(merge_and_unload) or train with ab_svd_init='psoft_init'"
+        )
+    if cfg.get("psoft_svd", "full") != "full":
+        raise ValueError(_LOWRANK_PSOFT + "; merge it in peft (merge_and_unload) or train with psoft_svd='full'")
+    defaults = PSOFTConfig()
+    return {k: cfg.get(k, getattr(defaults, k)) for k in _PSOFT_FIELDS}
+
+
+def _psoft_tensors_in(config: AdapterConfig, layer: nn.Module, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    # peft recomputes its subspace A^T from the base weights on loading, by this same SVD
+    P = principal_basis(base_weight_matrix(layer), config.r)
+    state = {"support.P": P, "transform.weight": tensors["psoft_R.weight"]}
+    for v in _PSOFT_VECTORS:
+        if f"psoft_R.{v}" in tensors:
+            state[f"transform.{v}"] = tensors[f"psoft_R.{v}"]
+    return state
+
+
+def _psoft_config_out(config: AdapterConfig) -> dict[str, Any]:
+    if config.psoft_svd != "full":
+        raise ValueError(_LOWRANK_PSOFT + ": peft would load this adapter as another model; train with psoft_svd='full'")
+    eps = config.cayley_neumann_eps
+    if config.use_cayley_neumann and eps is not None and eps >= 1:
+        raise ValueError(
+            f"peft's PSOFT takes cayley_neumann_eps in (0, 1), this adapter has {eps}: export_peft would write a folder "
+            "peft refuses; save it with save_adapter(), or train with a bound below 1"
+        )
+    return {
+        "peft_type": "PSOFT",
+        **{k: getattr(config, k) for k in _PSOFT_FIELDS},
+        "psoft_alpha": config.r,  # cancels out of the update; r makes peft's scaling exactly 1
+        "ab_svd_init": "psoft_init",
+        "psoft_svd": "full",
+        "init_weights": True,
+    }
+
+
+def _psoft_tensors_out(method: AdapterMethod, layer: nn.Module) -> dict[str, Tensor]:
+    _peft_kinds(layer, "PSOFT", ("linear",))
+    # peft recomputes the subspace from the base weights; T acts in its basis, which may differ from the stored one
+    # by column signs D (another SVD backend): D T D then is the same map, and the skew weights change sign likewise
+    overlap = method.support.P.T.float() @ principal_basis(base_weight_matrix(layer), method.config.r)
+    d = torch.sign(torch.diagonal(overlap))
+    if not torch.allclose(overlap, torch.diag(d), atol=1e-4):
+        raise ValueError(
+            "its principal subspace is not the one peft recomputes from this layer's weights (they changed since the "
+            "adapter was created, or it is merged): unmerge() first, or export with the base model it was created on"
+        )
+    tr = method.transform
+    out = {f"psoft_R.{v}": getattr(tr, v) for v in _PSOFT_VECTORS if getattr(tr, v) is not None}
+    signs = torch.outer(d, d).to(tr.weight)
+    out["psoft_R.weight"] = tr.weight * (signs[tr.rows, tr.cols] if method.config.psoft_orth else signs)
+    return out
+
+
 FORMATS: dict[str, PeftFormat] = {
     "lora": PeftFormat(
         "lora", "LORA", ("lora_A.weight", "lora_B.weight"), lambda c: not _is_pissa(c),
@@ -212,6 +432,23 @@ FORMATS: dict[str, PeftFormat] = {
     "fourierft": PeftFormat(
         "fourierft", "FOURIERFT", ("fourierft_spectrum",), lambda c: True,
         _fourierft_config_in, _fourierft_tensors_in, _fourierft_config_out, _fourierft_tensors_out,
+    ),
+    "oft": PeftFormat(
+        "oft", "OFT", ("oft_R.weight",), lambda c: True,
+        _oft_config_in, _oft_tensors_in, _oft_config_out, _oft_tensors_out,
+    ),
+    "boft": PeftFormat(
+        "boft", "BOFT", ("boft_R", "boft_s"), lambda c: True,
+        _boft_config_in, _boft_tensors_in, _boft_config_out, _boft_tensors_out, optional_names=("boft_P",),
+    ),
+    "hra": PeftFormat(
+        "hra", "HRA", ("hra_u",), lambda c: True,
+        _hra_config_in, lambda config, layer, t: {"transform.u": t["hra_u"]}, _hra_config_out, _hra_tensors_out,
+    ),
+    "psoft": PeftFormat(
+        "psoft", "PSOFT", ("psoft_R.weight",), lambda c: True,
+        _psoft_config_in, _psoft_tensors_in, _psoft_config_out, _psoft_tensors_out,
+        optional_names=tuple(f"psoft_R.{v}" for v in _PSOFT_VECTORS),
     ),
 }  # fmt: skip
 
@@ -227,7 +464,7 @@ def read_peft(base: nn.Module, directory: str | Path) -> tuple[AdapterConfig, di
     fmt = _format_for(cfg, directory)
     fields = fmt.config_in(cfg)  # refuses unsupported options before the tensors are read
     tensors = _read_peft_tensors(directory)
-    per_module, saved = _split_tensors(tensors, fmt, directory)
+    per_module, saved = split_peft_tensors(tensors, fmt, directory)
     config = METHODS[fmt.method][0](target_modules=sorted(per_module), modules_to_save=cfg.get("modules_to_save"), **fields)
     saved_for = (cfg.get("auto_mapping") or {}).get("base_model_class") or cfg.get("base_model_name_or_path")
 
@@ -243,7 +480,11 @@ def read_peft(base: nn.Module, directory: str | Path) -> tuple[AdapterConfig, di
             )
         d_in, d_out = layer_dims(layer)
         targets[lname] = [d_out, d_in, layer_kind(layer)]
-        state.update({f"{lname}.{k}": v for k, v in fmt.tensors_in(config, layer, local).items()})
+        try:
+            local = fmt.tensors_in(config, layer, local)
+        except ValueError as err:
+            raise ValueError(f"{directory}, module {lname!r}: {err}") from None
+        state.update({f"{lname}.{k}": v for k, v in local.items()})
     modules, saved_states = build_adapter(base, config, targets, state, directory, saved_for)
     return config, modules, saved_states
 
@@ -285,15 +526,18 @@ def _read_peft_tensors(directory: Path) -> dict[str, Tensor]:
     raise ValueError(f"{directory} has neither {WEIGHTS_NAME} nor {PEFT_BIN_NAME}: the peft adapter has no weights")
 
 
-def _split_tensors(tensors: dict[str, Tensor], fmt: PeftFormat, directory: Path) -> tuple[dict[str, dict], dict[str, Tensor]]:
-    """peft keys -> ({module: {tensor name: tensor}}, {saved-module key: tensor}), every module complete."""
+def split_peft_tensors(
+    tensors: dict[str, Tensor], fmt: PeftFormat, source: str | Path
+) -> tuple[dict[str, dict], dict[str, Tensor]]:
+    """peft keys (a file's, or ``get_peft_model_state_dict``'s) -> ({module: {tensor name: tensor}},
+    {saved-module key: tensor}), every module with all of ``fmt.tensor_names``; ``source`` names them in errors."""
     per_module: dict[str, dict[str, Tensor]] = {}
     saved: dict[str, Tensor] = {}
     for key, value in tensors.items():
         if not key.startswith(PEFT_PREFIX):
-            raise ValueError(f"{directory}: tensor {key!r} does not start with {PEFT_PREFIX!r}: not a peft adapter file")
+            raise ValueError(f"{source}: tensor {key!r} does not start with {PEFT_PREFIX!r}: not a peft adapter file")
         key = key[len(PEFT_PREFIX):]
-        name = next((n for n in fmt.tensor_names if key.endswith("." + n)), None)
+        name = next((n for n in fmt.tensor_names + fmt.optional_names if key.endswith("." + n)), None)
         if name is None:
             saved[key] = value  # a modules_to_save tensor, or checked (and refused) as one by build_adapter
         else:
@@ -301,9 +545,9 @@ def _split_tensors(tensors: dict[str, Tensor], fmt: PeftFormat, directory: Path)
     for module, local in per_module.items():
         missing = sorted(set(fmt.tensor_names) - set(local))
         if missing:
-            raise ValueError(f"{directory}: module {module!r} lacks peft tensors {missing}; the file is incomplete")
+            raise ValueError(f"{source}: module {module!r} lacks peft tensors {missing}; the file is incomplete")
     if not per_module:
-        raise ValueError(f"{directory} holds no {fmt.peft_type} tensors ({', '.join(fmt.tensor_names)})")
+        raise ValueError(f"{source} holds no {fmt.peft_type} tensors ({', '.join(fmt.tensor_names)})")
     return per_module, saved
 
 
@@ -319,24 +563,29 @@ def export_peft(model: OrthoModel, directory: str | Path, adapter_name: str) -> 
             f"orthotune's {config.method!r} has no peft format to export to; exportable methods: {sorted(FORMATS)}. "
             "Save it with save_adapter(), or merge_and_unload() it for tools that read plain weights"
         )
+    peft_config = fmt.config_out(config)  # refuses options peft's format cannot express, before the tensors
     tensors: dict[str, Tensor] = {}
     layers = [(n, layer) for n, layer in model.adapter_layers() if adapter_name in layer.adapters]
     with torch.no_grad():
         for lname, layer in layers:
-            for k, v in fmt.tensors_out(layer.adapters[adapter_name], layer.base_layer).items():
-                tensors[f"{PEFT_PREFIX}{lname}.{k}"] = v
+            try:
+                local = fmt.tensors_out(layer.adapters[adapter_name], layer.base_layer)
+            except ValueError as err:
+                raise ValueError(f"cannot export adapter {adapter_name!r} to peft, module {lname!r}: {err}") from None
+            tensors.update({f"{PEFT_PREFIX}{lname}.{k}": v for k, v in local.items()})
         for key, value in adapter_state_dict(model, adapter_name).items():
             if key.startswith(SAVED_PREFIX):
                 tensors[PEFT_PREFIX + key[len(SAVED_PREFIX):]] = value
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     base_cfg = getattr(model.base_model, "config", None)
-    peft_config = {
-        **fmt.config_out(config),
-        "target_modules": [n for n, _ in layers],
-        "modules_to_save": config.modules_to_save,
-        "fan_in_fan_out": all(layer.kind == "conv1d" for _, layer in layers),
-        "task_type": None,
-        "inference_mode": True,
-        "base_model_name_or_path": getattr(base_cfg, "name_or_path", None) or None,
-    }
+    peft_config.update(
+        target_modules=[n for n, _ in layers],
+        modules_to_save=config.modules_to_save,
+        task_type=None,
+        inference_mode=True,
+        base_model_name_or_path=getattr(base_cfg, "name_or_path", None) or None,
+        peft_version=PEFT_FORMAT_VERSION,
+    )
+    if all(layer.kind == "conv1d" for _, layer in layers):  # GPT-2 Conv1D (not every peft config has the field)
+        peft_config["fan_in_fan_out"] = True
     write_folder(directory, tensors, peft_config, {"format": "pt"}, checksum=False)

@@ -20,7 +20,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+import torch.nn.functional as F
+
 from ..config import AdapterConfig, check_choice, check_positive_int
+from ..layer import frozen_weight
 from ..ops import spectral
 from .base import AdapterMethod, Base, cast_to
 
@@ -61,7 +64,8 @@ class LoCAConfig(AdapterConfig):
     )
     compute: str = field(
         default="auto",
-        metadata={"help": "'lowrank' (rank-n on activations), 'dense' (form dW once per call) or 'auto' (cheaper by FLOPs)."},
+        metadata={"help": "'lowrank' (rank-n on activations), 'dense' (form dW once per call, folded into the frozen "
+                  "weight when no other adapter is composed) or 'auto' (cheaper by FLOPs)."},
     )
 
     def validate(self) -> None:
@@ -128,7 +132,18 @@ class SparseSpectrum(AdapterMethod):
 
     def forward(self, x: Tensor, base: Base) -> Tensor:
         (c,) = cast_to(x, self.spectrum)
-        return base(x) + spectral.sparse_apply(self.dropout(x), *self.factors(c), compute=self.config.compute)
+        P, Q, c = self.factors(c)
+        # Folding dW into the frozen weight needs that weight, and no dropout on the update's input.
+        W = frozen_weight(base) if isinstance(self.dropout, nn.Identity) or not self.training else None
+        compute = self.config.compute
+        if compute == "auto":
+            grad = torch.is_grad_enabled() and c.requires_grad
+            tokens = x.numel() // max(x.shape[-1], 1)
+            dense = spectral.prefers_dense(tokens, c.shape[0], self.d_in, self.d_out, grad, merged=W is not None)
+            compute = "dense" if dense else "lowrank"
+        if compute == "dense" and W is not None:
+            return F.linear(x, spectral.add_sparse_delta(W, P, Q, c))
+        return base(x) + spectral.sparse_apply(self.dropout(x), P, Q, c, compute=compute)
 
     def merged_weight(self, W: Tensor) -> Tensor:
         return W + self.delta_weight(W.dtype, W.device)

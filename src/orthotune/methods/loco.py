@@ -23,9 +23,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .. import batching
 from ..config import AdapterConfig, check_choice, check_positive_int
 from ..ops import lowrank, skew
-from .base import AdapterMethod, Base, cast_to
+from .base import AdapterMethod, Base
 
 MODES = ("exact", "sequential", "approx")
 
@@ -101,11 +102,37 @@ class LoCO(AdapterMethod):
             Uc, Vc, M = skew.chain_core(A, B, C)
         return Uc, M, Vc
 
+    def core_key(self) -> tuple:
+        """LoCO layers of one mode, chain length and rank share one batched core per step, whatever their width."""
+        c = self.config
+        return (c.mode, c.chain_length, c.rank, self.U.dtype, self.U.device)
+
+    def step_core(self) -> tuple[Tensor, Tensor]:
+        """What forward applies: ``(U, Wt)`` with ``R x = x + U Wt x`` (``Wt = M V^T``); per factor in sequential mode."""
+        ((U, W),) = _step_cores(self.config.mode, [(self.U[None], self.V[None])])
+        return U[0], W[0]
+
+    @classmethod
+    def step_cores(cls, modules: list[LoCO]) -> list[tuple[list[int], tuple[Tensor, Tensor]]]:
+        """:meth:`step_core` of many layers: stacked per width, the small cores of all widths in one computation."""
+        widths: dict[int, list[int]] = {}
+        for i, m in enumerate(modules):
+            widths.setdefault(m.d_in, []).append(i)
+        stacks = []
+        for idx in widths.values():
+            # One stack for U and V, then leading-dim slices: their gradients come back as contiguous
+            # slices of one tensor, which autograd hands to the parameters without a copy each.
+            both = torch.stack([modules[i].U for i in idx] + [modules[i].V for i in idx])
+            stacks.append((both[: len(idx)], both[len(idx) :]))
+        return list(zip(widths.values(), _step_cores(modules[0].config.mode, stacks)))
+
     def forward(self, x: Tensor, base: Base) -> Tensor:
-        if self.config.mode == "sequential":
-            A, B, C = cast_to(x, *self.factors())
-            return base(skew.sequential_apply_rows(x, A, B, C))
-        return base(lowrank.apply_rows(x, *cast_to(x, *self.core())))
+        U, W = batching.current(self, x.dtype)
+        if self.config.mode == "sequential":  # R = R_1 ... R_k: factor k meets x first
+            for i in reversed(range(U.shape[0])):
+                x = lowrank.rotate_rows(x, U[i], W[i])
+            return base(x)
+        return base(lowrank.rotate_rows(x, U, W))
 
     def merged_weight(self, W: Tensor) -> Tensor:
         U, M, V = self.core()
@@ -123,6 +150,39 @@ class LoCO(AdapterMethod):
             report = {"orthogonality_error": float(lowrank.orthogonality_error(*self.core()))}
             report.update(approximation_error(self))
         return report
+
+
+def _step_cores(mode: str, stacks: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
+    """Per-step cores of layers given as stacks ``(U, V)`` of shape (L, k, d, r), one stack per width.
+
+    Only the Gram matrices ``B^T A`` (2kr x 2kr) depend on the width: they are computed per stack,
+    then ``phi`` and the chain core run once for all layers of all widths, and the core is folded
+    into the right factor per stack. Returns, per stack, exact / approx: ``(U_c, M V_c^T)``
+    ((L, d, 2kr), (L, 2kr, d)), the one form; sequential: ``(A_i, C_i B_i^T)`` ((L, k, d, 2r),
+    (L, k, 2r, d)), one pair per factor. Float32 (float64 if the parameters are).
+    """
+    k = stacks[0][0].shape[-3]
+    parts = []
+    for U, V in stacks:
+        if U.dtype not in (torch.float32, torch.float64):
+            U, V = U.float(), V.float()
+        A, B = skew.skew_factors(U, V)
+        parts.append((A, B, skew.stack_factors(A), skew.stack_factors(B)))
+    gram = torch.cat([Vs.transpose(-1, -2) @ Us for _, _, Us, Vs in parts])
+    if mode == "approx":
+        small = skew.phi(gram)  # exp(S_1 + ... + S_k) = I + U phi(V^T U) V^T
+    else:
+        C = skew.phi(skew.diagonal_blocks(gram, k))
+        small = C if mode == "sequential" else skew.chain_from_gram(gram, C)
+    out, start = [], 0
+    for A, B, Us, Vs in parts:
+        core = small[start : start + A.shape[0]]
+        start += A.shape[0]
+        if mode == "sequential":
+            out.append((A, core @ B.transpose(-1, -2)))
+        else:
+            out.append((Us, core @ Vs.transpose(-1, -2)))
+    return out
 
 
 @torch.no_grad()

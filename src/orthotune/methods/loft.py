@@ -27,10 +27,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .. import batching
 from ..config import AdapterConfig, check_choice, check_positive_int
 from ..ops import lowrank
 from ..supports import CoordinateSupport, DenseSupport, FullSupport, coordinate_basis, principal_basis, random_basis
-from ..transforms import BlockCayley, Butterfly, Givens, Householder, Mode, SkewExp, Transform
+from ..transforms import BlockCayley, Butterfly, Givens, Householder, LowRankTransform, Mode, SkewExp, Transform
 from .base import AdapterMethod, Base, cast_to
 
 SUPPORTS = ("principal", "gradient", "gradient_coordinate", "random", "coordinate", "full")
@@ -116,6 +117,9 @@ class LOFT(AdapterMethod):
     def build(config: LOFTConfig, d_in: int, d_out: int, weight: Tensor, like: Tensor) -> tuple[Support, Transform]:
         """The support and the (not yet initialised) transform for one layer."""
         kind, r = config.support, _dim(config, d_in)
+        # a support basis is fixed, not trained: kept in float32, since one rounded to bfloat16 is
+        # orthonormal only to ~4e-3 and R = I + P (T - I) P^T inherits that error
+        basis = like if like.dtype in (torch.float32, torch.float64) else like.float()
         if kind == "full":
             support: Support = FullSupport(d_in)
         elif kind in ("coordinate", "gradient_coordinate"):
@@ -123,11 +127,11 @@ class LOFT(AdapterMethod):
             index = torch.full((r,), -1, device=like.device) if task_aware else coordinate_basis(r, like.device)
             support = CoordinateSupport(index, task_aware=task_aware)
         elif kind == "principal":
-            support = DenseSupport(principal_basis(weight, r).to(like))
+            support = DenseSupport(principal_basis(weight, r).to(basis))
         elif kind == "random":
-            support = DenseSupport(random_basis(d_in, r, like))
+            support = DenseSupport(random_basis(d_in, r, basis))
         else:
-            support = DenseSupport(torch.zeros(d_in, r, dtype=like.dtype, device=like.device), task_aware=True)
+            support = DenseSupport(torch.zeros(d_in, r, dtype=basis.dtype, device=like.device), task_aware=True)
         return support, _transform(config, r, like)
 
     @classmethod
@@ -180,8 +184,57 @@ class LOFT(AdapterMethod):
                 "orthotune.select_supports(model, data_loader) before training or inference"
             )
 
+    # ------------------------------------------------------------------ batched per-step cores
+    def core_key(self) -> tuple | None:
+        """LOFT layers of one transform signature and support kind share one batched core per step.
+
+        Coordinate supports and path dropout keep the per-layer path (None).
+        """
+        if self.path_dropout is not None or not self.transform.batchable or not self.support.ready:
+            return None
+        if not isinstance(self.support, (FullSupport, DenseSupport)):
+            return None
+        ref = next(self.transform.parameters())
+        return (type(self.transform), self.transform.signature(), type(self.support), self.d_in, ref.dtype, ref.device)
+
+    def step_core(self) -> tuple[Tensor, ...]:
+        """What forward applies: ``(U, M V^T)`` of the one form, or the structured transform's core."""
+        ((_, core),) = self.step_cores([self])
+        return tuple(t[0] for t in core)
+
+    @classmethod
+    def step_cores(cls, modules: list[LOFT]) -> list[tuple[range, tuple[Tensor, ...]]]:
+        """:meth:`step_core` of many layers of one :meth:`core_key`: the transforms' cores in one call."""
+        t = modules[0].transform
+        core = type(t).stack_cores([m.transform for m in modules])
+        lowrank_t = isinstance(t, LowRankTransform)
+        if isinstance(modules[0].support, FullSupport):
+            if lowrank_t:
+                A, M, B = core
+                core = (A, M @ B.mT)
+            return [(range(len(modules)), core)]
+        P = torch.stack([m.support.P for m in modules])
+        P = P if P.dtype in (torch.float32, torch.float64) else P.float()
+        if lowrank_t and core[1].shape[-1] < t.dim:
+            A, M, B = core
+            U, M, V = P @ A, M, P @ B
+        else:  # T - I on the support (dense r x r per layer, from each layer's slice of the batched core)
+            eye = torch.eye(t.dim, dtype=P.dtype, device=P.device)
+            T = torch.stack([m.transform.apply_core(tuple(c[i] for c in core), eye, "merge") for i, m in enumerate(modules)])
+            U, M, V = P, T - eye, P
+        return [(range(len(modules)), (U, M @ V.mT))]
+
+    def _batched(self) -> bool:
+        return self.path_dropout is None and self.transform.batchable and isinstance(self.support, (FullSupport, DenseSupport))
+
     def forward(self, x: Tensor, base: Base) -> Tensor:
         self._check_ready()
+        if self._batched():
+            core = batching.current(self, x.dtype)
+            if isinstance(self.support, DenseSupport) or isinstance(self.transform, LowRankTransform):
+                U, Wt = core
+                return base(lowrank.rotate_rows(x, U, Wt))
+            return base(self.transform.apply_core(core, x, "forward"))
         form = self._lowrank_form()
         if form is None:
             return base(self._rotate_structured(x, "forward"))

@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..config import AdapterConfig, check_positive_int
-from .base import AdapterMethod, Base, cast_to
+from .. import batching
+from ..config import AdapterConfig, check_finite_number, check_positive_int
+from ..ops import lowrank
+from .base import AdapterMethod, Base
 
 
 @dataclass
@@ -29,6 +31,7 @@ class LoRAConfig(AdapterConfig):
 
     def validate(self) -> None:
         check_positive_int("r", self.r)
+        check_finite_number("lora_alpha", self.lora_alpha)
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
 
@@ -66,9 +69,24 @@ class LoRA(AdapterMethod):
     def delta_weight(self) -> Tensor:
         return self.scaling * (self.lora_B.float() @ self.lora_A.float())
 
+    def core_key(self) -> tuple:
+        """LoRA layers of one shape and scale share one batched cast per step."""
+        return (self.config.r, self.d_in, self.d_out, self.scaling, self.lora_A.dtype, self.lora_A.device)
+
+    def step_core(self) -> tuple[Tensor, Tensor]:
+        """``(A, s B)``: the factors forward applies, the scale folded into ``B``."""
+        return self.lora_A, self.scaling * self.lora_B
+
+    @classmethod
+    def step_cores(cls, modules: list[LoRA]) -> list[tuple[range, tuple[Tensor, Tensor]]]:
+        A = torch.stack([m.lora_A for m in modules])
+        B = torch.stack([m.lora_B for m in modules])
+        return [(range(len(modules)), (A, modules[0].scaling * B))]
+
     def forward(self, x: Tensor, base: Base) -> Tensor:
-        A, B = cast_to(x, self.lora_A, self.lora_B)
-        return base(x) + self.scaling * ((self.dropout(x) @ A.T) @ B.T)
+        A, B = batching.current(self, x.dtype)
+        # dropout=0 is nn.Identity: skip the module call (host time is what these layers cost on a GPU)
+        return lowrank.add_lowrank(base(x), x if self.config.lora_dropout == 0 else self.dropout(x), A, B)
 
     def merged_weight(self, W: Tensor) -> Tensor:
         return W + self.delta_weight().to(W.dtype)

@@ -123,7 +123,8 @@ class PSOFT(LOFT):
     @staticmethod
     def build(config: PSOFTConfig, d_in: int, d_out: int, weight: Tensor, like: Tensor) -> tuple[DenseSupport, Transform]:
         P = principal_basis(weight, config.r, config.psoft_svd, config.psoft_svd_lowrank_niter, config.random_seed)
-        return DenseSupport(P.to(like)), PSOFTTransform(config, like)
+        # the fixed basis stays float32 (as in LOFT.build): rounded to bfloat16 it is orthonormal only to ~4e-3
+        return DenseSupport(P.to(like if like.dtype in (torch.float32, torch.float64) else like.float())), PSOFTTransform(config, like)
 
     @classmethod
     def check_layer(cls, config: PSOFTConfig, d_in: int, d_out: int, name: str) -> None:

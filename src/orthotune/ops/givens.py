@@ -46,11 +46,12 @@ def tree_layout(dim: int) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def coefficients(theta: Tensor, angle_index: Tensor, sign: Tensor) -> tuple[Tensor, Tensor]:
-    """``(C, S)`` (L, dim) from the ``dim - 1`` angles: ``C = cos``, ``S = sign * sin`` per coordinate."""
-    padded = torch.cat([theta, theta.new_zeros(1)])
+    """``(C, S)`` (..., L, dim) from the ``dim - 1`` angles (..., dim - 1): ``C = cos``, ``S = sign * sin``."""
+    padded = torch.cat([theta, theta.new_zeros(*theta.shape[:-1], 1)], -1)
     flat = angle_index.flatten()
-    cos = torch.cos(padded).index_select(0, flat).view(angle_index.shape)
-    sin = torch.sin(padded).index_select(0, flat).view(angle_index.shape)
+    shape = (*theta.shape[:-1], *angle_index.shape)
+    cos = torch.cos(padded).index_select(-1, flat).view(shape)
+    sin = torch.sin(padded).index_select(-1, flat).view(shape)
     return cos, sign.to(theta.dtype) * sin
 
 

@@ -15,9 +15,9 @@ from .skew import chain_core
 
 
 def reflection_core(u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(U, M, V)`` with ``H_1 ... H_k = I + U M V^T`` for the columns ``u_i`` of ``u`` (d, k)."""
-    A = u.T.unsqueeze(-1)  # (k, d, 1)
-    C = (-2.0 / (u * u).sum(0)).reshape(-1, 1, 1)
+    """``(U, M, V)`` with ``H_1 ... H_k = I + U M V^T`` for the columns ``u_i`` of ``u`` (..., d, k)."""
+    A = u.transpose(-1, -2).unsqueeze(-1)  # (..., k, d, 1)
+    C = (-2.0 / (u * u).sum(-2))[..., None, None]
     U, V, M = chain_core(A, A, C)
     return U, M, V
 
@@ -29,7 +29,7 @@ def gram_schmidt_core(u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """
     Q = torch.linalg.qr(u).Q
     k = u.shape[-1]
-    return Q, -2.0 * torch.eye(k, dtype=u.dtype, device=u.device), Q
+    return Q, (-2.0 * torch.eye(k, dtype=u.dtype, device=u.device)).expand(*u.shape[:-2], k, k), Q
 
 
 def orthogonality_penalty(u: Tensor) -> Tensor:

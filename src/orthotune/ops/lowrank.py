@@ -8,12 +8,28 @@ that triple without ever forming a d x d matrix, except :func:`materialize`, whi
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
 def apply_rows(x: Tensor, U: Tensor, M: Tensor, V: Tensor) -> Tensor:
     """Rotate row vectors: ``x R^T = x + ((x V) M^T) U^T`` for ``x`` of shape (..., d)."""
     return x + ((x @ V) @ M.transpose(-1, -2)) @ U.transpose(-1, -2)
+
+
+def rotate_rows(x: Tensor, U: Tensor, Wt: Tensor) -> Tensor:
+    """``x + (x Wt^T) U^T``: the one form with ``M`` folded in (``Wt = M V^T``), for ``x`` of shape (..., d).
+
+    Same values as :func:`apply_rows` (``apply_rows(x, U, M, V) == rotate_rows(x, U, M @ V.T)``)
+    with one small matmul less; ``U`` (d, m) and ``Wt`` (m, d) in ``x``'s dtype. Three plain ops on
+    purpose: on a GPU these layers are host-bound, so the fewest dispatches (and a C++ backward) win.
+    """
+    return x + F.linear(F.linear(x, Wt), U)
+
+
+def add_lowrank(y: Tensor, x: Tensor, A: Tensor, B: Tensor) -> Tensor:
+    """``y + (x A^T) B^T`` for ``x`` (..., d_in), ``A`` (m, d_in), ``B`` (d_out, m): LoRA's update."""
+    return y + F.linear(F.linear(x, A), B)
 
 
 def materialize(U: Tensor, M: Tensor, V: Tensor) -> Tensor:

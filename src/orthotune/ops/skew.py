@@ -10,23 +10,57 @@ Shapes: factor stacks are (..., k, d, m); cores are (..., m, m); leading dims ba
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
 from .lowrank import lowrank_norm
 
 
+def expm(X: Tensor) -> Tensor:
+    """``exp(X)`` for a batch of small square matrices (..., n, n): scaling and squaring, exact for any norm.
+
+    Each matrix is scaled by ``2^-s`` (its own ``s``) to 1-norm <= 1, where a Taylor polynomial of
+    degree 12 (float32) or 18 (float64) is exact to the dtype's rounding (remainder below
+    ``1.1/13!`` = 2e-10, ``1.1/19!`` = 1e-17), evaluated by Horner in one batched ``baddbmm`` per
+    degree; then squared ``s`` times. Unlike ``torch.linalg.matrix_exp`` (on CUDA a host sync and a
+    data-dependent loop per call, again in backward), this costs one host read of ``max s`` per
+    call and a fixed, short list of batched kernels; backward is plain autograd. Under
+    ``torch.compile`` (no host reads allowed) it is ``torch.linalg.matrix_exp``, which compilers trace.
+    """
+    if torch.compiler.is_compiling():
+        return torch.linalg.matrix_exp(X)
+    n = X.shape[-1]
+    batch = X.reshape(-1, n, n)
+    degree = 18 if X.dtype == torch.float64 else 12
+    s = torch.ceil(torch.log2(batch.abs().sum(-2).amax(-1))).clamp_(min=0.0)
+    s = torch.nan_to_num(s, nan=0.0, posinf=0.0)  # non-finite input: NaN out, no squaring loop
+    squarings = int(s.max()) if s.numel() else 0
+    Y = batch * torch.exp2(-s)[:, None, None]
+    eye = _eye(n, X.dtype, X.device).expand_as(Y)
+    P = torch.baddbmm(eye, Y, eye, alpha=1.0 / degree)
+    for j in range(degree - 1, 0, -1):
+        P = torch.baddbmm(eye, Y, P, alpha=1.0 / j)  # I + Y P / j
+    for i in range(squarings):
+        P = torch.where((s > i)[:, None, None], P @ P, P)
+    return P.reshape(X.shape)
+
+
 def phi(Z: Tensor) -> Tensor:
     """``phi(Z) = sum_{j>=0} Z^j/(j+1)!`` (= ``Z^{-1}(e^Z - I)``), exact for any norm.
 
-    Read off the top-right block of ``exp([[Z, I], [0, 0]])``; ``torch.linalg.matrix_exp`` uses
-    scaling and squaring, so there is no truncated series to go wrong for large generators.
+    Read off the top-right block of ``exp([[Z, I], [0, 0]])`` (:func:`expm`: scaling and squaring,
+    so there is no truncated series to go wrong for large generators).
     """
     n = Z.shape[-1]
-    eye = torch.eye(n, dtype=Z.dtype, device=Z.device).expand_as(Z)
-    zero = torch.zeros_like(Z)
-    aug = torch.cat([torch.cat([Z, eye], -1), torch.cat([zero, zero], -1)], -2)
-    return torch.linalg.matrix_exp(aug)[..., :n, n:]
+    aug = torch.nn.functional.pad(torch.cat([Z, _eye(n, Z.dtype, Z.device).expand_as(Z)], -1), (0, 0, 0, n))
+    return expm(aug)[..., :n, n:]
+
+
+@functools.lru_cache(maxsize=64)
+def _eye(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.eye(n, dtype=dtype, device=device)
 
 
 def skew_factors(U: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
@@ -47,15 +81,39 @@ def stack_factors(A: Tensor) -> Tensor:
 
 
 def _block_diag(C: Tensor) -> Tensor:
-    """(..., k, m, m) -> (..., k*m, k*m) block-diagonal, batched."""
+    """(..., k, m, m) -> (..., k*m, k*m) block-diagonal, batched (one kernel)."""
     *lead, k, m, _ = C.shape
-    eye_k = torch.eye(k, dtype=C.dtype, device=C.device)
-    return torch.einsum("...imn,ij->...imjn", C, eye_k).reshape(*lead, k * m, k * m)
+    return torch.diag_embed(C.movedim(-3, -1), dim1=-4, dim2=-2).reshape(*lead, k * m, k * m)
 
 
-def _strict_block_upper_mask(k: int, m: int, like: Tensor) -> Tensor:
-    blocks = torch.ones(k, k, dtype=like.dtype, device=like.device).triu(1)
-    return torch.kron(blocks, torch.ones(m, m, dtype=like.dtype, device=like.device))
+@functools.lru_cache(maxsize=64)
+def _strict_block_upper_mask(k: int, m: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    blocks = torch.ones(k, k, dtype=dtype, device=device).triu(1)
+    return blocks.repeat_interleave(m, 0).repeat_interleave(m, 1)
+
+
+def diagonal_blocks(X: Tensor, k: int) -> Tensor:
+    """(..., k*m, k*m) -> (..., k, m, m): the k diagonal blocks (a view)."""
+    *lead, n, _ = X.shape
+    m = n // k
+    return torch.diagonal(X.reshape(*lead, k, m, k, m), dim1=-4, dim2=-2).movedim(-1, -3)
+
+
+def chain_from_gram(gram: Tensor, C: Tensor) -> Tensor:
+    """``M = C (I - G C)^{-1}`` of :func:`chain_core`, from the Gram matrix ``V^T U`` (..., km, km) and the C_i.
+
+    ``G`` is the strictly block-upper part of ``gram``; ``N = G C`` is nilpotent of order k, so
+    ``(I - N)^{-1} = I + N + ... + N^{k-1}`` exactly, evaluated by Horner in k - 1 batched products:
+    no solve, no approximation.
+    """
+    k, m = C.shape[-3], C.shape[-1]
+    Cb = _block_diag(C)
+    N = (gram * _strict_block_upper_mask(k, m, gram.dtype, gram.device)) @ Cb
+    eye = _eye(k * m, gram.dtype, gram.device)
+    S = eye + N
+    for _ in range(k - 2):
+        S = eye + N @ S
+    return Cb @ S
 
 
 def chain_core(A: Tensor, B: Tensor, C: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -63,16 +121,11 @@ def chain_core(A: Tensor, B: Tensor, C: Tensor) -> tuple[Tensor, Tensor, Tensor]
 
     ``U``/``V`` stack the ``A_i``/``B_i``; ``M = C (I - G C)^{-1}`` with ``C = blockdiag(C_i)`` and
     ``G`` strictly block-upper-triangular, ``G_ij = B_i^T A_j`` (i < j). ``G C`` is nilpotent, so
-    ``I - G C`` is unit upper triangular: one small triangular solve, no approximation.
+    ``I - G C`` is unit upper triangular and its inverse a finite series (:func:`chain_from_gram`).
     Serves LoCO chains (``C_i = phi(B_i^T A_i)``) and Householder products (compact WY form).
     """
-    k, m = A.shape[-3], A.shape[-1]
     U, V = stack_factors(A), stack_factors(B)
-    Cb = _block_diag(C)
-    G = (V.transpose(-1, -2) @ U) * _strict_block_upper_mask(k, m, U)
-    eye = torch.eye(k * m, dtype=U.dtype, device=U.device)
-    M = torch.linalg.solve_triangular(eye - G @ Cb, Cb, upper=True, left=False)
-    return U, V, M
+    return U, V, chain_from_gram(V.transpose(-1, -2) @ U, C)
 
 
 def sum_exp_core(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor, Tensor]:
