@@ -3,15 +3,15 @@
 The lent GPU machine takes at most 64 MiB of carried files per call and keeps them while it
 stays warm, so the assets travel in two calls:
 
-* ``recipes-a/``: the code, all-MiniLM-L6-v2 with its vocabulary cut to the 2,638 tokens BANKING77 uses
+* ``a/``: the code, all-MiniLM-L6-v2 with its vocabulary cut to the 2,638 tokens BANKING77 uses
   (exact for this data: WordPiece picks the same pieces, and no other row of the embedding is
   ever read) and stored in float16 (24 MB instead of 91 MB), the BANKING77 TSVs, Fashion-MNIST
   at 16x16 as uint8 (what the recipes compute from the 28x28 originals), and the first part of
   the SmolLM2 GGUF, xz-compressed (lossless: the file's sha256 is checked after reassembly);
-* ``recipes-b/``: the code, the rest of the GGUF, the ``gguf`` wheel and the math data as JSONL (the
+* ``b/``: the code, the rest of the GGUF, the ``gguf`` wheel and the math data as JSONL (the
   rows reasoning-gym generates for the recipe's seeds).
 
-    python benchmarks/device_assets.py --out /work/main/.carry --gguf-xz smollm2.gguf.xz --wheel gguf-0.19.0-py3-none-any.whl
+    python benchmarks/device_assets.py --out /work/main/.carry/recipes --gguf-xz smollm2.gguf.xz --wheel gguf-0.19.0-py3-none-any.whl
 """
 
 from __future__ import annotations
@@ -107,15 +107,25 @@ def size(path: Path) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="folder that gets recipes-a/ and recipes-b/")
-    parser.add_argument("--gguf-xz", required=True, help="xz -6 of SmolLM2-135M-Instruct.Q4_1.gguf")
-    parser.add_argument("--wheel", required=True, help="the gguf wheel (pure Python)")
+    parser.add_argument("--out", required=True, help="folder that gets a/ and b/ (one per call)")
+    parser.add_argument("--gguf-xz", help="xz -6 of SmolLM2-135M-Instruct.Q4_1.gguf")
+    parser.add_argument("--wheel", help="the gguf wheel (pure Python)")
     parser.add_argument("--reserve", type=int, default=2 * 2**20, help="bytes left for the repository's own tree")
+    parser.add_argument("--code-only", action="store_true", help="refresh only the code, recipes and scripts of packed folders")
     args = parser.parse_args()
     from orthotune.train.assets import INTENT_SETS  # noqa: F401 - fails early if orthotune is broken
 
     out = Path(args.out)
-    a, b = out / "recipes-a", out / "recipes-b"
+    a, b = out / "a", out / "b"
+    if args.code_only:
+        for d, script in ((a, "device_call1.sh"), (b, "device_call2.sh")):
+            for old in ("src", "benchmarks", "recipes", script):
+                shutil.rmtree(d / old) if (d / old).is_dir() else (d / old).unlink(missing_ok=True)
+            copy_code(d, script)
+            print(d, f"{size(d) / 2**20:.2f} MiB")
+        return
+    if not (args.gguf_xz and args.wheel):
+        parser.error("--gguf-xz and --wheel are needed to pack the folders (or --code-only)")
     for d, script in ((a, "device_call1.sh"), (b, "device_call2.sh")):
         if d.exists():
             shutil.rmtree(d)
