@@ -31,7 +31,8 @@ When a cached core is used:
 
 Without a valid cache (direct layer calls, methods without the protocol, ``torch.compile``, which
 fuses the per-layer cores itself) ``current`` falls back to ``step_core()``: the same values, layer
-by layer.
+by layer. So do modules whose parameters are FSDP2 shards (DTensors) when the hook runs: FSDP
+gathers them only inside each block's own forward, so their cores are computed there.
 """
 
 from __future__ import annotations
@@ -169,6 +170,8 @@ def refresh(root: nn.Module) -> int | None:
     pass_id = _LAST_PASS[0] = next(_PASSES)
     for (cls, _, dtype), modules in groups.items():
         params = [_params(m) for m in modules]
+        if any(_sharded(p) for p in params):
+            continue  # FSDP: parameters are shards until each layer's own forward; cores per layer there
         grad = any(_needs_grad(p) for p in params)
         entries = [_CACHE.get(m) for m in modules]
         if not grad and all(_usable(e, p, False) for e, p in zip(entries, params)):
@@ -186,6 +189,12 @@ def refresh(root: nn.Module) -> int | None:
                 _CACHE[modules[i]] = _Entry(_stamp(params[i]), dtype, tuple(s[j] for s in slices), group, pass_id)
         calls += 1
     return calls
+
+
+def _sharded(params: list[Tensor]) -> bool:
+    """Whether any tensor is a DTensor (a parameter sharded by FSDP2's ``fully_shard``); by class name,
+    as builds without ``torch.distributed`` have no DTensor to import."""
+    return any(type(p).__name__ == "DTensor" for p in params)
 
 
 def _spend(group: _Group):

@@ -2,6 +2,7 @@
 
     orthotune finetune --config recipes/text_banking77.yaml --set adapter.rank=8 --seed 1
     orthotune finetune --config recipes/text_banking77.yaml --resume     # continue from the last checkpoint
+    torchrun --nproc_per_node 2 -m orthotune finetune --config recipes/text_banking77.yaml   # DDP on 2 GPUs
     orthotune eval runs/banking77-loco
     orthotune merge runs/banking77-loco --out merged/banking77-loco
     orthotune inspect runs/banking77-loco/adapter
@@ -31,10 +32,19 @@ def _recipe(args: argparse.Namespace):
 
 
 def _finetune(args: argparse.Namespace) -> None:
+    from . import distributed
     from .train.finetune import finetune
 
     config = _recipe(args)
-    results = finetune(config, resume=args.resume, progress=not args.quiet)
+    try:
+        results = finetune(config, resume=args.resume, progress=not args.quiet, distributed=args.distributed)
+    except BaseException:
+        distributed.shutdown(wait=False)  # other ranks may never reach a barrier: the launcher stops them
+        raise
+    main = distributed.is_main_process()
+    distributed.shutdown()
+    if not main:
+        return
     final = results.get("final", {})
     before = results.get("before") or {}
     metric = results["metric"]
@@ -140,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(ft, shortcuts=True)
     ft.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint, if any")
     ft.add_argument("--quiet", action="store_true", help="no progress bar")
+    ft.add_argument("--distributed", choices=["auto", "ddp", "fsdp", "none"], default="auto",
+                    help="under torchrun / accelerate launch: DDP or FSDP2 over the launched processes (auto: DDP when "
+                    "WORLD_SIZE > 1); rank 0 prints and writes (docs/distributed.md)")
     ft.set_defaults(func=_finetune)
 
     for name, helptext, func in (("eval", "evaluate a trained adapter on the recipe's held-out data", _eval),

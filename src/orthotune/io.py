@@ -61,10 +61,15 @@ def adapter_state_dict(model: OrthoModel, adapter_name: str) -> dict[str, torch.
     return state
 
 
-def save_adapter(model: OrthoModel, directory: str | Path, adapter_name: str) -> None:
-    """Write one adapter folder atomically (see the module docstring); refuses non-finite weights."""
+def save_adapter(model: OrthoModel, directory: str | Path, adapter_name: str, state: dict[str, torch.Tensor] | None = None) -> None:
+    """Write one adapter folder atomically (see the module docstring); refuses non-finite weights.
+
+    ``state`` replaces the model's own tensors (:func:`adapter_state_dict`'s keys): the full tensors
+    gathered from FSDP shards (:mod:`orthotune.distributed`), which the model's parameters are not.
+    """
     directory = Path(directory)
-    state = {k: v.to("cpu").contiguous() for k, v in adapter_state_dict(model, adapter_name).items()}
+    state = adapter_state_dict(model, adapter_name) if state is None else state
+    state = {k: v.to("cpu").contiguous() for k, v in state.items()}
     bad = _first_nonfinite(state)
     if bad is not None:
         raise ValueError(

@@ -22,6 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .. import distributed
+from ..io import save_adapter
 from ..model import OrthoModel
 
 LATEST = "latest"
@@ -44,36 +46,41 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_weights(model: nn.Module, directory: Path) -> None:
-    """The adapter (OrthoModel) or, for full fine-tuning, every trainable tensor."""
+def save_weights(model: nn.Module, directory: Path, state: dict[str, torch.Tensor] | None = None) -> None:
+    """The adapter (OrthoModel) or, for full fine-tuning, every trainable tensor.
+
+    ``state``: the tensors to write instead of the model's own (gathered from FSDP shards by
+    :func:`orthotune.distributed.full_state`, same keys).
+    """
     if isinstance(model, OrthoModel):
-        model.save_adapter(directory)
+        save_adapter(model, directory, model.active_adapter, state=state)
     else:
         directory.mkdir(parents=True, exist_ok=True)
-        state = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-        save_file(state, str(directory / FULL_WEIGHTS))
+        state = distributed.live_state(model) if state is None else state
+        save_file({n: t.cpu().contiguous() for n, t in state.items()}, str(directory / FULL_WEIGHTS))
 
 
 @torch.no_grad()
 def load_weights_inplace(model: nn.Module, directory: Path) -> None:
-    """Load saved weights into the live modules (keeping parameter identity, so optimiser state maps)."""
-    if isinstance(model, OrthoModel):
-        model.load_adapter_weights(directory)
+    """Load saved weights into the live modules (keeping parameter identity, so optimiser state maps);
+    ``model`` may be wrapped by :func:`orthotune.distributed.wrap` (FSDP: each rank keeps its shard)."""
+    if isinstance(distributed.unwrap(model), OrthoModel):
+        distributed.load_adapter_weights(model, directory)
         return
-    state = load_file(str(directory / FULL_WEIGHTS))
-    params = dict(model.named_parameters())
-    for name, value in state.items():
-        params[name].copy_(value)
+    distributed.load_full_state(model, load_file(str(directory / FULL_WEIGHTS)))
 
 
-def save_checkpoint(run_dir: Path, step: int, model: nn.Module, trainer_state: dict[str, Any], keep: int) -> Path:
-    """Write ``checkpoints/step-NNNNNN`` atomically, point ``latest`` at it, keep the ``keep`` newest."""
+def save_checkpoint(
+    run_dir: Path, step: int, model: nn.Module, trainer_state: dict[str, Any], keep: int, weights: dict[str, torch.Tensor] | None = None
+) -> Path:
+    """Write ``checkpoints/step-NNNNNN`` atomically, point ``latest`` at it, keep the ``keep`` newest
+    (``weights``: see :func:`save_weights`)."""
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
     try:
-        save_weights(model, tmp / "adapter")
+        save_weights(model, tmp / "adapter", weights)
         torch.save(trainer_state, tmp / STATE)
         if final.exists():
             shutil.rmtree(final)

@@ -3,6 +3,10 @@
 A run folder holds ``config.yaml`` (the resolved recipe), ``adapter/`` (the trained adapter, or the
 trained tensors of a full fine-tune), ``results.json``, ``curves.png``, any task artifacts (a
 sample grid) and ``checkpoints/`` while it trains.
+
+A run launched by torchrun or ``accelerate launch`` trains with DDP or FSDP (``distributed=``, see
+:mod:`orthotune.distributed`); rank 0 alone writes the run folder, which is the same as a
+single-process run's.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import __version__
+from .. import __version__, distributed as dist_run
 from ..model import OrthoModel
 from .assets import offline
 from .checkpoint import latest_checkpoint, save_weights
@@ -110,47 +114,66 @@ class Outcome:
     model: nn.Module
 
 
-def finetune(config: RunConfig, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> dict[str, Any]:
+def finetune(
+    config: RunConfig, resume: bool = False, progress: bool = True, stop_after: int | None = None, distributed: str = "none"
+) -> dict[str, Any]:
     """Run ``config`` end to end; returns (and writes) ``results.json``'s content.
 
     ``resume=True`` continues from the run folder's latest checkpoint (an error if the recipe
     changed), or starts fresh when there is none. ``stop_after`` interrupts the run after that
-    many steps (leaving its checkpoints), as a crash would.
+    many steps (leaving its checkpoints), as a crash would. ``distributed``: ``auto``, ``ddp``,
+    ``fsdp`` or ``none`` (see :func:`orthotune.distributed.resolve`).
     """
-    return run(config, resume, progress, stop_after).results
+    return run(config, resume, progress, stop_after, distributed).results
 
 
-def run(config: RunConfig, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> Outcome:
+def run(
+    config: RunConfig, resume: bool = False, progress: bool = True, stop_after: int | None = None, distributed: str = "none"
+) -> Outcome:
     """:func:`finetune`, also returning the task and the trained model."""
     t0 = time.perf_counter()
+    strategy = dist_run.resolve(distributed)
+    if strategy != "none":
+        dist_run.init(resolve_device(config.device).type)
+    main = dist_run.is_main_process()
     run_dir = Path(config.output_dir)
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if checkpoint is not None:
         saved = read_mapping(run_dir / "config.yaml")
         if saved != config.to_dict():
             raise ValueError(f"{run_dir}/config.yaml differs from this recipe: resume with the recipe the run started with")
-    elif run_dir.joinpath("checkpoints").exists():
+    elif main and run_dir.joinpath("checkpoints").exists():
         shutil.rmtree(run_dir / "checkpoints")  # a fresh start never mixes with an older run's checkpoints
     task, model = build(config, fresh=checkpoint is None)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_config(config, run_dir / "config.yaml")
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_config(config, run_dir / "config.yaml")
+    dist_run.barrier()
     selection = None
-    if checkpoint is None and needs_selection(model):
-        selection = select(model, task, config, progress)
-        (run_dir / "selection.json").write_text(json.dumps(selection, indent=1) + "\n")
+    if checkpoint is None and needs_selection(model):  # every rank selects the same supports from the same batches
+        selection = select(model, task, config, progress and main)
+        if main:
+            (run_dir / "selection.json").write_text(json.dumps(selection, indent=1) + "\n")
     elif checkpoint is not None and (run_dir / "selection.json").is_file():
         selection = json.loads((run_dir / "selection.json").read_text())
     counts = parameter_counts(model)
-    if progress:
+    world = dist_run.world_size()
+    if progress and main:
+        where = f" x {world} processes ({strategy})" if strategy != "none" else ""
         print(f"{config.task} / {config.method}: {counts['trainable']:,} trainable ({counts['adapter']:,} in adapters) "
-              f"of {counts['total']:,} parameters on {task.device}")
+              f"of {counts['total']:,} parameters on {task.device}{where}")
+    if strategy != "none":
+        check_batches(task, config.train.batch_size, world)
+        model = dist_run.wrap(model, strategy)
     fitted = fit(model, task, config.train, run_dir, resume_from=checkpoint, progress=progress, stop_after=stop_after)
+    model = dist_run.unwrap(model)
     results: dict[str, Any] = {
         "task": config.task, "method": config.method, "seed": config.seed, "metric": task.metric,
         "higher_is_better": task.higher_is_better, "parameters": counts, "steps": fitted.steps_done,
         "total_steps": fitted.total_steps, "interrupted": fitted.interrupted,
         "train_seconds": fitted.train_seconds, "eval_seconds": fitted.eval_seconds,
         "history": fitted.history, "selection": selection, "environment": environment(), "config": config.to_dict(),
+        "distributed": {"strategy": strategy, "world_size": world},
     }
     evals = fitted.history["eval"]
     if evals:
@@ -158,7 +181,15 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True, stop_aft
         results["final"] = evals[-1][1]
     if fitted.interrupted:
         return Outcome(results, task, model)
-    save_weights(model, run_dir / "adapter")
+    sharded = dist_run.is_sharded(model)
+    weights = dist_run.full_state(model) if sharded else None  # a collective: every rank takes part
+    if not main:
+        if sharded:  # the artifacts' forwards need every rank's shards: run them, keep rank 0's files only
+            with tempfile.TemporaryDirectory() as scratch:
+                task.artifacts(model, Path(scratch))
+        dist_run.barrier()
+        return Outcome(results, task, model)
+    save_weights(model, run_dir / "adapter", weights)
     from .plots import training_curves
 
     files = [training_curves(fitted.history, task.metric, run_dir / "curves.png", title=f"{config.task} / {config.method}")]
@@ -167,7 +198,19 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True, stop_aft
     results["wall_seconds"] = time.perf_counter() - t0
     (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    dist_run.barrier()
     return Outcome(results, task, model)
+
+
+def check_batches(task: Task, batch_size: int, world: int) -> None:
+    """Refuse, before training, a run where some batch has fewer examples than there are processes."""
+    rest = task.train_size() % batch_size
+    if batch_size < world or 0 < rest < world:
+        small = batch_size if batch_size < world else rest
+        raise ValueError(
+            f"a batch of {small} examples cannot be split over {world} processes: choose train.batch_size (and "
+            f"data.train_size, whose last batch per epoch holds {rest or batch_size}) of at least {world} examples"
+        )
 
 
 def load_run(run: str | Path | None = None, config: RunConfig | None = None, adapter: str | Path | None = None) -> tuple[RunConfig, Path]:

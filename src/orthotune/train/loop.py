@@ -4,6 +4,11 @@ Method-specific steps come from the model itself: LoCA adapters that learn their
 :class:`~orthotune.loca_schedule.LocationLearner` (its alternating schedule runs inside the loop and
 is checkpointed with it). Everything stochastic is either derived from (seed, step) by the task or
 drawn from RNGs that checkpoints save, so an interrupted run resumes bit-identically on CPU.
+
+Under DDP / FSDP (``model`` wrapped by :func:`orthotune.distributed.wrap`) every rank builds the same
+global batch and trains on its slice, with the loss weighted so that the averaged gradient is the
+whole batch's; the logged loss is the whole batch's mean. Every rank evaluates (the same numbers);
+rank 0 alone shows progress and writes checkpoints.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import distributed
 from .checkpoint import load_trainer_state, load_weights_inplace, rng_state, save_checkpoint, set_rng_state
 from .runconfig import TrainSettings
 from .task import Task
@@ -119,7 +125,7 @@ def fit(
         if state["total_steps"] != total:
             raise ValueError(f"the checkpoint was written for a {state['total_steps']}-step run, this run has {total}; keep train.steps/epochs as they were")
         load_weights_inplace(model, resume_from / "adapter")
-        optimizer.load_state_dict(state["optimizer"])
+        distributed.load_optimizer_state(model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         result.history = state["history"]
         result.train_seconds, result.eval_seconds = state["train_seconds"], state["eval_seconds"]
@@ -139,7 +145,7 @@ def fit(
     def evaluate(step: int) -> dict[str, float]:
         t0 = time.perf_counter()
         with autocast:
-            metrics = task.evaluate(model)
+            metrics = task.evaluate(distributed.unwrap(model))
         result.eval_seconds += time.perf_counter() - t0
         result.history["eval"].append([step, metrics])
         return metrics
@@ -147,7 +153,9 @@ def fit(
     if start == 0 and settings.eval_before and not result.history["eval"]:
         evaluate(0)
     last = result.history["eval"][-1][1] if result.history["eval"] else {}
-    bar = tqdm(total=total, initial=start, desc=f"fine-tune {task.name}", disable=not progress, dynamic_ncols=True)
+    main = distributed.is_main_process()
+    world, rank = distributed.world_size(), distributed.rank()
+    bar = tqdm(total=total, initial=start, desc=f"fine-tune {task.name}", disable=not (progress and main), dynamic_ncols=True)
     model.train()
     step = start
     t_start = time.perf_counter()
@@ -155,12 +163,15 @@ def fit(
     try:
         while step < total:
             epoch, index = divmod(step, per_epoch)
-            batch = task.train_batch(epoch, index, settings.batch_size)
-            with autocast:
-                loss = task.loss(model, batch, step)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"the loss is {float(loss)} at step {step}: lower train.lr or set train.grad_clip")
-            loss.backward()
+            batch, share = task.train_batch(epoch, index, settings.batch_size), 1.0
+            if world > 1:
+                batch, share = distributed.shard_batch(batch, rank, world)
+            with autocast:  # ranks draw distinct per-step noise (diffusion) from distinct seeds
+                loss = task.loss(model, batch, step if world == 1 else step * world + rank)
+            mean = distributed.global_mean(loss, share)
+            if not torch.isfinite(mean):
+                raise FloatingPointError(f"the loss is {float(mean)} at step {step}: lower train.lr or set train.grad_clip")
+            (loss if world == 1 else loss * (share * world)).backward()
             if settings.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
             lr = optimizer.param_groups[0]["lr"]
@@ -170,7 +181,7 @@ def fit(
             if learner is not None:
                 learner.step()
             step += 1
-            value = loss.detach().item()
+            value = mean.detach().item()
             result.history["train"].append([step, value, lr])
             postfix = {"loss": f"{value:.4f}"}
             if (settings.eval_every and step % settings.eval_every == 0) or step == total:
@@ -186,12 +197,16 @@ def fit(
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
                 elapsed = time.perf_counter() - t_start - eval_in_loop
-                save_checkpoint(run_dir, step, model, {
-                    "step": step, "epoch": step // per_epoch, "batch_index": step % per_epoch, "total_steps": total,
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "learner": _learner_state(learner), "history": result.history, "rng": rng_state(),
-                    "train_seconds": result.train_seconds + elapsed, "eval_seconds": result.eval_seconds,
-                }, settings.keep_checkpoints)
+                weights = distributed.full_state(model) if distributed.is_sharded(model) else None  # collectives:
+                optimizer_state = distributed.optimizer_state(model, optimizer)  # every rank takes part
+                if main:
+                    save_checkpoint(run_dir, step, distributed.unwrap(model), {
+                        "step": step, "epoch": step // per_epoch, "batch_index": step % per_epoch, "total_steps": total,
+                        "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
+                        "learner": _learner_state(learner), "history": result.history, "rng": rng_state(),
+                        "train_seconds": result.train_seconds + elapsed, "eval_seconds": result.eval_seconds,
+                    }, settings.keep_checkpoints, weights=weights)
+                distributed.barrier()
             if stop_after is not None and step >= stop_after and step < total:
                 result.interrupted = True
                 break
