@@ -133,8 +133,9 @@ def test_givens_compact_equals_the_layers(dim: int, block: int) -> None:
         assert torch.allclose(givens.apply_compact(z, blocks[i], high[i], transpose=True), z @ T, atol=1e-12)
 
 
-def test_givens_compact_block_leaves_large_odd_dims_layered() -> None:
-    assert givens.compact_block(2 * 1001) == 0 and givens.compact_block(5632) == 64
+def test_givens_compact_block_leaves_large_dense_parts_layered() -> None:
+    assert givens.compact_block(2 * 1001) == 0 and givens.compact_block(100_000) == 0
+    assert givens.compact_block(5632) == 64 and givens.compact_block(14336) == 64 and givens.compact_block(1000) == 8
 
 def test_reflection_core_is_the_householder_product() -> None:
     u = torch.randn(20, 5, dtype=f64)

@@ -75,11 +75,12 @@ def apply_rows(z: Tensor, C: Tensor, S: Tensor, partner: Tensor, transpose: bool
     return z
 
 
-def compact_block(dim: int, max_block: int = 64, dense_up_to: int = 256) -> int:
+def compact_block(dim: int, max_block: int = 64, max_high: int = 512, dense_up_to: int = 256) -> int:
     """The block size ``B`` of :func:`compact` for ``dim``: the largest power of two dividing it, at
-    most ``max_block``; 0 (apply layer by layer) when ``B < 8`` would leave a large dense ``m x m``."""
+    most ``max_block``; 0 (apply layer by layer) when the dense ``m x m`` part (``m = dim / B``) would
+    exceed ``max_high`` (LLM widths such as 2048, 5632, 11008, 14336 stay well below it)."""
     block = min(dim & -dim, max_block)
-    return block if block >= 8 or dim <= dense_up_to else 0
+    return block if dim // block <= max_high or dim <= dense_up_to else 0
 
 
 def compact(C: Tensor, S: Tensor, partner: Tensor, block: int) -> tuple[Tensor, Tensor]:
