@@ -124,6 +124,12 @@ def check_finite_number(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a finite number, got {value!r}")
 
 
+def check_dropout(name: str, value: Any) -> None:
+    """Raise a clear error unless ``value`` is a dropout probability in ``[0, 1)``."""
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+
+
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     """Raise a clear error unless ``value`` is one of ``choices``."""
     if value not in choices:

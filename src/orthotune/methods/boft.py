@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..config import AdapterConfig, check_positive_int
+from ..config import AdapterConfig, check_dropout, check_positive_int
 from ..supports import FullSupport
 from ..transforms import Butterfly, Transform
 from .base import Base, cast_to
@@ -41,8 +41,7 @@ class BOFTConfig(FoldOption, AdapterConfig):
             )
         check_positive_int("boft_block_size or boft_block_num", self.boft_block_size or self.boft_block_num)
         check_positive_int("boft_n_butterfly_factor", self.boft_n_butterfly_factor)
-        if not 0.0 <= self.boft_dropout < 1.0:
-            raise ValueError(f"boft_dropout must be in [0, 1), got {self.boft_dropout!r}")
+        check_dropout("boft_dropout", self.boft_dropout)
 
     def block(self, d_in: int) -> int:
         return self.boft_block_size or d_in // self.boft_block_num

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 import torch.nn.functional as F
 
-from ..config import AdapterConfig, check_choice, check_positive_int
+from ..config import AdapterConfig, check_choice, check_dropout, check_positive_int
 from ..layer import frozen_weight
 from ..ops import spectral
 from .base import AdapterMethod, Base, cast_to
@@ -75,8 +75,7 @@ class LoCAConfig(AdapterConfig):
         check_choice("compute", self.compute, COMPUTE)
         if not math.isfinite(self.scale):
             raise ValueError(f"scale must be a finite number, got {self.scale!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        check_dropout("dropout", self.dropout)
         if not (self.location_lr > 0 and math.isfinite(self.location_lr)):
             raise ValueError(f"location_lr must be a positive finite number, got {self.location_lr!r}")
         steps = self.location_learning_steps

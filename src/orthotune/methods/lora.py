@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import batching
-from ..config import AdapterConfig, check_finite_number, check_positive_int
+from ..config import AdapterConfig, check_dropout, check_finite_number, check_positive_int
 from ..ops import lowrank
 from .base import AdapterMethod, Base
 
@@ -32,8 +32,7 @@ class LoRAConfig(AdapterConfig):
     def validate(self) -> None:
         check_positive_int("r", self.r)
         check_finite_number("lora_alpha", self.lora_alpha)
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        check_dropout("lora_dropout", self.lora_dropout)
 
     @property
     def scaling(self) -> float:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from ..config import AdapterConfig, check_positive_int
+from ..config import AdapterConfig, check_dropout, check_positive_int
 from ..supports import FullSupport
 from ..transforms import BlockCayley, Transform
 from .loft import LOFT, FoldOption
@@ -48,8 +48,7 @@ class OFTConfig(FoldOption, AdapterConfig):
             )
         check_positive_int("r or oft_block_size", self.r or self.oft_block_size)
         check_positive_int("num_cayley_neumann_terms", self.num_cayley_neumann_terms)
-        if not 0.0 <= self.module_dropout < 1.0:
-            raise ValueError(f"module_dropout must be in [0, 1), got {self.module_dropout!r}")
+        check_dropout("module_dropout", self.module_dropout)
 
     def block(self, d_in: int) -> int:
         return self.oft_block_size or d_in // self.r

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..config import AdapterConfig, check_choice, check_positive_int
+from ..config import AdapterConfig, check_choice, check_dropout, check_positive_int
 from ..ops import cayley
 from ..supports import DenseSupport, principal_basis
 from ..transforms import Mode, Transform, register_triu_indices, zero_or_normal, core_dtype
@@ -48,8 +48,7 @@ class PSOFTConfig(AdapterConfig):
         check_positive_int("num_cayley_neumann_terms", self.num_cayley_neumann_terms)
         check_positive_int("psoft_svd_lowrank_niter", self.psoft_svd_lowrank_niter)
         check_choice("psoft_svd", self.psoft_svd, ("full", "lowrank"))
-        if not 0.0 <= self.psoft_dropout < 1.0:
-            raise ValueError(f"psoft_dropout must be in [0, 1), got {self.psoft_dropout!r}")
+        check_dropout("psoft_dropout", self.psoft_dropout)
         if self.cayley_neumann_eps is not None and not self.cayley_neumann_eps > 0:
             raise ValueError(f"cayley_neumann_eps must be positive or None, got {self.cayley_neumann_eps!r}")
 
