@@ -127,10 +127,11 @@ def test_givens_compact_equals_the_layers(dim: int, block: int) -> None:
     blocks, high = givens.compact(C, S, partner, block)
     assert blocks.shape == (2, dim // block, block, block) and high.shape == (2, dim // block, dim // block)
     z = torch.randn(3, dim, dtype=f64)
+    idx = torch.arange(0, dim, block)
     for i in range(2):
         T = givens_dense(theta[i], dim)
-        assert torch.allclose(givens.apply_compact(z, blocks[i], high[i]), z @ T.T, atol=1e-12)
-        assert torch.allclose(givens.apply_compact(z, blocks[i], high[i], transpose=True), z @ T, atol=1e-12)
+        assert torch.allclose(givens.apply_compact(z, blocks[i], high[i], idx), z @ T.T, atol=1e-12)
+        assert torch.allclose(givens.apply_compact(z, blocks[i], high[i], idx, transpose=True), z @ T, atol=1e-12)
 
 
 def test_givens_compact_block_leaves_large_dense_parts_layered() -> None:

@@ -225,6 +225,8 @@ class Givens(Transform):
         self.register_buffer("partner", partner.to(like.device), persistent=False)
         self.register_buffer("angle_index", angle_index.to(like.device), persistent=False)
         self.register_buffer("sign", sign.to(like.device), persistent=False)
+        if self.block:  # the coordinates the compact form's dense part acts on
+            self.register_buffer("high_idx", torch.arange(0, dim, self.block, device=like.device), persistent=False)
 
     @staticmethod
     def check(dim: int, name: str) -> None:
@@ -244,7 +246,7 @@ class Givens(Transform):
     def apply_core(self, core: tuple[Tensor, ...], z: Tensor, mode: Mode) -> Tensor:
         a, b = (c.to(z.dtype) for c in core)
         if self.block:
-            return givens.apply_compact(z, a, b, transpose=mode == "merge")
+            return givens.apply_compact(z, a, b, self.high_idx, transpose=mode == "merge")
         return givens.apply_rows(z, a, b, self.partner, transpose=mode == "merge")
 
 

@@ -110,9 +110,6 @@ class PSOFTTransform(Transform):
             T = T * torch.stack([core_dtype(x.vector_a) for x in transforms])[..., None, :]
         return (T,)
 
-    def matrix(self) -> Tensor:
-        return self.core()[0]
-
     def apply_core(self, core: tuple[Tensor, ...], z: Tensor, mode: Mode) -> Tensor:
         (T,) = core
         if mode == "unmerge":

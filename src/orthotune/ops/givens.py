@@ -102,10 +102,9 @@ def compact(C: Tensor, S: Tensor, partner: Tensor, block: int) -> tuple[Tensor, 
     return blocks, high
 
 
-def apply_compact(z: Tensor, blocks: Tensor, high: Tensor, transpose: bool = False) -> Tensor:
-    """:func:`apply_rows` from :func:`compact`'s factors: ``z T^T``, or ``z T`` with ``transpose``."""
-    block = blocks.shape[-1]
-    idx = torch.arange(0, z.shape[-1], block, device=z.device)
+def apply_compact(z: Tensor, blocks: Tensor, high: Tensor, idx: Tensor, transpose: bool = False) -> Tensor:
+    """:func:`apply_rows` from :func:`compact`'s factors: ``z T^T``, or ``z T`` with ``transpose``.
+    ``idx`` holds the coordinates ``0, B, 2B, ...`` that ``high`` acts on (kept by the caller)."""
     if transpose:
         if high.shape[-1] > 1:
             z = z.index_copy(-1, idx, z.index_select(-1, idx) @ high.mT)
