@@ -144,6 +144,20 @@ def test_every_integer_hyperparameter_refuses_negatives_by_name(method: str) -> 
     assert checked or not _int_fields(cfg_cls)
 
 
+DROPOUTS = [(m, f.name) for m in sorted(METHODS) for f in dataclasses.fields(METHODS[m][0]) if f.name.endswith("dropout")]
+
+
+@pytest.mark.parametrize("method,field", DROPOUTS, ids=[f"{m}-{f}" for m, f in DROPOUTS])
+def test_every_dropout_outside_0_1_is_refused_by_name(method: str, field: str) -> None:
+    cfg_cls = METHODS[method][0]
+    case = next(c for c in CASES if c.method == method)
+    for value in (-0.1, 1.0, 1.5):
+        with pytest.raises(ValueError, match=rf"{field} must be in \[0, 1\), got {value}"):
+            cfg_cls(target_modules=["lin0"], **{**case.kwargs, field: value})
+    cfg_cls(target_modules=["lin0"], **{**case.kwargs, field: 0.5})
+    assert len(DROPOUTS) >= 5  # lora, loca, oft, boft, psoft at least
+
+
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_choice_refuses_an_unknown_strategy(method: str) -> None:
     cfg_cls = METHODS[method][0]
