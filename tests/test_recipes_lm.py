@@ -13,6 +13,7 @@ import json
 import pytest
 import torch
 
+from orthotune.train.causal_lm import end_of_turn_id
 from orthotune.train.finetune import finetune, load_trained, merge_adapter
 from orthotune.train.runconfig import RunConfig
 
@@ -49,10 +50,25 @@ def test_lm_recipe_lowers_the_answer_loss_and_merges(tmp_path) -> None:
     batch = task.collate(task.eval_encoded[:4])
     labels = batch.pop("labels")
     for row, lab in zip(task.eval_rows, labels):  # the loss sees the answer and the end of turn, nothing else
-        assert task.tokenizer.decode(lab[lab != -100]) == row["answer"] + task.tokenizer.eos_token
+        assert task.tokenizer.decode(lab[lab != -100]) == row["answer"] + "<|im_end|>"
     merged = merge_adapter(cfg, tmp_path / "run" / "adapter", tmp_path / "merged")
     plain = transformers.AutoModelForCausalLM.from_pretrained(merged).eval()  # plain transformers
     assert transformers.AutoTokenizer.from_pretrained(merged).eos_token == task.tokenizer.eos_token
     with torch.no_grad():
         reference = adapted(**batch).logits
         assert float((plain(**batch).logits - reference).norm() / reference.norm()) < 1e-5
+
+
+def test_answers_end_with_the_templates_end_of_turn_whatever_the_eos() -> None:
+    """transformers 5.17 converts this GGUF's tokenizer with EOS <|im_start|>: training answers on that
+    while decoding stops at <|im_end|> gave 0 exact matches on the GPU. The template's token wins."""
+    from orthotune.train.assets import smollm2_path
+
+    tok = transformers.AutoTokenizer.from_pretrained(smollm2_path())
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert end_of_turn_id(tok) == im_end
+    tok.eos_token = "<|im_start|>"  # as the 5.17 conversion leaves it (<|im_end|> is then no named special token)
+    tok.pad_token = None
+    assert end_of_turn_id(tok) == im_end
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # closes no turn: EOS it is
+    assert end_of_turn_id(tok) == tok.eos_token_id

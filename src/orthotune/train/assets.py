@@ -127,6 +127,8 @@ def smollm2_path() -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # the upstream tokenizer's special tokens; transformers 5.17 reads <|im_start|> as EOS from this GGUF
+    tokenizer.eos_token = tokenizer.pad_token = "<|im_end|>"
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
     model.hf_quantizer = None  # the weights are plain float tensors now: save them as such
     if hasattr(model.config, "quantization_config"):

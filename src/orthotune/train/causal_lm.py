@@ -90,6 +90,30 @@ def load_rows(d: LMDataSettings) -> dict[str, list[dict[str, str]]]:
     return out
 
 
+def end_of_turn_id(tokenizer: Any) -> int:
+    """The token the chat template closes an assistant turn with (SmolLM2's ``<|im_end|>``).
+
+    Answers are trained to end with it and decoding stops at it. It is read from the template, not
+    from ``tokenizer.eos_token``: tokenizers converted from a GGUF by some transformers versions name
+    another token (``<|im_start|>``) as EOS, and training on that while decoding stops at the
+    template's token breaks exact match.
+    """
+    marker = "orthotune-answer"
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "q"}], add_generation_prompt=True, tokenize=False)
+    full = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}], tokenize=False)
+    if full.startswith(prompt) and marker in full:
+        suffix = full[full.index(marker, len(prompt)) + len(marker):]
+        ids = tokenizer(suffix, add_special_tokens=False)["input_ids"]
+        special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+        if ids and ids[0] in special:
+            return ids[0]
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer's chat template closes no turn with a special token and it has no EOS token; "
+                         "give the model folder a tokenizer with an eos_token")
+    return tokenizer.eos_token_id
+
+
 def normalise_answer(text: str) -> str:
     """First line of a reply, stripped of spaces and a trailing full stop."""
     lines = text.strip().splitlines()
@@ -111,8 +135,9 @@ class CausalLMTask(Task):
 
         self.path = Path(self.model_settings.path) if self.model_settings.path else smollm2_path()
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        self.end_id = end_of_turn_id(self.tokenizer)
         if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+            self.tokenizer.pad_token = self.tokenizer.convert_ids_to_tokens(self.end_id)
         rows = load_rows(self.data_settings)
         self.train_rows, self.eval_rows = rows["train"], rows[self.data_settings.eval_split]
         if not self.train_rows or not self.eval_rows:
@@ -127,7 +152,7 @@ class CausalLMTask(Task):
 
     def encode(self, row: dict[str, str]) -> tuple[list[int], list[int]]:
         """(prompt ids, answer ids ending with the end-of-turn token)."""
-        answer = self.tokenizer(row["answer"], add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+        answer = self.tokenizer(row["answer"], add_special_tokens=False)["input_ids"] + [self.end_id]
         return self.prompt_ids(row["question"]), answer
 
     def collate(self, items: list[tuple[list[int], list[int]]]) -> dict[str, Tensor]:
@@ -147,6 +172,7 @@ class CausalLMTask(Task):
 
         model = AutoModelForCausalLM.from_pretrained(self.path, dtype=getattr(torch, self.model_settings.dtype))
         model.generation_config.pad_token_id = self.tokenizer.pad_token_id
+        model.generation_config.eos_token_id = self.end_id  # decoding stops where trained answers end
         return model.to(self.device)
 
     def train_size(self) -> int:
@@ -185,7 +211,8 @@ class CausalLMTask(Task):
             width = max(len(p) for p in chunk)
             ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=self.device)
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=self.device)
-            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=pad)
+            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=pad,
+                                 eos_token_id=self.end_id)
             out += self.tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
         return out
 
