@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 import orthotune
-from orthotune import GOFTConfig, LOFTConfig
+from orthotune import GOFTConfig, LOFTConfig, transforms
+from orthotune.methods.boft import BOFT
 from orthotune.methods.goft import GOFT
 from orthotune.methods.loco import LoCO, LoCOConfig
 from orthotune.methods.loft import LOFT
@@ -217,6 +218,29 @@ def test_multiplicative_dropout_only_in_training(cfg) -> None:
     rotated = ~torch.isclose(train_out, x).reshape(3, 8, 2).all(-1).all(0)
     assert int(rotated.sum()) == 4  # half the blocks were the identity
     assert not torch.isclose(eval_out, x).reshape(3, 8, 2).all(-1).all(0).any()
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_boft_composed_blocks_equal_the_factor_path(monkeypatch: pytest.MonkeyPatch, dropout: float) -> None:
+    cfg = orthotune.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=3, boft_dropout=dropout, init_identity=False)
+    composed = BOFT(cfg, 32, 32, torch.zeros(32, 32)).double()  # span 4*2^2 = 16: two composed 16-blocks
+    monkeypatch.setattr(transforms, "COMPOSE_MAX_SPAN", 8)  # span 16 above it: the factor path
+    factors = BOFT(cfg, 32, 32, torch.zeros(32, 32)).double()
+    factors.load_state_dict(composed.state_dict())
+    assert len(composed.transform.core()) == 2 and len(factors.transform.core()) == 1
+    assert torch.equal(composed.transform.blocks(), factors.transform.blocks())
+    assert torch.allclose(composed.rotation(), factors.rotation(), atol=1e-12)
+    x = torch.randn(5, 32, dtype=f64)
+    outputs = {}
+    for training in (False, True):
+        for module in (composed, factors):
+            torch.manual_seed(1)  # the same blocks dropped on both paths
+            out = module.train(training)(x, lambda z: z)
+            (grad,) = torch.autograd.grad(out.square().sum(), module.transform.weight)
+            outputs[training, module is composed] = out, grad
+        for a, b in zip(outputs[training, True], outputs[training, False]):
+            assert torch.allclose(a, b, atol=1e-12)
+    assert torch.allclose(outputs[False, True][0], outputs[True, True][0]) == (dropout == 0)
 
 
 def test_hra_orthogonality_loss() -> None:

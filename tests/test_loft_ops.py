@@ -72,20 +72,64 @@ def test_butterfly_permutation_is_peft_s(n: int, block_num: int, half: int) -> N
     assert torch.equal(butterfly.butterfly_permutation(n, block_num, half), expected)
 
 
-@pytest.mark.parametrize("dim,b,m", [(16, 2, 3), (24, 3, 1), (24, 2, 2), (32, 4, 3)])
-def test_butterfly_apply_equals_dense_product(dim: int, b: int, m: int) -> None:
-    perms = butterfly.butterfly_permutations(dim, b, m)
-    blocks = cayley.cayley(skew_batch(m * (dim // b), b, 0.5)).reshape(m, dim // b, b, b)
+def butterfly_blocks(dim: int, b: int, m: int, *lead: int) -> torch.Tensor:
+    """Random exact Cayley blocks (*lead, m, dim/b, b, b) of butterfly factors."""
+    return cayley.cayley(skew_batch(math.prod(lead) * m * (dim // b), b, 0.5)).reshape(*lead, m, dim // b, b, b)
+
+
+def butterfly_dense(blocks: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
+    """``R = F_0 F_1 ... F_{m-1}``, ``F_i = P_i D_i P_i^T`` with ``P_i[j, perm[j]] = 1``, as dense matrices."""
+    dim = perms.shape[-1]
     R = torch.eye(dim, dtype=f64)
-    for i in range(m):  # R = F_0 F_1 ... F_{m-1}, F_i = P_i D_i P_i^T with P_i[j, perm[j]] = 1
+    for i in range(blocks.shape[0]):
         P = torch.zeros(dim, dim, dtype=f64)
         P[torch.arange(dim), perms[i]] = 1.0
         R = R @ (P @ torch.block_diag(*blocks[i]) @ P.T)
+    return R
+
+
+@pytest.mark.parametrize("dim,b,m", [(16, 2, 3), (24, 3, 1), (24, 2, 2), (32, 4, 3)])
+def test_butterfly_apply_equals_dense_product(dim: int, b: int, m: int) -> None:
+    perms = butterfly.butterfly_permutations(dim, b, m)
+    blocks = butterfly_blocks(dim, b, m)
+    R = butterfly_dense(blocks, perms)
     z = torch.randn(3, dim, dtype=f64)
     inv = torch.argsort(perms, -1)
     assert torch.allclose(butterfly.apply_rows(z, blocks, perms, inv), z @ R.T, atol=1e-12)
     assert torch.allclose(butterfly.apply_rows(z, blocks, perms, inv, transpose=True), z @ R, atol=1e-12)
     assert (R.T @ R - torch.eye(dim, dtype=f64)).abs().max() < 1e-12
+
+
+BUTTERFLY_SHAPES = [(24, 3, 1), (16, 2, 3), (48, 2, 4), (32, 4, 3), (16, 4, 3), (64, 8, 2)]  # (16, 4, 3): span = dim
+
+
+@pytest.mark.parametrize("dim,b,m", BUTTERFLY_SHAPES)
+def test_butterfly_product_is_block_diagonal_in_contiguous_spans(dim: int, b: int, m: int) -> None:
+    s = butterfly.block_span(b, m)
+    perms = butterfly.butterfly_permutations(dim, b, m)
+    chunk = torch.arange(dim // s)[:, None] * s
+    # every factor's permutation keeps each aligned s-chunk to itself, with chunk 0's pattern
+    assert torch.equal(perms.reshape(m, dim // s, s), perms[:, None, :s] + chunk)
+    R = butterfly_dense(butterfly_blocks(dim, b, m), perms)
+    inside = torch.block_diag(*[torch.ones(s, s)] * (dim // s)).bool()
+    assert torch.all(R[~inside] == 0)
+
+
+@pytest.mark.parametrize("dim,b,m", BUTTERFLY_SHAPES)
+def test_butterfly_compose_equals_dense_product_and_factors(dim: int, b: int, m: int) -> None:
+    s = butterfly.block_span(b, m)
+    perms = butterfly.butterfly_permutations(dim, b, m)
+    inv = torch.argsort(perms, -1)
+    blocks = butterfly_blocks(dim, b, m, 2)  # two layers stacked, as Butterfly.stack_cores does
+    composed = butterfly.compose(blocks, perms, s)
+    assert composed.shape == (2, dim // s, s, s)
+    z = torch.randn(3, dim, dtype=f64)
+    for layer in range(2):
+        R = butterfly_dense(blocks[layer], perms)
+        assert torch.allclose(torch.block_diag(*composed[layer]), R, atol=1e-12)
+        for transpose in (False, True):
+            expected = butterfly.apply_rows(z, blocks[layer], perms, inv, transpose=transpose)
+            assert torch.allclose(cayley.apply_blocks(z, composed[layer], transpose=transpose), expected, atol=1e-12)
 
 
 def givens_dense(theta: torch.Tensor, dim: int) -> torch.Tensor:

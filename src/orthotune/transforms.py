@@ -151,10 +151,21 @@ class BlockCayley(Transform):
         return cayley.apply_blocks(z, B.to(z.dtype), transpose=mode == "merge")
 
 
+#: Largest span ``s = b 2^(m-1)`` whose dense ``s x s`` blocks of ``T`` are formed per step: beyond it their
+#: ``s`` multiply-adds per coordinate (the factors': ``m b``) and ``(dim/s) m s^3`` to form them stop being cheap.
+COMPOSE_MAX_SPAN = 256
+
+
 class Butterfly(Transform):
     """``T = F_0 ... F_{m-1}``, ``F_i`` block-diagonal exact Cayley rotations between butterfly
     permutations (BOFT's transform). ``layout="square"`` stores full ``b x b`` blocks made skew by
     ``(X - X^T)/2`` as peft's BOFT does; ``"triu"`` stores only the ``b(b-1)/2`` free entries.
+
+    ``T`` is block-diagonal with contiguous blocks of the span ``s = b 2^(m-1)``: for ``s <=``
+    :data:`COMPOSE_MAX_SPAN` the core holds those blocks too (:func:`orthotune.ops.butterfly.compose`,
+    once per step for all layers), and the activations meet one ``s``-block contraction; otherwise
+    the factors are applied one by one (gather, ``b``-block contraction, gather). The core always
+    starts with the factors' (m, n, b, b) blocks: multiplicative dropout acts on them.
     """
 
     def __init__(self, dim: int, block_size: int, factors: int, like: Tensor, layout: str = "triu",
@@ -169,6 +180,8 @@ class Butterfly(Transform):
         else:
             self.weight = _param(like, factors, n, block_size * (block_size - 1) // 2)
             register_triu_indices(self, block_size, like.device)
+        self.span = butterfly.block_span(block_size, factors)
+        self.composed = self.span <= COMPOSE_MAX_SPAN
         perms = butterfly.butterfly_permutations(dim, block_size, factors).to(like.device)
         self.register_buffer("perms", perms, persistent=False)
         self.register_buffer("inverse_perms", torch.argsort(perms, dim=-1), persistent=False)
@@ -178,7 +191,7 @@ class Butterfly(Transform):
         BlockCayley.check(dim, block_size, name)
         _check(factors >= 1, f"{name!r}: the number of butterfly factors must be >= 1, got {factors}")
         if factors > 1:
-            span = block_size * 2 ** (factors - 1)
+            span = butterfly.block_span(block_size, factors)
             _check(block_size % 2 == 0 and dim % span == 0,
                    f"{name!r}: {factors} butterfly factors of {block_size}-blocks need an even block size and a "
                    f"dimension divisible by {block_size}*2^{factors - 1}={span}, got {dim}; lower the factors or the block size")
@@ -193,19 +206,25 @@ class Butterfly(Transform):
         return self.core()[0]
 
     @classmethod
-    def stack_cores(cls, transforms: list[Transform]) -> tuple[Tensor]:
+    def stack_cores(cls, transforms: list[Transform]) -> tuple[Tensor] | tuple[Tensor, Tensor]:
+        """The factors' blocks (L, m, n, b, b), and with :attr:`composed` ``T``'s (L, dim/s, s, s) blocks."""
         t = transforms[0]
         W = torch.stack([core_dtype(x.weight) for x in transforms])
         if t.layout == "square":
             Q = cayley.skew_from_square(W)
         else:
             Q = cayley.skew_from_triu(W, t.rows, t.cols, t.block_size)
-        return (cayley.cayley(Q),)
+        B = cayley.cayley(Q)
+        return (B, butterfly.compose(B, t.perms, t.span)) if t.composed else (B,)
 
     def apply_core(self, core: tuple[Tensor, ...], z: Tensor, mode: Mode) -> Tensor:
-        (B,) = core
-        if mode == "forward" and self.training and self.dropout > 0:
+        B = core[0]
+        R = core[1] if self.composed else None
+        if mode == "forward" and self.training and self.dropout > 0:  # dropout acts on the factors' blocks
             B = cayley.drop_blocks(B, self.dropout)
+            R = butterfly.compose(B, self.perms, self.span) if self.composed else None
+        if R is not None:
+            return cayley.apply_blocks(z, R.to(z.dtype), transpose=mode == "merge")
         return butterfly.apply_rows(z, B.to(z.dtype), self.perms, self.inverse_perms, transpose=mode == "merge")
 
 

@@ -3,8 +3,10 @@ product of block-diagonal exact Cayley rotations, ``R = F_0 ... F_{m-1}``, plus 
 output scale ``s``: ``W = diag(s) W0 R``.
 
 Parameters (``boft_R`` as (m, n_blocks, b, b) full blocks made skew, ``boft_s`` as (d_out, 1)), the
-block size / number / factor conventions and the constraints are peft 0.21's. Butterfly
-permutations are index gathers and each factor one batched contraction; peft builds dense d x d
+block size / number / factor conventions and the constraints are peft 0.21's. ``R`` is
+block-diagonal in contiguous ``b 2^(m-1)`` blocks, formed once per step from the factors for all
+layers, so the activations meet one batched block contraction (spans up to 256; larger ones apply
+the factors one by one: :class:`orthotune.transforms.Butterfly`); peft builds dense d x d
 permutations and rotation every step.
 """
 

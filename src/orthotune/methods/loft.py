@@ -11,7 +11,7 @@ How ``R`` meets the activations, never as a d x d matrix:
 
 * a dense support (random, principal, gradient): the one form ``x + U M V^T x`` with ``U = V = P``,
   ``M = T - I`` (or ``U = P A``, ``V = P B`` when ``T = I + A M B^T`` is narrower than ``r``);
-* the full support: ``T`` itself, batched (block contractions, butterfly gathers, Givens layers)
+* the full support: ``T`` itself, batched (block contractions, composed butterfly blocks, Givens layers)
   or, for low-rank transforms (Householder, exponential), the one form with ``U = A``, ``V = B``;
 * a coordinate support: gather the ``r`` coordinates, apply ``T``, scatter the change back.
 
@@ -55,7 +55,8 @@ class FoldOption:
         default="activations",
         metadata={"help": "'activations' (x T^T, then the frozen layer) or 'weight' (W0 T formed once per call, then "
                   "one matmul; used when the layer's own frozen weight is the base). On an H100 training step the two "
-                  "were within 10% (benchmarks/results/run5): weight for BOFT, activations for OFT and GOFT."},
+                  "were within 10% (benchmarks/results/run5): activations for OFT and GOFT; weight for BOFT while it "
+                  "applied its butterfly factors one by one (now composed per step: not measured yet)."},
     )
 
     def __post_init__(self) -> None:
