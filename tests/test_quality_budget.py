@@ -59,3 +59,31 @@ def test_the_report_separates_skipped_from_failed(tmp_path) -> None:
     (tmp_path / "quality_x.json").write_text(json.dumps(session))
     text = quality.write_report(tmp_path).read_text()
     assert "| lora | r=8 | 10 (100%) | 0.1 | 40.0 ± 0.0 (n=1) | 50.0 ± 0.0 (n=1) (1 not run: out of time) (1 failed: RuntimeError: boom) | 2.0 |" in text
+
+
+def _session(date: str, task: str, runs: dict, budgets: dict | None = None) -> dict:
+    budgets = budgets or {m: {"kwargs": {"r": 8}, "params": 10, "budget": 10} for m in runs}
+    return {"environment": {"device": "cpu", "torch": "t", "transformers": "t", "timm": None, "date": date, "workers": 1},
+            "wall_seconds": 1.0, "tasks": {task: {"recipe": quality.BENCHES[task].recipe, "layers": 1, "budgets": budgets,
+                                                  "runs": runs}}}
+
+
+def _run(seed: int, value: float) -> dict:
+    return {"seed": seed, "value": value, "lr": 0.1, "before": None, "train_seconds": 1.0, "parameters": {"adapter": 10}}
+
+
+def test_the_report_fills_missing_seeds_from_older_sessions_of_the_same_setup() -> None:
+    skipped = {"seed": 2, "error": "skipped: not enough time left before the deadline"}
+    old = _session("2026-01-01", "lm", {"lora": [_run(0, 0.1), _run(1, 0.2)], "oft": [_run(0, 0.3)]})
+    new = _session("2026-01-02", "lm", {"lora": [_run(0, 0.5), skipped], "hra": [_run(0, 0.4)]})
+    other = _session("2026-01-03", "lm", {"oft": [_run(1, 0.9)]}, {"oft": {"kwargs": {"r": 4}, "params": 10, "budget": 10}})
+    table = quality.merge_tasks([old, new])["lm"]
+    assert [(r["seed"], r.get("value")) for r in table["runs"]["lora"]] == [(0, 0.5), (1, 0.2), (2, None)]  # newest seed 0 wins
+    assert [r["value"] for r in table["runs"]["oft"]] == [0.3] and list(table["budgets"]) == ["lora", "oft", "hra"]
+    assert table["dates"] == ["2026-01-02", "2026-01-01"]
+    assert quality.merge_tasks([old, other])["lm"]["runs"]["oft"] == [_run(1, 0.9)]  # another configuration: not merged
+    retuned = _session("2026-01-04", "lm", {"lora": [{**_run(0, 0.7), "lr": 0.3}]})
+    assert [r["value"] for r in quality.merge_tasks([old, retuned])["lm"]["runs"]["lora"]] == [0.7]  # another rate: not merged
+    dit_old = _session("2026-01-01", "dit", {"lora": [_run(1, 0.2)]})
+    dit_new = _session("2026-01-02", "dit", {"lora": [_run(0, 0.5)]})
+    assert quality.merge_tasks([dit_old, dit_new])["dit"]["runs"]["lora"] == [_run(0, 0.5)]  # backbones differ per session
