@@ -484,6 +484,8 @@ def merge_tasks(sessions: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     merged: dict[str, dict[str, Any]] = {}
     for s in sorted(sessions, key=lambda s: s["environment"]["date"], reverse=True):
         for task, t in s["tasks"].items():
+            swept = s["environment"].get("sweep", True)
+            t = {**t, "runs": {m: [{**r, "swept": swept} for r in rs] for m, rs in t["runs"].items()}}
             if task not in merged:
                 merged[task] = {**t, "budgets": dict(t["budgets"]), "runs": {m: list(r) for m, r in t["runs"].items()},
                                 "device": s["environment"]["device"], "dates": [s["environment"]["date"]]}
@@ -550,7 +552,7 @@ def write_report(out: Path) -> Path:
             ok = [r for r in runs if "value" in r]
             params = ok[0]["parameters"]["adapter"] if ok else b["params"]
             kwargs = ", ".join(f"{k}={v}" for k, v in b["kwargs"].items()) or "all weights"
-            lr = f"{ok[0]['lr']:.2g}" if ok else "-"
+            lr = f"{ok[0]['lr']:.2g}" + (" (swept)" if ok[0].get("swept") else "") if ok else "-"
             before = [r["before"][BENCHES[task].metric] for r in ok if r.get("before")]
             skipped = [r for r in runs if r.get("error", "").startswith("skipped")]
             errors = sorted({r["error"] for r in runs if "error" in r and r not in skipped})

@@ -48,7 +48,7 @@ def test_budget_matches_lora_r8_on_minilm() -> None:
 def test_the_report_separates_skipped_from_failed(tmp_path) -> None:
     import json
 
-    session = {"environment": {"device": "cpu", "torch": "t", "transformers": "t", "timm": None, "date": "d", "workers": 1},
+    session = {"environment": {"device": "cpu", "torch": "t", "transformers": "t", "timm": None, "date": "d", "workers": 1, "sweep": False},
                "wall_seconds": 1.0,
                "tasks": {"text": {"recipe": "recipes/text_banking77.yaml", "layers": 12,
                                   "budgets": {"lora": {"kwargs": {"r": 8}, "params": 10, "budget": 10}},
@@ -79,11 +79,12 @@ def test_the_report_fills_missing_seeds_from_older_sessions_of_the_same_setup() 
     other = _session("2026-01-03", "lm", {"oft": [_run(1, 0.9)]}, {"oft": {"kwargs": {"r": 4}, "params": 10, "budget": 10}})
     table = quality.merge_tasks([old, new])["lm"]
     assert [(r["seed"], r.get("value")) for r in table["runs"]["lora"]] == [(0, 0.5), (1, 0.2), (2, None)]  # newest seed 0 wins
+    assert all(r["swept"] for r in table["runs"]["lora"])  # sessions that do not say otherwise tuned their rates
     assert [r["value"] for r in table["runs"]["oft"]] == [0.3] and list(table["budgets"]) == ["lora", "oft", "hra"]
     assert table["dates"] == ["2026-01-02", "2026-01-01"]
-    assert quality.merge_tasks([old, other])["lm"]["runs"]["oft"] == [_run(1, 0.9)]  # another configuration: not merged
+    assert quality.merge_tasks([old, other])["lm"]["runs"]["oft"] == [{**_run(1, 0.9), "swept": True}]  # another configuration: not merged
     retuned = _session("2026-01-04", "lm", {"lora": [{**_run(0, 0.7), "lr": 0.3}]})
     assert [r["value"] for r in quality.merge_tasks([old, retuned])["lm"]["runs"]["lora"]] == [0.7]  # another rate: not merged
     dit_old = _session("2026-01-01", "dit", {"lora": [_run(1, 0.2)]})
     dit_new = _session("2026-01-02", "dit", {"lora": [_run(0, 0.5)]})
-    assert quality.merge_tasks([dit_old, dit_new])["dit"]["runs"]["lora"] == [_run(0, 0.5)]  # backbones differ per session
+    assert quality.merge_tasks([dit_old, dit_new])["dit"]["runs"]["lora"] == [{**_run(0, 0.5), "swept": True}]  # backbones differ per session
