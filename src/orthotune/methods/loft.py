@@ -55,8 +55,8 @@ class FoldOption:
         default="activations",
         metadata={"help": "'activations' (x T^T, then the frozen layer) or 'weight' (W0 T formed once per call, then "
                   "one matmul; used when the layer's own frozen weight is the base). On an H100 training step the two "
-                  "were within 10% (benchmarks/results/run5): activations for OFT and GOFT; weight for BOFT while it "
-                  "applied its butterfly factors one by one (now composed per step: not measured yet)."},
+                  "were within 10% in runs 5 and 7 (benchmarks/results/): neither wins for every method, so the "
+                  "default is 'activations'."},
     )
 
     def __post_init__(self) -> None:
