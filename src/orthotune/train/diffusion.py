@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import check_choice
-from .images import IMAGE_SETS, few_shot_split, load_images, validation_split
+from .images import IMAGE_SETS, load_images, transfer_split
 from .task import Task, batch_indices
 
 
@@ -117,9 +117,8 @@ class DiffusionTask(Task):
         cfg = self.pretrained.config["model"]
         d = self.data_settings
         x, y = load_images(d.dataset, cfg["input_size"], "all" if d.dataset == "digits" else "train")
-        train_idx, held_idx = few_shot_split(y, d.shots, d.split_seed)
-        val_idx, test_idx = validation_split(held_idx, d.val_size, d.split_seed)
-        held_idx = (val_idx if d.eval_split == "val" else test_idx)[: d.eval_size]
+        train_idx, held_idx = transfer_split(y, d.shots, d.val_size, d.split_seed, d.eval_split)
+        held_idx = held_idx[: d.eval_size]
         self.train_x, self.train_y = to_signed(x[train_idx]), y[train_idx]
         self.eval_x, self.eval_y = to_signed(x[held_idx]), y[held_idx]
         self.num_classes = int(y.max()) + 1

@@ -58,3 +58,11 @@ def validation_split(held: Tensor, val_size: int, seed: int) -> tuple[Tensor, Te
         raise ValueError(f"data.val_size={val_size} must be between 1 and {len(held) - 1} (the held-out pool)")
     perm = torch.randperm(len(held), generator=torch.Generator().manual_seed(seed + 1))
     return torch.sort(held[perm[:val_size]]).values, torch.sort(held[perm[val_size:]]).values
+
+
+def transfer_split(labels: Tensor, shots: int, val_size: int, seed: int, eval_split: str) -> tuple[Tensor, Tensor]:
+    """(train, evaluation) indices of a transfer recipe: ``shots`` per class to train on, and of the rest
+    the ``val_size`` tuning images (``eval_split="val"``) or the others (``"test"``)."""
+    train, held = few_shot_split(labels, shots, seed)
+    val, test = validation_split(held, val_size, seed)
+    return train, val if eval_split == "val" else test

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import check_choice
-from .images import IMAGE_SETS, few_shot_split, load_images, validation_split
+from .images import IMAGE_SETS, load_images, transfer_split
 from .task import CosineClassifier, Task, accuracy, batch_indices
 
 
@@ -79,9 +79,7 @@ class ImageClassificationTask(Task):
         self.pretrained = load_pretrained(self.model_settings.checkpoint, kind="vit")
         d = self.data_settings
         x, y = load_images(d.dataset, self.pretrained.config["model"]["img_size"], "all" if d.dataset == "digits" else "test")
-        train_idx, held_idx = few_shot_split(y, d.shots, d.split_seed)
-        val_idx, test_idx = validation_split(held_idx, d.val_size, d.split_seed)
-        held_idx = val_idx if d.eval_split == "val" else test_idx
+        train_idx, held_idx = transfer_split(y, d.shots, d.val_size, d.split_seed, d.eval_split)
         self.train_x, self.train_y = normalise(x[train_idx]), y[train_idx]
         self.eval_x, self.eval_y = normalise(x[held_idx]), y[held_idx]
         self.num_labels = int(y.max()) + 1
