@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime
 import gc
 import json
@@ -89,6 +90,7 @@ class Spec:
     matched: bool = False  # configured for trainable parameters matched to peft LoRA r16
     needs: str | None = None  # orthotune method that must be registered
     prepare: Callable[[nn.Module, torch.Tensor], None] | None = None
+    graphed: bool = False  # the step captured once in a CUDA graph and replayed (orthotune.GraphedStep)
 
 
 def _peft(config_name: str, **kw: Any) -> Builder:
@@ -170,6 +172,15 @@ def train_specs() -> list[Spec]:
     ]
 
 
+GRAPH_SUFFIX = ", CUDA graph"
+
+
+def graphed_specs(specs: list[Spec]) -> list[Spec]:
+    """CUDA-graph copies of the floor, peft LoRA and every orthotune method (not peft's other methods or ablations)."""
+    keep = [s for s in specs if s.library == "orthotune" or s.build is None or s.name == "peft LoRA r16"]
+    return [dataclasses.replace(s, name=s.name + GRAPH_SUFFIX, graphed=True) for s in keep]
+
+
 # ---------------------------------------------------------------------------------------------- timing
 def _reset(device: str) -> None:
     gc.collect()
@@ -208,13 +219,17 @@ def build(spec: Spec, shape: Shape, device: str, ids: torch.Tensor) -> nn.Module
     return model
 
 
-def training(spec: Spec, shape: Shape, device: str, ids: torch.Tensor) -> tuple[list[nn.Parameter], Callable[[], None]]:
-    """A freshly built model's trainable parameters and one training step (forward, backward, AdamW)."""
+def training(spec: Spec, shape: Shape, device: str, ids: torch.Tensor, warmup: int = 3) -> tuple[list[nn.Parameter], Callable[[], None]]:
+    """A freshly built model's trainable parameters and one training step (forward, backward, AdamW).
+
+    Graphed specs capture the step on call ``warmup`` (after ``warmup - 1`` eager ones), so every timed call is a replay."""
     model = build(spec, shape, device, ids)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5) if params else None
     emb = model.get_input_embeddings()
+    if spec.graphed:
+        return params, _graphed_step(spec, model, params, emb, ids, warmup)
+    opt = torch.optim.AdamW(params, lr=1e-5) if params else None
 
     def step() -> None:
         if spec.build is None:  # the floor: backward through the activations only
@@ -229,11 +244,34 @@ def training(spec: Spec, shape: Shape, device: str, ids: torch.Tensor) -> tuple[
     return params, step
 
 
+def _graphed_step(spec: Spec, model: nn.Module, params: list[nn.Parameter], emb: nn.Module, ids: torch.Tensor,
+                  warmup: int) -> Callable[[], None]:
+    """The same step as :func:`training`'s, through ``orthotune.GraphedStep`` (AdamW with ``capturable=True``).
+    The floor has no trainable parameter: a scalar multiplier on its loss gives the optimiser one."""
+    if spec.build is None:
+        scale = nn.Parameter(torch.ones((), device=ids.device))
+        params = [scale]
+
+        def loss_fn(m: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+            x = emb(batch["input_ids"]).detach().requires_grad_()
+            return m(inputs_embeds=x, labels=batch["labels"], use_cache=False).loss * scale
+    else:
+        loss_fn = orthotune.graphs.model_loss
+    opt = torch.optim.AdamW(params, lr=1e-5, capturable=True)
+    graphed = orthotune.GraphedStep(model, opt, loss_fn, warmup_steps=max(1, warmup - 1))
+    batch = dict(input_ids=ids, labels=ids, use_cache=False)
+
+    def step() -> None:
+        graphed(batch)
+
+    return step
+
+
 def train_run(spec: Spec, shape: Shape, device: str, warmup: int, steps: int) -> dict[str, Any]:
     """Median step ms, peak GiB and trainable parameters of one method (model built afresh)."""
     _reset(device)
     ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq), device=device, generator=torch.Generator(device).manual_seed(1))
-    params, step = training(spec, shape, device, ids)
+    params, step = training(spec, shape, device, ids, warmup)
     timer = Timer(device)
     times = [timer(step) for _ in range(warmup + steps)][warmup:]
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
@@ -243,9 +281,12 @@ def train_run(spec: Spec, shape: Shape, device: str, warmup: int, steps: int) ->
     return result
 
 
-def train_section(args: argparse.Namespace, shape: Shape, specs: list[Spec]) -> list[dict[str, Any]]:
+def train_section(args: argparse.Namespace, shape: Shape, specs: list[Spec],
+                  on_round: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
     rows: dict[str, dict[str, Any]] = {}
     for rnd in range(args.rounds):
+        if rnd and on_round is not None:  # a run cut short keeps the rounds it finished
+            on_round(_summarise(list(rows.values())))
         for spec in specs:
             row = rows.setdefault(spec.name, dict(name=spec.name, library=spec.library, note=spec.note,
                                                   matched=spec.matched, step_ms=[], peak_gib=None, trainable=None))
@@ -268,7 +309,10 @@ def train_section(args: argparse.Namespace, shape: Shape, specs: list[Spec]) -> 
             row["trainable"] = r["trainable"]
             print(f"[train r{rnd}] {spec.name}: {statistics.median(r['step_ms']):.1f} ms, {r['peak_gib']:.2f} GiB, "
                   f"{r['trainable']:,} trainable", flush=True)
-    out = list(rows.values())
+    return _summarise(list(rows.values()))
+
+
+def _summarise(out: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for row in out:
         row["median_ms"] = statistics.median(row["step_ms"]) if row["step_ms"] else None
     _ratios(out, "peft LoRA r16", "floor: frozen base, no adapter")
@@ -276,13 +320,18 @@ def train_section(args: argparse.Namespace, shape: Shape, specs: list[Spec]) -> 
 
 
 def _ratios(rows: list[dict[str, Any]], lora_name: str, floor_name: str) -> None:
+    """Ratios to peft LoRA (eager, as peft runs), to peft LoRA captured the same way (``x_lora_graph``), and to
+    the floor of the row's own mode (graphed rows: the graphed floor)."""
     by = {r["name"]: r for r in rows}
-    lora, floor = by.get(lora_name), by.get(floor_name)
+    lora, lora_graph = by.get(lora_name), by.get(lora_name + GRAPH_SUFFIX)
+
+    def ratio(a: dict[str, Any], b: dict[str, Any] | None, key: str) -> float | None:
+        return a[key] / b[key] if a.get(key) and b and b.get(key) else None
+
     for r in rows:
-        ms = r.get("median_ms")
-        r["x_lora"] = ms / lora["median_ms"] if ms and lora and lora.get("median_ms") else None
-        r["x_floor"] = ms / floor["median_ms"] if ms and floor and floor.get("median_ms") else None
-        r["mem_x_lora"] = r["peak_gib"] / lora["peak_gib"] if r.get("peak_gib") and lora and lora.get("peak_gib") else None
+        floor = by.get(floor_name + GRAPH_SUFFIX if r["name"].endswith(GRAPH_SUFFIX) else floor_name)
+        r["x_lora"], r["x_floor"] = ratio(r, lora, "median_ms"), ratio(r, floor, "median_ms")
+        r["x_lora_graph"], r["mem_x_lora"] = ratio(r, lora_graph, "median_ms"), ratio(r, lora, "peak_gib")
 
 
 # ---------------------------------------------------------------------------------------------- inference
@@ -309,33 +358,96 @@ def infer_section(args: argparse.Namespace, shape: Shape) -> list[dict[str, Any]
     ]
     if "hra" in METHODS:
         variants.append(("orthotune HRA r8, unmerged", lambda: adapted(orthotune.HRAConfig(target_modules=TARGETS, r=8), False)))
-    rows = {name: dict(name=name, prefill_ms=[], decode_ms=[]) for name, _ in variants}
+    modes = [False] + ([True] if device == "cuda" and args.graph != "eager" else [])
+    runs = [(name + (GRAPH_SUFFIX if graph else ""), make, graph) for graph in modes for name, make in variants
+            if not (graph and "merged" in name and "unmerged" not in name)]  # merged = the base model's graph
+    rows = {name: dict(name=name, prefill_ms=[], decode_ms=[]) for name, _, _ in runs}
     for _ in range(args.rounds):  # interleaved: drift is shared by every variant
-        for name, make in variants:
+        for name, make, graph in runs:
             _reset(device)
             try:
                 model = make().eval()
+                prefill = _graphed_prefill(model, ids) if graph else lambda: model(input_ids=ids, use_cache=False)
                 for i in range(args.warmup + args.steps):
-                    t = timer(lambda: model(input_ids=ids, use_cache=False))
+                    t = timer(prefill)
                     if i >= args.warmup:
                         rows[name]["prefill_ms"].append(t)
-                gen = dict(max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
-                model.generate(prompt, **gen)
-                rows[name]["decode_ms"].append(timer(lambda: model.generate(prompt, **gen)) / 32)
-                del model
+                del prefill
+                _reset(device)
+                if graph:
+                    decode = _graphed_decode(model, prompt, 32)
+                else:
+                    gen = dict(max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
+                    decode = lambda: model.generate(prompt, **gen)  # noqa: E731
+                decode()
+                rows[name]["decode_ms"].append(timer(decode) / 32)
+                del model, decode
             except Exception as err:
                 rows[name]["error"] = f"{type(err).__name__}: {err}"
                 traceback.print_exc()
     out = list(rows.values())
-    base = out[0]
     for r in out:
         for k in ("prefill_ms", "decode_ms"):
             r[k.replace("_ms", "_median_ms")] = statistics.median(r[k]) if r[k] else None
+    for r in out:
+        base = rows["base model" + (GRAPH_SUFFIX if r["name"].endswith(GRAPH_SUFFIX) else "")]
         for k in ("prefill", "decode"):
             b, v = base.get(f"{k}_median_ms"), r.get(f"{k}_median_ms")
             r[f"{k}_x_base"] = v / b if b and v else None
         print(f"[infer] {r['name']}: prefill {r['prefill_median_ms']} ms, decode {r['decode_median_ms']} ms/token", flush=True)
     return out
+
+
+def _capture(fn: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """Warm ``fn`` up on a side stream, then capture it: (graph, the outputs its replays overwrite)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
+def _graphed_prefill(model: nn.Module, ids: torch.Tensor) -> Callable[[], None]:
+    """One forward over ``ids`` captured in a CUDA graph (the adapters' inference cores are cached outside it)."""
+    graph, _ = _capture(lambda: model(input_ids=ids, use_cache=False).logits)
+    return graph.replay
+
+
+def _graphed_decode(model: nn.Module, prompt: torch.Tensor, tokens: int) -> Callable[[], None]:
+    """Greedy decoding of ``tokens`` tokens with a static KV cache, one captured graph per token step: the
+    prefill runs eagerly once, each call replays the decoding step ``tokens`` times from the prompt's end."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=prompt.shape[1] + tokens)
+    start = torch.tensor([prompt.shape[1]], device=prompt.device)
+    position = start.clone()
+    logits = model(input_ids=prompt, past_key_values=cache, use_cache=True,
+                   cache_position=torch.arange(prompt.shape[1], device=prompt.device)).logits
+    first = logits[:, -1:].argmax(-1)
+    token = first.clone()
+
+    def one() -> torch.Tensor:
+        out = model(input_ids=token, past_key_values=cache, cache_position=position, use_cache=True).logits
+        return out[:, -1:].argmax(-1)
+
+    graph, next_token = _capture(one)
+
+    def decode() -> None:
+        position.copy_(start)
+        token.copy_(first)
+        for layer in cache.layers:  # each static layer counts its own writes (transformers >= 5)
+            layer.cumulative_length.fill_(prompt.shape[1])
+        for _ in range(tokens):
+            graph.replay()
+            token.copy_(next_token)
+            position.add_(1)
+
+    return decode
 
 
 # ---------------------------------------------------------------------------------------------- scaling
@@ -356,9 +468,12 @@ def scaling_section(args: argparse.Namespace) -> list[dict[str, Any]]:
     oft = Spec("orthotune OFT b32", "orthotune", _ot("OFTConfig", r=0, oft_block_size=32), needs="oft")
     peft_oft = Spec("peft OFT b32", "peft", _peft("OFTConfig", r=0, oft_block_size=32))
     grid: list[tuple[str, int, int, list[Spec]]] = []
+    graphs = args.device == "cuda" and args.graph != "eager"
     for hidden in args.hidden:
         extra = [peft_oft] + ([oft] if "oft" in METHODS else [])
-        grid.append(("hidden", hidden, 16, [floor] + methods(16) + extra))
+        eager = [floor] + methods(16) + extra
+        chosen = (eager if args.graph != "graphed" else []) + (graphed_specs(eager) if graphs else [])
+        grid.append(("hidden", hidden, 16, chosen))
     for rank in args.ranks:
         grid.append(("rank", args.rank_hidden, rank, [floor] + methods(rank)))
     for sweep, hidden, rank, specs in grid:
@@ -373,11 +488,8 @@ def scaling_section(args: argparse.Namespace) -> list[dict[str, Any]]:
                 continue
             by[spec.name] = dict(sweep=sweep, hidden=hidden, rank=rank, name=spec.name, median_ms=statistics.median(r["step_ms"]),
                                  peak_gib=r["peak_gib"], trainable=r["trainable"])
-        lora, fl = by.get("peft LoRA"), by.get("floor")
+        _ratios(list(by.values()), "peft LoRA", "floor")
         for row in by.values():
-            row["x_lora"] = row["median_ms"] / lora["median_ms"] if lora else None
-            row["x_floor"] = row["median_ms"] / fl["median_ms"] if fl else None
-            row["mem_x_lora"] = row["peak_gib"] / lora["peak_gib"] if lora else None
             print(f"[scaling] {sweep} hidden={hidden} rank={rank} {row['name']}: {row['median_ms']:.1f} ms "
                   f"({row['x_lora'] or float('nan'):.2f}x peft LoRA)", flush=True)
             rows.append(row)
@@ -513,10 +625,10 @@ def markdown(env: dict[str, Any], shape: Shape, res: dict[str, Any]) -> str:
             note = r.get("skipped") or r.get("error") or r.get("note", "")
             if r.get("matched"):
                 note = ("params matched to LoRA r16; " + note).rstrip("; ")
-            rows.append([r["name"], _f(r.get("median_ms"), "{:.1f}"), _f(r.get("x_lora")), _f(r.get("x_floor")),
-                         _f(r.get("peak_gib")), _f(r.get("mem_x_lora")), _f(r.get("trainable"), "{:,}"), note])
-        lines += _table("Training step", ["method", "step ms", "x peft LoRA", "x floor", "peak GiB", "mem x peft LoRA",
-                                          "trainable", "note"], rows)
+            rows.append([r["name"], _f(r.get("median_ms"), "{:.1f}"), _f(r.get("x_lora")), _f(r.get("x_lora_graph")),
+                         _f(r.get("x_floor")), _f(r.get("peak_gib")), _f(r.get("mem_x_lora")), _f(r.get("trainable"), "{:,}"), note])
+        lines += _table("Training step", ["method", "step ms", "x peft LoRA", "x peft LoRA, CUDA graph", "x floor (same mode)",
+                                          "peak GiB", "mem x peft LoRA", "trainable", "note"], rows)
     if res.get("infer"):
         rows = [[r["name"], _f(r.get("prefill_median_ms")), _f(r.get("prefill_x_base"), "{:.3f}"),
                  _f(r.get("decode_median_ms")), _f(r.get("decode_x_base"), "{:.3f}")] for r in res["infer"]]
@@ -524,8 +636,9 @@ def markdown(env: dict[str, Any], shape: Shape, res: dict[str, Any]) -> str:
                                                 f"decode ms/token (batch {shape.batch})", "x base"], rows)
     if res.get("scaling"):
         rows = [[r["sweep"], str(r["hidden"]), str(r["rank"]), r["name"], _f(r["median_ms"], "{:.1f}"), _f(r.get("x_lora")),
-                 _f(r.get("x_floor")), _f(r.get("mem_x_lora")), f"{r['trainable']:,}"] for r in res["scaling"]]
+                 _f(r.get("x_lora_graph")), _f(r.get("x_floor")), _f(r.get("mem_x_lora")), f"{r['trainable']:,}"] for r in res["scaling"]]
         lines += _table("Scaling (2 layers, batch 4 x 1024)", ["sweep", "hidden", "rank", "method", "step ms", "x peft LoRA",
+                                                                "x peft LoRA, CUDA graph",
                                                                 "x floor", "mem x peft LoRA", "trainable"], rows)
     if res.get("profile"):
         rows = [[r["name"], f"{r['cpu_ms']:.1f}", f"{r['wall_ms']:.1f}", f"{r['gpu_busy_ms']:.1f}",
@@ -540,6 +653,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--sections", default="train,infer,scaling,profile")
     ap.add_argument("--only", default="", help="comma-separated substrings of method names (train section)")
+    ap.add_argument("--skip", default="", help="comma-separated substrings of method names to leave out (train section)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
@@ -549,6 +663,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ranks", type=int, nargs="*", default=[4, 64], help="rank 16 is the hidden sweep's")
     ap.add_argument("--rank-hidden", type=int, default=2048, help="hidden size of the rank sweep")
     ap.add_argument("--small", action="store_true", help="a tiny model (CPU smoke test of the harness)")
+    ap.add_argument("--graph", choices=["both", "eager", "graphed"], default="both",
+                    help="train rows: eager steps, steps captured in CUDA graphs (orthotune.GraphedStep), or both")
     args = ap.parse_args(argv)
     shape = Shape(hidden=64, intermediate=128, layers=2, heads=4, vocab=256, batch=2, seq=32) if args.small else Shape()
     if args.small:
@@ -562,14 +678,19 @@ def main(argv: list[str] | None = None) -> None:
     if args.only:
         keep = [s.strip().lower() for s in args.only.split(",")]
         specs = [s for s in specs if s.build is None or "peft lora" in s.name.lower() or any(k in s.name.lower() for k in keep)]
+    if args.skip:
+        drop = [s.strip().lower() for s in args.skip.split(",")]
+        specs = [s for s in specs if not any(k in s.name.lower() for k in drop)]
     if args.small:
         specs = [s for s in specs if s.library != "peft" or "LoRA" in s.name]  # peft's BOFT/PSOFT need real widths
+    if args.device == "cuda" and args.graph != "eager":
+        specs = (specs if args.graph == "both" else []) + graphed_specs(specs)
     def save() -> None:  # after every section: a run cut short still leaves its numbers
         (args.out / "efficiency.json").write_text(json.dumps(res, indent=1, default=str))
         (args.out / "efficiency.md").write_text(markdown(env, shape, res))
 
     if "train" in sections:
-        res["train"] = train_section(args, shape, specs)
+        res["train"] = train_section(args, shape, specs, on_round=lambda rows: (res.update(train=rows), save()))
         save()
     if "infer" in sections:
         res["infer"] = infer_section(args, shape)

@@ -182,6 +182,16 @@ def test_expm_matches_matrix_exp(scale: float) -> None:
     assert skew.expm(torch.full((2, 3, 3), float("nan"))).isnan().all()
 
 
+def test_expm_with_fixed_squarings_as_under_graph_capture() -> None:
+    """The capture path (no host read): the same values within its bound, NaN (not a wrong value) beyond it."""
+    X = torch.randn(4, 7, 7, dtype=f64) * torch.tensor([1e-3, 1.0, 30.0, 1e3], dtype=f64)[:, None, None]
+    ref = torch.linalg.matrix_exp(X[:3])
+    out = skew.expm(X, max_squarings=8)
+    assert ((out[:3] - ref).abs().amax((-1, -2)) / ref.abs().amax((-1, -2))).max() < 1e-12
+    assert out[3].isnan().all()  # 1-norm ~ 1e3 * 7 needs 13 squarings: flagged, not truncated
+    assert torch.equal(skew.expm(X[:3], max_squarings=skew.CAPTURED_SQUARINGS), skew.expm(X[:3]))  # masked: bit-identical
+
+
 def test_disabled_merged_and_unloaded_models() -> None:
     model, _ = pair("loco-exact")
     x = torch.randn(3, 12, dtype=f64)

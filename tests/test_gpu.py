@@ -104,3 +104,103 @@ def test_bf16_model_batched_against_float32_reference(name: str) -> None:
             assert a.grad.dtype == torch.float32 and rel(a.grad, b.grad) < 5e-2, n
     # LoCO, OFT, HRA: one call (one input width); LoRA: one per shape (a, b share one); LoCA: no per-step core
     assert batching.refresh(fast.base_model) == {"loco": 1, "lora": 2, "loca": 0, "oft": 1, "hra": 1}[name]
+
+
+# ------------------------------------------------------------------------------ GraphedStep (CUDA graphs)
+GRAPH_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+GRAPH_CONFIGS = {
+    "loco": lambda: orthotune.LoCOConfig(target_modules=GRAPH_TARGETS, rank=4, chain_length=3, init_identity=False),
+    "loco-approx": lambda: orthotune.LoCOConfig(target_modules=GRAPH_TARGETS, rank=4, chain_length=3, mode="approx"),
+    "lora": lambda: orthotune.LoRAConfig(target_modules=GRAPH_TARGETS, r=8, lora_alpha=16),
+    "oft": lambda: orthotune.OFTConfig(target_modules=GRAPH_TARGETS, r=0, oft_block_size=16),
+    "boft": lambda: orthotune.BOFTConfig(target_modules=GRAPH_TARGETS, boft_block_size=4, boft_n_butterfly_factor=2),
+    "hra": lambda: orthotune.HRAConfig(target_modules=GRAPH_TARGETS, r=4),
+    "goft": lambda: orthotune.GOFTConfig(target_modules=GRAPH_TARGETS),
+    "loft": lambda: orthotune.LOFTConfig(target_modules=GRAPH_TARGETS, support="principal", r=8),
+    "psoft": lambda: orthotune.PSOFTConfig(target_modules=GRAPH_TARGETS, r=8),
+    "loca": lambda: orthotune.LoCAConfig(target_modules=GRAPH_TARGETS, n_frequency=64),
+}
+
+
+def _graph_llama(config: orthotune.AdapterConfig) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    with torch.device(cuda):
+        model = LlamaForCausalLM(cfg)
+    return orthotune.get_model(model, config)
+
+
+def _graph_batches(n: int, seq: int = 32) -> list[dict]:
+    g = torch.Generator(device=cuda).manual_seed(1)
+    ids = [torch.randint(0, 128, (2, seq), device=cuda, generator=g) for _ in range(n)]
+    return [dict(input_ids=i, labels=i, use_cache=False) for i in ids]
+
+
+def _adamw(model: nn.Module) -> torch.optim.AdamW:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, capturable=True)
+
+
+@pytest.mark.parametrize("name", sorted(GRAPH_CONFIGS))
+def test_graphed_step_replays_the_eager_step(name: str) -> None:
+    """Warm-up, capture, replays: the same losses and parameters as eager steps on the same batches."""
+    model = _graph_llama(GRAPH_CONFIGS[name]())
+    ref = copy.deepcopy(model)
+    step, ref_opt = orthotune.GraphedStep(model, _adamw(model), warmup_steps=2), _adamw(ref)
+    for batch in _graph_batches(6):
+        loss = step(batch)
+        ref_opt.zero_grad(set_to_none=True)
+        ref_loss = ref(**batch).loss
+        ref_loss.backward()
+        ref_opt.step()
+        assert torch.allclose(loss, ref_loss, rtol=1e-4, atol=1e-6), (loss, ref_loss)
+    assert step.graphed and step.captures == 1
+    for (n, a), b in zip(model.named_parameters(), ref.parameters()):
+        assert rel(a, b) < 1e-4, n
+    with torch.no_grad():  # the evaluation after replays sees the replayed updates (no stale cached core)
+        x = _graph_batches(1)[0]
+        assert torch.allclose(model(**x).logits, ref(**x).logits, rtol=1e-3, atol=1e-4)
+
+
+def test_graphed_step_follows_the_schedule_and_recaptures_on_change() -> None:
+    model = _graph_llama(GRAPH_CONFIGS["loco"]())
+    ref = copy.deepcopy(model)
+    opt, ref_opt = _adamw(model), _adamw(ref)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t))
+    ref_sched = torch.optim.lr_scheduler.LambdaLR(ref_opt, lambda t: 1.0 / (1 + t))
+    step = orthotune.GraphedStep(model, opt, warmup_steps=1, max_grad_norm=0.1)
+    data = _graph_batches(7)
+    for i, batch in enumerate(data):
+        if i == 4:  # freeze one adapter parameter: the graph no longer fits, the step warms up and recaptures
+            for m in (model, ref):
+                next(p for p in m.parameters() if p.requires_grad).requires_grad_(False)
+        loss = step(batch)
+        ref_opt.zero_grad(set_to_none=True)
+        ref_loss = ref(**batch).loss
+        ref_loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in ref.parameters() if p.requires_grad], 0.1)
+        ref_opt.step()
+        sched.step()
+        ref_sched.step()
+        assert torch.allclose(loss, ref_loss, rtol=1e-4, atol=1e-6), (i, loss, ref_loss)
+    assert step.captures == 2
+    with pytest.raises(ValueError, match="pad every batch to one length"):
+        step(_graph_batches(1, seq=16)[0])
+    with pytest.raises(ValueError, match="non-tensor entries"):
+        step({**data[0], "use_cache": True})
+
+
+def test_graphed_step_names_a_host_read_when_capture_fails() -> None:
+    model = _graph_llama(GRAPH_CONFIGS["lora"]())
+
+    def loss_fn(m: nn.Module, batch: dict) -> torch.Tensor:
+        loss = m(**batch).loss
+        return loss * 0 + float(loss)  # a host read: fine eagerly, impossible under capture
+
+    step = orthotune.GraphedStep(model, _adamw(model), loss_fn, warmup_steps=1)
+    data = _graph_batches(2)
+    step(data[0])
+    with pytest.raises(RuntimeError, match="reads a GPU value on the host"):
+        step(data[1])

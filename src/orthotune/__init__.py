@@ -20,6 +20,7 @@ from torch import nn  # noqa: E402
 
 from .config import AdapterConfig  # noqa: E402
 from .finite import check_finite, guard_finite  # noqa: E402
+from .graphs import GraphedStep  # noqa: E402
 from .loca_schedule import LocationLearner  # noqa: E402
 from .methods.fourierft import FourierFTConfig  # noqa: E402
 from .methods.loca import LoCAConfig  # noqa: E402
@@ -84,6 +85,7 @@ __all__ = [
     "LocationLearner",
     "BOFTConfig",
     "GOFTConfig",
+    "GraphedStep",
     "HRAConfig",
     "LOFTConfig",
     "OFTConfig",

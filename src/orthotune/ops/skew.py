@@ -18,7 +18,7 @@ from torch import Tensor
 from .lowrank import lowrank_norm
 
 
-def expm(X: Tensor) -> Tensor:
+def expm(X: Tensor, max_squarings: int | None = None) -> Tensor:
     """``exp(X)`` for a batch of small square matrices (..., n, n): scaling and squaring, exact for any norm.
 
     Each matrix is scaled by ``2^-s`` (its own ``s``) to 1-norm <= 1, where a Taylor polynomial of
@@ -28,6 +28,9 @@ def expm(X: Tensor) -> Tensor:
     data-dependent loop per call, again in backward), this costs one host read of ``max s`` per
     call and a fixed, short list of batched kernels; backward is plain autograd. Under
     ``torch.compile`` (no host reads allowed) it is ``torch.linalg.matrix_exp``, which compilers trace.
+    ``max_squarings`` fixes the loop instead (squarings masked per matrix, no host read; a matrix whose
+    1-norm needs more comes out NaN, never silently inexact): used while a CUDA graph is captured,
+    with :data:`CAPTURED_SQUARINGS`.
     """
     if torch.compiler.is_compiling():
         return torch.linalg.matrix_exp(X)
@@ -36,7 +39,14 @@ def expm(X: Tensor) -> Tensor:
     degree = 18 if X.dtype == torch.float64 else 12
     s = torch.ceil(torch.log2(batch.abs().sum(-2).amax(-1))).clamp_(min=0.0)
     s = torch.nan_to_num(s, nan=0.0, posinf=0.0)  # non-finite input: NaN out, no squaring loop
-    squarings = int(s.max()) if s.numel() else 0
+    if max_squarings is None and _capturing(batch):
+        max_squarings = CAPTURED_SQUARINGS
+    if max_squarings is not None:
+        too_large = s > max_squarings
+        s = s.clamp(max=max_squarings)
+        squarings = max_squarings
+    else:
+        squarings = int(s.max()) if s.numel() else 0
     Y = batch * torch.exp2(-s)[:, None, None]
     eye = _eye(n, X.dtype, X.device).expand_as(Y)
     P = torch.baddbmm(eye, Y, eye, alpha=1.0 / degree)
@@ -44,7 +54,18 @@ def expm(X: Tensor) -> Tensor:
         P = torch.baddbmm(eye, Y, P, alpha=1.0 / j)  # I + Y P / j
     for i in range(squarings):
         P = torch.where((s > i)[:, None, None], P @ P, P)
+    if max_squarings is not None:
+        P = P.masked_fill(too_large[:, None, None], float("nan"))
     return P.reshape(X.shape)
+
+
+#: Squarings applied (masked per matrix) while a CUDA graph is captured: generators up to 1-norm 2^20.
+CAPTURED_SQUARINGS = 20
+
+
+def _capturing(t: Tensor) -> bool:
+    """Whether ``t``'s kernels are being recorded into a CUDA graph (host reads would fail)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def phi(Z: Tensor) -> Tensor:
