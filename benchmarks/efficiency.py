@@ -270,12 +270,13 @@ def _graphed_step(spec: Spec, model: nn.Module, params: list[nn.Parameter], emb:
 def train_run(spec: Spec, shape: Shape, device: str, warmup: int, steps: int) -> dict[str, Any]:
     """Median step ms, peak GiB and trainable parameters of one method (model built afresh)."""
     _reset(device)
+    resident = torch.cuda.memory_allocated() if device == "cuda" else 0  # left by earlier rows: not this row's
     ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq), device=device, generator=torch.Generator(device).manual_seed(1))
     params, step = training(spec, shape, device, ids, warmup)
     timer = Timer(device)
     times = [timer(step) for _ in range(warmup + steps)][warmup:]
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
-    result = dict(step_ms=times, peak_gib=peak, trainable=sum(p.numel() for p in params))
+    peak = (torch.cuda.max_memory_allocated() - resident) / 2**30 if device == "cuda" else float("nan")
+    result = dict(step_ms=times, peak_gib=peak, trainable=sum(p.numel() for p in params), resident_gib=resident / 2**30)
     del params, step
     _reset(device)
     return result
@@ -308,7 +309,7 @@ def train_section(args: argparse.Namespace, shape: Shape, specs: list[Spec],
             row["peak_gib"] = max(row["peak_gib"] or 0.0, r["peak_gib"])
             row["trainable"] = r["trainable"]
             print(f"[train r{rnd}] {spec.name}: {statistics.median(r['step_ms']):.1f} ms, {r['peak_gib']:.2f} GiB, "
-                  f"{r['trainable']:,} trainable", flush=True)
+                  f"{r['trainable']:,} trainable (resident before: {r['resident_gib']:.3f} GiB)", flush=True)
     return _summarise(list(rows.values()))
 
 

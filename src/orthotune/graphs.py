@@ -22,7 +22,8 @@ dropped (replayed optimiser updates do not bump parameter versions).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -137,7 +138,7 @@ class GraphedStep:
         self.optimizer.zero_grad(set_to_none=True)  # backward allocates the gradients in the graph's pool
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            with _capturable_linalg(), torch.cuda.graph(graph):
                 loss = self._compute(self._static)
         except Exception as err:
             self.optimizer.zero_grad(set_to_none=True)
@@ -186,6 +187,19 @@ class GraphedStep:
         self._graph, self._loss, self._static, self._stamp = None, None, {}, ()
         self._eager_left = self.warmup_steps
         self.optimizer.zero_grad(set_to_none=True)
+
+
+@contextlib.contextmanager
+def _capturable_linalg() -> Iterator[None]:
+    """cuSOLVER/cuBLAS for the captured step's batched solves (the Cayley transforms of OFT, BOFT, PSOFT,
+    LOFT): the default heuristic picks MAGMA for batches of more than 8 matrices, whose batched LU is not
+    capture-safe at every size (OFT b32 failed to capture on an H100, b16 did not)."""
+    previous = torch.backends.cuda.preferred_linalg_library()
+    torch.backends.cuda.preferred_linalg_library("cusolver")
+    try:
+        yield
+    finally:
+        torch.backends.cuda.preferred_linalg_library(previous)
 
 
 def _check_capturable(optimizer: torch.optim.Optimizer) -> None:
