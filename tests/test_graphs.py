@@ -15,7 +15,7 @@ from orthotune import GraphedStep
 from orthotune.ops import skew
 from orthotune.registry import METHODS
 
-from .method_cases import CASES
+from .method_cases import CASES, Case
 
 transformers = pytest.importorskip("transformers")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -105,7 +105,14 @@ class _HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+#: Training-only randomness (block dropout) must be drawn on the device too.
+DROPOUT_CASES = [
+    Case("boft", dict(boft_block_size=2, boft_n_butterfly_factor=2, boft_dropout=0.5), lambda i, o: 0),
+    Case("oft", dict(oft_block_size=4, module_dropout=0.5), lambda i, o: 0),
+]
+
+
+@pytest.mark.parametrize("case", CASES + DROPOUT_CASES, ids=lambda c: c.id)
 def test_every_method_step_is_capture_safe(case, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
     """Forward and backward of every configuration read nothing on the host once capture-mode paths are on
     (``skew._capturing``: expm's fixed squarings), so ``GraphedStep`` can capture it."""

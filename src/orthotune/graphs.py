@@ -23,6 +23,7 @@ dropped (replayed optimiser updates do not bump parameter versions).
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -124,7 +125,7 @@ class GraphedStep:
     @staticmethod
     def _side_stream(fn: Callable[[], Tensor]) -> Tensor:
         """Warm-up steps run on a side stream, as ``torch.cuda.graph`` requires of what it will capture."""
-        stream = torch.cuda.Stream()
+        stream = _warmup_stream(torch.cuda.current_device())
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             out = fn()
@@ -187,6 +188,13 @@ class GraphedStep:
         self._graph, self._loss, self._static, self._stamp = None, None, {}, ()
         self._eager_left = self.warmup_steps
         self.optimizer.zero_grad(set_to_none=True)
+
+
+@functools.cache
+def _warmup_stream(device: int) -> torch.cuda.Stream:
+    """One warm-up stream per device for every GraphedStep: cuBLAS keeps a workspace (32 MiB on an H100)
+    per stream it has run on for the life of the process, so a fresh stream per warm-up leaked that much."""
+    return torch.cuda.Stream(device)
 
 
 @contextlib.contextmanager

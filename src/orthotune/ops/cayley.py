@@ -81,7 +81,9 @@ def drop_blocks(blocks: Tensor, p: float) -> Tensor:
     k = int(p * n)
     if k == 0:
         return blocks
-    mask = torch.zeros(m, n, dtype=torch.bool, device=blocks.device)
-    mask[int(torch.randint(m, ()).item()), torch.randperm(n, device=blocks.device)[:k]] = True
+    # drawn on the device, no host read: the step stays capturable in a CUDA graph (orthotune.GraphedStep)
+    factor = torch.randint(m, (1,), device=blocks.device)
+    chosen = torch.zeros(n, dtype=torch.bool, device=blocks.device).index_fill_(0, torch.randperm(n, device=blocks.device)[:k], True)
+    mask = (torch.arange(m, device=blocks.device)[:, None] == factor) & chosen
     eye = torch.eye(b, dtype=blocks.dtype, device=blocks.device)
     return torch.where(mask[..., None, None], eye, blocks)
