@@ -215,3 +215,33 @@ class TestContract:
             return torch.func.functional_call(layer, {f"adapters.default.{n}": p for n, p in zip(names, ps)}, (x,))
 
         assert torch.autograd.gradcheck(f, tuple(p.detach().requires_grad_() for p in params), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize(("case", "model_name"), PAIRS, ids=[f"{c.id}-{m}" for c, m in PAIRS])
+def test_inference_paths_equal_the_training_path(case: Case, model_name: str) -> None:
+    """Without autograd, methods may serve a different but equal computation (LoCO/LOFT fold the rotation
+    into the output through a memoised ``W0 U``, LoRA accumulates in place); it must give the training
+    path's values, follow in-place changes of adapter parameters and base weights between inference
+    calls, and leave its input untouched."""
+    _, model, x = build(case, model_name)
+    model = model.double()
+    x = x.double()
+    train_steps(model, x, steps=2)  # away from the identity
+    layers = [m for m in model.modules() if isinstance(m, AdapterLayer)]
+    changes = [
+        lambda: None,  # the second call reuses the cached cores and the memo
+        lambda: next(p for p in model.parameters() if p.requires_grad).add_(0.01),
+        lambda: [layer.base_layer.weight.mul_(1.01) for layer in layers],
+    ]
+    for change in changes:
+        x_before = x.clone()
+        with torch.no_grad():
+            change()
+            out = model(x)
+        assert torch.equal(x, x_before)
+        ref = model(x)  # parameters require grad: the training path
+        assert rel(out, ref) < 1e-12, rel(out, ref)
+        with torch.no_grad():
+            model(x)  # inference again, so the next change meets a warm cache and memo
+    if case.method == "loco" and case.kwargs.get("mode") != "sequential" and model_name != "conv2d":
+        assert any("_inference_fold" in vars(m) for m in model.modules())  # the folded path did run

@@ -162,6 +162,27 @@ def frozen_weight(base: Base) -> Tensor | None:
     return None
 
 
+def inference_fold(module: nn.Module, base: Base, U: Tensor, *others: Tensor) -> Tensor | None:
+    """``W0 U`` for serving an input rotation ``I + U Wt`` as ``base(x) + (x Wt^T) (W0 U)^T``
+    (:func:`~orthotune.ops.lowrank.rotated_base`), or None where that does not apply: under autograd
+    (``U`` or ``others`` tracked, or a trainable base), under ``torch.compile``, or when ``base`` is not
+    the layer's own frozen map. Memoised on ``module`` while ``U`` is the same tensor (inference reuses
+    its batched core until a parameter changes) and the base weight is unchanged."""
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in (U, *others))):
+        return None
+    W0 = frozen_weight(base)
+    if W0 is None or (torch.is_grad_enabled() and W0.requires_grad):
+        return None
+    key = (W0.data_ptr(), W0._version, W0.dtype)
+    memo = module.__dict__.get("_inference_fold")
+    if memo is not None and memo[0] is U and memo[1] == key:
+        return memo[2]
+    dtype = torch.promote_types(torch.promote_types(W0.dtype, U.dtype), torch.float32)  # float32 at least
+    W0U = (W0.to(dtype) @ U.to(dtype)).to(U.dtype)
+    module.__dict__["_inference_fold"] = (U, key, W0U)
+    return W0U
+
+
 def _compose(adapter: AdapterMethod, inner: Base) -> Base:
     return lambda z: adapter(z, inner)
 

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from .. import batching
 from ..config import AdapterConfig, check_choice, check_positive_int
+from ..layer import inference_fold
 from ..ops import lowrank, skew
 from .base import AdapterMethod, Base
 
@@ -132,7 +133,7 @@ class LoCO(AdapterMethod):
             for i in reversed(range(U.shape[0])):
                 x = lowrank.rotate_rows(x, U[i], W[i])
             return base(x)
-        return base(lowrank.rotate_rows(x, U, W))
+        return lowrank.rotated_base(x, U, W, base, inference_fold(self, base, U, W, x))
 
     def merged_weight(self, W: Tensor) -> Tensor:
         U, M, V = self.core()

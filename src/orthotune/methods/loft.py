@@ -37,7 +37,7 @@ from ..config import AdapterConfig, check_choice, check_positive_int
 from ..ops import lowrank
 from ..supports import CoordinateSupport, DenseSupport, FullSupport, coordinate_basis, principal_basis, random_basis
 from ..transforms import BlockCayley, Butterfly, Givens, Householder, LowRankTransform, Mode, SkewExp, Transform
-from ..layer import frozen_weight
+from ..layer import frozen_weight, inference_fold
 from .base import AdapterMethod, Base, cast_to
 
 SUPPORTS = ("principal", "gradient", "gradient_coordinate", "random", "coordinate", "full")
@@ -257,7 +257,7 @@ class LOFT(AdapterMethod):
             core = batching.current(self, x.dtype)
             if isinstance(self.support, DenseSupport) or isinstance(self.transform, LowRankTransform):
                 U, Wt = core
-                return base(lowrank.rotate_rows(x, U, Wt))
+                return lowrank.rotated_base(x, U, Wt, base, inference_fold(self, base, U, Wt, x))
             W = self._fold_target(x, base)
             if W is not None:  # y = x (W0 T)^T
                 return F.linear(x, self.transform.apply_core(core, W.to(x.dtype), "merge"))

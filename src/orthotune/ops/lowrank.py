@@ -7,6 +7,8 @@ that triple without ever forming a d x d matrix, except :func:`materialize`, whi
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -28,8 +30,31 @@ def rotate_rows(x: Tensor, U: Tensor, Wt: Tensor) -> Tensor:
 
 
 def add_lowrank(y: Tensor, x: Tensor, A: Tensor, B: Tensor) -> Tensor:
-    """``y + (x A^T) B^T`` for ``x`` (..., d_in), ``A`` (m, d_in), ``B`` (d_out, m): LoRA's update."""
-    return y + F.linear(F.linear(x, A), B)
+    """``y + (x A^T) B^T`` for ``x`` (..., d_in), ``A`` (m, d_in), ``B`` (d_out, m): LoRA's update.
+
+    Without autograd the update is accumulated into ``y`` in place by one ``addmm_`` (the GEMM adds
+    into its output: no (..., d_out) temporary, no add kernel); ``y`` must then be a fresh tensor the
+    caller owns, as a base layer's output is.
+    """
+    h = F.linear(x, A)
+    if _tracked(y, x, A, B) or not y.is_contiguous() or torch.compiler.is_compiling():
+        return y + F.linear(h, B)
+    y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), B.t())
+    return y
+
+
+def _tracked(*tensors: Tensor) -> bool:
+    """Whether autograd records operations on any of ``tensors`` (then nothing may be done in place)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def rotated_base(x: Tensor, U: Tensor, Wt: Tensor, base: Callable[[Tensor], Tensor], W0U: Tensor | None = None) -> Tensor:
+    """``base(x R^T)`` for the one form ``R = I + U Wt``; with ``W0U = W0 U`` (``base`` the frozen map
+    ``x -> x W0^T``) as ``base(x) + (x Wt^T) W0U^T`` instead, which skips the rotated (..., d_in) copy
+    of ``x`` and its add (:func:`add_lowrank`, in place without autograd): same values, less memory traffic."""
+    if W0U is None:
+        return base(rotate_rows(x, U, Wt))
+    return add_lowrank(base(x), x, Wt, W0U)
 
 
 def materialize(U: Tensor, M: Tensor, V: Tensor) -> Tensor:
