@@ -666,7 +666,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ranks", type=int, nargs="*", default=[4, 64], help="rank 16 is the hidden sweep's")
     ap.add_argument("--rank-hidden", type=int, default=2048, help="hidden size of the rank sweep")
     ap.add_argument("--small", action="store_true", help="a tiny model (CPU smoke test of the harness)")
-    ap.add_argument("--profile", default="", help="comma-separated exact method names for the profile section "
+    ap.add_argument("--profile", default="", help="';'-separated exact method names for the profile section "
                     "(default: the floor, peft and orthotune LoRA, LoCO, HRA, OFT, LoCA)")
     ap.add_argument("--graph", choices=["both", "eager", "graphed"], default="both",
                     help="train rows: eager steps, steps captured in CUDA graphs (orthotune.GraphedStep), or both")
@@ -701,7 +701,7 @@ def main(argv: list[str] | None = None) -> None:
         res["infer"] = infer_section(args, shape)
         save()
     if "profile" in sections and args.device == "cuda":
-        names = [n.strip() for n in args.profile.split(",")] if args.profile else PROFILED
+        names = [n.strip() for n in args.profile.split(";")] if args.profile else PROFILED
         every = train_specs() + graphed_specs(train_specs())
         chosen = [s for s in every if s.name in names and (not s.needs or s.needs in METHODS)]
         res["profile"] = profile_section(args, shape, chosen, args.out / "profile.txt")
