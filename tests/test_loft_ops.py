@@ -178,6 +178,23 @@ def test_givens_compact_equals_the_layers(dim: int, block: int) -> None:
         assert torch.allclose(givens.apply_compact(z, blocks[i], high[i], idx, transpose=True), z @ T, atol=1e-12)
 
 
+def test_givens_compact_gradients() -> None:
+    """The compact path writes its dense part in place: autograd must still give exact gradients."""
+    dim, block = 48, 16
+    partner, index, sign = givens.tree_layout(dim)
+    idx = torch.arange(0, dim, block)
+    theta = torch.randn(dim - 1, dtype=f64, requires_grad=True)
+    z = torch.randn(3, dim, dtype=f64, requires_grad=True)
+
+    def f(theta: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        C, S = givens.coefficients(theta, index, sign)
+        blocks, high = givens.compact(C, S, partner, block)
+        return givens.apply_compact(z, blocks, high, idx)
+
+    assert torch.autograd.gradcheck(f, (theta, z))
+    assert torch.allclose(f(theta, z), z @ givens_dense(theta.detach(), dim).T, atol=1e-12)
+
+
 def test_givens_compact_block_leaves_large_dense_parts_layered() -> None:
     assert givens.compact_block(2 * 1001) == 0 and givens.compact_block(100_000) == 0
     assert givens.compact_block(5632) == 64 and givens.compact_block(14336) == 64 and givens.compact_block(1000) == 8
