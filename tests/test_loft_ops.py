@@ -179,7 +179,7 @@ def test_givens_compact_equals_the_layers(dim: int, block: int) -> None:
 
 
 def test_givens_compact_gradients() -> None:
-    """The compact path writes its dense part in place: autograd must still give exact gradients."""
+    """Gradients through the compact path (block-diagonal part, then the dense part on every B-th coordinate)."""
     dim, block = 48, 16
     partner, index, sign = givens.tree_layout(dim)
     idx = torch.arange(0, dim, block)

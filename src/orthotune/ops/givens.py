@@ -110,6 +110,6 @@ def apply_compact(z: Tensor, blocks: Tensor, high: Tensor, idx: Tensor, transpos
             z = z.index_copy(-1, idx, z.index_select(-1, idx) @ high.mT)
         return apply_blocks(z, blocks)
     z = apply_blocks(z, blocks, transpose=True)
-    if high.shape[-1] > 1:  # in place: apply_blocks' output is fresh and nothing saves it (no T x d clone)
-        z = z.index_copy_(-1, idx, z.index_select(-1, idx) @ high)
+    if high.shape[-1] > 1:
+        z = z.index_copy(-1, idx, z.index_select(-1, idx) @ high)
     return z
