@@ -402,13 +402,9 @@ def infer_section(args: argparse.Namespace, shape: Shape) -> list[dict[str, Any]
 
 
 def _capture(fn: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, Any]:
-    """Warm ``fn`` up on a side stream, then capture it: (graph, the outputs its replays overwrite)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
+    """Warm ``fn`` up on the warm-up stream ``GraphedStep`` uses, then capture it: (graph, the outputs its replays overwrite)."""
+    for _ in range(2):
+        orthotune.graphs.on_warmup_stream(fn)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = fn()

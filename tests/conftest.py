@@ -83,3 +83,15 @@ def boft_factors(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(boft_layer, "_FBD_CUDA", FakeFBD)
     monkeypatch.setattr(boft_layer.FastBlockDiag, "apply", staticmethod(lambda t: FakeFBD.forward(t)[0]))
+
+
+def eager_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict, max_grad_norm: float | None = None) -> torch.Tensor:
+    """One plain training step (zero_grad, ``model(**batch).loss``, backward, optional clipping, step): the
+    reference ``orthotune.GraphedStep`` is checked against."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = model(**batch).loss
+    loss.backward()
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
+    optimizer.step()
+    return loss.detach()

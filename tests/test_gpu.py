@@ -17,6 +17,8 @@ from orthotune import batching
 from orthotune.methods.loco import LoCO, LoCOConfig
 from orthotune.ops import lowrank, skew
 
+from .conftest import eager_step
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
@@ -151,10 +153,7 @@ def test_graphed_step_replays_the_eager_step(name: str) -> None:
     step, ref_opt = orthotune.GraphedStep(model, _adamw(model), warmup_steps=2), _adamw(ref)
     for batch in _graph_batches(6):
         loss = step(batch)
-        ref_opt.zero_grad(set_to_none=True)
-        ref_loss = ref(**batch).loss
-        ref_loss.backward()
-        ref_opt.step()
+        ref_loss = eager_step(ref, ref_opt, batch)
         assert torch.allclose(loss, ref_loss, rtol=1e-4, atol=1e-6), (loss, ref_loss)
     assert step.graphed and step.captures == 1
     for (n, a), b in zip(model.named_parameters(), ref.parameters()):
@@ -177,11 +176,7 @@ def test_graphed_step_follows_the_schedule_and_recaptures_on_change() -> None:
             for m in (model, ref):
                 next(p for p in m.parameters() if p.requires_grad).requires_grad_(False)
         loss = step(batch)
-        ref_opt.zero_grad(set_to_none=True)
-        ref_loss = ref(**batch).loss
-        ref_loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in ref.parameters() if p.requires_grad], 0.1)
-        ref_opt.step()
+        ref_loss = eager_step(ref, ref_opt, batch, max_grad_norm=0.1)
         sched.step()
         ref_sched.step()
         assert torch.allclose(loss, ref_loss, rtol=1e-4, atol=1e-6), (i, loss, ref_loss)

@@ -15,6 +15,7 @@ from orthotune import GraphedStep
 from orthotune.ops import skew
 from orthotune.registry import METHODS
 
+from .conftest import eager_step
 from .method_cases import CASES, Case
 
 transformers = pytest.importorskip("transformers")
@@ -46,12 +47,7 @@ def test_eager_path_is_the_plain_loop() -> None:
     step = GraphedStep(model, opt, max_grad_norm=0.5, enabled=False)
     for batch in batches(4):
         loss = step(batch)
-        ref_opt.zero_grad(set_to_none=True)
-        ref_loss = ref(**batch).loss
-        ref_loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in ref.parameters() if p.requires_grad], 0.5)
-        ref_opt.step()
-        assert torch.equal(loss, ref_loss.detach())
+        assert torch.equal(loss, eager_step(ref, ref_opt, batch, max_grad_norm=0.5))
     assert not step.graphed and step.captures == 0
     for (n, p), q in zip(model.named_parameters(), ref.parameters()):
         assert torch.equal(p, q), n

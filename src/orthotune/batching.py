@@ -48,6 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from .layer import AdapterLayer
+from .ops import lowrank
 
 Core = tuple[Tensor, ...]
 
@@ -106,7 +107,7 @@ def _usable(entry: _Entry | None, params: list[Tensor], grad: bool) -> bool:
 
 
 def _needs_grad(params: list[Tensor]) -> bool:
-    return torch.is_grad_enabled() and any(p.requires_grad for p in params)
+    return lowrank.tracked(*params)
 
 
 def _cast(core: Core, dtype: torch.dtype) -> Core:

@@ -96,7 +96,7 @@ class GraphedStep:
             self._release()  # the model changed under the graph: warm up and capture again
         if self._graph is None and self._eager_left > 0:
             self._eager_left -= 1
-            return self._side_stream(lambda: self._eager(batch))
+            return on_warmup_stream(lambda: self._eager(batch))
         if self._graph is None:
             self._capture(batch, stamp)
         else:
@@ -122,20 +122,10 @@ class GraphedStep:
         self.optimizer.zero_grad(set_to_none=True)
         return self._compute(batch)
 
-    @staticmethod
-    def _side_stream(fn: Callable[[], Tensor]) -> Tensor:
-        """Warm-up steps run on a side stream, as ``torch.cuda.graph`` requires of what it will capture."""
-        stream = _warmup_stream(torch.cuda.current_device())
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            out = fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        return out
-
     def _capture(self, batch: Mapping[str, Any], stamp: tuple[Any, ...]) -> None:
+        _check_device(batch)
         _tensor_learning_rates(self.optimizer)
         self._static = {k: v.detach().clone() if isinstance(v, Tensor) else v for k, v in batch.items()}
-        self._check_device()
         self.optimizer.zero_grad(set_to_none=True)  # backward allocates the gradients in the graph's pool
         graph = torch.cuda.CUDAGraph()
         try:
@@ -150,12 +140,6 @@ class GraphedStep:
             ) from err
         self._graph, self._loss, self._stamp = graph, loss, stamp
         self.captures += 1
-
-    def _check_device(self) -> None:
-        bad = [k for k, v in self._static.items() if isinstance(v, Tensor) and not v.is_cuda]
-        if bad:
-            raise ValueError(f"batch tensors {bad} are on the CPU: move the batch to the GPU before the step "
-                             "(a captured step replays GPU kernels only)")
 
     def _load(self, batch: Mapping[str, Any]) -> None:
         """Copy the batch into the captured input tensors (shapes, dtypes and other entries must match)."""
@@ -188,6 +172,24 @@ class GraphedStep:
         self._graph, self._loss, self._static, self._stamp = None, None, {}, ()
         self._eager_left = self.warmup_steps
         self.optimizer.zero_grad(set_to_none=True)
+
+
+def on_warmup_stream(fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on the device's warm-up side stream, as ``torch.cuda.graph`` requires of the eager
+    calls before a capture (used for training steps here and for inference graphs in the benchmark)."""
+    stream = _warmup_stream(torch.cuda.current_device())
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        out = fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    return out
+
+
+def _check_device(batch: Mapping[str, Any]) -> None:
+    bad = [k for k, v in batch.items() if isinstance(v, Tensor) and not v.is_cuda]
+    if bad:
+        raise ValueError(f"batch tensors {bad} are on the CPU: move the batch to the GPU before the step "
+                         "(a captured step replays GPU kernels only)")
 
 
 @functools.cache

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .methods.base import AdapterMethod, Base
+from .ops import lowrank
 
 
 def layer_kind(module: nn.Module) -> str | None:
@@ -168,10 +169,10 @@ def inference_fold(module: nn.Module, base: Base, U: Tensor, *others: Tensor) ->
     (``U`` or ``others`` tracked, or a trainable base), under ``torch.compile``, or when ``base`` is not
     the layer's own frozen map. Memoised on ``module`` while ``U`` is the same tensor (inference reuses
     its batched core until a parameter changes) and the base weight is unchanged."""
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in (U, *others))):
+    if torch.compiler.is_compiling() or lowrank.tracked(U, *others):  # training forwards stop here
         return None
     W0 = frozen_weight(base)
-    if W0 is None or (torch.is_grad_enabled() and W0.requires_grad):
+    if W0 is None or lowrank.tracked(W0):
         return None
     key = (W0.data_ptr(), W0._version, W0.dtype)
     memo = module.__dict__.get("_inference_fold")

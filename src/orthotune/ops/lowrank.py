@@ -37,13 +37,13 @@ def add_lowrank(y: Tensor, x: Tensor, A: Tensor, B: Tensor) -> Tensor:
     caller owns, as a base layer's output is.
     """
     h = F.linear(x, A)
-    if _tracked(y, x, A, B) or not y.is_contiguous() or torch.compiler.is_compiling():
+    if tracked(y, x, A, B) or not y.is_contiguous() or torch.compiler.is_compiling():
         return y + F.linear(h, B)
     y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), B.t())
     return y
 
 
-def _tracked(*tensors: Tensor) -> bool:
+def tracked(*tensors: Tensor) -> bool:
     """Whether autograd records operations on any of ``tensors`` (then nothing may be done in place)."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
