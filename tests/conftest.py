@@ -8,10 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-from orthotune._compat import patch_torchvision
-
-patch_torchvision()  # before anything imports torchvision (timm, transformers' vision code)
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))

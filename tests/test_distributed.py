@@ -246,11 +246,8 @@ def test_cli_fsdp_under_accelerate(tmp_path) -> None:
     ``--multi_gpu`` is accelerate's multi-process launcher (torchrun's agent underneath); ``--cpu``
     would run a single process. Without GPUs the processes join with gloo.
     """
-    # accelerate's CLI imports timm -> torchvision; run it behind orthotune's torchvision shim (a CUDA
-    # torchvision next to a CPU torch cannot register its operators otherwise; see orthotune._compat)
-    cli = "from orthotune._compat import patch_torchvision; patch_torchvision(); from accelerate.commands.accelerate_cli import main; main()"
-    accelerate = [sys.executable, "-c", cli, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-                  "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+    accelerate = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu", "--num_processes", "2",
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
     out = tmp_path / "run"
     _check_run(out, _run_launcher(accelerate, out, "fsdp"), "fsdp")
 

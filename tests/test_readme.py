@@ -1,4 +1,4 @@
-"""README's set-up commands are the ones CI and users run: ``.ci/run`` ends with the test command."""
+"""README's set-up commands are the ones CI and users run: ``.ci/run`` runs the demo command, then ends with the test command."""
 
 from __future__ import annotations
 
@@ -21,3 +21,13 @@ def test_setup_is_two_commands_and_ci_runs_the_second() -> None:
     assert demo.endswith("orthotune demo") and tests.endswith("python -m pytest -q")
     ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.strip() and not line.startswith("#")]
     assert ci[-1] == tests, f".ci/run must end with README's test command {tests!r}, got {ci[-1]!r}"
+
+
+def test_ci_runs_the_demo_command_as_written_in_a_fresh_venv() -> None:
+    demo, _ = setup_commands()
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    fresh = [i for i, line in enumerate(ci) if line.startswith("python3 -m venv .ci-demo-venv")]
+    runs = [i for i, line in enumerate(ci) if line.strip() == f"( . .ci-demo-venv/bin/activate && {demo} )"]
+    assert fresh and runs and fresh[0] < runs[0], f".ci/run must run README's first command {demo!r} in a fresh venv"
+    ignored = (ROOT / ".gitignore").read_text().splitlines()
+    assert "/.ci-demo-venv/" in ignored and "/.ci-venv/" in ignored, "CI's venvs must not show up as repository files"

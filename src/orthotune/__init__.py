@@ -10,10 +10,6 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from ._compat import patch_torchvision  # noqa: E402
-
-patch_torchvision()
-
 from pathlib import Path  # noqa: E402
 
 from torch import nn  # noqa: E402
