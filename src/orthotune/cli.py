@@ -5,7 +5,7 @@
     torchrun --nproc_per_node 2 -m orthotune finetune --config recipes/text_banking77.yaml   # DDP on 2 GPUs
     orthotune eval runs/banking77-loco
     orthotune merge runs/banking77-loco --out merged/banking77-loco
-    orthotune inspect runs/banking77-loco/adapter
+    orthotune inspect runs/banking77-loco
     orthotune pretrain vit-fmnist
     orthotune methods loco
 """
@@ -80,9 +80,10 @@ def _merge(args: argparse.Namespace) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> None:
+    from .train.finetune import adapter_folder
     from .train.inspection import inspect_adapter, summary, write_report
 
-    adapter = Path(args.adapter)
+    adapter = adapter_folder(args.adapter)
     report = inspect_adapter(adapter)
     print(summary(report))
     out = Path(args.out) if args.out else adapter.parent / f"{adapter.name}-inspect"
@@ -168,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
 
     ins = sub.add_parser("inspect", help="config, parameter counts, rotation-angle spectra and orthogonality errors of an adapter")
-    ins.add_argument("adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
+    ins.add_argument("adapter", help="a run folder, or an adapter folder (adapter_config.json + adapter_model.safetensors)")
     ins.add_argument("--out", help="folder for inspect.json and inspect.png (default: <adapter>-inspect)")
     ins.set_defaults(func=_inspect)
 

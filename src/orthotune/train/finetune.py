@@ -213,6 +213,14 @@ def check_batches(task: Task, batch_size: int, world: int) -> None:
         )
 
 
+def adapter_folder(path: str | Path) -> Path:
+    """The adapter folder that ``path`` names: an adapter folder itself, or a run folder's ``adapter/``."""
+    path = Path(path)
+    if not (path / "adapter_config.json").is_file() and (path / "adapter" / "adapter_config.json").is_file():
+        return path / "adapter"
+    return path
+
+
 def load_run(run: str | Path | None = None, config: RunConfig | None = None, adapter: str | Path | None = None) -> tuple[RunConfig, Path]:
     """(recipe, adapter folder) from a run folder, or from an explicit recipe and adapter folder."""
     if config is None:

@@ -95,6 +95,15 @@ def _restore_learner(learner: Any, state: dict[str, Any] | None) -> None:
     learner._start = [s.to(m.locations.device) for s, m in zip(state["start"], learner.modules)]
 
 
+def progress_postfix(loss: float, evals: list, metric: str) -> dict[str, str]:
+    """The progress bar's live numbers: this step's loss and the latest evaluation, labelled with its step."""
+    postfix = {"loss": f"{loss:.4f}"}
+    if evals and metric in evals[-1][1]:
+        step, metrics = evals[-1]
+        postfix[f"{metric}@{step}"] = f"{metrics[metric]:.4f}"
+    return postfix
+
+
 def fit(
     model: nn.Module,
     task: Task,
@@ -152,7 +161,6 @@ def fit(
 
     if start == 0 and settings.eval_before and not result.history["eval"]:
         evaluate(0)
-    last = result.history["eval"][-1][1] if result.history["eval"] else {}
     main = distributed.is_main_process()
     world, rank = distributed.world_size(), distributed.rank()
     bar = tqdm(total=total, initial=start, desc=f"fine-tune {task.name}", disable=not (progress and main), dynamic_ncols=True)
@@ -183,15 +191,12 @@ def fit(
             step += 1
             value = mean.detach().item()
             result.history["train"].append([step, value, lr])
-            postfix = {"loss": f"{value:.4f}"}
             if (settings.eval_every and step % settings.eval_every == 0) or step == total:
                 t0 = time.perf_counter()
-                last = evaluate(step)
+                evaluate(step)
                 eval_in_loop += time.perf_counter() - t0
                 model.train()
-            if task.metric in last:
-                postfix[task.metric] = f"{last[task.metric]:.4f}"
-            bar.set_postfix(postfix)
+            bar.set_postfix(progress_postfix(value, result.history["eval"], task.metric))
             bar.update()
             if settings.save_every and step % settings.save_every == 0 and step < total:
                 if torch.cuda.is_available():

@@ -181,9 +181,17 @@ def yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=Loader)
 
 
+# keys that replace each other: an override of one clears the other (unless the overrides set both)
+COUNTERPARTS = {"train.steps": "train.epochs", "train.epochs": "train.steps"}
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Set ``dotted.key=value`` items (values parsed as YAML) in a copy of ``data``."""
+    """Set ``dotted.key=value`` items (values parsed as YAML) in a copy of ``data``.
+
+    An override of ``train.steps`` clears the recipe's ``train.epochs`` and vice versa (see ``COUNTERPARTS``).
+    """
     data = copy.deepcopy(data)
+    given = {item.partition("=")[0] for item in overrides}
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -198,6 +206,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 raise ValueError(f"override {item!r}: {part!r} is not a mapping")
             node = node[part]
         node[parts[-1]] = value
+        counterpart = COUNTERPARTS.get(key)
+        if value is not None and counterpart is not None and counterpart not in given:
+            node.pop(counterpart.rpartition(".")[2], None)
     return data
 
 
