@@ -57,7 +57,7 @@ def test_overrides_and_clear_errors() -> None:
     with pytest.raises(ValueError, match="takes no adapter settings"):
         load_run_config(TEXT, ["method=full"])
     with pytest.raises(ValueError, match="exactly one of train.steps and train.epochs"):
-        load_run_config(TEXT, ["train.epochs=1"])
+        load_run_config(TEXT, ["train.epochs=1", "train.steps=5"])
     with pytest.raises(ValueError, match="unknown data settings \\['shots'\\]"):
         load_run_config(TEXT, ["data.shots=3"])
     with pytest.raises(ValueError, match="not of the form key=value"):
