@@ -23,10 +23,13 @@ def patch_torchvision() -> None:
     spec = importlib.util.find_spec("torchvision")
     if spec is None or not spec.origin:
         return
+    library = os.path.join(os.path.dirname(spec.origin), "_C.so")
+    if not os.path.exists(library):  # torchvision >= 0.29 ships _C_stable.so, which registers its ops itself
+        return
     import torch
 
     try:
-        torch.ops.load_library(os.path.join(os.path.dirname(spec.origin), "_C.so"))
+        torch.ops.load_library(library)
     except (OSError, RuntimeError):
         _LIBRARY = torch.library.Library("torchvision", "DEF")
         _LIBRARY.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
