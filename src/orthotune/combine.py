@@ -153,7 +153,8 @@ def _allowed(kind: str, configs: list[AdapterConfig]) -> tuple[str, ...]:
         return ("cat",)  # reflections have no generator to add or scale
     if c.method == "psoft" and not c.psoft_orth:
         return ()  # a free r x r matrix is no rotation
-    exp_chain = c.method == "loco" or (c.method == "loft" and c.transform == "exp")
+    # an exact chain is a product, so chains concatenate; LoCO's "approx" is exp(S_1 + ... + S_k), no product
+    exp_chain = (c.method == "loco" and c.mode != "approx") or (c.method == "loft" and c.transform == "exp")
     return ("linear", "cat") if exp_chain else ("linear",)
 
 
@@ -177,7 +178,7 @@ def _lowrank(ctype: str, weights: list[float], rank: int, clamp: float | None, f
             B = torch.cat([B for (_, B, _), _ in here], dim=1)
             return {"lora_A": _pad(A, rank, 0), "lora_B": _pad(B, rank, 1)}, rank
         if ctype.endswith("svd"):
-            deltas = [s * (B.float() @ A.float()) for (A, B, s), _ in here]
+            deltas = [(B @ A) * s for (A, B, s), _ in here]  # peft's get_delta_weight, in the adapters' dtype
             if rank > min(deltas[0].shape):
                 raise ValueError(f"svd_rank={rank} exceeds min(d_out, d_in)={min(deltas[0].shape)} of {lname!r}; lower svd_rank")
             delta = merge(ctype, deltas, torch.tensor([w for _, w in here]).to(deltas[0].device), density, sign)
