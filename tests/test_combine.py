@@ -227,3 +227,13 @@ def test_errors() -> None:
     with pytest.raises(ValueError, match="unmerge"):
         model.add_weighted_adapter(["h1", "h2"], [1.0, 1.0], "mix", combination_type="cat")
     assert "mix" not in model.configs and all("mix" not in layer.adapters for _, layer in model.adapter_layers())
+
+
+def test_fourierft_cat_is_not_exported_to_peft(tmp_path) -> None:
+    """peft derives FourierFT's cells from the seed: a concatenation of cells cannot go there."""
+    model = two(next(c for c in CASES if c.method == "fourierft"))
+    model.add_weighted_adapter(["default", "b"], [1.0, 1.0], "lin", combination_type="linear")
+    model.export_peft(tmp_path / "lin", "lin")  # same cells: peft loads it
+    model.add_weighted_adapter(["default", "b"], [1.0, 1.0], "cat", combination_type="cat")
+    with pytest.raises(ValueError, match="not peft's seeded draw"):
+        model.export_peft(tmp_path / "cat", "cat")
