@@ -35,27 +35,30 @@ def delta(model: orthotune.OrthoModel, name: str, lname: str) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- LoRA against peft
-def peft_and_ortho(r_b: int) -> tuple[torch.nn.Module, orthotune.OrthoModel]:
-    """The same two LoRA adapters (float64) in peft and in orthotune."""
+def peft_and_ortho(model_name: str, r_b: int) -> tuple[torch.nn.Module, orthotune.OrthoModel, torch.Tensor]:
+    """The same two LoRA adapters (float64) in peft and in orthotune, and an input."""
     peft = pytest.importorskip("peft")
-    base = MLP().double()
-    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(target_modules=TARGETS, r=4, lora_alpha=8, init_lora_weights=False))
-    pm.add_adapter("b", peft.LoraConfig(target_modules=TARGETS[:2], r=r_b, lora_alpha=3, init_lora_weights=False))
+    cls, targets, make_x = MODELS[model_name]
+    base = cls().double()
+    targets_b = targets[:-1]
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(target_modules=targets, r=4, lora_alpha=8, init_lora_weights=False))
+    pm.add_adapter("b", peft.LoraConfig(target_modules=targets_b, r=r_b, lora_alpha=3, init_lora_weights=False))
     cfg = METHODS["lora"][0]
-    om = orthotune.get_model(copy.deepcopy(base), cfg(target_modules=TARGETS, r=4, lora_alpha=8, autocast_adapter_dtype=False))
-    om.add_adapter("b", cfg(target_modules=TARGETS[:2], r=r_b, lora_alpha=3, autocast_adapter_dtype=False))
+    om = orthotune.get_model(copy.deepcopy(base), cfg(target_modules=targets, r=4, lora_alpha=8, autocast_adapter_dtype=False))
+    om.add_adapter("b", cfg(target_modules=targets_b, r=r_b, lora_alpha=3, autocast_adapter_dtype=False))
     with torch.no_grad():
         for lname, layer in om.adapter_layers():
             ref = pm.base_model.model.get_submodule(lname)
-            for a, method in layer.adapters.items():
-                method.lora_A.copy_(ref.lora_A[a].weight)
-                method.lora_B.copy_(ref.lora_B[a].weight)
-    return pm, om
+            for a, method in layer.adapters.items():  # peft's Conv2d factors are kernels: same numbers, flattened
+                method.lora_A.copy_(ref.lora_A[a].weight.reshape(method.lora_A.shape))
+                method.lora_B.copy_(ref.lora_B[a].weight.reshape(method.lora_B.shape))
+    return pm, om, make_x().double()
 
 
+@pytest.mark.parametrize("model_name", ["mlp", "conv1d", "conv2d"])
 @pytest.mark.parametrize("ctype", LOWRANK_TYPES)
-def test_lora_combinations_equal_peft(ctype: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    pm, om = peft_and_ortho(r_b=4 if ctype in ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune") else 2)
+def test_lora_combinations_equal_peft(ctype: str, model_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    pm, om, x = peft_and_ortho(model_name, r_b=4 if ctype in ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune") else 2)
     kwargs = dict(combination_type=ctype, density=0.6, majority_sign_method="frequency") if "_" in ctype or ctype == "ties" else dict(combination_type=ctype)
     for model in (pm, om):  # DARE's masks: one seeded draw per call, in the same order in both (peft's init draws too)
         gen = torch.Generator().manual_seed(3)
@@ -66,12 +69,12 @@ def test_lora_combinations_equal_peft(ctype: str, monkeypatch: pytest.MonkeyPatc
         ref = pm.base_model.model.get_submodule(lname)
         mine = layer.adapters["mix"]
         assert mine.scaling == ref.scaling["mix"] == 1.0
-        torch.testing.assert_close(mine.lora_A, ref.lora_A["mix"].weight, rtol=0, atol=1e-12)
-        torch.testing.assert_close(mine.lora_B, ref.lora_B["mix"].weight, rtol=0, atol=1e-12)
-    x = torch.randn(5, 16, dtype=torch.float64)
+        torch.testing.assert_close(mine.lora_A, ref.lora_A["mix"].weight.reshape(mine.lora_A.shape), rtol=0, atol=1e-12)
+        torch.testing.assert_close(mine.lora_B, ref.lora_B["mix"].weight.reshape(mine.lora_B.shape), rtol=0, atol=1e-12)
     pm.set_adapter("mix")
     om.set_adapter("mix")
-    torch.testing.assert_close(om(x), pm(x), rtol=0, atol=1e-12)
+    atol = 1e-6 if model_name == "conv2d" else 1e-12  # orthotune's Conv2d forms its per-call weight in float32
+    torch.testing.assert_close(om(x), pm(x), rtol=0, atol=atol)
 
 
 def test_lora_cat_and_svd_are_exact_weighted_sums() -> None:

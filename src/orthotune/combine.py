@@ -181,7 +181,10 @@ def _lowrank(ctype: str, weights: list[float], rank: int, clamp: float | None, f
             deltas = [(B @ A) * s for (A, B, s), _ in here]  # peft's get_delta_weight, in the adapters' dtype
             if rank > min(deltas[0].shape):
                 raise ValueError(f"svd_rank={rank} exceeds min(d_out, d_in)={min(deltas[0].shape)} of {lname!r}; lower svd_rank")
+            flip = layer.kind == "conv1d"  # peft merges a Conv1D's delta as stored (d_in, d_out): DARE's masks follow it
+            deltas = [d.T for d in deltas] if flip else deltas
             delta = merge(ctype, deltas, torch.tensor([w for _, w in here]).to(deltas[0].device), density, sign)
+            delta = delta.T if flip else delta
             U, S, Vh = torch.linalg.svd(delta, full_matrices=full, driver=driver)
             U, Vh = U[:, :rank] @ torch.diag(S[:rank]), Vh[:rank, :]
             if clamp is not None:
