@@ -240,3 +240,27 @@ def test_fourierft_cat_is_not_exported_to_peft(tmp_path) -> None:
     model.add_weighted_adapter(["default", "b"], [1.0, 1.0], "cat", combination_type="cat")
     with pytest.raises(ValueError, match="not peft's seeded draw"):
         model.export_peft(tmp_path / "cat", "cat")
+
+
+@pytest.mark.parametrize("ctype", ["linear", "cat"])
+def test_rotation_on_layers_only_one_adapter_adapts(ctype: str) -> None:
+    """Where ``b`` is absent it counts as the identity: the product is ``default``'s rotation alone there."""
+    case = next(c for c in CASES if c.method == "loco")
+    model = two(case, torch.float64, targets_b=TARGETS[:1])
+    model.add_weighted_adapter(["default", "b"], [1.0, 1.0], "mix", combination_type=ctype)
+    for lname in TARGETS[1:]:
+        expected = model.base_model.get_submodule(lname).adapters["default"].rotation()
+        torch.testing.assert_close(model.base_model.get_submodule(lname).adapters["mix"].rotation(), expected, rtol=0, atol=1e-12)
+    x = torch.randn(4, 16, dtype=torch.float64)
+    if ctype == "cat":
+        model.set_adapter(["default", "b"])
+        both = model(x)
+        model.set_adapter("mix")
+        torch.testing.assert_close(model(x), both, rtol=0, atol=1e-10)
+
+
+def test_combination_too_large_for_a_layer() -> None:
+    model = two(next(c for c in CASES if c.method == "pissa" and c.kwargs["r"] == 4))
+    with pytest.raises(ValueError, match="'cat' combination does not fit layer 'lin2'.*r=16"):
+        model.add_weighted_adapter(["default", "b"], [1.0, 1.0], "mix", combination_type="cat")
+    assert "mix" not in model.configs

@@ -39,12 +39,17 @@ if TYPE_CHECKING:
 LOWRANK_TYPES = tuple(["svd", "linear", "cat", *(t for t in MERGES if t not in ("svd", "linear"))])
 LOWRANK = ("lora", "pissa")
 SPECTRA = {"fourierft": "scaling", "loca": "scale"}  # method -> the config field scaling its coefficients
-#: Rotations whose parameters concatenate into one chain or product (``cat``): method -> field that adds up.
-CHAINS = {"loco": "chain_length", "hra": "r"}
-#: Rotations whose generator is bilinear ``U V^T - V U^T``: its weighted sum concatenates the rank.
-BILINEAR = {"loco": "rank"}
+#: Factors of exponential chains (LoCO, LOFT "exp"): (links, d, rank) with ``S = U V^T - V U^T`` per link.
+EXP_U, EXP_V = ("U", "transform.U"), ("V", "transform.V")
+#: Householder vectors (HRA, LOFT "householder"): (d, reflections), ``R = H_1 H_2 ...``.
+REFLECTIONS = ("transform.u",)
 #: Scales beside the rotation (BOFT's, PSOFT's magnitudes): combined as ``1 + sum_i w_i (s_i - 1)``.
 SCALES = ("boft_s", "transform.vector_a", "transform.vector_b")
+#: The config field that counts what ``cat`` (chain links, reflections) or ``linear`` (LoCO's generator rank) adds up.
+SIZE_FIELDS = {
+    ("loco", "cat"): "chain_length", ("loco", "linear"): "rank", ("hra", "cat"): "r",
+    ("exp", "cat"): "chain_length", ("exp", "linear"): "generator_rank", ("householder", "cat"): "reflections",
+}  # fmt: skip
 
 
 def add_weighted_adapter(
@@ -67,7 +72,7 @@ def add_weighted_adapter(
     if len(adapters) == 1:
         combination_type = "linear"  # peft: one adapter can only be scaled
     configs = [model.configs[a] for a in adapters]
-    kind = _kind(method, configs[0])
+    kind = _kind(method)
     allowed = _allowed(kind, configs)
     if combination_type not in allowed:
         raise ValueError(
@@ -84,17 +89,17 @@ def add_weighted_adapter(
     elif kind == "spectrum":
         combine = _spectrum(combination_type, weights, SPECTRA[method])
     else:
-        combine = _rotation(combination_type, weights, method)
-    states, sizes = {}, []
-    for lname, layer in layers:
-        present = [layer.adapters[a] if a in layer.adapters else None for a in adapters]
-        states[lname], size = combine(lname, layer, present)
-        sizes.append(size)
-    config = _config(kind, combination_type, method, configs, [n for n, _ in layers], sizes)
+        combine = _rotation(combination_type, weights)
+    states, size = {}, 0
+    for lname, layer in layers:  # the size is the same on every layer: absent adapters count with their own size
+        states[lname], size = combine(lname, layer, [layer.adapters[a] if a in layer.adapters else None for a in adapters])
+    config = _config(kind, combination_type, method, configs, [n for n, _ in layers], size)
     modules = {}
     for lname, layer in layers:
-        cls = method_class(config)
-        cls.check_layer(config, layer.d_in, layer.d_out, lname)
+        try:
+            method_class(config).check_layer(config, layer.d_in, layer.d_out, lname)
+        except ValueError as err:
+            raise ValueError(f"the {combination_type!r} combination does not fit layer {lname!r}: {err}") from err
         module = _build(config, layer)
         module.load_state_dict({k: v.to(module.state_dict()[k].dtype) for k, v in states[lname].items()})
         modules[lname] = module
@@ -131,7 +136,7 @@ def _check_inputs(model: OrthoModel, adapters: list[str], weights: list[float]) 
     return methods[0]
 
 
-def _kind(method: str, config: AdapterConfig) -> str:
+def _kind(method: str) -> str:
     if method in LOWRANK:
         return "lowrank"
     if method in SPECTRA:
@@ -249,7 +254,7 @@ def _spectrum(ctype: str, weights: list[float], scale_field: str) -> Callable:
 
 
 # ---------------------------------------------------------------------- rotations
-def _rotation(ctype: str, weights: list[float], method: str) -> Callable:
+def _rotation(ctype: str, weights: list[float]) -> Callable:
     """Weighted generators (linear) or the product of the rotations in the order given (cat)."""
 
     def combine(lname: str, layer: AdapterLayer, present: list[nn.Module | None]) -> tuple[dict[str, Tensor], int]:
@@ -257,56 +262,51 @@ def _rotation(ctype: str, weights: list[float], method: str) -> Callable:
         parts = [m if m is not None else _identity(layer, ref) for m in present]
         states = [{k: v.detach() for k, v in m.state_dict().items()} for m in parts]
         params = {k for k, _ in ref.named_parameters()}
-        for k in states[0]:
-            if k in params:
-                shapes = {tuple(s[k].shape[:-1] if _concatenated(k, ctype) else s[k].shape) for s in states}
-                if len(shapes) > 1:
-                    raise ValueError(
-                        f"the adapters' {k!r} have different shapes {sorted(shapes)} on layer {lname!r}: "
-                        "the combined rotation needs one structure (same block sizes, ranks, chain lengths)"
-                    )
-            elif any(not torch.equal(s[k], states[0][k]) for s in states):
-                raise ValueError(
-                    f"the adapters rotate different supports ({k!r}) on layer {lname!r}: a combined rotation needs one "
-                    "support; build the adapters with the same support (e.g. support='principal' on the same weights)"
-                )
-        out = {}
-        for k, ref_value in states[0].items():
+        _check_same_structure(lname, ctype, states, params)
+        out, size = {}, 0
+        for k, first in states[0].items():
             values = [s[k] for s in states]
-            if k not in params:
-                out[k] = ref_value
-            elif ctype == "cat" and method != "hra" and not k.endswith("u"):  # exp chain: links one after another
-                out[k] = torch.cat([v * w if k.endswith("U") else v for v, w in zip(values, weights)], dim=0)
-            elif ctype == "cat":  # Householder reflections: R_1 R_2 = H_11 .. H_1k H_21 .. H_2k
+            if k not in params:  # the support, shared
+                out[k] = first
+            elif k in EXP_U + EXP_V:
+                scaled = [v * w if k in EXP_U else v for v, w in zip(values, weights)]
+                # cat: links one after another (exp(w S) = R^w per link); linear: sum_i w_i S_i = [w U][V]^T - [V][w U]^T
+                out[k] = torch.cat(scaled, dim=0 if ctype == "cat" else -1)
+                size = out[k].shape[0 if ctype == "cat" else -1]
+            elif k in REFLECTIONS:  # cat only: R_1 R_2 = H_11 .. H_1k H_21 .. H_2k
                 if any(w != 1 for w in weights):
                     raise ValueError(
                         f"weights {weights}: a product of Householder reflections has no generator to scale, so 'cat' "
                         "needs every weight to be 1"
                     )
                 out[k] = torch.cat(values, dim=-1)
-            elif k.endswith("U") or k.endswith("V"):  # sum_i w_i (U_i V_i^T - V_i U_i^T) = [w U] [V]^T - ...
-                out[k] = torch.cat([v * w if k.endswith("U") else v for v, w in zip(values, weights)], dim=-1)
+                size = out[k].shape[-1]
             elif k in SCALES:
                 out[k] = 1 + sum(w * (v - 1) for v, w in zip(values, weights))
             else:  # the generator is linear in these parameters (skew entries, Givens angles)
                 out[k] = sum(w * v for v, w in zip(values, weights))
-        return out, _size(out, ctype)
+        return out, size
 
     return combine
 
 
-def _concatenated(key: str, ctype: str) -> bool:
-    """Whether the combination concatenates this parameter along its last axis (so only that axis may differ)."""
-    return (ctype == "linear" and key[-1] in "UV") or (ctype == "cat" and key.endswith("u"))
-
-
-def _size(state: dict[str, Tensor], ctype: str) -> int:
-    """The combined adapter's size field: rank (bilinear linear), chain length or reflections (cat)."""
-    key = next((k for k in state if k[-1] in "UVu"), None)
-    if key is None:
-        return 0
-    t = state[key]
-    return t.shape[0] if ctype == "cat" and key[-1] in "UV" else t.shape[-1]
+def _check_same_structure(lname: str, ctype: str, states: list[dict[str, Tensor]], params: set[str]) -> None:
+    """One support and one parameter shape (but the axis that ``cat`` / LoCO's ``linear`` concatenates)."""
+    for k, first in states[0].items():
+        if k not in params:
+            if any(not torch.equal(s[k], first) for s in states):
+                raise ValueError(
+                    f"the adapters rotate different supports ({k!r}) on layer {lname!r}: a combined rotation needs one "
+                    "support; build the adapters with the same support (e.g. support='principal' on the same weights)"
+                )
+            continue
+        free = 0 if (ctype == "cat" and k in EXP_U + EXP_V) else -1 if (k in REFLECTIONS or k in EXP_U + EXP_V) else None
+        shapes = {tuple(d for i, d in enumerate(s[k].shape) if free is None or i != free % s[k].dim()) for s in states}
+        if len(shapes) > 1:
+            raise ValueError(
+                f"the adapters' {k!r} have different shapes on layer {lname!r}: the combined rotation needs one "
+                "structure (same block sizes; same ranks to chain, same chain lengths to add generators)"
+            )
 
 
 # ---------------------------------------------------------------------- building the result
@@ -321,13 +321,9 @@ def _build(config: AdapterConfig, layer: AdapterLayer) -> nn.Module:
     return build_method(config, layer.base_layer)
 
 
-def _config(kind: str, ctype: str, method: str, configs: list[AdapterConfig], targets: list[str], sizes: list[int]) -> AdapterConfig:
-    """The combined adapter's config: the first adapter's, targeting exactly the combined layers, sizes updated."""
+def _config(kind: str, ctype: str, method: str, configs: list[AdapterConfig], targets: list[str], size: int) -> AdapterConfig:
+    """The combined adapter's config: the first adapter's, targeting exactly the combined layers, its size updated."""
     first = configs[0]
-    size = max(sizes)
-    if len(set(sizes)) > 1:
-        raise ValueError(f"the combined adapter would need different sizes {sorted(set(sizes))} per layer; combine adapters "
-                         "that adapt the same layers, or use an '_svd' type with svd_rank")  # fmt: skip
     common = {"target_modules": targets, "exclude_modules": None, "modules_to_save": None}
     if kind == "lowrank":
         fields = {f.name for f in dataclasses.fields(LoRAConfig)}
@@ -336,10 +332,9 @@ def _config(kind: str, ctype: str, method: str, configs: list[AdapterConfig], ta
     if kind == "spectrum":
         return first.replace(**common, n_frequency=size)
     changes: dict = dict(common)
-    if ctype == "cat" and method in CHAINS or (method == "loft" and ctype == "cat"):
-        field = CHAINS.get(method) or ("chain_length" if first.transform == "exp" else "reflections")
+    field = SIZE_FIELDS.get((method, ctype)) or SIZE_FIELDS.get((getattr(first, "transform", None), ctype))
+    if field is not None:
         changes[field] = size
+    if ctype == "cat":
         changes["init_identity"] = False  # the parameters are given; an odd number of reflections is no identity start
-    elif ctype == "linear" and (method in BILINEAR or (method == "loft" and first.transform == "exp")):
-        changes[BILINEAR.get(method, "generator_rank")] = size
     return first.replace(**changes)
