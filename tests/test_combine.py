@@ -168,8 +168,8 @@ CHAIN_CASES = [
 
 
 @pytest.mark.parametrize("case", CHAIN_CASES, ids=[c.id for c in CHAIN_CASES])
-def test_cat_is_the_product_of_the_rotations(case: Case) -> None:
-    """``cat`` with unit weights equals activating both adapters (``W0 R_a R_b``)."""
+def test_cat_is_the_product_of_the_rotations(case: Case, tmp_path) -> None:
+    """``cat`` with unit weights equals activating both adapters (``W0 R_a R_b``); the result saves and reloads."""
     model = two(case, torch.float64)
     if case.kwargs.get("support") == "random":
         for _, layer in model.adapter_layers():
@@ -179,6 +179,10 @@ def test_cat_is_the_product_of_the_rotations(case: Case) -> None:
     model.set_adapter(["default", "b"])
     both = model(x)
     model.set_adapter("mix")
+    torch.testing.assert_close(model(x), both, rtol=0, atol=1e-10)
+    model.save_adapter(tmp_path, "mix")
+    model.load_adapter(tmp_path, "again")
+    model.set_adapter("again")
     torch.testing.assert_close(model(x), both, rtol=0, atol=1e-10)
 
 

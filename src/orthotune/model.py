@@ -209,11 +209,13 @@ class OrthoModel(nn.Module):
             module.active_adapters = list(self._active)
         self._refresh_trainable()
 
-    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str, **kwargs: Any) -> None:
+    def add_weighted_adapter(
+        self, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str = "svd", **kwargs: Any
+    ) -> None:
         """peft's ``add_weighted_adapter``: a new (inactive) adapter combining ``adapters``; see :mod:`orthotune.combine`."""
         from .combine import add_weighted_adapter
 
-        add_weighted_adapter(self, adapters, weights, adapter_name, **kwargs)
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, **kwargs)
 
     def _wrappers(self) -> Iterator[tuple[str, AdapterLayer | ModulesToSave]]:
         yield from self.adapter_layers()
