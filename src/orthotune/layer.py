@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .methods.base import AdapterMethod, Base
+from .mixed import BASE, MixedBatch, grouped
 from .ops import lowrank
 
 
@@ -67,6 +68,7 @@ class AdapterLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
+        self.mixed: MixedBatch | None = None  # set for the duration of a mixed-adapter forward (mixed.py)
 
     # Attributes that transformers and user code read off a linear layer.
     @property
@@ -98,10 +100,21 @@ class AdapterLayer(nn.Module):
         w.copy_(W.reshape(w.shape).to(w.dtype))
 
     def _forward_adapters(self) -> list[AdapterMethod]:
+        if self.mixed is not None:  # a mixed batch runs each named adapter on its rows (batching computes their cores)
+            return [self.adapters[n] for n in dict.fromkeys(self.mixed.names) if n in self.adapters]
         return [self.adapters[n] for n in self.active_adapters if n in self.adapters and n not in self.merged_adapters]
 
+    def _sample_adapters(self, name: str) -> list[AdapterMethod]:
+        """What one group of a mixed batch runs through: its adapter, or nothing (base, or not adapted here)."""
+        return [self.adapters[name]] if name != BASE and name in self.adapters else []
+
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        adapters = [] if self.disabled else self._forward_adapters()
+        if self.mixed is not None and not self.disabled:
+            return grouped(x, self.mixed, lambda name, rows: self._run(rows, self._sample_adapters(name), *args, **kwargs))
+        return self._run(x, [] if self.disabled else self._forward_adapters(), *args, **kwargs)
+
+    def _run(self, x: Tensor, adapters: list[AdapterMethod], *args: Any, **kwargs: Any) -> Tensor:
+        """The layer with ``adapters`` composed in order on the frozen base."""
         if not adapters:
             return self.base_layer(x, *args, **kwargs)
         if self.kind == "conv2d":
@@ -197,6 +210,7 @@ class ModulesToSave(nn.Module):
         self.copies = nn.ModuleDict()
         self.active_adapters: list[str] = []
         self.disabled = False
+        self.mixed: MixedBatch | None = None  # set for the duration of a mixed-adapter forward (mixed.py)
 
     def add(self, name: str) -> None:
         clone = copy.deepcopy(self.original)
@@ -213,4 +227,12 @@ class ModulesToSave(nn.Module):
         return self.original
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.mixed is not None and not self.disabled:
+            if not args or not isinstance(args[0], Tensor):
+                raise TypeError("a mixed-adapter batch needs the saved module's input as its first positional argument")
+            return grouped(args[0], self.mixed, lambda name, rows: self._copy(name)(rows, *args[1:], **kwargs))
         return self.current()(*args, **kwargs)
+
+    def _copy(self, name: str) -> nn.Module:
+        """The copy that one group of a mixed batch runs through (the original for the base or no copy)."""
+        return self.copies[name] if name != BASE and name in self.copies else self.original

@@ -9,6 +9,7 @@ a failed call leaves the model as it was.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import batching
+from . import batching, mixed
 from .config import AdapterConfig
 from .finite import all_finite
 from .inject import find_modules_to_save, find_targets, unwrap_all, wrap
@@ -54,7 +55,18 @@ class OrthoModel(nn.Module):
 
     # ------------------------------------------------------------------ pass-through
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model(*args, **kwargs)
+        return mixed.call(self, self.base_model, args, kwargs)
+
+    @property
+    def generate(self) -> Callable[..., Any]:
+        """The wrapped model's ``generate``, also taking peft's ``adapter_names`` (one adapter per sample)."""
+        generate = self.base_model.generate  # no generate: AttributeError, and __getattr__ raises it again
+
+        @functools.wraps(generate)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            return mixed.call(self, generate, args, kwargs, generating=True)
+
+        return run
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -196,6 +208,14 @@ class OrthoModel(nn.Module):
         for _, module in self._wrappers():
             module.active_adapters = list(self._active)
         self._refresh_trainable()
+
+    def add_weighted_adapter(
+        self, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str = "svd", **kwargs: Any
+    ) -> None:
+        """peft's ``add_weighted_adapter``: a new (inactive) adapter combining ``adapters``; see :mod:`orthotune.combine`."""
+        from .combine import add_weighted_adapter
+
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, **kwargs)
 
     def _wrappers(self) -> Iterator[tuple[str, AdapterLayer | ModulesToSave]]:
         yield from self.adapter_layers()
@@ -470,7 +490,7 @@ def ortho_class(base_cls: type) -> type:
         if base_cls not in _CLASSES:
 
             def forward(self: OrthoModel, *args: Any, **kwargs: Any) -> Any:
-                return self.base_model(*args, **kwargs)
+                return mixed.call(self, self.base_model, args, kwargs)
 
             forward.__wrapped__ = base_cls.forward  # type: ignore[attr-defined]
             forward.__doc__ = base_cls.forward.__doc__

@@ -207,6 +207,13 @@ def _fourierft_config_out(config: AdapterConfig) -> dict[str, Any]:
 def _fourierft_tensors_out(method: AdapterMethod, layer: nn.Module) -> dict[str, Tensor]:
     if layer_kind(layer) == "conv2d":
         raise ValueError("peft's FourierFT adapts Linear and Conv1D layers only: this adapter has a Conv2d target")
+    c = method.config
+    if not torch.equal(method.locations.cpu(), fourier_locations(method.d_out, method.d_in, c.n_frequency, c.random_loc_seed)):
+        raise ValueError(
+            "this FourierFT adapter's cells are not peft's seeded draw (e.g. made by add_weighted_adapter(..., "
+            "combination_type='cat')): peft recomputes the cells from random_loc_seed, so it cannot load them; "
+            "save it with save_adapter() instead"
+        )
     return {"fourierft_spectrum": method.spectrum}
 
 
