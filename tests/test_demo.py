@@ -28,6 +28,7 @@ def test_demo_command_end_to_end(tmp_path, capsys) -> None:
     main(["demo", "--out", str(tmp_path), "--train-size", "1600", "--test-size", "400", "--min-gain", "0.02"])
     out = capsys.readouterr().out
     assert "accuracy before fine-tuning" in out and "FAILED" not in out
+    assert "this run trains the exact chain (mode 'exact'), so the gap costs it nothing" in out
     result = json.loads((tmp_path / "results.json").read_text())
     assert result["accuracy_after"] >= result["accuracy_before"] + 0.02
     assert result["reload_max_abs_diff"] == 0.0 and result["merge_max_rel_diff"] < 1e-5
