@@ -231,19 +231,25 @@ def training(spec: Spec, shape: Shape, device: str, ids: torch.Tensor, warmup: i
     emb = model.get_input_embeddings()
     if spec.graphed:
         return params, _graphed_step(spec, model, params, emb, ids, warmup)
+    return params, eager_step(model, emb, ids, params, floor=spec.build is None)
+
+
+def eager_step(call: Callable[..., Any], emb: nn.Module, ids: torch.Tensor, params: list[nn.Parameter],
+               floor: bool) -> Callable[[], None]:
+    """One training step through ``call`` (the model, or a compiled one): forward, backward, AdamW."""
     opt = torch.optim.AdamW(params, lr=1e-5) if params else None
 
     def step() -> None:
-        if spec.build is None:  # the floor: backward through the activations only
-            out = model(inputs_embeds=emb(ids).detach().requires_grad_(), labels=ids, use_cache=False)
+        if floor:  # the floor: backward through the activations only
+            out = call(inputs_embeds=emb(ids).detach().requires_grad_(), labels=ids, use_cache=False)
         else:
-            out = model(input_ids=ids, labels=ids, use_cache=False)
+            out = call(input_ids=ids, labels=ids, use_cache=False)
         out.loss.backward()
         if opt is not None:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-    return params, step
+    return step
 
 
 def _graphed_step(spec: Spec, model: nn.Module, params: list[nn.Parameter], emb: nn.Module, ids: torch.Tensor,
@@ -519,10 +525,25 @@ def plot_scaling(rows: list[dict[str, Any]], path: Path, rank_hidden: int) -> No
 
 
 # ---------------------------------------------------------------------------------------------- profile
-def profile_section(args: argparse.Namespace, shape: Shape, specs: list[Spec], path: Path) -> list[dict[str, Any]]:
-    """Top kernels and the CPU/GPU split of a few training steps per method."""
+def profile_steps(step: Callable[[], Any], steps: int = 3) -> tuple[Any, float, float, float]:
+    """``steps`` warmed-up calls of ``step`` under torch.profiler: the averaged events, and per step the wall ms
+    (profiled), the GPU-busy ms and the kernels launched."""
     from torch.profiler import ProfilerActivity, profile
 
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - t0) * 1e3 / steps
+    events = prof.key_averages()
+    kernels = [e for e in events if e.device_type.name == "CUDA"]
+    return events, wall_ms, sum(e.self_device_time_total for e in kernels) / 1e3 / steps, sum(e.count for e in kernels) / steps
+
+
+def profile_section(args: argparse.Namespace, shape: Shape, specs: list[Spec], path: Path) -> list[dict[str, Any]]:
+    """Top kernels and the CPU/GPU split of a few training steps per method."""
     rows, text = [], []
     for spec in specs:
         _reset(args.device)
@@ -530,18 +551,8 @@ def profile_section(args: argparse.Namespace, shape: Shape, specs: list[Spec], p
         params, step = training(spec, shape, args.device, ids)
         for _ in range(4):  # graphed specs capture on the third call
             step()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            t0 = time.perf_counter()
-            for _ in range(3):
-                step()
-            torch.cuda.synchronize()
-            wall_ms = (time.perf_counter() - t0) * 1e3 / 3
-        events = prof.key_averages()
-        kernels = [e for e in events if e.device_type.name == "CUDA"]
-        gpu_ms = sum(e.self_device_time_total for e in kernels) / 1e3 / 3
+        events, wall_ms, gpu_ms, launches = profile_steps(step)
         cpu_ms = sum(e.self_cpu_time_total for e in events if e.device_type.name == "CPU") / 1e3 / 3
-        launches = sum(e.count for e in kernels) / 3
         ops = sum(e.count for e in events if e.key.startswith("aten::")) / 3
         rows.append(dict(name=spec.name, cpu_ms=cpu_ms, wall_ms=wall_ms, gpu_busy_ms=gpu_ms, kernels_per_step=launches,
                          aten_ops_per_step=ops))
@@ -549,7 +560,7 @@ def profile_section(args: argparse.Namespace, shape: Shape, specs: list[Spec], p
                     f"{launches:.0f} kernels and {ops:.0f} aten ops per step\n")
         text.append(events.table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=60))
         text.append("most called (3 steps):\n" + events.table(sort_by="count", row_limit=25, max_name_column_width=60))
-        del params, step, prof
+        del params, step, events
     path.write_text("\n".join(text))
     return rows
 

@@ -34,6 +34,12 @@ def expm(X: Tensor, max_squarings: int | None = None) -> Tensor:
     """
     if torch.compiler.is_compiling():
         return torch.linalg.matrix_exp(X)
+    return taylor_expm(X, max_squarings)
+
+
+def taylor_expm(X: Tensor, max_squarings: int | None = None) -> Tensor:
+    """:func:`expm` by scaling and squaring whatever the context; with ``max_squarings`` it never reads
+    the host, so it also traces into a compiled graph (``benchmarks/compile_profile.py``)."""
     n = X.shape[-1]
     batch = X.reshape(-1, n, n)
     degree = 18 if X.dtype == torch.float64 else 12
