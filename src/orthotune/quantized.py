@@ -221,13 +221,15 @@ def prepare_model_for_kbit_training(
                 if p.dtype in (torch.float16, torch.bfloat16):
                     p.data = p.data.float()
     if use_gradient_checkpointing:
-        # transformers 5 renamed gradient_checkpointing_enable to activation_checkpointing_enable
-        enable = getattr(model, "activation_checkpointing_enable", None) or getattr(model, "gradient_checkpointing_enable", None)
-        if enable is None:
+        kwargs = gradient_checkpointing_kwargs or {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5's name
+            model.activation_checkpointing_enable(kwargs)
+        elif hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        else:
             raise ValueError(
                 f"{type(model).__name__} has no activation_checkpointing_enable(); pass use_gradient_checkpointing=False"
             )
-        enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs or {"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
     return model
