@@ -272,6 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--modes", default="eager,compiled")
     ap.add_argument("--only", default="", help="comma-separated substrings of method names")
     ap.add_argument("--size-methods", default="peft LoRA r16,LoRA r16,LoCO,OFT b32")
+    ap.add_argument("--compiled-methods", default="peft LoRA r16,LoRA r16,LoCO,OFT b32,HRA r8,LoCA")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--deadline", type=float, default=0.0, help="seconds: start no run after this (0: none)")
@@ -287,21 +288,27 @@ def main(argv: list[str] | None = None) -> None:
     res: dict[str, Any] = {"env": environment(device), "args": {k: str(v) for k, v in vars(args).items()},
                            "main_shape": asdict(main_shape), "rows": []}
 
+    # eager main runs first, then the size sweep, then the compiled runs (the first cut by --deadline)
     plan: list[tuple[str, Shape, str, Callable, int, int, bool]] = []
     only = [s for s in args.only.split(",") if s]
+    compiled_only = [s for s in args.compiled_methods.split(",") if s]
+    main_runs = [
+        (mode == "compiled", int(b.split("x")[0]), int(b.split("x")[1]) // seq_scale)
+        for mode in args.modes.split(",") for b in args.batches.split(",")
+    ]
     if "main" in args.sections:
-        for mode in args.modes.split(","):
-            for b in args.batches.split(","):
-                batch, seq = (int(v) for v in b.split("x"))
-                for label, build in methods(main_shape).items():
-                    if not only or any(s in label for s in only):
-                        plan.append(("main", main_shape, label, build, batch, seq // seq_scale, mode == "compiled"))
+        for compiled, batch, seq in [r for r in main_runs if not r[0]]:
+            plan += [("main", main_shape, label, build, batch, seq, False) for label, build in methods(main_shape).items()
+                     if not only or any(s in label for s in only)]
     if "sizes" in args.sections:
         wanted = [s for s in args.size_methods.split(",") if s]
         for shape in sizes:
-            for label, build in methods(shape).items():
-                if any(label.startswith(s) for s in wanted):
-                    plan.append(("sizes", shape, label.split(" (")[0], build, 1, 2048 // seq_scale, False))
+            plan += [("sizes", shape, label.split(" (")[0], build, 1, 2048 // seq_scale, False)
+                     for label, build in methods(shape).items() if any(label.startswith(s) for s in wanted)]
+    if "main" in args.sections:
+        for compiled, batch, seq in [r for r in main_runs if r[0]]:
+            plan += [("main", main_shape, label, build, batch, seq, True) for label, build in methods(main_shape).items()
+                     if (not only or any(s in label for s in only)) and any(label.startswith(s) for s in compiled_only)]
 
     for section, shape, label, build, batch, seq, compiled in plan:
         if args.deadline and time.perf_counter() - start > args.deadline:

@@ -212,7 +212,7 @@ def test_prepare_model_for_kbit_training(llama_dir: str) -> None:
     assert out is base and base.is_activation_checkpointing
     norms = [m.weight for m in base.modules() if "Norm" in type(m).__name__]
     assert norms and all(w.dtype == torch.float32 and not w.requires_grad for w in norms)
-    assert base.model.embed_tokens.weight.dtype == torch.float32  # loaded in float32; left as it was
+    assert all(not quantized.quantized_param(p) or p.dtype == torch.uint8 for p in base.parameters())
     model = orthotune.get_model(base, orthotune.OFTConfig(target_modules="all-linear", oft_block_size=4))
     model.train()
     model(TOKENS, labels=TOKENS).loss.backward()

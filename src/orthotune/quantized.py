@@ -50,11 +50,17 @@ def dims(module: nn.Module) -> tuple[int, int]:
     return module.in_features, module.out_features
 
 
+def quantized_param(p: Tensor) -> bool:
+    """True for a bitsandbytes quantised weight (``Params4bit``/``Int8Params``)."""
+    bnb = _bnb()
+    return bnb is not None and isinstance(p, (bnb.nn.Params4bit, bnb.nn.Int8Params))
+
+
 def compute_dtype(module: nn.Module) -> torch.dtype:
-    """The float dtype a quantised layer's activations are expected in (where adapters cache their per-step
-    cores): a 4-bit layer's original weight dtype (its model's dtype); float32 for 8-bit, whose int8
-    storage keeps no record of it (a core cached in a lower precision than the activations would round)."""
-    return _quant_state(module).dtype if is_4bit(module) else torch.float32
+    """The dtype adapters cache their per-step cores in on a quantised layer: float32. The packed storage
+    keeps no record of the activations' dtype (float32 after prepare_model_for_kbit_training, else the
+    model's), and a core cached below the activations' precision would be rounded, one cast above is not."""
+    return torch.float32
 
 
 def unsupported_reason(module: nn.Module) -> str | None:
@@ -207,19 +213,14 @@ def prepare_model_for_kbit_training(
     gradient_checkpointing_kwargs: dict[str, Any] | None = None,
 ) -> nn.Module:
     """Ready a bitsandbytes-quantised model for adapter training, as peft's function of that name does:
-    freeze everything, keep the normalisation layers' weights in float32 (their statistics are what
-    low precision hurts), and turn on gradient checkpointing with input gradients enabled, so that
-    checkpointed blocks still pass gradients to the adapters inside them.
-
-    Unlike peft's, embeddings and the output head stay in their dtype (peft upcasts every non-quantised
-    parameter, which for an 8B model's 128k-vocabulary head and embeddings costs about 4 GiB)."""
+    freeze everything, hold every non-quantised float16/bfloat16 parameter (norms, embeddings, head) in
+    float32, so the residual stream and the normalisation statistics stay in float32 while the quantised
+    matmuls run in their compute dtype, and turn on activation checkpointing with input gradients, so that
+    checkpointed blocks still pass gradients to the adapters inside them."""
     for p in model.parameters():
         p.requires_grad_(False)
-    for name, module in model.named_modules():
-        if "norm" in type(module).__name__.lower():
-            for p in module.parameters(recurse=False):
-                if p.dtype in (torch.float16, torch.bfloat16):
-                    p.data = p.data.float()
+        if p.dtype in (torch.float16, torch.bfloat16) and not quantized_param(p):
+            p.data = p.data.float()
     if use_gradient_checkpointing:
         kwargs = gradient_checkpointing_kwargs or {"use_reentrant": False}
         if hasattr(model, "activation_checkpointing_enable"):  # transformers 5's name
