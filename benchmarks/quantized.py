@@ -144,7 +144,6 @@ def run(shape: Shape, label: str, build: Callable[[nn.Module], nn.Module], batch
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     model = build(make_model(shape, device))
     model.train()
@@ -155,6 +154,10 @@ def run(shape: Shape, label: str, build: Callable[[nn.Module], nn.Module], batch
     opt = torch.optim.AdamW(params, lr=1e-5)
     ids = torch.randint(0, shape.vocab, (batch, seq), device=device, generator=torch.Generator(device).manual_seed(0))
     build_s = time.perf_counter() - t0
+    if device == "cuda":  # the peak of training, not of building (a bf16 model is quantised after it is built)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    model_gib = torch.cuda.memory_allocated() / 2**30 if device == "cuda" else None
     times, losses = [], []
     for i in range(warmup + steps):
         _sync(device)
@@ -171,7 +174,7 @@ def run(shape: Shape, label: str, build: Callable[[nn.Module], nn.Module], batch
         "shape": shape.name, "layers": shape.layers, "method": label, "batch": f"{batch}x{seq}",
         "mode": "compiled" if compiled else "eager", "trainable": sum(p.numel() for p in params),
         "step_ms": 1000 * statistics.median(times), "build_s": build_s, "loss_first": losses[0], "loss_last": losses[-1],
-        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None, "model_gib": model_gib,
     }
     del model, opt, params
     return row
