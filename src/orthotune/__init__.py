@@ -30,6 +30,7 @@ from .methods.loft import LOFTConfig  # noqa: E402
 from .methods.oft import OFTConfig  # noqa: E402
 from .methods.psoft import PSOFTConfig  # noqa: E402
 from .model import OrthoModel, attach_loaded, ortho_class  # noqa: E402
+from .quantized import prepare_model_for_kbit_training  # noqa: E402
 from .registry import METHODS  # noqa: E402
 from .supports import select_supports  # noqa: E402
 
@@ -98,4 +99,5 @@ __all__ = [
     "guard_finite",
     "load_adapter",
     "loco_approximation_error",
+    "prepare_model_for_kbit_training",
 ]

@@ -143,7 +143,7 @@ def _groups(root: nn.Module) -> tuple[dict[tuple[Any, ...], list[nn.Module]], bo
             key_fn = getattr(method, "core_key", None)
             key: Hashable | None = key_fn() if key_fn is not None else None
             if key is not None:
-                groups[(type(method), key, layer.weight.dtype)].append(method)
+                groups[(type(method), key, layer.compute_dtype)].append(method)
     return groups, seen
 
 

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from . import quantized
 from .config import AdapterConfig
 from .layer import AdapterLayer, ModulesToSave, layer_dims, layer_kind
 from .registry import method_class
@@ -84,6 +85,8 @@ def unsupported_reason(module: nn.Module) -> str | None:
         )
     if kind == "conv2d" and module.groups != 1:
         return f"is a grouped Conv2d (groups={module.groups}); only groups=1 convolutions can be adapted"
+    if quantized.is_quantized(module):
+        return quantized.unsupported_reason(module)
     weight = module.weight
     if not weight.dtype.is_floating_point:
         # bitsandbytes/torchao layers subclass nn.Linear but hold packed integer weights

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import quantized
 from .methods.base import AdapterMethod, Base
 from .mixed import BASE, MixedBatch, grouped
 from .ops import lowrank
@@ -35,6 +36,8 @@ def layer_kind(module: nn.Module) -> str | None:
 
 def layer_dims(module: nn.Module) -> tuple[int, int]:
     """(d_in, d_out) of a supported layer; a Conv2d's input side is its flattened patch (C_in*kh*kw)."""
+    if quantized.is_quantized(module):
+        return quantized.dims(module)
     kind = layer_kind(module)
     w = module.weight
     if kind == "linear":
@@ -47,7 +50,10 @@ def layer_dims(module: nn.Module) -> tuple[int, int]:
 
 
 def base_weight_matrix(module: nn.Module) -> Tensor:
-    """A supported layer's weight as a (d_out, d_in) matrix (a view where possible, base dtype)."""
+    """A supported layer's weight as a (d_out, d_in) matrix (a view where possible, base dtype;
+    a quantised layer's is dequantised, a new tensor)."""
+    if quantized.is_quantized(module):
+        return quantized.dequantize(module)
     d_in, d_out = layer_dims(module)
     w = module.weight
     return (w.T if layer_kind(module) == "conv1d" else w).reshape(d_out, d_in)
@@ -87,13 +93,22 @@ class AdapterLayer(nn.Module):
     def out_features(self) -> int:
         return self.d_out
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the base layer computes in (a quantised layer's float dtype, not its storage's)."""
+        if quantized.is_quantized(self.base_layer):
+            return quantized.compute_dtype(self.base_layer)
+        return self.base_layer.weight.dtype
+
     def weight_matrix(self) -> Tensor:
         """The base weight as a (d_out, d_in) matrix (a view, in the base dtype)."""
         return base_weight_matrix(self.base_layer)
 
     @torch.no_grad()
     def _write_weight(self, W: Tensor) -> None:
-        """Round a float32 (d_out, d_in) matrix once into the base weight, in place."""
+        """Round a float32 (d_out, d_in) matrix once into the base weight, in place (re-quantising a quantised one)."""
+        if quantized.is_quantized(self.base_layer):
+            return quantized.requantize(self.base_layer, W)
         w = self.base_layer.weight
         if self.kind == "conv1d":
             W = W.T
@@ -131,6 +146,8 @@ class AdapterLayer(nn.Module):
         return out if bias is None else out + bias
 
     def _base_no_bias(self, x: Tensor) -> Tensor:
+        if quantized.is_quantized(self.base_layer):
+            return quantized.matmul(self.base_layer, x)
         if self.kind == "conv1d":
             return x @ self.base_layer.weight
         return F.linear(x, self.base_layer.weight)
@@ -171,7 +188,11 @@ def frozen_weight(base: Base) -> Tensor | None:
     map (no other adapter composed inside it); else None. Lets an additive method fold its update into
     the weight (one matmul instead of two) without changing the result."""
     layer = getattr(base, "__self__", None)
-    if isinstance(layer, AdapterLayer) and getattr(base, "__func__", None) is AdapterLayer._base_no_bias:
+    if (
+        isinstance(layer, AdapterLayer)
+        and getattr(base, "__func__", None) is AdapterLayer._base_no_bias
+        and not quantized.is_quantized(layer.base_layer)  # folding would dequantise it every step
+    ):
         return layer.weight_matrix()
     return None
 

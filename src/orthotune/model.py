@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import batching, mixed
+from . import batching, mixed, quantized
 from .config import AdapterConfig
 from .finite import all_finite
 from .inject import find_modules_to_save, find_targets, unwrap_all, wrap
@@ -37,6 +37,7 @@ class OrthoModel(nn.Module):
         self.base_model = model
         self.configs: dict[str, AdapterConfig] = {}
         self._active: list[str] = []
+        self.requantization_errors: dict[str, float] = {}  # per layer, from the last merge into a quantised base
         trainable = [p for p in model.parameters() if p.requires_grad]
         for p in trainable:
             p.requires_grad_(False)
@@ -283,6 +284,8 @@ class OrthoModel(nn.Module):
         self._warn_if_order_changes(layers, todo)
         for _, layer in layers:
             layer.merge(todo)
+        self.requantization_errors = quantized.merge_errors({n: layer.base_layer for n, layer in layers})
+        quantized.warn_requantized(self.requantization_errors)
 
     def _warn_if_order_changes(self, layers: list[tuple[str, AdapterLayer]], todo: list[str]) -> None:
         for lname, layer in layers:
@@ -310,8 +313,20 @@ class OrthoModel(nn.Module):
         """True if any adapter is merged into any layer."""
         return any(layer.merged_adapters for _, layer in self.adapter_layers())
 
-    def merge_and_unload(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> nn.Module:
-        """Merge, then remove every wrapper: returns the plain model (saved modules keep their trained copy)."""
+    def merge_and_unload(
+        self, adapter_names: list[str] | None = None, safe_merge: bool = False, dequantize: torch.dtype | None = None
+    ) -> nn.Module:
+        """Merge, then remove every wrapper: returns the plain model (saved modules keep their trained copy).
+
+        On a bitsandbytes base, ``dequantize=None`` (the default, as peft) re-quantises each merged layer
+        in its own format; the error is warned and kept in ``requantization_errors``. A dtype (e.g.
+        ``torch.bfloat16``) turns each adapted quantised layer into a plain ``nn.Linear`` of that dtype,
+        one layer at a time, holding the exact merged weight (docs/quantized.md).
+        """
+        if dequantize is not None:
+            if self.merged:
+                raise ValueError("unmerge() before merge_and_unload(dequantize=...): merged layers were re-quantised")
+            quantized.dequantize_adapted([layer for _, layer in self.adapter_layers()], dequantize)
         if self._active or adapter_names:
             self.merge(adapter_names, safe_merge=safe_merge)
         unwrap_all(self.base_model)

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from . import quantized
+
 if TYPE_CHECKING:
     from .model import OrthoModel
 
@@ -238,6 +240,13 @@ def select_supports(
     merged = [lname for lname, layer, _ in targets if layer.merged_adapters]
     if merged:
         raise ValueError(f"{merged[0]!r} has merged adapters; unmerge() before selecting supports")
+    quantised = [lname for lname, layer, _ in targets if quantized.is_quantized(layer.base_layer)]
+    if quantised:
+        raise ValueError(
+            f"{quantised[0]!r} is a quantised (bitsandbytes) layer: gradient supports need dL/dW of a float base "
+            "weight. Select them on the float model, save_adapter() and load the adapter onto the quantised "
+            "one, or use LOFTConfig(support='principal')"
+        )
 
     flags = {p: p.requires_grad for p in model.parameters()}
     modes = {m: m.training for m in model.modules()}
