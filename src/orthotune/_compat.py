@@ -25,8 +25,12 @@ def patch_torchvision() -> None:
         return
     import torch
 
+    # torchvision < 0.29 ships its ops as _C.so, 0.29 as _C_stable.so (loading it twice is a no-op)
+    folder = os.path.dirname(spec.origin)
+    extensions = [path for name in ("_C.so", "_C_stable.so") if os.path.exists(path := os.path.join(folder, name))]
     try:
-        torch.ops.load_library(os.path.join(os.path.dirname(spec.origin), "_C.so"))
+        for path in extensions or [os.path.join(folder, "_C.so")]:
+            torch.ops.load_library(path)
     except (OSError, RuntimeError):
         _LIBRARY = torch.library.Library("torchvision", "DEF")
         _LIBRARY.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
