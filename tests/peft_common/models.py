@@ -3,7 +3,7 @@
 ``MLP`` and ``Conv2d`` are peft's ``MLP`` and ``ModelConv2D`` unchanged. ``EmbConv1D`` is peft's
 ``ModelEmbConv1D`` with a wider GPT-2 ``Conv1D`` (8 -> 4 instead of 5 -> 1), since a 1-output layer
 with 5 inputs has no room for block rotations or rank-2 updates. The transformers models come from
-configs with tiny sizes; dropout is off so that train-mode forwards are deterministic, as in eval.
+configs with tiny sizes (one layer); dropout is off so that train-mode forwards are deterministic, as in eval.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def _tiny_llama() -> nn.Module:
     import transformers
 
     cfg = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+        vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
         num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )  # fmt: skip
     return transformers.LlamaForCausalLM(cfg)
@@ -84,7 +84,7 @@ def _tiny_gpt2() -> nn.Module:
     import transformers
 
     cfg = transformers.GPT2Config(
-        vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=32, pad_token_id=0, bos_token_id=1,
+        vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=32, pad_token_id=0, bos_token_id=1,
         eos_token_id=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
     )  # fmt: skip
     return transformers.GPT2LMHeadModel(cfg)
@@ -94,8 +94,9 @@ def _tiny_bert() -> nn.Module:
     import transformers
 
     cfg = transformers.BertConfig(
-        vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24,
+        vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24,
         max_position_embeddings=32, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        initializer_range=0.2,
     )  # fmt: skip
     return transformers.BertForSequenceClassification(cfg)
 

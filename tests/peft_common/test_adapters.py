@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -196,4 +197,4 @@ def test_requires_grad_follows_active_adapter(case) -> None:
     model.set_adapter("adapter1")
     assert trainable() and all(".adapter1." in n for n in trainable())
     model.set_adapter(["adapter0", "adapter1"])
-    assert {n.split(".adapter")[1][0] for n in trainable()} == {"0", "1"}
+    assert {re.search(r"\.(adapter[01])\.", n).group(1) for n in trainable()} == {"adapter0", "adapter1"}

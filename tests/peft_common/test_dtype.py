@@ -38,19 +38,20 @@ def test_forward_half(case, dtype: torch.dtype, autocast: bool) -> None:
 
 
 @pytest.mark.parametrize("autocast", [True, False], ids=["autocast", "no_autocast"])
-@pytest.mark.parametrize("dtype", [*HALF, pytest.param(torch.float32, id="fp32")])
-def test_adapter_dtype_autocast(case, dtype: torch.dtype, autocast: bool, tmp_path) -> None:
-    """Adapters are float32 with autocast, else in the base dtype: after get_model, add_adapter and loading."""
-    expected = torch.float32 if autocast else dtype
+def test_adapter_dtype_autocast(case, autocast: bool, tmp_path) -> None:
+    """Adapters are float32 with autocast, else in the base dtype: after get_model, add_adapter and loading
+    (peft's float32 base is left out: there both settings give float32)."""
 
     def dtypes(model) -> set[torch.dtype]:
         return {p.dtype for n, p in model.named_parameters() if ".adapters." in n}
 
-    model = make(case, dtype=dtype, autocast_adapter_dtype=autocast)
-    model.add_adapter("other", config(case, autocast_adapter_dtype=autocast))
-    assert dtypes(model) == {expected}
-    model.save_pretrained(tmp_path)
-    loaded = load_adapter(base_model(case.kind, dtype), tmp_path)
+    for dtype in (torch.float16, torch.bfloat16):
+        expected = torch.float32 if autocast else dtype
+        model = make(case, dtype=dtype, autocast_adapter_dtype=autocast)
+        model.add_adapter("other", config(case, autocast_adapter_dtype=autocast))
+        assert dtypes(model) == {expected}
+    model.save_pretrained(tmp_path)  # the bfloat16 one
+    loaded = load_adapter(base_model(case.kind, torch.bfloat16), tmp_path)
     loaded.load_adapter(tmp_path / "other", "other")
     assert set(loaded.configs) == {"default", "other"} and dtypes(loaded) == {expected}
 
