@@ -121,6 +121,6 @@ def test_training_gradient_checkpointing(case, use_reentrant: bool) -> None:
     normal = {n for n, p in params_ if p.grad.abs().sum() > 0}
     for _, p in params_:
         p.grad = None
-    model.gradient_checkpointing_enable({"use_reentrant": use_reentrant})
+    model.activation_checkpointing_enable({"use_reentrant": use_reentrant})
     (output(model, batch(case)) ** 2).sum().backward()
     assert normal == {n for n, p in params_ if p.grad is not None and p.grad.abs().sum() > 0}
