@@ -25,7 +25,8 @@ from .models import KINDS, base_model, inputs, output
 
 def requires_api(name: str, keyword: str | None = None) -> pytest.MarkDecorator:
     """Skip unless orthotune offers peft's ``name``: an ``OrthoModel`` method (taking ``keyword``, if given),
-    or, for a dotted name, an orthotune module or function (``"orthotune.mixed"``, ``"orthotune.inject_adapter_in_model"``)."""
+    or, for a dotted name, an orthotune module or function (``"orthotune.mixed"``,
+    ``"orthotune.inject_adapter_in_model"``)."""
     if "." in name:
         module, _, attr = name.rpartition(".")
         if importlib.util.find_spec(name) is not None:
@@ -73,7 +74,9 @@ def loss_of(case: Case, out: torch.Tensor) -> torch.Tensor:
     return nn.functional.nll_loss(out.float().log_softmax(-1), torch.arange(len(out)) % 2)
 
 
-def train(case: Case, model: nn.Module, steps: int = 3, lr: float = 0.01, optimizer: str = "sgd", loss: str = "nll") -> None:
+def train(
+    case: Case, model: nn.Module, steps: int = 3, lr: float = 0.01, optimizer: str = "sgd", loss: str = "nll"
+) -> None:
     """peft's few training steps over ``model.parameters()`` (frozen ones get no gradient and stay put)."""
     model.train()
     opt_cls = torch.optim.SGD if optimizer == "sgd" else torch.optim.Adam

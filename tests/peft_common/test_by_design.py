@@ -18,7 +18,8 @@ TOO_WIDE = [
 
 @pytest.mark.parametrize(("config_cls", "kwargs", "message"), TOO_WIDE, ids=[c[0].method for c in TOO_WIDE])
 def test_rank_above_layer_width_refused(config_cls, kwargs, message) -> None:
-    """peft's "LoRA Different" puts r=8 on the 20 -> 2 ``lin1``; orthotune refuses, naming the layer, and changes nothing."""
+    """peft's "LoRA Different" puts r=8 on the 20 -> 2 ``lin1``; orthotune refuses, naming the layer, and
+    changes nothing."""
     model = base_model("MLP")
     with pytest.raises(ValueError, match=message):
         orthotune.get_model(model, config_cls(target_modules=["lin1"], **kwargs))

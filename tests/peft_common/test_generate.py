@@ -14,7 +14,8 @@ pytestmark = pytest.mark.parametrize("case", params([c for c in CASES if KINDS[c
 
 
 def _scores(model, case) -> torch.Tensor:
-    out = model.generate(**batch(case), max_new_tokens=2, do_sample=False, return_dict_in_generate=True, output_scores=True)
+    kwargs = {"max_new_tokens": 2, "do_sample": False, "return_dict_in_generate": True, "output_scores": True}
+    out = model.generate(**batch(case), **kwargs)
     return out.scores[0]
 
 

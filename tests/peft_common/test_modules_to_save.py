@@ -33,7 +33,8 @@ def test_requires_grad_modules_to_save_multiple_adapters(case) -> None:
     model.add_adapter("adapter1", config(case))
 
     def trainable_copies() -> set[str]:
-        return {n.split(".copies.")[1].split(".")[0] for n, p in model.named_parameters() if ".copies." in n and p.requires_grad}
+        copies = [n for n, p in model.named_parameters() if ".copies." in n and p.requires_grad]
+        return {n.split(".copies.")[1].split(".")[0] for n in copies}
 
     assert trainable_copies() == {"adapter0"}
     model.set_adapter("adapter1")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from .cases import CASES, START_AWAY_TO_TRAIN, params
-from .harness import adapter_parameters, base_output, batch, make, requires_api, train, wrappers
+from .harness import adapter_parameters, base_output, batch, make, requires_api, train
 from .models import output
 
 pytestmark = pytest.mark.parametrize("case", params(CASES))

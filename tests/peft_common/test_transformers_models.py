@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from .cases import CASES, params
-from .harness import allclose, known_bug, make
+from .harness import allclose, batch, known_bug, make
 from .models import KINDS, output
 from .test_peft_api import mixed_rows
 
@@ -17,8 +17,6 @@ pytestmark = pytest.mark.parametrize("case", params([c for c in CASES if KINDS[c
 @pytest.mark.parametrize("use_reentrant", [True, False])
 def test_training_gradient_checkpointing(case, use_reentrant: bool) -> None:
     """The same adapter parameters get gradients with activation checkpointing as without."""
-    from .harness import batch
-
     model = make(case, init_identity=False)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     model.train()
