@@ -57,7 +57,7 @@ def add_weighted_adapter(
     adapters: Sequence[str],
     weights: Sequence[float],
     adapter_name: str,
-    combination_type: str = "svd",
+    combination_type: str | None = None,
     svd_rank: int | None = None,
     svd_clamp: float | None = None,
     svd_full_matrices: bool = True,
@@ -65,7 +65,12 @@ def add_weighted_adapter(
     density: float | None = None,
     majority_sign_method: SignMethod = "total",
 ) -> None:
-    """Add ``adapter_name``, the ``combination_type`` combination of ``adapters`` with ``weights`` (peft's arguments)."""
+    """Add ``adapter_name``, the ``combination_type`` combination of ``adapters`` with ``weights`` (peft's arguments).
+
+    ``combination_type=None`` takes the family's default: peft's ``"svd"`` for low-rank updates, ``"cat"`` for sparse
+    spectra (exact whatever the cells), and the first type the rotation's parameterisation supports (``"linear"``, or
+    ``"cat"`` for Householder products).
+    """
     adapters, weights = list(adapters), [float(w) for w in weights]
     model._check_new_name(adapter_name)
     method = _check_inputs(model, adapters, weights)
@@ -74,6 +79,8 @@ def add_weighted_adapter(
     configs = [model.configs[a] for a in adapters]
     kind = _kind(method)
     allowed = _allowed(kind, configs)
+    if combination_type is None:
+        combination_type = {"lowrank": "svd", "spectrum": "cat"}.get(kind, allowed[0] if allowed else "linear")
     if combination_type not in allowed:
         raise ValueError(
             f"combination_type={combination_type!r} is not supported for {method!r} adapters; supported: {list(allowed)} "

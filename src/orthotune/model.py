@@ -211,7 +211,7 @@ class OrthoModel(nn.Module):
         self._refresh_trainable()
 
     def add_weighted_adapter(
-        self, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str = "svd", **kwargs: Any
+        self, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str | None = None, **kwargs: Any
     ) -> None:
         """peft's ``add_weighted_adapter``: a new (inactive) adapter combining ``adapters``; see :mod:`orthotune.combine`."""
         from .combine import add_weighted_adapter

@@ -175,7 +175,7 @@ START_AWAY_TO_TRAIN = {"loco"}
 #: Behaviours where orthotune differs from peft on purpose; each is asserted by the test named.
 BY_DESIGN: dict[str, str] = {
     "rank above the layer's width": "peft accepts LoRA r=8 on a 20 -> 2 layer (its 'LoRA Different' case); orthotune "
-    "refuses r > min(d_in, d_out) for LoRA, PiSSA, PSOFT and LOFT's principal support with an error naming the layer "
+    "accepts it for LoRA (an over-parameterised but valid update) and refuses r > min(d_in, d_out) for PiSSA, PSOFT and LOFT's principal support (they take r singular directions of W0) with an error naming the layer "
     "and the largest r (test_by_design.py::test_rank_above_layer_width_refused); the multi-adapter cases use r=2.",
     "disable_adapter on a partly disabled model": "peft warns and enables every layer on leaving the block; orthotune "
     "restores each layer's own state (test_adapters.py::test_disable_adapters_exiting_context_irregular_state).",

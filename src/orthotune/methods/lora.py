@@ -52,11 +52,6 @@ class LoRA(AdapterMethod):
         self.scaling = config.scaling
         self.reset_parameters()
 
-    @classmethod
-    def check_layer(cls, config: LoRAConfig, d_in: int, d_out: int, name: str) -> None:
-        if config.r > min(d_in, d_out):
-            raise ValueError(f"LoRA r={config.r} exceeds min(d_in, d_out)={min(d_in, d_out)} of {name!r}; lower r")
-
     def reset_parameters(self) -> None:
         with torch.no_grad():
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
