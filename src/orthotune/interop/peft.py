@@ -33,6 +33,7 @@ from ..methods.pissa import principal_factors
 from ..methods.psoft import PSOFTConfig
 from ..registry import METHODS
 from ..supports import principal_basis
+from ..task_type import TASK_HEADS, check_task_type, saved_patterns
 
 if TYPE_CHECKING:
     from ..model import OrthoModel
@@ -465,7 +466,13 @@ def read_peft(base: nn.Module, directory: str | Path) -> tuple[AdapterConfig, di
     fields = fmt.config_in(cfg)  # refuses unsupported options before the tensors are read
     tensors = _read_peft_tensors(directory)
     per_module, saved = split_peft_tensors(tensors, fmt, directory)
-    config = METHODS[fmt.method][0](target_modules=sorted(per_module), modules_to_save=cfg.get("modules_to_save"), **fields)
+    task_type = cfg.get("task_type")
+    check_task_type(task_type)
+    heads = TASK_HEADS.get(task_type or "", ())  # peft wrote them into modules_to_save; only they may match nothing
+    own = [m for m in cfg.get("modules_to_save") or [] if m not in heads]
+    config = METHODS[fmt.method][0](
+        target_modules=sorted(per_module), modules_to_save=list(dict.fromkeys(own)) or None, task_type=task_type, **fields
+    )
     saved_for = (cfg.get("auto_mapping") or {}).get("base_model_class") or cfg.get("base_model_name_or_path")
 
     layers = dict(iter_named_layers(base))
@@ -580,8 +587,8 @@ def export_peft(model: OrthoModel, directory: str | Path, adapter_name: str) -> 
     base_cfg = getattr(model.base_model, "config", None)
     peft_config.update(
         target_modules=[n for n, _ in layers],
-        modules_to_save=config.modules_to_save,
-        task_type=None,
+        modules_to_save=[p for ps in saved_patterns(config) for p in ps] or None,
+        task_type=config.task_type,
         inference_mode=True,
         base_model_name_or_path=getattr(base_cfg, "name_or_path", None) or None,
         peft_version=PEFT_FORMAT_VERSION,
