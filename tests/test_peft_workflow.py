@@ -153,7 +153,7 @@ def test_push_to_hub_uploads_the_adapter_folder_only(hub, tmp_path) -> None:
     assert hub["repo"] == ("me/adapter", {"private": True, "exist_ok": True, "repo_type": "model"})
     assert hub["upload"][1]["commit_message"] == "hi"
     assert sorted(hub["files"]) == sorted([CONFIG_NAME, WEIGHTS_NAME, "README.md", f"other/{CONFIG_NAME}",
-                                           f"other/{WEIGHTS_NAME}", "other/README.md"])  # fmt: skip
+                                           f"other/{WEIGHTS_NAME}"])  # fmt: skip
     for name, folder in (("default", ""), ("other", "other/")):  # the adapters' tensors, nothing of the base model
         uploaded = safetensors.torch.load(hub["files"][folder + WEIGHTS_NAME])
         assert uploaded.keys() == adapter_state_dict(model, name).keys()
@@ -298,7 +298,7 @@ def test_save_selected_adapters_and_load_frozen(tmp_path) -> None:
     model = orthotune.get_model(MLP(), LoRAConfig(target_modules=["lin0"], init_identity=False, modules_to_save=["head"]))
     model.add_adapter("b", OFTConfig(target_modules=["lin1"], oft_block_size=4, init_identity=False))
     model.save_pretrained(tmp_path / "s", selected_adapters=["b"])
-    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["b"]
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["README.md", "b"]
     with pytest.raises(ValueError, match=r"selected_adapters \['zz'\] do not exist"):
         model.save_pretrained(tmp_path / "t", selected_adapters=["zz"])
     model.save_pretrained(tmp_path / "all")
@@ -307,8 +307,10 @@ def test_save_selected_adapters_and_load_frozen(tmp_path) -> None:
     loaded.load_adapter(tmp_path / "all" / "b", "b", is_trainable=True)
     loaded.set_adapter("b")
     assert loaded.get_nb_trainable_parameters()[0] == sum(p.numel() for p in dict(model.adapter_layers())["lin1"].adapters["b"].parameters())
-    loaded.set_adapter("default")  # inference-only stays frozen when activated again
+    loaded.set_adapter("default", inference_mode=True)  # frozen, as peft's inference_mode
     assert loaded.get_nb_trainable_parameters()[0] == 0
+    loaded.set_adapter("default")  # peft's set_adapter makes the adapter trainable
+    assert loaded.get_nb_trainable_parameters()[0] > 0
     trainable = orthotune.PeftModel.from_pretrained(MLP(), tmp_path / "all", is_trainable=True)
     saved = dict(trainable.saved_modules())["head"].copies["default"]
     assert all(p.requires_grad for p in saved.parameters())

@@ -178,11 +178,12 @@ class OrthoModel(nn.Module):
         self.configs[name] = config
         self._refresh_trainable()
 
-    def set_adapter(self, adapter_names: str | list[str]) -> None:
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
         """Make these adapters active, in this composition order (first = innermost, see layer.py).
 
         Switching adapters on a merged model unmerges it first (with a warning, as peft does): merged
-        weights hold the previous composition.
+        weights hold the previous composition. As in peft, they become trainable, or frozen with
+        ``inference_mode=True`` (also those loaded with ``is_trainable=False``).
         """
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         unknown = [n for n in names if n not in self.configs]
@@ -194,6 +195,7 @@ class OrthoModel(nn.Module):
             warnings.warn("Adapters cannot be switched while merged: unmerging the model first.", stacklevel=2)
             self.unmerge()
         self._active = names
+        self._inference_only = (self._inference_only | set(names)) if inference_mode else (self._inference_only - set(names))
         for _, module in self._wrappers():
             module.active_adapters = list(names)
         self._refresh_trainable()
@@ -426,9 +428,9 @@ class OrthoModel(nn.Module):
     ) -> None:
         """peft's layout: adapter ``default`` in ``save_directory``, every other one in ``save_directory/<name>``.
 
-        Only adapter folders (and a model card, ``README.md``) are written, never the base model's
-        weights. ``selected_adapters`` picks the adapters (default: all); files are safetensors
-        whatever ``safe_serialization`` says; modules_to_save are always saved with their adapter.
+        Only adapter folders (and a model card, ``README.md``, in ``save_directory``) are written, never
+        the base model's weights. ``selected_adapters`` picks the adapters (default: all); files are
+        safetensors whatever ``safe_serialization`` says; modules_to_save are saved with their adapter.
         """
         from .hub import write_model_card
 
@@ -454,6 +456,8 @@ class OrthoModel(nn.Module):
         if not is_main_process:
             return
         state = kwargs.get("state_dict")
+        Path(save_directory).mkdir(parents=True, exist_ok=True)
+        write_model_card(self, save_directory, names)  # one card for the folder, as peft writes it
         for name in names:
             folder = adapter_folder(save_directory, name)
             if state is None:
@@ -463,7 +467,6 @@ class OrthoModel(nn.Module):
                 from .peft_compat import get_peft_model_state_dict
 
                 save_adapter(self, folder, name, get_peft_model_state_dict(self, state, name))
-            write_model_card(self, folder, [name])
 
     @classmethod
     def from_pretrained(
