@@ -31,6 +31,25 @@ from .methods.oft import OFTConfig  # noqa: E402
 from .methods.psoft import PSOFTConfig  # noqa: E402
 from .model import OrthoModel, attach_loaded, ortho_class  # noqa: E402
 from .quantized import prepare_model_for_kbit_training  # noqa: E402
+from .auto import (  # noqa: E402
+    AutoOrthoModel,
+    AutoOrthoModelForCausalLM,
+    AutoOrthoModelForFeatureExtraction,
+    AutoOrthoModelForQuestionAnswering,
+    AutoOrthoModelForSeq2SeqLM,
+    AutoOrthoModelForSequenceClassification,
+    AutoOrthoModelForTokenClassification,
+)
+from .peft_compat import (  # noqa: E402
+    get_layer_status,
+    get_model_status,
+    get_peft_model_state_dict,
+    inject_adapter_in_model,
+    set_peft_model_state_dict,
+)
+from .task_type import TaskType  # noqa: E402
+
+PeftModel = OrthoModel  # peft's name: PeftModel.from_pretrained(base, folder) reads the same
 from .registry import METHODS  # noqa: E402
 from .supports import select_supports  # noqa: E402
 
@@ -38,6 +57,21 @@ from .supports import select_supports  # noqa: E402
 def get_model(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> OrthoModel:
     """Wrap ``model`` with one adapter: base weights frozen, the adapter (and modules_to_save) trainable."""
     return ortho_class(type(model))(model, config, adapter_name)
+
+
+def get_peft_model(
+    model: nn.Module,
+    peft_config: AdapterConfig,
+    adapter_name: str = "default",
+    mixed: bool = False,
+    autocast_adapter_dtype: bool = True,
+    low_cpu_mem_usage: bool = False,
+) -> OrthoModel:
+    """peft's name and signature for :func:`get_model` (adapters of different methods always mix, so ``mixed``
+    changes nothing; ``low_cpu_mem_usage`` neither: each adapter tensor is allocated once)."""
+    if autocast_adapter_dtype != peft_config.autocast_adapter_dtype:
+        peft_config = peft_config.replace(autocast_adapter_dtype=autocast_adapter_dtype)
+    return get_model(model, peft_config, adapter_name)
 
 
 def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "default") -> OrthoModel:
@@ -75,6 +109,21 @@ def loco_approximation_error(model: OrthoModel, adapter_name: str | None = None)
 
 
 __all__ = [
+    "AutoOrthoModel",
+    "AutoOrthoModelForCausalLM",
+    "AutoOrthoModelForFeatureExtraction",
+    "AutoOrthoModelForQuestionAnswering",
+    "AutoOrthoModelForSeq2SeqLM",
+    "AutoOrthoModelForSequenceClassification",
+    "AutoOrthoModelForTokenClassification",
+    "PeftModel",
+    "TaskType",
+    "get_layer_status",
+    "get_model_status",
+    "get_peft_model",
+    "get_peft_model_state_dict",
+    "inject_adapter_in_model",
+    "set_peft_model_state_dict",
     "METHODS",
     "AdapterConfig",
     "FourierFTConfig",

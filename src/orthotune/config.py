@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from .task_type import check_task_type
+
 FORMAT_VERSION = 1
 
 
@@ -37,6 +39,13 @@ class AdapterConfig:
         metadata={
             "help": "Modules trained in full and saved with the adapter (e.g. a new classifier head), "
             "matched by name or suffix."
+        },
+    )
+    task_type: str | None = field(
+        default=None,
+        metadata={
+            "help": "peft's task type (SEQ_CLS, TOKEN_CLS, QUESTION_ANS, CAUSAL_LM, SEQ_2_SEQ_LM, FEATURE_EXTRACTION): "
+            "the task's heads (e.g. classifier/score for SEQ_CLS) are added to modules_to_save where the model has them."
         },
     )
     init_identity: bool = field(
@@ -82,6 +91,9 @@ class AdapterConfig:
                 object.__setattr__(self, name, list(value))
             else:
                 raise ValueError(f"{name} must be a string, a list of strings or None, got {type(value).__name__}")
+        check_task_type(self.task_type)
+        if self.task_type is not None:
+            self.task_type = str(getattr(self.task_type, "value", self.task_type))  # peft's TaskType enum too
         if self.modules_to_save is not None:
             if isinstance(self.modules_to_save, str):
                 self.modules_to_save = [self.modules_to_save]

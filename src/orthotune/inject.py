@@ -18,6 +18,7 @@ from . import quantized
 from .config import AdapterConfig
 from .layer import AdapterLayer, ModulesToSave, layer_dims, layer_kind
 from .registry import method_class
+from .task_type import saved_patterns
 
 #: Used when a config gives no target_modules, keyed by transformers' ``config.model_type``
 #: (a regex where the layer names changed across transformers versions).
@@ -117,7 +118,7 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.
 
     if targets == "all-linear":
         head = _output_head(model)
-        is_saved = matcher(config.modules_to_save or [])
+        is_saved = matcher([p for ps in saved_patterns(config) for p in ps])
         chosen = [
             (n, m)
             for n, m in layers
@@ -150,25 +151,26 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.
     return chosen
 
 
-def _check_every_entry_matched(entries: list[str], names: list[str]) -> None:
+def _check_every_entry_matched(entries: list[str], names: list[str], field: str = "target_modules") -> None:
     leaves = sorted({n.split(".")[-1] for n in names})
     suffixes = {s for n in names for s in _dotted_suffixes(n)}
     for entry in entries:
         if entry not in suffixes:
             close = difflib.get_close_matches(entry.split(".")[-1], leaves, n=3)
             hint = f"; did you mean {close}?" if close else f"; module names end in e.g. {leaves[:8]}"
-            raise ValueError(f"target_modules entry {entry!r} matches no module in the model{hint}")
+            raise ValueError(f"{field} entry {entry!r} matches no module in the model{hint}")
 
 
 def _suffix_sample(layers: list[tuple[str, nn.Module]]) -> list[str]:
     return sorted({n.split(".")[-1] for n, m in layers if layer_kind(m) is not None})[:10]
 
 
-def find_modules_to_save(model: nn.Module, patterns: list[str]) -> list[tuple[str, nn.Module]]:
-    """The modules named by ``modules_to_save``; every entry must match something."""
+def find_modules_to_save(model: nn.Module, patterns: list[str], optional: list[str] = ()) -> list[tuple[str, nn.Module]]:
+    """The modules named by ``modules_to_save``: every entry of ``patterns`` must match something, those of
+    ``optional`` (a task's default heads, see :mod:`orthotune.task_type`) may match nothing, as in peft."""
     layers = list(iter_named_layers(model))
-    _check_every_entry_matched(patterns, [n for n, _ in layers])
-    is_saved = matcher(patterns)
+    _check_every_entry_matched(patterns, [n for n, _ in layers], field="modules_to_save")
+    is_saved = matcher([*patterns, *optional])
     found = [(n, m) for n, m in layers if is_saved(n)]
     # keep outermost matches only (a saved module's children are saved with it)
     names = {n for n, _ in found}

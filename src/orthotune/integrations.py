@@ -2,8 +2,8 @@
 
 ``Trainer._save`` writes the full ``state_dict`` of any model that is not a ``PreTrainedModel``
 or a peft model (base weights included), and its loaders only know those two. ``OrthoTrainer``
-writes and reads adapter folders instead (``OrthoModel.save_pretrained`` layout: the first active
-adapter in the checkpoint folder, every other one in a subfolder named after it)::
+writes and reads adapter folders instead (``OrthoModel.save_pretrained`` layout, peft's: adapter
+``default`` in the checkpoint folder, every other one in a subfolder named after it)::
 
     trainer = OrthoTrainer(model=orthotune.get_model(hf_model, config), args=args, train_dataset=ds)
     trainer.train()                                   # checkpoint-*/adapter_config.json + adapter_model.safetensors
@@ -21,7 +21,7 @@ from torch import nn
 from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 
-from .model import OrthoModel
+from .model import OrthoModel, adapter_folder
 
 
 class OrthoTrainer(Trainer):
@@ -62,9 +62,7 @@ class OrthoTrainer(Trainer):
 
 def restore_adapters(model: OrthoModel, directory: str | Path) -> None:
     """Copy every adapter saved by ``save_pretrained`` in ``directory`` back into ``model``, in place."""
-    directory = Path(directory)
-    first = model.active_adapter
-    model.load_adapter_weights(directory, first)
     for name in model.configs:
-        if name != first and (directory / name).is_dir():
-            model.load_adapter_weights(directory / name, name)
+        folder = adapter_folder(directory, name)
+        if name == "default" or folder.is_dir():
+            model.load_adapter_weights(folder, name)

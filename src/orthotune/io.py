@@ -215,11 +215,10 @@ def build_adapter(
 
 def _saved_module_states(base: nn.Module, state: dict, config: AdapterConfig, source: str | Path) -> dict[str, dict]:
     """The reference state (keys and shapes) of each saved module named in the file."""
-    if not config.modules_to_save:
-        return {}
     from .inject import find_modules_to_save
+    from .task_type import saved_patterns
 
-    found = dict(find_modules_to_save(base, config.modules_to_save))
+    found = dict(find_modules_to_save(base, *saved_patterns(config)))
     out: dict[str, dict] = {}
     for key in state:
         if not key.startswith(SAVED_PREFIX):

@@ -25,6 +25,7 @@ from .finite import all_finite
 from .inject import find_modules_to_save, find_targets, unwrap_all, wrap
 from .layer import AdapterLayer, ModulesToSave, base_weight_matrix, layer_dims
 from .registry import method_class
+from .task_type import saved_patterns
 
 
 class OrthoModel(nn.Module):
@@ -38,6 +39,7 @@ class OrthoModel(nn.Module):
         self.configs: dict[str, AdapterConfig] = {}
         self._active: list[str] = []
         self.requantization_errors: dict[str, float] = {}  # per layer, from the last merge into a quantised base
+        self._inference_only: set[str] = set()  # loaded with is_trainable=False: frozen even when active
         trainable = [p for p in model.parameters() if p.requires_grad]
         for p in trainable:
             p.requires_grad_(False)
@@ -75,6 +77,12 @@ class OrthoModel(nn.Module):
         except AttributeError:
             if name == "base_model":
                 raise
+            if name in _FULL_MODEL_IO:
+                raise AttributeError(
+                    f"{type(self).__name__} has no {name!r}: the wrapped model's {name} would write or upload the full "
+                    "base model. Use save_pretrained / push_to_hub (the adapters only), or merge_and_unload() first "
+                    "to get the plain model"
+                ) from None
             return getattr(self.base_model, name)
 
     def get_base_model(self) -> nn.Module:
@@ -106,6 +114,11 @@ class OrthoModel(nn.Module):
     @property
     def active_adapter(self) -> str:
         """The first active adapter (peft's name for the single-adapter case)."""
+        if not self._active:
+            raise ValueError(
+                f"no adapter is active, so the model computes its base model; set_adapter(name) to activate one "
+                f"(adapters here: {sorted(self.configs)})"
+            )
         return self._active[0]
 
     def trainable_parameters(self) -> dict[str, Any]:
@@ -141,7 +154,7 @@ class OrthoModel(nn.Module):
             raise ValueError(f"config must be an orthotune AdapterConfig (e.g. LoCOConfig), got {type(config).__name__}")
         self._check_new_name(adapter_name)
         targets = find_targets(self.base_model, config)
-        saved = find_modules_to_save(self.base_model, config.modules_to_save) if config.modules_to_save else []
+        saved = find_modules_to_save(self.base_model, *saved_patterns(config))
         for sname, _ in saved:
             inside = [t for t, _ in targets if t.startswith(sname + ".") or t == sname]
             if inside:
@@ -172,11 +185,12 @@ class OrthoModel(nn.Module):
         self.configs[name] = config
         self._refresh_trainable()
 
-    def set_adapter(self, adapter_names: str | list[str]) -> None:
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
         """Make these adapters active, in this composition order (first = innermost, see layer.py).
 
         Switching adapters on a merged model unmerges it first (with a warning, as peft does): merged
-        weights hold the previous composition.
+        weights hold the previous composition. As in peft, they become trainable, or frozen with
+        ``inference_mode=True`` (also those loaded with ``is_trainable=False``).
         """
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         unknown = [n for n in names if n not in self.configs]
@@ -188,6 +202,7 @@ class OrthoModel(nn.Module):
             warnings.warn("Adapters cannot be switched while merged: unmerging the model first.", stacklevel=2)
             self.unmerge()
         self._active = names
+        self._inference_only = (self._inference_only | set(names)) if inference_mode else (self._inference_only - set(names))
         for _, module in self._wrappers():
             module.active_adapters = list(names)
         self._refresh_trainable()
@@ -198,6 +213,7 @@ class OrthoModel(nn.Module):
             raise ValueError(f"no adapter named {adapter_name!r}; adapters here: {sorted(self.configs)}")
         if any(adapter_name in layer.merged_adapters for _, layer in self.adapter_layers()):
             raise ValueError(f"adapter {adapter_name!r} is merged; unmerge() before deleting it")
+        was_active = list(self._active)
         for _, layer in list(self.adapter_layers()):
             if adapter_name in layer.adapters:
                 del layer.adapters[adapter_name]
@@ -205,7 +221,19 @@ class OrthoModel(nn.Module):
             if adapter_name in saved.copies:
                 del saved.copies[adapter_name]
         del self.configs[adapter_name]
+        self._inference_only.discard(adapter_name)
         self._active = [n for n in self._active if n != adapter_name]
+        if adapter_name in was_active and not self._active:  # as peft: the first remaining adapter takes over
+            if self.configs:
+                self._active = [sorted(self.configs)[0]]
+                warnings.warn(
+                    f"adapter {adapter_name!r} was active and is deleted: adapter {self._active[0]!r} is active now",
+                    stacklevel=2,
+                )
+            else:
+                warnings.warn(
+                    f"adapter {adapter_name!r} was the last adapter: the model now computes its base model", stacklevel=2
+                )
         for _, module in self._wrappers():
             module.active_adapters = list(self._active)
         self._refresh_trainable()
@@ -224,12 +252,13 @@ class OrthoModel(nn.Module):
 
     def _refresh_trainable(self) -> None:
         """Only the active adapters' parameters (and their saved-module copies) train."""
+        trains = [n for n in self._active if n not in self._inference_only]
         for _, layer in self.adapter_layers():
             for name, adapter in layer.adapters.items():
-                adapter.requires_grad_(name in self._active)
+                adapter.requires_grad_(name in trains)
         for _, saved in self.saved_modules():
             for name, clone in saved.copies.items():
-                clone.requires_grad_(name in self._active)
+                clone.requires_grad_(name in trains)
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -340,6 +369,75 @@ class OrthoModel(nn.Module):
         unwrap_all(self.base_model)
         return self.base_model
 
+    # ------------------------------------------------------------------ peft's names
+    @property
+    def peft_config(self) -> dict[str, AdapterConfig]:
+        """Adapter name -> config (peft's name for :attr:`configs`)."""
+        return self.configs
+
+    @property
+    def active_peft_config(self) -> AdapterConfig:
+        """The config of :attr:`active_adapter`."""
+        return self.configs[self.active_adapter]
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable parameters, all parameters), as peft counts them."""
+        c = self.trainable_parameters()
+        return c["trainable"], c["total"]
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """peft's name for :meth:`merge`."""
+        self.merge(adapter_names, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        """peft's name for :meth:`unmerge`."""
+        self.unmerge()
+
+    def disable_adapter_layers(self) -> None:
+        """Compute the base model until :meth:`enable_adapter_layers` (merged adapters are unmerged first, with a warning)."""
+        if self.merged:
+            warnings.warn("Unmerging merged adapters before disabling the adapter layers.", stacklevel=2)
+            self.unmerge()
+        for _, module in self._wrappers():
+            module.disabled = True
+        for _, layer in self.adapter_layers():
+            layer.adapters.requires_grad_(False)
+        for _, saved in self.saved_modules():
+            saved.copies.requires_grad_(False)
+
+    def enable_adapter_layers(self) -> None:
+        """Undo :meth:`disable_adapter_layers`: the active adapters apply (and train) again."""
+        for _, module in self._wrappers():
+            module.disabled = False
+        self._refresh_trainable()
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Turn gradients of these adapters' parameters (and saved-module copies) on or off, as peft does."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        unknown = [n for n in names if n not in self.configs]
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown}; adapters here: {sorted(self.configs)}")
+        for _, layer in self.adapter_layers():
+            for n in names:
+                if n in layer.adapters:
+                    layer.adapters[n].requires_grad_(requires_grad)
+        for _, saved in self.saved_modules():
+            for n in names:
+                if n in saved.copies:
+                    saved.copies[n].requires_grad_(requires_grad)
+
+    def get_layer_status(self) -> list[Any]:
+        """peft's per-layer status records (:func:`orthotune.peft_compat.get_layer_status`)."""
+        from .peft_compat import get_layer_status
+
+        return get_layer_status(self)
+
+    def get_model_status(self) -> Any:
+        """peft's model status record (:func:`orthotune.peft_compat.get_model_status`)."""
+        from .peft_compat import get_model_status
+
+        return get_model_status(self)
+
     # ------------------------------------------------------------------ saving and loading
     def save_adapter(self, directory: str | Path, adapter_name: str | None = None) -> None:
         """Write one adapter as ``adapter_config.json`` + ``adapter_model.safetensors``, atomically."""
@@ -347,20 +445,124 @@ class OrthoModel(nn.Module):
 
         save_adapter(self, directory, adapter_name or self.active_adapter)
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        """peft's layout: the first active adapter in ``directory``, every other one in ``directory/<name>``."""
-        first = self.active_adapter
-        self.save_adapter(directory, first)
-        for name in self.configs:
-            if name != first:
-                self.save_adapter(Path(directory) / name, name)
+    def save_pretrained(
+        self,
+        save_directory: str | Path,
+        safe_serialization: bool = True,
+        selected_adapters: list[str] | None = None,
+        save_embedding_layers: bool | str = "auto",
+        is_main_process: bool = True,
+        path_initial_model_for_weight_conversion: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """peft's layout: adapter ``default`` in ``save_directory``, every other one in ``save_directory/<name>``.
 
-    def load_adapter(self, directory: str | Path, adapter_name: str = "default") -> None:
-        """Load a saved adapter under ``adapter_name`` (not activated); the model is untouched on error."""
-        from .io import read_adapter
+        Only adapter folders (and a model card, ``README.md``, in ``save_directory``) are written, never
+        the base model's weights. ``selected_adapters`` picks the adapters (default: all); files are
+        safetensors whatever ``safe_serialization`` says; modules_to_save are saved with their adapter.
+        """
+        from .hub import write_model_card
 
+        if path_initial_model_for_weight_conversion is not None:
+            raise ValueError(
+                "path_initial_model_for_weight_conversion is for peft's PiSSA/OLoRA, whose base weights change; "
+                "orthotune's adapters never change the base model, so save without it"
+            )
+        unknown_kwargs = sorted(set(kwargs) - {"state_dict"})
+        if unknown_kwargs:
+            raise ValueError(f"save_pretrained got unknown arguments {unknown_kwargs}")
+        names = list(self.configs) if selected_adapters is None else list(selected_adapters)
+        unknown = [n for n in names if n not in self.configs]
+        if unknown:
+            raise ValueError(f"selected_adapters {unknown} do not exist; adapters here: {sorted(self.configs)}")
+        if not names:
+            raise ValueError(
+                "nothing to save: the model has no adapters (the last one was deleted, so it is the base model); "
+                "add or load an adapter first" if not self.configs else "selected_adapters is empty"
+            )
+        if not safe_serialization:
+            warnings.warn("orthotune writes adapters as safetensors only; safe_serialization=False is ignored", stacklevel=2)
+        if not is_main_process:
+            return
+        state = kwargs.get("state_dict")
+        Path(save_directory).mkdir(parents=True, exist_ok=True)
+        write_model_card(self, save_directory, names)  # one card for the folder, as peft writes it
+        for name in names:
+            folder = adapter_folder(save_directory, name)
+            if state is None:
+                self.save_adapter(folder, name)
+            else:
+                from .io import save_adapter
+                from .peft_compat import get_peft_model_state_dict
+
+                save_adapter(self, folder, name, get_peft_model_state_dict(self, state, name))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | Path,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        config: AdapterConfig | None = None,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        **kwargs: Any,
+    ) -> OrthoModel:
+        """peft's ``PeftModel.from_pretrained``: ``model`` with the adapter in ``model_id`` (a folder or Hub repo id).
+
+        Reads orthotune's and peft's folders. ``is_trainable=False`` (peft's default) loads the adapter
+        for inference: frozen, model in eval mode. ``subfolder``, ``revision``, ``cache_dir``, ``token``
+        reach the Hub download. ``low_cpu_mem_usage`` changes nothing (each tensor is allocated once).
+        """
+        if config is not None:
+            raise ValueError("config= is not supported: the adapter's config is read from its folder")
+        if not autocast_adapter_dtype:
+            raise ValueError("autocast_adapter_dtype is a property of the saved adapter (its config): it cannot be changed on load")
+        loaded = attach_loaded(model, adapter_name, _reader(model_id, kwargs))
+        loaded._set_trainable(adapter_name, is_trainable)
+        return loaded
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        selected_adapters: list[str] | None = None,
+    ) -> Any:
+        """Upload the adapter folders (``save_pretrained``'s, never the base model) to a Hub repo; the commit info."""
+        from .hub import push_adapters
+
+        return push_adapters(self, repo_id, commit_message, private, token, revision, create_pr, selected_adapters)
+
+    def load_adapter(
+        self,
+        model_id: str | Path,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        low_cpu_mem_usage: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        """Load a saved adapter (orthotune's or peft's folder, or a Hub repo id) under ``adapter_name``, not activated.
+
+        As in peft, ``is_trainable=False`` keeps it frozen (inference only) and puts the model in eval
+        mode. The model is untouched on error.
+        """
         self._check_new_name(adapter_name)
-        self._attach_loaded(adapter_name, *read_adapter(self.base_model, directory))
+        self._attach_loaded(adapter_name, *_reader(model_id, kwargs)(self.base_model))
+        self._set_trainable(adapter_name, is_trainable)
+
+    def _set_trainable(self, adapter_name: str, is_trainable: bool) -> None:
+        """Mark an adapter trainable or inference-only (frozen even when active; model in eval mode)."""
+        if is_trainable:
+            self._inference_only.discard(adapter_name)
+        else:
+            self._inference_only.add(adapter_name)
+            self.eval()
+        self._refresh_trainable()
 
     def _attach_loaded(self, name: str, config: AdapterConfig, modules: dict[str, nn.Module], saved_states: dict[str, dict]) -> None:
         """Wire in an adapter read by :func:`orthotune.io.build_adapter` (weights loaded, saved modules' states)."""
@@ -426,6 +628,26 @@ class OrthoModel(nn.Module):
             enable()
 
 
+def adapter_folder(directory: str | Path, adapter_name: str) -> Path:
+    """Where ``save_pretrained`` puts an adapter: ``default`` in ``directory``, any other in ``directory/<name>``."""
+    return Path(directory) if adapter_name == "default" else Path(directory) / adapter_name
+
+
+def _reader(model_id: str | Path, hub_kwargs: dict[str, Any]) -> Callable[[nn.Module], tuple[AdapterConfig, dict, dict]]:
+    """``read(base)`` for an orthotune or peft adapter folder, or a Hub repo id (downloaded first)."""
+    from .hub import is_peft_folder, resolve_folder
+    from .interop.peft import read_peft
+    from .io import read_adapter
+
+    allowed = {"subfolder", "revision", "cache_dir", "token", "local_files_only"}
+    unknown = sorted(set(hub_kwargs) - allowed)
+    if unknown:
+        raise ValueError(f"unknown arguments {unknown}; loading accepts {sorted(allowed)} besides its named ones")
+    folder = resolve_folder(model_id, **hub_kwargs)
+    read = read_peft if is_peft_folder(folder) else read_adapter
+    return lambda base: read(base, folder)
+
+
 def attach_loaded(
     model: nn.Module, adapter_name: str, read: Callable[[nn.Module], tuple[AdapterConfig, dict, dict]]
 ) -> OrthoModel:
@@ -489,6 +711,11 @@ def build_method(config: AdapterConfig, module: nn.Module) -> nn.Module:
     return method_class(config)(config, d_in, d_out, base_weight_matrix(module).detach())
 
 
+#: Methods of a transformers model that write or upload its full weights: never reached through the wrapper.
+#: (OrthoModel's own save_pretrained, push_to_hub and from_pretrained act on the adapters.)
+_FULL_MODEL_IO = frozenset({"_upload_modified_files", "save_distributed_checkpoint"})
+
+
 _CLASSES: dict[type, type] = {}
 _CLASSES_LOCK = threading.Lock()  # one class per base class, also when models are wrapped in threads
 
@@ -505,7 +732,7 @@ def ortho_class(base_cls: type) -> type:
         if base_cls not in _CLASSES:
 
             def forward(self: OrthoModel, *args: Any, **kwargs: Any) -> Any:
-                return mixed.call(self, self.base_model, args, kwargs)
+                return OrthoModel.forward(self, *args, **kwargs)
 
             forward.__wrapped__ = base_cls.forward  # type: ignore[attr-defined]
             forward.__doc__ = base_cls.forward.__doc__

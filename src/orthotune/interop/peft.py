@@ -33,6 +33,7 @@ from ..methods.pissa import principal_factors
 from ..methods.psoft import PSOFTConfig
 from ..registry import METHODS
 from ..supports import principal_basis
+from ..task_type import TASK_HEADS, check_task_type, saved_patterns
 
 if TYPE_CHECKING:
     from ..model import OrthoModel
@@ -54,7 +55,9 @@ class PeftFormat:
     tensors)``: the method's state for one base layer from peft's tensors of that module (keys
     ``tensor_names``, and those of ``optional_names`` the file has). ``config_out`` /
     ``tensors_out``: the reverse, for export. ``tensors_in`` and ``tensors_out`` raise ValueError
-    for a layer peft's format cannot hold; the caller adds the module's name.
+    for a layer peft's format cannot hold; the caller adds the module's name. ``fit_tensors(fields,
+    per_module)``, where given, returns the config fields peft itself computes with for the tensors
+    the file holds (where peft's loader departs from its config), warning when they differ.
     """
 
     method: str
@@ -66,6 +69,7 @@ class PeftFormat:
     config_out: Callable[[AdapterConfig], dict[str, Any]]
     tensors_out: Callable[[AdapterMethod, nn.Module], dict[str, Tensor]]
     optional_names: tuple[str, ...] = ()
+    fit_tensors: Callable[[dict[str, Any], dict[str, dict[str, Tensor]]], dict[str, Any]] | None = None
 
 
 # Options of every peft config that orthotune reads or that do not change the adapted model (the
@@ -267,11 +271,30 @@ def _oft_config_in(cfg: dict[str, Any]) -> dict[str, Any]:
         )
     fields = {"oft_block_size": cfg["oft_block_size"], **{k: cfg.get(k, v) for k, v in _OFT_DEFAULTS.items()}}
     if fields["use_cayley_neumann"] and _version(cfg.get("peft_version")) < (0, 18):
-        raise ValueError(
-            f"this peft OFT adapter uses the Cayley-Neumann series of peft < 0.18 (peft_version="
-            f"{cfg.get('peft_version')!r}), which peft 0.18 changed (its last term); orthotune computes the new series. "
-            "Merge it with the peft that trained it (merge_and_unload), or retrain it with peft >= 0.18"
+        warnings.warn(
+            f"this peft OFT adapter was trained with the Cayley-Neumann series of peft < 0.18 (peft_version="
+            f"{cfg.get('peft_version')!r}), which peft 0.18 changed (its last term). peft 0.21 loads it with the new "
+            "series, and so does orthotune: outputs differ slightly from those it was trained with. For the exact "
+            "old model, merge it with the peft that trained it (merge_and_unload)",
+            stacklevel=4,
         )
+    return fields
+
+
+def _oft_fit_tensors(fields: dict[str, Any], per_module: dict[str, dict[str, Tensor]]) -> dict[str, Any]:
+    """peft adjusts an oft_block_size that does not divide a layer's input to the nearest divisor ('Invalid
+    oft_block_size' warning); where every module got the same block size, that is the size it computes with."""
+    sizes = {round((1 + math.sqrt(1 + 8 * local["oft_R.weight"].shape[-1])) / 2) for local in per_module.values()}
+    b = fields["oft_block_size"]
+    if b and len(sizes) == 1 and b not in sizes:
+        (adjusted,) = sizes
+        warnings.warn(
+            f"this peft OFT folder's config says oft_block_size={b}, its oft_R tensors hold blocks of size {adjusted}: "
+            f"peft adjusted the size to a divisor of the layers' inputs. Loading it with oft_block_size={adjusted}, "
+            "the model peft computes",
+            stacklevel=4,
+        )
+        return {**fields, "oft_block_size": adjusted}
     return fields
 
 
@@ -316,15 +339,23 @@ def _boft_config_in(cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: cfg.get(k, v) for k, v in _BOFT_DEFAULTS.items()}
 
 
+def _boft_fit_tensors(fields: dict[str, Any], per_module: dict[str, dict[str, Tensor]]) -> dict[str, Any]:
+    """peft without its CUDA extension builds (and loads) BOFT with one butterfly factor whatever its config
+    says; a folder it saved so holds one factor per module, and peft computes with that one."""
+    m = fields["boft_n_butterfly_factor"]
+    if m > 1 and all(local["boft_R"].shape[0] == 1 for local in per_module.values()):
+        warnings.warn(
+            f"this peft BOFT folder's config says boft_n_butterfly_factor={m}, its boft_R tensors hold 1 factor: peft "
+            "built it without its CUDA extension, which uses one factor (and so does peft on loading it without the "
+            "extension). Loading it with boft_n_butterfly_factor=1, the model peft trained and computes",
+            stacklevel=4,
+        )
+        return {**fields, "boft_n_butterfly_factor": 1}
+    return fields
+
+
 def _boft_tensors_in(config: AdapterConfig, layer: nn.Module, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     R, s = tensors["boft_R"], tensors["boft_s"]  # an old checkpoint's boft_P is peft's fixed permutations
-    m = config.boft_n_butterfly_factor
-    if R.shape[0] == 1 < m:
-        raise ValueError(
-            f"its boft_R holds {R.shape[0]} butterfly factor(s) where the config asks for {m}: peft built it without "
-            "its CUDA extension, which silently uses one factor ('Setting boft_n_butterfly_factor to 1'). Set "
-            '"boft_n_butterfly_factor": 1 in its adapter_config.json (what peft trained) and load it again'
-        )
     return {"transform.weight": R, "boft_s": s.reshape(-1, 1)}  # peft's Conv2d keeps s as (1, d_out)
 
 
@@ -442,11 +473,12 @@ FORMATS: dict[str, PeftFormat] = {
     ),
     "oft": PeftFormat(
         "oft", "OFT", ("oft_R.weight",), lambda c: True,
-        _oft_config_in, _oft_tensors_in, _oft_config_out, _oft_tensors_out,
+        _oft_config_in, _oft_tensors_in, _oft_config_out, _oft_tensors_out, fit_tensors=_oft_fit_tensors,
     ),
     "boft": PeftFormat(
         "boft", "BOFT", ("boft_R", "boft_s"), lambda c: True,
         _boft_config_in, _boft_tensors_in, _boft_config_out, _boft_tensors_out, optional_names=("boft_P",),
+        fit_tensors=_boft_fit_tensors,
     ),
     "hra": PeftFormat(
         "hra", "HRA", ("hra_u",), lambda c: True,
@@ -472,7 +504,15 @@ def read_peft(base: nn.Module, directory: str | Path) -> tuple[AdapterConfig, di
     fields = fmt.config_in(cfg)  # refuses unsupported options before the tensors are read
     tensors = _read_peft_tensors(directory)
     per_module, saved = split_peft_tensors(tensors, fmt, directory)
-    config = METHODS[fmt.method][0](target_modules=sorted(per_module), modules_to_save=cfg.get("modules_to_save"), **fields)
+    if fmt.fit_tensors is not None:
+        fields = fmt.fit_tensors(fields, per_module)
+    task_type = cfg.get("task_type")
+    check_task_type(task_type)
+    heads = TASK_HEADS.get(task_type or "", ())  # peft wrote them into modules_to_save; only they may match nothing
+    own = [m for m in cfg.get("modules_to_save") or [] if m not in heads]
+    config = METHODS[fmt.method][0](
+        target_modules=sorted(per_module), modules_to_save=list(dict.fromkeys(own)) or None, task_type=task_type, **fields
+    )
     saved_for = (cfg.get("auto_mapping") or {}).get("base_model_class") or cfg.get("base_model_name_or_path")
 
     layers = dict(iter_named_layers(base))
@@ -587,8 +627,8 @@ def export_peft(model: OrthoModel, directory: str | Path, adapter_name: str) -> 
     base_cfg = getattr(model.base_model, "config", None)
     peft_config.update(
         target_modules=[n for n, _ in layers],
-        modules_to_save=config.modules_to_save,
-        task_type=None,
+        modules_to_save=[p for ps in saved_patterns(config) for p in ps] or None,
+        task_type=config.task_type,
         inference_mode=True,
         base_model_name_or_path=getattr(base_cfg, "name_or_path", None) or None,
         peft_version=PEFT_FORMAT_VERSION,
