@@ -71,7 +71,7 @@ def weighted_merge(model: PeftModel) -> str:
     return "ab"
 
 
-def main(workdir: str | Path, with_mixed: bool = True) -> dict[str, object]:
+def main(workdir: str | Path) -> dict[str, object]:
     """Run the workflow in ``workdir``; the numbers a test or a reader checks."""
     workdir = Path(workdir)
     model_id = make_base(workdir / "base")
@@ -86,10 +86,9 @@ def main(workdir: str | Path, with_mixed: bool = True) -> dict[str, object]:
     print(f"adapter a: loss {first:.3f} -> {last:.3f}")
 
     report: dict[str, object] = {"first_loss": first, "last_loss": last}
-    if with_mixed:
-        report["mixed_gap"] = mixed_batch(model, ids)
-        print(f"mixed batch: largest gap to one adapter at a time {report['mixed_gap']:.2e}")
-    second = weighted_merge(model) if with_mixed else "b"
+    report["mixed_gap"] = mixed_batch(model, ids)
+    print(f"mixed batch: largest gap to one adapter at a time {report['mixed_gap']:.2e}")
+    second = weighted_merge(model)
     model.set_adapter(second)
     with torch.no_grad():
         expected = model(input_ids=ids).logits

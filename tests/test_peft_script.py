@@ -42,12 +42,6 @@ def test_the_script_is_a_peft_script(tmp_path) -> None:
 
 
 def test_the_script_runs_on_orthotune(tmp_path) -> None:
-    with_mixed = hasattr(orthotune.OrthoModel, "add_weighted_adapter")
-    report = load(SCRIPT.read_text(), "peft_script_on_orthotune").main(tmp_path, with_mixed=with_mixed)
-    check(report, "ab" if with_mixed else "b")
-    if not with_mixed:
-        pytest.skip(
-            "mixed-adapter batches and add_weighted_adapter come from the 'mixed' branch: the script's other steps "
-            "ran and passed; remove this skip once both branches are merged"
-        )
+    report = load(SCRIPT.read_text(), "peft_script_on_orthotune").main(tmp_path)
+    check(report, "ab")
     assert report["mixed_gap"] < 1e-5

@@ -209,10 +209,17 @@ def test_auto_model_loads_base_and_adapter_from_the_folder(tmp_path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ bug 4
-def test_adapter_names_is_refused_not_swallowed() -> None:
-    model = orthotune.get_model(tiny_llama_cls(), LoRAConfig(target_modules=["q_proj"]))
-    with pytest.raises(ValueError, match="adapter_names= .* is not supported"):
-        model(IDS, adapter_names=["default", "default"])
+def test_adapter_names_is_honoured_not_swallowed() -> None:
+    """``adapter_names`` reaches the adapters (it used to vanish into transformers' ``**kwargs``)."""
+    model = orthotune.get_model(tiny_llama_cls(), LoRAConfig(target_modules=["q_proj"], init_identity=False)).eval()
+    ids = torch.cat([IDS, IDS])
+    with torch.no_grad():
+        mixed = model(ids, adapter_names=["default", "__base__"]).logits
+        adapted = model(IDS).logits
+        with model.disable_adapter():
+            base = model(IDS).logits
+    assert not torch.allclose(adapted, base)
+    assert torch.allclose(mixed[:1], adapted, atol=1e-6) and torch.allclose(mixed[1:], base, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------ bug 5

@@ -515,11 +515,12 @@ class OrthoModel(nn.Module):
         for inference: frozen, model in eval mode. ``subfolder``, ``revision``, ``cache_dir``, ``token``
         reach the Hub download. ``low_cpu_mem_usage`` changes nothing (each tensor is allocated once).
         """
-        if config is not None:
-            raise ValueError("config= is not supported: the adapter's config is read from its folder")
         if not autocast_adapter_dtype:
             raise ValueError("autocast_adapter_dtype is a property of the saved adapter (its config): it cannot be changed on load")
-        loaded = attach_loaded(model, adapter_name, _reader(model_id, kwargs))
+        read = _reader(model_id, kwargs)
+        if config is not None:  # peft: the config object to use instead of the folder's; here it must describe it
+            read = _with_config(read, config, model_id)
+        loaded = attach_loaded(model, adapter_name, read)
         loaded._set_trainable(adapter_name, is_trainable)
         return loaded
 
@@ -646,6 +647,23 @@ def _reader(model_id: str | Path, hub_kwargs: dict[str, Any]) -> Callable[[nn.Mo
     folder = resolve_folder(model_id, **hub_kwargs)
     read = read_peft if is_peft_folder(folder) else read_adapter
     return lambda base: read(base, folder)
+
+
+def _with_config(read: Callable[[nn.Module], tuple[AdapterConfig, dict, dict]], config: AdapterConfig, source: Any):
+    """``read`` returning ``config`` in place of the folder's, refused unless both describe the same adapter."""
+
+    def read_with(base: nn.Module) -> tuple[AdapterConfig, dict, dict]:
+        saved, modules, states = read(base)
+        ours, theirs = config.to_dict(), saved.to_dict()
+        differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+        if differ:
+            raise ValueError(
+                f"config= differs from the adapter saved in {source} in {differ}: the weights there were trained with "
+                "the saved config; leave config= out to use it"
+            )
+        return config, modules, states
+
+    return read_with
 
 
 def attach_loaded(

@@ -1,8 +1,6 @@
-"""Shared steps of the ported tests: building adapted models, training a few steps, and the two markers.
+"""Shared steps of the ported tests: building adapted models, training a few steps, and a marker.
 
-``requires_api`` skips a test whose peft-named API orthotune does not have yet (being added on another
-branch): once it exists, the test runs unchanged. ``known_bug`` marks a test that fails today because
-of a bug being fixed on another branch; it is strict, so the lead removes it once that branch is merged.
+``requires_api`` skips a test whose peft-named API orthotune does not offer (peft-only features).
 """
 
 from __future__ import annotations
@@ -39,11 +37,6 @@ def requires_api(name: str, keyword: str | None = None) -> pytest.MarkDecorator:
             present = keyword in inspect.signature(getattr(OrthoModel, name)).parameters
     what = f"{name}({keyword}=...)" if keyword else name
     return pytest.mark.skipif(not present, reason=f"requires_api: orthotune has no {what} yet")
-
-
-def known_bug(what: str) -> pytest.MarkDecorator:
-    """A bug of today's orthotune, fixed on branch peftflow (issue 18); strict, so the mark is removed after merging."""
-    return pytest.mark.xfail(reason=f"fixed on branch peftflow: {what}", strict=True)
 
 
 def config(case: Case, **overrides: Any) -> orthotune.AdapterConfig:

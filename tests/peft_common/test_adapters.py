@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from .cases import CASES, disable_merge_tolerance, params
-from .harness import allclose, base_output, batch, config, known_bug, make, requires_api, train, wrappers
+from .harness import allclose, base_output, batch, config, make, requires_api, train, wrappers
 from .models import output
 
 pytestmark = pytest.mark.parametrize("case", params(CASES))
@@ -54,7 +54,6 @@ def _assert_deleted(model, name: str) -> None:
         assert name not in layer.active_adapters
 
 
-@known_bug("deleting the active adapter falls back to a remaining one")
 def test_delete_adapter(case) -> None:
     model = make(case)
     model.add_adapter("delete_me", config(case))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from .cases import CASES, params
-from .harness import allclose, batch, known_bug, make
+from .harness import allclose, batch, make
 from .models import KINDS, output
 from .test_peft_api import mixed_rows
 
@@ -29,7 +29,6 @@ def test_training_gradient_checkpointing(case, use_reentrant: bool) -> None:
     assert normal == {n for n, p in trainable if p.grad is not None and p.grad.abs().sum() > 0}
 
 
-@known_bug("adapter_names is swallowed by transformers' **kwargs")
 def test_adapter_names_is_honoured_or_refused(case) -> None:
     """``model(..., adapter_names=[...])`` either computes each sample with its adapter or raises."""
     model, x, base, out0, _ = mixed_rows(case)
