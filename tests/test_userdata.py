@@ -268,7 +268,7 @@ def test_lm_bad_rows_are_refused_and_the_merged_folder_loads_in_plain_transforme
     rows = lm_rows("messages")
     bad = rows[:4] + [{"messages": [{"role": "user", "content": "no answer"}]}]
     train = write_jsonl(tmp_path / "bad.jsonl", bad)
-    with pytest.raises(ValueError, match="1 row\\(s\\) are not a chat ending with an assistant turn \\(row 4\\)"):
+    with pytest.raises(ValueError, match="bad.jsonl: column 'messages': 1 row\\(s\\) are not a chat ending with an assistant turn .*\\(row 4\\)"):
         finetune(lm_config(tiny_llama, tmp_path / "bad", train, train), progress=False)
     wrong = write_jsonl(tmp_path / "wrong.jsonl", [{"question": "q", "answer": "a"}])
     with pytest.raises(ValueError, match="no 'messages' column and no 'prompt' and 'completion' columns"):

@@ -113,7 +113,14 @@ def load_rows(d: LMDataSettings, prompt_suffix: str = "") -> tuple[dict[str, lis
     """({"train", "val", "test"} rows, the rows dropped); generated questions never appear in two splits."""
     if d.train_file is not None:
         audit = RowAudit(d.drop_invalid_rows)
-        rows = {split: read_rows(getattr(d, f), f"data.{f}", audit) for split, f in SPLIT_FILES.items() if getattr(d, f) is not None}
+        by_path: dict[str, list[Row]] = {}  # a file given for two splits is read (and reported) once
+        rows = {}
+        for split, setting in SPLIT_FILES.items():
+            path = getattr(d, setting)
+            if path is not None:
+                if path not in by_path:
+                    by_path[path] = read_rows(path, f"data.{setting}", audit)
+                rows[split] = by_path[path]
         audit.finish()
         sizes = {"train": d.train_size, "val": d.eval_size, "test": d.eval_size}
         for split, items in rows.items():

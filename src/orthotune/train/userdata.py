@@ -108,6 +108,8 @@ def read_table(path: str | Path, setting: str) -> Any:
                 if bad is not None:
                     raise ValueError(f"{setting} {path} is not UTF-8 text: byte {bad.object[bad.start:bad.start + 1]!r} at "
                                      f"position {bad.start} ({bad.reason}); re-save the file as UTF-8") from None
+                if "corresponds to no data" in str(err):  # a header and nothing else
+                    raise ValueError(f"{setting} {path} holds no rows") from None
                 raise ValueError(f"{setting} {path} could not be read as {reader}: {err.__cause__ or err}") from None
     if len(ds) == 0:
         raise ValueError(f"{setting} {path} holds no rows")
