@@ -3,7 +3,8 @@
 Text classification runs all-MiniLM-L6-v2 on BANKING77 subsets: the metric must improve over the
 class-mean baseline, an interrupted run must resume bit-identically (optimiser, schedule, RNG,
 data position and LoCA's location learner included), the merged folder must load with plain
-transformers and give the adapted model's outputs, and ``inspect`` must report known rotations.
+transformers (AutoModelForSequenceClassification) and give the adapted model's outputs, and ``inspect``
+must report known rotations.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from safetensors.torch import load_file
 
 import orthotune
 from orthotune.cli import main
+from orthotune.train.assets import load_intents
 from orthotune.train.finetune import finetune, load_trained, run
 from orthotune.train.runconfig import RunConfig, apply_overrides, load_run_config
 
@@ -161,17 +163,14 @@ def test_cli_finetune_eval_merge_inspect(tmp_path, capsys) -> None:
     main(["merge", str(out), "--out", str(merged)])
     capsys.readouterr()
     task, adapted = load_trained(RunConfig.from_dict(results["config"]), out / "adapter")
-    enc = task.tokenizer(task.eval_set.texts[:16], padding=True, return_tensors="pt")
-    plain = transformers.AutoModel.from_pretrained(merged).eval()  # plain transformers, no orthotune
-    head = load_file(str(merged / "classifier_head.safetensors"))
+    texts = load_intents("banking", "dev").texts[:16]
+    enc = task.tokenizer(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")
+    plain = transformers.AutoModelForSequenceClassification.from_pretrained(merged).eval()  # plain transformers, no orthotune
     with torch.no_grad():
-        h = plain(**enc).last_hidden_state
-        mask = enc["attention_mask"].unsqueeze(-1).float()
-        pooled = torch.nn.functional.normalize((h * mask).sum(1) / mask.sum(1), dim=-1)
-        logits = pooled @ head["weight"].T + head["bias"]
-        reference = adapted(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])["logits"]
+        logits = plain(**enc).logits
+        reference = adapted(**enc)["logits"]
     assert float((logits - reference).norm() / reference.norm()) < 1e-5
-    assert json.loads((merged / "classifier.json").read_text())["labels"][:2] == task.train_set.label_names[:2]
+    assert plain.config.id2label[1] == task.label_names[1] and (out / "data.json").is_file()
     with pytest.raises(SystemExit):  # an existing folder is never overwritten
         main(["merge", str(out), "--out", str(merged)])
 
