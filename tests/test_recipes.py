@@ -68,11 +68,11 @@ def test_overrides_and_clear_errors() -> None:
 
 # --------------------------------------------------------------------------- text recipe end to end
 def test_text_recipe_learns_and_writes_its_outputs(tmp_path) -> None:
-    # a random head (step-0 accuracy ~1/77) makes the gain visible in a dozen CPU steps; the demo test
-    # checks the gain over the class-mean baseline on more data
+    # a random head (step-0 accuracy ~1/77) makes the gain visible in a few dozen CPU steps (0.00 -> 0.19 seen);
+    # the demo test checks the gain over the class-mean baseline on more data
     config = text_config(tmp_path, "loco", method="loco", adapter={"rank": 2, "chain_length": 2},
-                         **{"model.head_init": "random", "data.train_size": 160, "data.eval_size": 100, "train.steps": 12,
-                            "train.batch_size": 16, "train.lr": 3e-2, "train.eval_before": True, "train.eval_every": 6})
+                         **{"model.head_init": "random", "data.train_size": 160, "data.eval_size": 100, "train.steps": 30,
+                            "train.batch_size": 16, "train.lr": 3e-2, "train.eval_before": True, "train.eval_every": 15})
     outcome = run(config, progress=False)
     results = outcome.results
     before, after = results["before"]["accuracy"], results["final"]["accuracy"]
@@ -83,7 +83,7 @@ def test_text_recipe_learns_and_writes_its_outputs(tmp_path) -> None:
     with torch.no_grad():
         moved = [float((layer.adapters["default"].rotation() - torch.eye(384)).norm()) for _, layer in outcome.model.adapter_layers()]
     assert min(moved) > 1e-3
-    assert [s for s, _ in results["history"]["eval"]] == [0, 6, 12]
+    assert [s for s, _ in results["history"]["eval"]] == [0, 15, 30]
     assert results["parameters"]["adapter"] == 12 * 2 * 2 * 2 * 384  # 2 k r d per layer, 12 layers
     run_dir = Path(config.output_dir)
     for name in ("adapter/adapter_config.json", "config.yaml", "curves.png", "results.json"):

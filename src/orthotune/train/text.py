@@ -147,6 +147,7 @@ class TextClassificationTask(Task):
         self.path = Path(self.model_settings.path) if self.model_settings.path else minilm_path()
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         self.dropped: list[dict[str, Any]] = []
+        self._checked_splits: dict[str, Any] = {}
         self.rows: dict[str, int] = {}
 
     # ------------------------------------------------------------------ data
@@ -199,8 +200,16 @@ class TextClassificationTask(Task):
         self.rows[split] = len(ds)
         return ds, names
 
+    def _split(self, split: str) -> Any:
+        """A split's checked rows, each file read and checked once."""
+        if split == "train":
+            return self._train_checked[0]
+        if split not in self._checked_splits:
+            self._checked_splits[split] = self._checked(split, self.label_names)[0]
+        return self._checked_splits[split]
+
     def _tokenised(self, split: str, size: int | None, seed: int) -> Any:
-        ds = self._train_checked[0] if split == "train" else self._checked(split, self.label_names)[0]
+        ds = self._split(split)
         keep = seeded_subset(len(ds), size, seed)
         if keep is not None:
             ds = ds.select(keep)
@@ -223,10 +232,10 @@ class TextClassificationTask(Task):
 
     def check_data(self) -> dict[str, Any]:
         d = self.data_settings
+        given = [s for s, f in SPLIT_FILES.items() if getattr(d, f) is not None] or ["train", d.eval_split]
+        for split in given:  # every file given is checked (the one not scored too) before anything is tokenised
+            self._split(split)
         _ = self.train_set, self.eval_set
-        other = "dev" if d.eval_split == "test" else "test"
-        if d.train_file is not None and getattr(d, SPLIT_FILES[other]) is not None:
-            self._checked(other, self.label_names)  # every file given is checked before training, the one not scored too
         files = {f: str(Path(getattr(d, f)).expanduser().resolve()) for f in SPLIT_FILES.values() if getattr(d, f) is not None}
         return {
             "settings": {**files, "labels": self.label_names},
