@@ -255,4 +255,4 @@ def test_trainer_example_trains_saves_and_reloads(tmp_path) -> None:
     saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     us = [v for k, v in saved.items() if k.endswith(".U")]  # LoCO's U starts at zero: nonzero means the Trainer trained it
     assert len(us) == 12 and all(float(u.norm()) > 0 for u in us)
-    assert any("head" in k for k in saved)  # modules_to_save travels with the adapter
+    assert any("classifier" in k for k in saved)  # modules_to_save travels with the adapter
