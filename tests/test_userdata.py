@@ -136,7 +136,7 @@ def test_empty_cells_are_refused_with_their_count(tiny_bert, tmp_path, column) -
     rows[7] = ("  ", rows[7][1]) if column == "text" else (rows[7][0], " ")
     train = write_csv(tmp_path / "T.csv", rows)
     test = write_csv(tmp_path / "E.csv", ROWS)
-    assert f"{train}: column '{column}': 2 row(s) are empty" in refused(text_config(tiny_bert, tmp_path / "run", train, test), "are empty")
+    assert f"{train}: column '{column}': 2 row(s) are empty (data row 4, data row 8)" in refused(text_config(tiny_bert, tmp_path / "run", train, test), "are empty")
 
 
 def test_a_file_in_another_encoding_is_refused(tiny_bert, tmp_path) -> None:
@@ -268,7 +268,7 @@ def test_lm_bad_rows_are_refused_and_the_merged_folder_loads_in_plain_transforme
     rows = lm_rows("messages")
     bad = rows[:4] + [{"messages": [{"role": "user", "content": "no answer"}]}]
     train = write_jsonl(tmp_path / "bad.jsonl", bad)
-    with pytest.raises(ValueError, match="bad.jsonl: column 'messages': 1 row\\(s\\) are not a chat ending with an assistant turn .*\\(row 4\\)"):
+    with pytest.raises(ValueError, match="bad.jsonl: column 'messages': 1 row\\(s\\) are not a chat ending with an assistant turn .*\\(data row 5\\)"):
         finetune(lm_config(tiny_llama, tmp_path / "bad", train, train), progress=False)
     wrong = write_jsonl(tmp_path / "wrong.jsonl", [{"question": "q", "answer": "a"}])
     with pytest.raises(ValueError, match="no 'messages' column and no 'prompt' and 'completion' columns"):

@@ -105,7 +105,7 @@ def read_rows(path: str, setting: str, audit: RowAudit) -> list[Row]:
     bad = np.array([r is None for r in rows], dtype=bool)
     what = ("are not a chat ending with an assistant turn (a list of {role, content})" if columns == ["messages"]
             else "are neither strings nor chat turns (the completion: one assistant turn)")
-    audit.flag(ds, path, columns[0], bad, what, [f"row {i}" for i in np.flatnonzero(bad)[:5]])
+    audit.flag(ds, path, columns[0], bad, what)
     return [r for r in rows if r is not None]
 
 

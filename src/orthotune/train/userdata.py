@@ -51,7 +51,8 @@ class RowAudit:
         n = int(bad.sum())
         if n == 0:
             return ds
-        self.problems.append(Problem(file, column, what, n, list(examples)[:5]))
+        shown = list(examples) or [f"data row {i + 1}" for i in np.flatnonzero(bad)]  # 1-based, header excluded
+        self.problems.append(Problem(file, column, what, n, shown[:5]))
         return ds.select(np.flatnonzero(~bad)) if self.drop else ds
 
     def finish(self, progress: bool = True) -> None:
