@@ -95,10 +95,11 @@ def lm_jsonl(dest: Path) -> None:
     from orthotune.train.task import from_mapping
 
     config = load_run_config(ROOT / "recipes" / "lm_arithmetic.yaml")
-    rows = load_rows(from_mapping(LMDataSettings, config.data, "data"))
+    rows, _ = load_rows(from_mapping(LMDataSettings, config.data, "data"), config.model.get("prompt_suffix", ""))
     dest.mkdir(parents=True)
-    for split, items in rows.items():
-        (dest / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
+    for split, items in rows.items():  # TRL's prompt/completion format (data.train_file=.../train.jsonl)
+        (dest / f"{split}.jsonl").write_text("".join(json.dumps({"prompt": r["messages"][-1]["content"], "completion": r["answer"]}) + "\n"
+                                                     for r in items))
 
 
 def size(path: Path) -> int:

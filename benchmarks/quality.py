@@ -134,13 +134,12 @@ def _skeleton(config: Any) -> Callable[[], Any]:
     from transformers import AutoConfig
 
     if config.task == "text_classification":
-        from transformers import AutoModel
+        from transformers import AutoModelForSequenceClassification
 
         from orthotune.train.assets import minilm_path
-        from orthotune.train.text import SentenceClassifier
 
-        hf = AutoConfig.from_pretrained(config.model.get("path") or minilm_path())
-        return lambda: SentenceClassifier(AutoModel.from_config(hf), 2)
+        hf = AutoConfig.from_pretrained(config.model.get("path") or minilm_path(), num_labels=2)
+        return lambda: AutoModelForSequenceClassification.from_config(hf)
     if config.task == "causal_lm":
         from transformers import AutoModelForCausalLM
 

@@ -1,8 +1,9 @@
 """Fine-tune with the HF ``Trainer`` and an orthotune adapter, save, reload: all-MiniLM-L6-v2 on BANKING77.
 
-The model is the text recipe's sentence classifier (mean-pooled encoder + a cosine head started
+The model is the text recipe's ``AutoModelForSequenceClassification`` (its ``classifier`` started
 from the class means); orthotune adds LoCO rotations to the attention's query and value layers and
-keeps the head trainable (``modules_to_save``). ``OrthoTrainer`` is ``transformers.Trainer`` with
+keeps the classifier trainable (``modules_to_save``); the tokenised ``datasets.Dataset`` is padded
+per batch by transformers' ``DataCollatorWithPadding``. ``OrthoTrainer`` is ``transformers.Trainer`` with
 checkpoints and the final save holding the adapter only (``adapter_config.json`` +
 ``adapter_model.safetensors``). The saved adapter is then loaded into a fresh model, whose
 logits must equal the trained model's.
@@ -15,27 +16,15 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
 
 import torch
-from transformers import TrainingArguments
+from transformers import DataCollatorWithPadding, TrainingArguments
 
 import orthotune
 from orthotune.integrations import OrthoTrainer
-from orthotune.train.assets import load_intents, offline
+from orthotune.train.assets import offline
 from orthotune.train.task import accuracy
 from orthotune.train.text import TextClassificationTask, batches
-
-
-class Collator:
-    """Tokenises and pads a list of ``(text, label)`` pairs into the model's keyword arguments."""
-
-    def __init__(self, tokenizer: Any, max_length: int = 64) -> None:
-        self.tokenizer, self.max_length = tokenizer, max_length
-
-    def __call__(self, rows: list[tuple[str, int]]) -> dict[str, torch.Tensor]:
-        enc = self.tokenizer([t for t, _ in rows], padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": torch.tensor([y for _, y in rows])}
 
 
 def run(out: str | Path, train_size: int = 3000, test_size: int = 1000, steps: int = 150, lr: float = 5e-3, seed: int = 0) -> dict[str, float]:
@@ -44,7 +33,7 @@ def run(out: str | Path, train_size: int = 3000, test_size: int = 1000, steps: i
     out = Path(out)
     task = TextClassificationTask({}, {"train_size": train_size, "eval_size": test_size}, seed, torch.device("cpu"))
     torch.manual_seed(seed)
-    config = orthotune.LoCOConfig(target_modules=["query", "value"], rank=4, chain_length=2, modules_to_save=["head"])
+    config = orthotune.LoCOConfig(target_modules=["query", "value"], rank=4, chain_length=2, modules_to_save=["classifier"])
     model = orthotune.get_model(task.build_model(), config)  # the head starts from the class means
     model.print_trainable_parameters()
 
@@ -57,8 +46,8 @@ def run(out: str | Path, train_size: int = 3000, test_size: int = 1000, steps: i
         lr_scheduler_type="cosine", warmup_steps=max(1, steps // 10), save_strategy="no", logging_steps=max(1, steps // 5),
         report_to=[], use_cpu=True, seed=seed, data_seed=seed, remove_unused_columns=False,
     )  # fmt: skip
-    train = list(zip(task.train_set.texts, task.train_set.labels))
-    OrthoTrainer(model=model, args=args, train_dataset=train, data_collator=Collator(task.tokenizer)).train()
+    train = task.train_set.remove_columns("length")  # tokenised rows (input_ids, masks, labels), padded per batch
+    OrthoTrainer(model=model, args=args, train_dataset=train, data_collator=DataCollatorWithPadding(task.tokenizer)).train()
     model.eval()
     after = score(model)
 

@@ -58,8 +58,9 @@ def _finetune(args: argparse.Namespace) -> None:
 def _run_and_adapter(args: argparse.Namespace):
     from .train.finetune import load_run
 
-    config = _recipe(args) if args.config else None
-    return load_run(args.run, config, args.adapter)
+    if args.config:
+        return load_run(args.run, _recipe(args), args.adapter)
+    return load_run(args.run, None, args.adapter, overrides=list(args.set))  # --set on a run folder: e.g. a moved data file
 
 
 def _eval(args: argparse.Namespace) -> None:

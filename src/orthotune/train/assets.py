@@ -76,9 +76,10 @@ def load_intents(name: str = "banking", split: str = "train") -> TextDataset:
 
 
 def offline() -> None:
-    """Make transformers and huggingface_hub never reach for the network."""
+    """Make transformers, huggingface_hub and datasets never reach for the network."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 # --------------------------------------------------------------------------- cache

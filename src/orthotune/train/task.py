@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -56,6 +55,7 @@ class Task:
         self.model_settings, self.data_settings = self.settings(model, data)
         self.seed = seed
         self.device = device
+        self.record: dict[str, Any] = {}  # check_data()'s, once a run has checked its data
 
     @classmethod
     def settings(cls, model: dict[str, Any], data: dict[str, Any]) -> tuple[Any, Any]:
@@ -85,6 +85,11 @@ class Task:
         """Extra outputs of a finished run (e.g. a sample grid); returns the files written."""
         return []
 
+    def check_data(self) -> dict[str, Any]:
+        """Load and check every data file before training; returns what the run folder records
+        (``data.json``; its ``settings`` replace the recipe's data settings when the run is reloaded)."""
+        return {}
+
     def save_merged(self, model: nn.Module, directory: Path) -> None:
         """Write a merged plain model (no orthotune layers) into the empty folder ``directory``."""
         raise NotImplementedError
@@ -94,42 +99,49 @@ class Task:
         return math.ceil(self.train_size() / batch_size)
 
 
-class CosineClassifier(nn.Module):
-    """``logits = head(normalise(embed(x)))``: a scaled cosine head on a backbone's features.
+def classifier_head(model: nn.Module, names: tuple[str, ...]) -> nn.Linear:
+    """The model's linear classification head, the first of ``names`` it has (transformers: classifier / score)."""
+    for name in names:
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Linear):
+            return head
+    raise ValueError(f"model.head_init=class_means needs a linear head named one of {list(names)} on "
+                     f"{type(model).__name__}; set model.head_init=random")
 
-    The head can start from the class means of the frozen features (nearest-class-mean): a
-    zero-training baseline that fine-tuning must beat, and a far better start than a random head.
+
+@torch.no_grad()
+def init_head_from_class_means(model: nn.Module, head: nn.Linear, batches: Any, scale: float) -> None:
+    """Make ``head`` the nearest-class-mean classifier of the frozen features that enter it.
+
+    ``logits_c = t (f . mu_c - |mu_c|^2 / 2)`` ranks classes by ``-|f - mu_c|^2``, with ``t = scale /
+    mean_c |mu_c|^2`` (logits of a few units). Classes with no training example get the lowest
+    bias, so they are never predicted at step 0. ``batches`` carry ``labels``.
     """
-
-    def __init__(self, dim: int, num_labels: int, scale: float = 20.0) -> None:
-        super().__init__()
-        self.head = nn.Linear(dim, num_labels)
-        self.scale = scale
-
-    def features(self, **inputs: Tensor) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def embed(self, **inputs: Tensor) -> Tensor:
-        return F.normalize(self.features(**inputs), dim=-1)
-
-    def forward(self, labels: Tensor | None = None, **inputs: Tensor) -> dict[str, Tensor]:
-        logits = self.head(self.embed(**inputs))
-        out = {"logits": logits}
-        if labels is not None:
-            out["loss"] = F.cross_entropy(logits.float(), labels)
-        return out
-
-    @torch.no_grad()
-    def init_head_from_class_means(self, batches: Any) -> None:
-        """Nearest-class-mean head on the frozen embeddings (cosine, scaled); batches carry ``labels``."""
-        num_labels, dim = self.head.weight.shape
-        sums = torch.zeros(num_labels, dim, device=self.head.weight.device)
+    num_labels, dim = head.weight.shape
+    sums = torch.zeros(num_labels, dim, dtype=torch.float64, device=head.weight.device)
+    counts = torch.zeros(num_labels, dtype=torch.float64, device=head.weight.device)
+    seen: list[Tensor] = []
+    hook = head.register_forward_pre_hook(lambda _, args: seen.append(args[0].detach()))
+    was_training = model.training
+    model.eval()
+    try:
         for batch in batches:
             batch = dict(batch)
             labels = batch.pop("labels")
-            sums.index_add_(0, labels, self.embed(**batch).float())
-        self.head.weight.copy_(F.normalize(sums, dim=-1) * self.scale)
-        self.head.bias.zero_()
+            model(**batch)
+            sums.index_add_(0, labels, seen.pop().double())
+            counts.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
+    finally:
+        hook.remove()
+        model.train(was_training)
+    present = counts > 0
+    means = sums / counts.clamp_min(1).unsqueeze(1)
+    sq = (means * means).sum(1)
+    t = scale / float(sq[present].mean().clamp_min(1e-12))
+    bias = -0.5 * t * sq
+    bias[~present] = float(bias[present].min()) - scale
+    head.weight.copy_(t * means)
+    head.bias.copy_(bias)
 
 
 @torch.no_grad()
