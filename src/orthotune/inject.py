@@ -3,6 +3,8 @@
 ``target_modules`` / ``exclude_modules``: a list matches a module whose full name equals an entry
 or ends with ``"." + entry``; a string is a regex matched against the full name (``re.fullmatch``);
 ``"all-linear"`` takes every Linear/Conv1D layer except the output head and modules_to_save.
+``layers_to_transform`` / ``layers_pattern`` then keep the targets inside the chosen layer indices
+(:func:`layer_index`, peft's rule).
 """
 
 from __future__ import annotations
@@ -125,6 +127,11 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.
         chosen = [(n, m) for n, m in layers if is_target(n)]
         if isinstance(targets, list):
             _check_every_entry_matched(targets, [n for n, _ in layers])
+    if config.layers_to_transform is not None:
+        # peft skips the layer check for a list entry equal to the full name; 'all-linear' is filtered too
+        # (peft 0.21 expands it to full names and so ignores layers_to_transform there)
+        named = set(targets) if isinstance(targets, list) else set()
+        chosen = [(n, m) for n, m in chosen if n in named or in_layers(config, n)]
     if config.exclude_modules is not None:
         is_excluded = matcher(config.exclude_modules)
         chosen = [(n, m) for n, m in chosen if not is_excluded(n)]
@@ -143,8 +150,31 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.
     cls = method_class(config)
     for name, module in chosen:
         d_in, d_out = layer_dims(module)
-        cls.check_layer(config, d_in, d_out, name)
+        cls.check_layer(config.for_layer(name), d_in, d_out, name)
     return chosen
+
+
+def layer_index(name: str, layers_pattern: str | list[str] | None) -> int | None:
+    """The layer index of module ``name`` as peft reads it: the first ``<pattern>.<number>.`` in the name
+    (any pattern in ``layers_pattern``), or without a pattern the first number after the second dotted
+    name (``model.layers.3.mlp`` -> 3); None when there is none."""
+    if not layers_pattern:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+        match = next((m for p in patterns if (m := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", name))), None)
+    return int(match["idx"]) if match else None
+
+
+def in_layers(config: AdapterConfig, name: str) -> bool:
+    """Whether module ``name`` lies in one of ``config.layers_to_transform`` (True when that is unset or empty)."""
+    wanted = config.layers_to_transform
+    if wanted is None or wanted == []:
+        return True
+    index = layer_index(name, config.layers_pattern)
+    if index is None:
+        return False
+    return index == wanted if isinstance(wanted, int) else index in wanted
 
 
 def _check_every_entry_matched(entries: list[str], names: list[str]) -> None:

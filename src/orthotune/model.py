@@ -136,7 +136,7 @@ class OrthoModel(nn.Module):
                     f"{inside[0]!r} is both a target and inside modules_to_save entry {sname!r}; "
                     "exclude it from target_modules (a saved module is trained in full)"
                 )
-        modules = {name: build_method(config, module) for name, module in targets}
+        modules = {name: build_method(config, module, name) for name, module in targets}
         _check_finite_init(adapter_name, modules, dict(targets))
         self._attach(adapter_name, config, modules, [n for n, _ in saved])
 
@@ -448,10 +448,11 @@ def _check_finite_init(adapter_name: str, modules: dict[str, nn.Module], bases: 
             )
 
 
-def build_method(config: AdapterConfig, module: nn.Module) -> nn.Module:
-    """A method module for one base layer, on its device, adapter dtype from the config."""
+def build_method(config: AdapterConfig, module: nn.Module, name: str) -> nn.Module:
+    """A method module for the base layer called ``name`` (its pattern overrides applied), on its device,
+    adapter dtype from the config."""
     d_in, d_out = layer_dims(module)
-    return method_class(config)(config, d_in, d_out, base_weight_matrix(module).detach())
+    return method_class(config)(config.for_layer(name), d_in, d_out, base_weight_matrix(module).detach())
 
 
 _CLASSES: dict[type, type] = {}

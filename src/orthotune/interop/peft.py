@@ -90,6 +90,7 @@ def _check_options(cfg: dict[str, Any], read: set[str], reads: str) -> None:
 # ---------------------------------------------------------------------------------------------- LoRA
 _LORA_READ = {
     "r", "lora_alpha", "lora_dropout", "use_rslora", "init_lora_weights", "megatron_core", "qalora_group_size",
+    "rank_pattern", "alpha_pattern",
     "eva_config", "corda_config", "lora_ga_config", "runtime_config",
 }  # fmt: skip
 # Inits that only set the starting A, B: the saved A, B are the whole adapter.
@@ -97,12 +98,16 @@ _PLAIN_INITS = (True, False, "gaussian", "orthogonal", "eva", "mica")
 
 
 def _lora_fields(cfg: dict[str, Any]) -> dict[str, Any]:
-    _check_options(cfg, _LORA_READ, "plain LoRA: r, lora_alpha, lora_dropout, use_rslora, modules_to_save")
+    _check_options(
+        cfg, _LORA_READ, "plain LoRA: r, lora_alpha, lora_dropout, use_rslora, rank_pattern, alpha_pattern, modules_to_save"
+    )
     return {
         "r": cfg["r"],
         "lora_alpha": cfg.get("lora_alpha", 8),
         "lora_dropout": cfg.get("lora_dropout", 0.0),
         "use_rslora": bool(cfg.get("use_rslora", False)),
+        "rank_pattern": cfg.get("rank_pattern") or {},
+        "alpha_pattern": cfg.get("alpha_pattern") or {},
     }
 
 
@@ -153,15 +158,21 @@ def _lora_config_out(config: AdapterConfig) -> dict[str, Any]:
         "init_lora_weights": True,
         "bias": "none",
         "use_dora": False,
-        "rank_pattern": {},
-        "alpha_pattern": {},
+        "rank_pattern": dict(config.rank_pattern),
+        "alpha_pattern": dict(config.alpha_pattern),
     }
 
 
 def _pissa_config_out(config: AdapterConfig) -> dict[str, Any]:
     # B A - B0 A0 is a LoRA of rank 2r; the scale s is kept: alpha / r -> 2 alpha / 2r (sqrt(2) alpha with rsLoRA)
-    alpha = config.lora_alpha * (math.sqrt(2) if config.use_rslora else 2)
-    return {**_lora_config_out(config), "r": 2 * config.r, "lora_alpha": alpha}
+    factor = math.sqrt(2) if config.use_rslora else 2
+    return {
+        **_lora_config_out(config),
+        "r": 2 * config.r,
+        "lora_alpha": config.lora_alpha * factor,
+        "rank_pattern": {k: 2 * v for k, v in config.rank_pattern.items()},
+        "alpha_pattern": {k: v * factor for k, v in config.alpha_pattern.items()},
+    }
 
 
 def _peft_lora_shapes(A: Tensor, B: Tensor, layer: nn.Module) -> dict[str, Tensor]:
@@ -182,8 +193,14 @@ def _pissa_tensors_out(method: AdapterMethod, layer: nn.Module) -> dict[str, Ten
 
 # ---------------------------------------------------------------------------------------------- FourierFT
 def _fourierft_config_in(cfg: dict[str, Any]) -> dict[str, Any]:
-    _check_options(cfg, {"n_frequency", "scaling", "random_loc_seed", "init_weights"}, "n_frequency, scaling, random_loc_seed")
-    return {"n_frequency": cfg["n_frequency"], "scaling": cfg.get("scaling", 150.0), "random_loc_seed": cfg.get("random_loc_seed", 777)}
+    read = {"n_frequency", "scaling", "random_loc_seed", "init_weights", "n_frequency_pattern"}
+    _check_options(cfg, read, "n_frequency, scaling, random_loc_seed, n_frequency_pattern")
+    return {
+        "n_frequency": cfg["n_frequency"],
+        "scaling": cfg.get("scaling", 150.0),
+        "random_loc_seed": cfg.get("random_loc_seed", 777),
+        "n_frequency_pattern": cfg.get("n_frequency_pattern") or {},
+    }
 
 
 def _fourierft_tensors_in(config: AdapterConfig, layer: nn.Module, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -200,7 +217,7 @@ def _fourierft_config_out(config: AdapterConfig) -> dict[str, Any]:
         "random_loc_seed": config.random_loc_seed,
         "init_weights": False,
         "bias": "none",
-        "n_frequency_pattern": {},
+        "n_frequency_pattern": dict(config.n_frequency_pattern),
     }
 
 
@@ -481,7 +498,7 @@ def read_peft(base: nn.Module, directory: str | Path) -> tuple[AdapterConfig, di
         d_in, d_out = layer_dims(layer)
         targets[lname] = [d_out, d_in, layer_kind(layer)]
         try:
-            local = fmt.tensors_in(config, layer, local)
+            local = fmt.tensors_in(config.for_layer(lname), layer, local)
         except ValueError as err:
             raise ValueError(f"{directory}, module {lname!r}: {err}") from None
         state.update({f"{lname}.{k}": v for k, v in local.items()})
@@ -564,6 +581,12 @@ def export_peft(model: OrthoModel, directory: str | Path, adapter_name: str) -> 
             "Save it with save_adapter(), or merge_and_unload() it for tools that read plain weights"
         )
     peft_config = fmt.config_out(config)  # refuses options peft's format cannot express, before the tensors
+    for pfield in config.patterns:
+        if getattr(config, pfield) and pfield not in peft_config:
+            raise ValueError(
+                f"peft's {peft_config['peft_type']} has no {pfield}: this adapter's per-module sizes cannot be written in "
+                "its format; save it with save_adapter(), or merge_and_unload() it for tools that read plain weights"
+            )
     tensors: dict[str, Tensor] = {}
     layers = [(n, layer) for n, layer in model.adapter_layers() if adapter_name in layer.adapters]
     with torch.no_grad():
