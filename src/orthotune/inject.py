@@ -81,11 +81,14 @@ def unsupported_reason(module: nn.Module) -> str | None:
     kind = layer_kind(module)
     if kind is None:
         return (
-            f"is a {type(module).__name__}, not a linear layer (nn.Linear, GPT-2 Conv1D or nn.Conv2d): point "
-            "target_modules at its linear sub-layers"
+            f"is a {type(module).__name__}, not a layer orthotune adapts (nn.Linear, GPT-2 Conv1D, nn.Conv1d/2d/3d, "
+            "nn.Embedding): point target_modules at its linear sub-layers"
         )
-    if kind == "conv2d" and module.groups != 1:
-        return f"is a grouped Conv2d (groups={module.groups}); only groups=1 convolutions can be adapted"
+    if kind == "embedding" and module.max_norm is not None:
+        return (
+            f"is an nn.Embedding with max_norm={module.max_norm}, which renormalises rows of its weight in place on "
+            "every lookup; an adapted weight is computed per call and cannot be: exclude it"
+        )
     weight = module.weight
     if not weight.dtype.is_floating_point:
         # bitsandbytes/torchao layers subclass nn.Linear but hold packed integer weights

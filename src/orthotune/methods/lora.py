@@ -74,7 +74,8 @@ class LoRA(AdapterMethod):
                 nn.init.normal_(self.lora_B, std=0.1)
 
     def delta_weight(self) -> Tensor:
-        return self.scaling * (self.lora_B.float() @ self.lora_A.float())
+        dtype = torch.promote_types(self.lora_A.dtype, torch.float32)  # float32 at least (float64 stays)
+        return self.scaling * (self.lora_B.to(dtype) @ self.lora_A.to(dtype))
 
     def core_key(self) -> tuple:
         """LoRA layers of one shape and scale share one batched cast per step."""
