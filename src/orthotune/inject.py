@@ -18,6 +18,7 @@ from torch import nn
 
 from .config import AdapterConfig
 from .layer import AdapterLayer, ModulesToSave, layer_dims, layer_kind
+from .offload import offload_hook, onloaded
 from .registry import method_class
 
 #: Used when a config gives no target_modules, keyed by transformers' ``config.model_type``
@@ -96,10 +97,14 @@ def unsupported_reason(module: nn.Module) -> str | None:
             f"has a {weight.dtype} weight (quantised or integer, {type(module).__name__}); adapters need a "
             "floating-point base weight: load the model in float32/bfloat16/float16"
         )
-    if weight.device.type == "meta":
-        return "has its weight on the meta device (not loaded yet); load the model's weights before adding adapters"
-    if not bool(torch.isfinite(weight).all()):
-        return "has NaN or Inf in its frozen weight (a broken checkpoint or an overflowed cast); reload the base model"
+    if weight.device.type == "meta" and offload_hook(module) is None:
+        return (
+            "has its weight on the meta device and no accelerate hook that loads it; load the model's weights (or "
+            "dispatch it with accelerate) before adding adapters"
+        )
+    with onloaded(module):
+        if not bool(torch.isfinite(module.weight).all()):
+            return "has NaN or Inf in its frozen weight (a broken checkpoint or an overflowed cast); reload the base model"
     return None
 
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .methods.base import AdapterMethod, Base
+from .offload import offload_hook, onloaded, write_back
 from .ops import lowrank
 
 
@@ -116,6 +117,8 @@ class AdapterLayer(nn.Module):
         if self.kind == "conv1d":
             W = W.T
         w.copy_(W.reshape(w.shape).to(w.dtype))
+        if offload_hook(self.base_layer) is not None:  # accelerate offloads it: store it where accelerate reads it
+            write_back(self.base_layer, "weight", w)
 
     def _forward_adapters(self) -> list[AdapterMethod]:
         return [self.adapters[n] for n in self.active_adapters if n in self.adapters and n not in self.merged_adapters]
@@ -124,6 +127,12 @@ class AdapterLayer(nn.Module):
         adapters = [] if self.disabled else self._forward_adapters()
         if not adapters:
             return self.base_layer(x, *args, **kwargs)
+        if offload_hook(self.base_layer) is not None:
+            with onloaded(self.base_layer):
+                return self._adapted_forward(x, adapters)
+        return self._adapted_forward(x, adapters)
+
+    def _adapted_forward(self, x: Tensor, adapters: list[AdapterMethod]) -> Tensor:
         if self.kind in MERGED_KINDS:
             W = self.weight_matrix()
             W = W.to(torch.promote_types(W.dtype, torch.float32))  # float32 at least (float64 stays)
@@ -152,9 +161,10 @@ class AdapterLayer(nn.Module):
     @torch.no_grad()
     def merged_matrix(self, names: list[str]) -> Tensor:
         """The float32 weight after folding ``names`` (in order) into the current weight; nothing written."""
-        W = self.weight_matrix().float()
-        for n in names:
-            W = self.adapters[n].merged_weight(W)
+        with onloaded(self.base_layer):
+            W = self.weight_matrix().float()
+            for n in names:
+                W = self.adapters[n].merged_weight(W)
         return W
 
     @torch.no_grad()
@@ -162,7 +172,8 @@ class AdapterLayer(nn.Module):
         """Fold adapters into the base weight, in float32, rounding once to the base dtype."""
         names = [n for n in names if n in self.adapters and n not in self.merged_adapters]
         if names:
-            self._write_weight(self.merged_matrix(names))
+            with onloaded(self.base_layer):
+                self._write_weight(self.merged_matrix(names))
             self.merged_adapters.extend(names)
 
     @torch.no_grad()
@@ -170,10 +181,11 @@ class AdapterLayer(nn.Module):
         """Undo every merge, last merged first."""
         if not self.merged_adapters:
             return
-        W = self.weight_matrix().float()
-        for n in reversed(self.merged_adapters):
-            W = self.adapters[n].unmerged_weight(W)
-        self._write_weight(W)
+        with onloaded(self.base_layer):
+            W = self.weight_matrix().float()
+            for n in reversed(self.merged_adapters):
+                W = self.adapters[n].unmerged_weight(W)
+            self._write_weight(W)
         self.merged_adapters = []
 
     def extra_repr(self) -> str:
@@ -186,7 +198,8 @@ def frozen_weight(base: Base) -> Tensor | None:
     the weight (one matmul instead of two) without changing the result."""
     layer = getattr(base, "__self__", None)
     if isinstance(layer, AdapterLayer) and getattr(base, "__func__", None) is AdapterLayer._base_no_bias:
-        return layer.weight_matrix()
+        # an offloaded weight is a new tensor each call: nothing keyed on it (inference_fold's memo) may outlive it
+        return layer.weight_matrix() if offload_hook(layer.base_layer) is None else None
     return None
 
 

@@ -23,6 +23,7 @@ from .config import AdapterConfig
 from .finite import all_finite
 from .inject import find_modules_to_save, find_targets, unwrap_all, wrap
 from .layer import AdapterLayer, ModulesToSave, base_weight_matrix, layer_dims
+from .offload import onloaded
 from .registry import method_class
 
 
@@ -426,14 +427,15 @@ def _check_finite_init(adapter_name: str, modules: dict[str, nn.Module], bases: 
     that overflows the adapter dtype): one probe row per layer, one fused check for all of them."""
     probes: dict[str, Tensor] = {}
     for lname, method in modules.items():
-        W = base_weight_matrix(bases[lname])
-        try:
-            if method.activation_path:
-                probes[lname] = method(torch.ones(1, W.shape[1], dtype=W.dtype, device=W.device), lambda z, W=W: z @ W.T)
-            else:
-                probes[lname] = method.merged_weight(W.float())
-        except ValueError:
-            pass  # not runnable yet (a LOFT support awaiting select_supports): its first forward says why
+        with onloaded(bases[lname]):
+            W = base_weight_matrix(bases[lname])
+            try:
+                if method.activation_path:
+                    probes[lname] = method(torch.ones(1, W.shape[1], dtype=W.dtype, device=W.device), lambda z, W=W: z @ W.T)
+                else:
+                    probes[lname] = method.merged_weight(W.float())
+            except ValueError:
+                pass  # not runnable yet (a LOFT support awaiting select_supports): its first forward says why
     tensors = [t for m in modules.values() for t in m.state_dict().values() if t.dtype.is_floating_point]
     if all_finite(tensors + list(probes.values())):
         return
@@ -452,7 +454,8 @@ def build_method(config: AdapterConfig, module: nn.Module, name: str) -> nn.Modu
     """A method module for the base layer called ``name`` (its pattern overrides applied), on its device,
     adapter dtype from the config."""
     d_in, d_out = layer_dims(module)
-    return method_class(config)(config.for_layer(name), d_in, d_out, base_weight_matrix(module).detach())
+    with onloaded(module):  # an offloaded layer's adapter is created where accelerate computes the layer
+        return method_class(config)(config.for_layer(name), d_in, d_out, base_weight_matrix(module).detach())
 
 
 _CLASSES: dict[type, type] = {}
