@@ -151,3 +151,12 @@ def test_embedding_with_max_norm_is_refused() -> None:
     net.emb.max_norm = 1.0
     with pytest.raises(ValueError, match="max_norm=1.0, which renormalises rows"):
         orthotune.get_model(net, orthotune.LoRAConfig(target_modules=["emb"], r=2))
+
+
+def test_merging_a_tied_embedding_warns() -> None:
+    import transformers
+
+    cfg = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=16, bos_token_id=0, eos_token_id=0)
+    model = orthotune.get_model(transformers.GPT2LMHeadModel(cfg).eval(), orthotune.LoRAConfig(target_modules=["wte"], r=2))
+    with pytest.warns(UserWarning, match=r"merging into 'transformer.wte' also changes \['lm_head.weight'\]"):
+        model.merge()

@@ -262,8 +262,23 @@ class OrthoModel(nn.Module):
                         "the adapter seems to be broken. Nothing was merged."
                     )
         self._warn_if_order_changes(layers, todo)
+        self._warn_if_tied([(n, layer) for n, layer in layers if any(a in layer.adapters for a in todo)])
         for _, layer in layers:
             layer.merge(todo)
+
+    def _warn_if_tied(self, layers: list[tuple[str, AdapterLayer]]) -> None:
+        """Warn (as peft does) when a merged weight is shared with another module, e.g. tied input/output embeddings."""
+        owners: dict[int, list[str]] = {}
+        for pname, p in self.base_model.named_parameters(remove_duplicate=False):
+            owners.setdefault(id(p), []).append(pname)
+        for lname, layer in layers:
+            others = [n for n in owners.get(id(layer.base_layer.weight), []) if not n.startswith(lname + ".")]
+            if others:
+                warnings.warn(
+                    f"merging into {lname!r} also changes {others}, which share its weight (tied embeddings): the merged "
+                    "model differs from the unmerged one there; untie the weights first to merge only this layer",
+                    stacklevel=3,
+                )
 
     def _warn_if_order_changes(self, layers: list[tuple[str, AdapterLayer]], todo: list[str]) -> None:
         for lname, layer in layers:
