@@ -119,3 +119,25 @@ def test_meta_weights_without_hook_are_refused() -> None:
         net = nn.Sequential(nn.Linear(4, 4))
     with pytest.raises(ValueError, match="meta device and no accelerate hook that loads it"):
         orthotune.get_model(net, LoRAConfig(target_modules=["0"], r=2))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", CONFIGS[::2], ids=[c.method for c in CONFIGS[::2]])
+def test_gpu_execution_with_cpu_and_disk_offload(config, tmp_path) -> None:
+    """On a GPU: layers 0 offloaded to CPU memory and 1 to disk, computed on cuda:0; adapters live on cuda:0."""
+    base, ids = llama(), torch.randint(0, 40, (2, 7))
+    device_map = {k: (0 if v == "cpu" else v) for k, v in DEVICE_MAP.items()} | {"model.layers.0": "cpu"}
+    ref = orthotune.get_model(copy.deepcopy(base).cuda(), config)
+    ref.save_adapter(tmp_path / "a")
+    model = accelerate.dispatch_model(copy.deepcopy(base), device_map, offload_dir=str(tmp_path / "offload"))
+    model = orthotune.load_adapter(model, tmp_path / "a")
+    assert all(p.device.type == "cuda" for p in model.parameters() if p.requires_grad)
+    ids = ids.cuda()
+    torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-5)
+    grads, want = step(model, ids), step(ref, ids)
+    for n in want:
+        torch.testing.assert_close(grads[n], want[n], rtol=1e-3, atol=1e-5)
+    model.eval(), ref.eval()
+    plain = model.merge_and_unload()
+    assert all(m.weight.device.type == "meta" for m in offloaded_layers(plain))
+    torch.testing.assert_close(plain(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-4)
