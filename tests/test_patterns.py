@@ -189,3 +189,41 @@ def test_pattern_without_peft_counterpart_is_not_exported(tmp_path) -> None:
     with pytest.raises(ValueError, match="peft's HRA has no rank_pattern"):
         model.export_peft(tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+PATTERNED = [
+    ("lora", dict(r=2), "rank_pattern", 4),
+    ("lora", dict(r=2), "alpha_pattern", 5.0),
+    ("pissa", dict(r=2), "rank_pattern", 3),
+    ("pissa", dict(r=2), "alpha_pattern", 1.0),
+    ("fourierft", dict(n_frequency=8), "n_frequency_pattern", 12),
+    ("loca", dict(n_frequency=8), "n_frequency_pattern", 12),
+    ("loco", dict(rank=1, chain_length=2), "rank_pattern", 3),
+    ("loco", dict(rank=1, chain_length=2), "chain_length_pattern", 3),
+    ("loft", dict(r=4), "rank_pattern", 8),
+    ("hra", dict(r=2), "rank_pattern", 4),
+]
+
+
+def test_every_pattern_is_tested() -> None:
+    from orthotune.registry import METHODS
+
+    declared = {(m, p) for m, (cfg, _) in METHODS.items() for p in cfg.patterns}
+    assert declared == {(m, p) for m, _, p, _ in PATTERNED}
+
+
+@pytest.mark.parametrize("method,kwargs,pfield,value", PATTERNED, ids=[f"{m}-{p}" for m, _, p, _ in PATTERNED])
+def test_pattern_sets_its_field_on_matching_layers_only(method: str, kwargs: dict, pfield: str, value) -> None:
+    from orthotune.registry import METHODS
+
+    from .conftest import MLP
+
+    config = METHODS[method][0](target_modules=["lin0", "lin1"], **kwargs, **{pfield: {"lin1": value}})
+    model = orthotune.get_model(MLP(), config)
+    target = type(config).patterns[pfield]
+    got = {n: getattr(layer.adapters["default"].config, target) for n, layer in model.adapter_layers()}
+    assert got == {"lin0": getattr(config, target), "lin1": value}
+    if pfield != "alpha_pattern":  # a size: the layer has more parameters than without the pattern
+        plain = orthotune.get_model(MLP(), config.replace(**{pfield: {}}))
+        count = lambda m: sum(p.numel() for p in m.base_model.lin1.adapters.parameters())  # noqa: E731
+        assert count(model) > count(plain)
