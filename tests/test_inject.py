@@ -63,7 +63,7 @@ def test_frozen_base_and_summary(capsys) -> None:
     "targets,match",
     [
         (["qproj"], r"'qproj' matches no module.*did you mean \['q_proj'"),
-        (["emb"], r"target 'emb' is a Embedding, not a linear layer"),
+        (["blocks.0"], r"target 'blocks.0' is a ModuleDict, not a layer orthotune adapts"),
         (r"nothing\d+", "matched no adaptable layer"),
         ("blocks(", "not a valid regex"),
     ],

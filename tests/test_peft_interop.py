@@ -164,11 +164,6 @@ def _lora_with(**kwargs):
     return save
 
 
-def _fourierft_pattern(p):
-    config = peft.FourierFTConfig(target_modules=["lin0", "lin1"], n_frequency=8, n_frequency_pattern={"lin1": 12})
-    peft.get_peft_model(fresh("mlp"), config).save_pretrained(p)
-
-
 def _orthotune_folder(p):
     orthotune.get_model(fresh("mlp"), LoRAConfig(target_modules=["lin0"], r=2)).save_adapter(p)
 
@@ -186,15 +181,13 @@ def _other_tensors(p):
     [
         (_ia3, r"peft 'IA3' adapter, which orthotune cannot read; supported peft types: " + re.escape(str(PEFT_TYPES))),
         (_lora_with(use_dora=True), r"peft LORA option use_dora=True has no orthotune equivalent"),
-        (_lora_with(rank_pattern={"lin0": 4}), r"rank_pattern=\{'lin0': 4\} has no orthotune equivalent"),
         (_lora_with(bias="lora_only"), r"bias='lora_only' has no orthotune equivalent"),
         (_lora_with(init_lora_weights="olora"), r"init_lora_weights='olora', which rewrites the base weights"),
         (_lora_with(init_lora_weights="pissa_niter_2"), r"random sketch svd_lowrank drew"),
         (_orthotune_folder, r"orthotune adapter folder, not a peft one: load it with orthotune.load_adapter"),
         (_other_tensors, r"holds no LORA tensors"),
-        (_fourierft_pattern, r"peft FOURIERFT option n_frequency_pattern=\{'lin1': 12\} has no orthotune equivalent"),
     ],
-    ids=["unknown-type", "dora", "rank_pattern", "bias", "olora", "pissa_niter", "orthotune-folder", "other-tensors", "fourierft-pattern"],
+    ids=["unknown-type", "dora", "bias", "olora", "pissa_niter", "orthotune-folder", "other-tensors"],
 )
 def test_unsupported_folders_fail_clearly_and_change_nothing(make, match, tmp_path) -> None:
     make(tmp_path / "p")

@@ -193,7 +193,7 @@ def test_unsupported_peft_folders_fail_clearly_and_change_nothing(make, match, t
 @pytest.mark.parametrize(
     "config,model_name,match",
     [
-        (OFTConfig(oft_block_size=4), "conv1d", r"module 'c_attn': peft's OFT adapts Linear and Conv2d layers only, this is a GPT-2 Conv1D"),
+        (OFTConfig(oft_block_size=4), "conv1d", r"module 'c_attn': peft's OFT adapts Linear and Conv2d and Embedding layers only, this is a GPT-2 Conv1D"),
         (HRAConfig(r=2), "conv1d", r"peft's HRA adapts Linear and Conv2d layers only"),
         (PSOFTConfig(r=4), "conv2d", r"module 'conv0': peft's PSOFT adapts Linear layers only, this is a Conv2d"),
         (PSOFTConfig(r=4, psoft_svd="lowrank"), "mlp", r"psoft_svd='lowrank' .* peft would load this adapter as another model"),

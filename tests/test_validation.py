@@ -62,7 +62,7 @@ def test_targets_that_match_nothing_or_a_non_linear_module() -> None:
     refused(MLP(), LoRAConfig(target_modules=["lin9"], r=2), r"entry 'lin9' matches no module.*did you mean")
     refused(MLP(), LoRAConfig(target_modules="nothing.*", r=2), "matched no adaptable layer.*end in")
     net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.LayerNorm(4))
-    refused(net, LoRAConfig(target_modules=["1", "2"], r=2), r"target '1' is a ReLU, not a linear layer.*\(1 more like it\)")
+    refused(net, LoRAConfig(target_modules=["1", "2"], r=2), r"target '1' is a ReLU, not a layer orthotune adapts.*\(1 more like it\)")
     refused(net, LoRAConfig(target_modules=[], r=2), "matched no adaptable layer")
     # an excluded non-linear match is not an error
     assert orthotune.get_model(net, LoRAConfig(target_modules=r"\d", exclude_modules=["1", "2"], r=2)) is not None

@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .layer import AdapterLayer
+from .layer import MERGED_KINDS, AdapterLayer
 from .ops import lowrank
 
 Core = tuple[Tensor, ...]
@@ -137,7 +137,7 @@ def _groups(root: nn.Module) -> tuple[dict[tuple[Any, ...], list[nn.Module]], bo
     seen = False
     for layer in _adapter_layers(root):
         seen = True
-        if layer.disabled or layer.kind == "conv2d":
+        if layer.disabled or layer.kind in MERGED_KINDS:
             continue
         for method in layer._forward_adapters():
             key_fn = getattr(method, "core_key", None)

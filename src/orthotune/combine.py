@@ -138,6 +138,12 @@ def _check_inputs(model: OrthoModel, adapters: list[str], weights: list[float]) 
             f"adapter(s) {saved} train modules in full (modules_to_save): add_weighted_adapter combines adapter layers "
             "only and cannot combine fully trained copies; combine adapters without modules_to_save"
         )
+    patterned = [a for a in adapters if any(getattr(model.configs[a], f) for f in model.configs[a].patterns)]
+    if patterned:
+        raise ValueError(
+            f"adapter(s) {patterned} set per-module sizes ({sorted(model.configs[patterned[0]].patterns)}): the combined "
+            "sizes differ per layer and one combined config cannot state them; combine adapters without patterns"
+        )
     if model.merged:
         raise ValueError("the model has merged adapters: call unmerge() before add_weighted_adapter (new adapters are built on W0)")
     return methods[0]
@@ -325,7 +331,7 @@ def _identity(layer: AdapterLayer, like: nn.Module) -> nn.Module:
 def _build(config: AdapterConfig, layer: AdapterLayer) -> nn.Module:
     from .model import build_method
 
-    return build_method(config, layer.base_layer)
+    return build_method(config, layer.base_layer, "")  # no per-module patterns: _check_inputs refuses them
 
 
 def _config(kind: str, ctype: str, method: str, configs: list[AdapterConfig], targets: list[str], size: int) -> AdapterConfig:

@@ -23,6 +23,8 @@ class AdapterConfig:
     """Targets and options common to every method."""
 
     method: ClassVar[str] = ""
+    #: Per-module overrides, peft's ``rank_pattern`` style: pattern field -> the field it overrides.
+    patterns: ClassVar[dict[str, str]] = {}
 
     target_modules: str | list[str] | None = field(
         default=None,
@@ -62,10 +64,26 @@ class AdapterConfig:
             "dtype (less memory, less precise)."
         },
     )
+    layers_to_transform: int | list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "Only adapt targets inside these layer indices (peft's rule: the first number after "
+            "layers_pattern, or after the second dotted name). Needs target_modules as a list (or 'all-linear')."
+        },
+    )
+    layers_pattern: str | list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Name of the layer list that layers_to_transform indexes (e.g. 'layers', 'h'); only with "
+            "layers_to_transform."
+        },
+    )
 
     def __post_init__(self) -> None:
         self._check_common()
+        self._check_layer_selection()
         self.validate()
+        self._check_patterns()
 
     def validate(self) -> None:
         """Method-specific checks that need no layer shapes; raise ValueError naming the fix."""
@@ -99,6 +117,59 @@ class AdapterConfig:
                 self.modules_to_save = [self.modules_to_save]
             self.modules_to_save = list(self.modules_to_save)
 
+    def _check_layer_selection(self) -> None:
+        """peft's rules for ``layers_to_transform`` / ``layers_pattern``."""
+        layers, pattern = self.layers_to_transform, self.layers_pattern
+        if isinstance(layers, (list, tuple)):
+            if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers):
+                raise ValueError(f"layers_to_transform must hold layer indices >= 0, got {list(layers)!r}")
+            self.layers_to_transform = list(layers)
+        elif layers is not None and (isinstance(layers, bool) or not isinstance(layers, int) or layers < 0):
+            raise ValueError(f"layers_to_transform must be a layer index >= 0, a list of them or None, got {layers!r}")
+        if isinstance(pattern, (list, tuple)):
+            if not all(isinstance(p, str) and p for p in pattern):
+                raise ValueError(f"layers_pattern must hold non-empty strings, got {list(pattern)!r}")
+            self.layers_pattern = list(pattern)
+        elif pattern is not None and not isinstance(pattern, str):
+            raise ValueError(f"layers_pattern must be a string, a list of strings or None, got {pattern!r}")
+        regex_targets = isinstance(self.target_modules, str) and self.target_modules != "all-linear"
+        for name in ("layers_to_transform", "layers_pattern"):
+            if regex_targets and getattr(self, name) is not None:
+                raise ValueError(
+                    f"{name} cannot be used when target_modules is a regex string (as in peft): give target_modules "
+                    "as a list of names, or put the layer indices into the regex"
+                )
+        if pattern and layers is None:
+            raise ValueError("layers_pattern only names the layer list for layers_to_transform: set layers_to_transform too")
+
+    def _check_patterns(self) -> None:
+        """Each pattern is a dict of valid regexes to values its field accepts (checked by building that config)."""
+        for pfield, target in self.patterns.items():
+            table = getattr(self, pfield)
+            if table is None:
+                table = {}
+            if not isinstance(table, dict):
+                raise ValueError(f"{pfield} must be a dict of module name patterns to {target} values, got {table!r}")
+            setattr(self, pfield, dict(table))
+            for key, value in table.items():
+                try:
+                    re.compile(key)
+                except (re.error, TypeError) as err:
+                    raise ValueError(f"{pfield} key {key!r} is not a valid regex ({err})") from err
+                try:
+                    dataclasses.replace(self, **{target: value, **{p: {} for p in self.patterns}})
+                except (ValueError, TypeError) as err:
+                    raise ValueError(f"{pfield}[{key!r}]={value!r} is not a valid {target}: {err}") from err
+
+    def for_layer(self, name: str) -> AdapterConfig:
+        """This config as it applies to module ``name``: each pattern's value replaces its field (peft's rule)."""
+        changes = {}
+        for pfield, target in self.patterns.items():
+            key = pattern_key(getattr(self, pfield), name)
+            if key is not None:
+                changes[target] = getattr(self, pfield)[key]
+        return dataclasses.replace(self, **changes) if changes else self
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields, with the method name."""
         return {"method": self.method, **dataclasses.asdict(self)}
@@ -122,6 +193,15 @@ class AdapterConfig:
     def replace(self, **changes: Any) -> AdapterConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+def pattern_key(table: dict[str, Any], name: str) -> str | None:
+    """peft's ``get_pattern_key``: the first key (in order) that fully matches ``name`` or a dotted suffix of it
+    as a regex, else ``name`` itself if it is a key, else None."""
+    for key in table:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return key
+    return name if name in table else None
 
 
 def check_positive_int(name: str, value: Any) -> None:

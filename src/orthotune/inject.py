@@ -3,6 +3,8 @@
 ``target_modules`` / ``exclude_modules``: a list matches a module whose full name equals an entry
 or ends with ``"." + entry``; a string is a regex matched against the full name (``re.fullmatch``);
 ``"all-linear"`` takes every Linear/Conv1D layer except the output head and modules_to_save.
+``layers_to_transform`` / ``layers_pattern`` then keep the targets inside the chosen layer indices
+(:func:`layer_index`, peft's rule).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch import nn
 from . import quantized
 from .config import AdapterConfig
 from .layer import AdapterLayer, ModulesToSave, layer_dims, layer_kind
+from .offload import offload_hook, onloaded
 from .registry import method_class
 from .task_type import saved_patterns
 
@@ -81,11 +84,14 @@ def unsupported_reason(module: nn.Module) -> str | None:
     kind = layer_kind(module)
     if kind is None:
         return (
-            f"is a {type(module).__name__}, not a linear layer (nn.Linear, GPT-2 Conv1D or nn.Conv2d): point "
-            "target_modules at its linear sub-layers"
+            f"is a {type(module).__name__}, not a layer orthotune adapts (nn.Linear, GPT-2 Conv1D, nn.Conv1d/2d/3d, "
+            "nn.Embedding): point target_modules at its linear sub-layers"
         )
-    if kind == "conv2d" and module.groups != 1:
-        return f"is a grouped Conv2d (groups={module.groups}); only groups=1 convolutions can be adapted"
+    if kind == "embedding" and module.max_norm is not None:
+        return (
+            f"is an nn.Embedding with max_norm={module.max_norm}, which renormalises rows of its weight in place on "
+            "every lookup; an adapted weight is computed per call and cannot be: exclude it"
+        )
     if quantized.is_quantized(module):
         return quantized.unsupported_reason(module)
     weight = module.weight
@@ -95,10 +101,14 @@ def unsupported_reason(module: nn.Module) -> str | None:
             f"has a {weight.dtype} weight (quantised or integer, {type(module).__name__}); adapters need a "
             "floating-point base weight: load the model in float32/bfloat16/float16"
         )
-    if weight.device.type == "meta":
-        return "has its weight on the meta device (not loaded yet); load the model's weights before adding adapters"
-    if not bool(torch.isfinite(weight).all()):
-        return "has NaN or Inf in its frozen weight (a broken checkpoint or an overflowed cast); reload the base model"
+    if weight.device.type == "meta" and offload_hook(module) is None:
+        return (
+            "has its weight on the meta device and no accelerate hook that loads it; load the model's weights (or "
+            "dispatch it with accelerate) before adding adapters"
+        )
+    with onloaded(module):
+        if not bool(torch.isfinite(module.weight).all()):
+            return "has NaN or Inf in its frozen weight (a broken checkpoint or an overflowed cast); reload the base model"
     return None
 
 
@@ -129,6 +139,11 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.
         chosen = [(n, m) for n, m in layers if is_target(n)]
         if isinstance(targets, list):
             _check_every_entry_matched(targets, [n for n, _ in layers])
+    if config.layers_to_transform is not None:
+        # peft skips the layer check for a list entry equal to the full name; 'all-linear' is filtered too
+        # (peft 0.21 expands it to full names and so ignores layers_to_transform there)
+        named = set(targets) if isinstance(targets, list) else set()
+        chosen = [(n, m) for n, m in chosen if n in named or in_layers(config, n)]
     if config.exclude_modules is not None:
         is_excluded = matcher(config.exclude_modules)
         chosen = [(n, m) for n, m in chosen if not is_excluded(n)]
@@ -147,8 +162,31 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.
     cls = method_class(config)
     for name, module in chosen:
         d_in, d_out = layer_dims(module)
-        cls.check_layer(config, d_in, d_out, name)
+        cls.check_layer(config.for_layer(name), d_in, d_out, name)
     return chosen
+
+
+def layer_index(name: str, layers_pattern: str | list[str] | None) -> int | None:
+    """The layer index of module ``name`` as peft reads it: the first ``<pattern>.<number>.`` in the name
+    (any pattern in ``layers_pattern``), or without a pattern the first number after the second dotted
+    name (``model.layers.3.mlp`` -> 3); None when there is none."""
+    if not layers_pattern:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+        match = next((m for p in patterns if (m := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", name))), None)
+    return int(match["idx"]) if match else None
+
+
+def in_layers(config: AdapterConfig, name: str) -> bool:
+    """Whether module ``name`` lies in one of ``config.layers_to_transform`` (True when that is unset or empty)."""
+    wanted = config.layers_to_transform
+    if wanted is None or wanted == []:
+        return True
+    index = layer_index(name, config.layers_pattern)
+    if index is None:
+        return False
+    return index == wanted if isinstance(wanted, int) else index in wanted
 
 
 def _check_every_entry_matched(entries: list[str], names: list[str], field: str = "target_modules") -> None:

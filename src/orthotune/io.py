@@ -166,7 +166,7 @@ def build_adapter(
                 f"shape mismatch at {lname!r}: the adapter expects a {kind} of {d_out}x{d_in}, the model has a "
                 f"{layer_kind(module)} of {got_out}x{got_in}; it was saved for a different base model"
             )
-        modules[lname] = build_method(config, module)
+        modules[lname] = build_method(config, module, lname)
 
     expected: dict[str, torch.Tensor] = {}
     for lname, method in modules.items():

@@ -20,31 +20,41 @@ from torch import Tensor, nn
 from . import quantized
 from .methods.base import AdapterMethod, Base
 from .mixed import BASE, MixedBatch, grouped
+from .offload import offload_hook, onloaded, write_back
 from .ops import lowrank
 
 
+#: torch convolutions: the weight is a (C_out, C_in/groups * prod(kernel)) matrix, rows acting on their group's patch.
+CONV_KINDS = {nn.Conv1d: "torch_conv1d", nn.Conv2d: "conv2d", nn.Conv3d: "conv3d"}
+#: Kinds whose forward applies the merged weight (their input is not a feature vector the methods can map).
+MERGED_KINDS = (*CONV_KINDS.values(), "embedding")
+
+
 def layer_kind(module: nn.Module) -> str | None:
-    """'linear', 'conv1d' (transformers' transposed GPT-2 Conv1D), 'conv2d', or None if unsupported."""
+    """'linear', 'conv1d' (transformers' transposed GPT-2 Conv1D), 'torch_conv1d' / 'conv2d' / 'conv3d'
+    (nn.Conv1d/2d/3d), 'embedding' (nn.Embedding), or None if unsupported."""
     if isinstance(module, nn.Linear):
         return "linear"
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None:
         return "conv1d"
-    if isinstance(module, nn.Conv2d):
-        return "conv2d"
-    return None
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    return next((kind for cls, kind in CONV_KINDS.items() if isinstance(module, cls)), None)
 
 
 def layer_dims(module: nn.Module) -> tuple[int, int]:
-    """(d_in, d_out) of a supported layer; a Conv2d's input side is its flattened patch (C_in*kh*kw)."""
+    """(d_in, d_out) of a supported layer: a convolution's input side is its flattened patch
+    (C_in/groups * prod(kernel)); an embedding's is its embedding dimension (rotations turn e = W[i]
+    into e R), its output side the vocabulary."""
     if quantized.is_quantized(module):
         return quantized.dims(module)
     kind = layer_kind(module)
     w = module.weight
-    if kind == "linear":
+    if kind in ("linear", "embedding"):
         return w.shape[1], w.shape[0]
     if kind == "conv1d":
         return w.shape[0], w.shape[1]
-    if kind == "conv2d":
+    if kind in CONV_KINDS.values():
         return w[0].numel(), w.shape[0]
     raise TypeError(f"unsupported layer type {type(module).__name__}")
 
@@ -60,13 +70,15 @@ def base_weight_matrix(module: nn.Module) -> Tensor:
 
 
 class AdapterLayer(nn.Module):
-    """A frozen ``nn.Linear`` / GPT-2 ``Conv1D`` / ``nn.Conv2d`` with named adapters."""
+    """A frozen ``nn.Linear`` / GPT-2 ``Conv1D`` / ``nn.Conv1d/2d/3d`` / ``nn.Embedding`` with named adapters."""
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         kind = layer_kind(base_layer)
         if kind is None:
-            raise TypeError(f"cannot adapt {type(base_layer).__name__}: supported are nn.Linear, Conv1D and nn.Conv2d")
+            raise TypeError(
+                f"cannot adapt {type(base_layer).__name__}: supported are nn.Linear, Conv1D, nn.Conv1d/2d/3d and nn.Embedding"
+            )
         self.base_layer = base_layer
         self.kind = kind
         self.d_in, self.d_out = layer_dims(base_layer)
@@ -100,6 +112,15 @@ class AdapterLayer(nn.Module):
             return quantized.compute_dtype(self.base_layer)
         return self.base_layer.weight.dtype
 
+    def __getattr__(self, name: str) -> Any:
+        """Other attributes of the wrapped layer (an embedding's num_embeddings, a conv's stride), as peft's layers do."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
     def weight_matrix(self) -> Tensor:
         """The base weight as a (d_out, d_in) matrix (a view, in the base dtype)."""
         return base_weight_matrix(self.base_layer)
@@ -113,6 +134,8 @@ class AdapterLayer(nn.Module):
         if self.kind == "conv1d":
             W = W.T
         w.copy_(W.reshape(w.shape).to(w.dtype))
+        if offload_hook(self.base_layer) is not None:  # accelerate offloads it: store it where accelerate reads it
+            write_back(self.base_layer, "weight", w)
 
     def _forward_adapters(self) -> list[AdapterMethod]:
         if self.mixed is not None:  # a mixed batch runs each named adapter on its rows (batching computes their cores)
@@ -132,18 +155,31 @@ class AdapterLayer(nn.Module):
         """The layer with ``adapters`` composed in order on the frozen base."""
         if not adapters:
             return self.base_layer(x, *args, **kwargs)
-        if self.kind == "conv2d":
-            W = self.weight_matrix().float()
+        if offload_hook(self.base_layer) is not None:
+            with onloaded(self.base_layer):
+                return self._adapted_forward(x, adapters)
+        return self._adapted_forward(x, adapters)
+
+    def _adapted_forward(self, x: Tensor, adapters: list[AdapterMethod]) -> Tensor:
+        if self.kind in MERGED_KINDS:
+            W = self.weight_matrix()
+            W = W.to(torch.promote_types(W.dtype, torch.float32))  # float32 at least (float64 stays)
             for a in adapters:
                 W = a.merged_weight(W)
-            w = W.reshape(self.base_layer.weight.shape).to(x.dtype)
-            return self.base_layer._conv_forward(x, w, self.base_layer.bias)
+            return self._apply_weight(x, W.reshape(self.base_layer.weight.shape))
         fn: Base = self._base_no_bias
         for a in adapters:
             fn = _compose(a, fn)
         out = fn(x)
         bias = self.base_layer.bias
         return out if bias is None else out + bias
+
+    def _apply_weight(self, x: Tensor, w: Tensor) -> Tensor:
+        """The base layer's own computation with weight ``w`` (convolutions, embeddings)."""
+        base = self.base_layer
+        if self.kind == "embedding":  # the frozen base needs no sparse gradient; the adapters' are dense
+            return F.embedding(x, w.to(base.weight.dtype), base.padding_idx, None, 2.0, base.scale_grad_by_freq)
+        return base._conv_forward(x, w.to(x.dtype), base.bias)
 
     def _base_no_bias(self, x: Tensor) -> Tensor:
         if quantized.is_quantized(self.base_layer):
@@ -155,9 +191,10 @@ class AdapterLayer(nn.Module):
     @torch.no_grad()
     def merged_matrix(self, names: list[str]) -> Tensor:
         """The float32 weight after folding ``names`` (in order) into the current weight; nothing written."""
-        W = self.weight_matrix().float()
-        for n in names:
-            W = self.adapters[n].merged_weight(W)
+        with onloaded(self.base_layer):
+            W = self.weight_matrix().float()
+            for n in names:
+                W = self.adapters[n].merged_weight(W)
         return W
 
     @torch.no_grad()
@@ -165,7 +202,8 @@ class AdapterLayer(nn.Module):
         """Fold adapters into the base weight, in float32, rounding once to the base dtype."""
         names = [n for n in names if n in self.adapters and n not in self.merged_adapters]
         if names:
-            self._write_weight(self.merged_matrix(names))
+            with onloaded(self.base_layer):
+                self._write_weight(self.merged_matrix(names))
             self.merged_adapters.extend(names)
 
     @torch.no_grad()
@@ -173,10 +211,11 @@ class AdapterLayer(nn.Module):
         """Undo every merge, last merged first."""
         if not self.merged_adapters:
             return
-        W = self.weight_matrix().float()
-        for n in reversed(self.merged_adapters):
-            W = self.adapters[n].unmerged_weight(W)
-        self._write_weight(W)
+        with onloaded(self.base_layer):
+            W = self.weight_matrix().float()
+            for n in reversed(self.merged_adapters):
+                W = self.adapters[n].unmerged_weight(W)
+            self._write_weight(W)
         self.merged_adapters = []
 
     def extra_repr(self) -> str:
@@ -193,7 +232,8 @@ def frozen_weight(base: Base) -> Tensor | None:
         and getattr(base, "__func__", None) is AdapterLayer._base_no_bias
         and not quantized.is_quantized(layer.base_layer)  # folding would dequantise it every step
     ):
-        return layer.weight_matrix()
+        # an offloaded weight is a new tensor each call: nothing keyed on it (inference_fold's memo) may outlive it
+        return layer.weight_matrix() if offload_hook(layer.base_layer) is None else None
     return None
 
 

@@ -24,6 +24,7 @@ from .config import AdapterConfig
 from .finite import all_finite
 from .inject import find_modules_to_save, find_targets, unwrap_all, wrap
 from .layer import AdapterLayer, ModulesToSave, base_weight_matrix, layer_dims
+from .offload import onloaded
 from .registry import method_class
 from .task_type import saved_patterns
 
@@ -162,7 +163,7 @@ class OrthoModel(nn.Module):
                     f"{inside[0]!r} is both a target and inside modules_to_save entry {sname!r}; "
                     "exclude it from target_modules (a saved module is trained in full)"
                 )
-        modules = {name: build_method(config, module) for name, module in targets}
+        modules = {name: build_method(config, module, name) for name, module in targets}
         _check_finite_init(adapter_name, modules, dict(targets))
         self._attach(adapter_name, config, modules, [n for n, _ in saved])
 
@@ -311,10 +312,25 @@ class OrthoModel(nn.Module):
                         "the adapter seems to be broken. Nothing was merged."
                     )
         self._warn_if_order_changes(layers, todo)
+        self._warn_if_tied([(n, layer) for n, layer in layers if any(a in layer.adapters for a in todo)])
         for _, layer in layers:
             layer.merge(todo)
         self.requantization_errors = quantized.merge_errors({n: layer.base_layer for n, layer in layers})
         quantized.warn_requantized(self.requantization_errors)
+
+    def _warn_if_tied(self, layers: list[tuple[str, AdapterLayer]]) -> None:
+        """Warn (as peft does) when a merged weight is shared with another module, e.g. tied input/output embeddings."""
+        owners: dict[int, list[str]] = {}
+        for pname, p in self.base_model.named_parameters(remove_duplicate=False):
+            owners.setdefault(id(p), []).append(pname)
+        for lname, layer in layers:
+            others = [n for n in owners.get(id(layer.base_layer.weight), []) if not n.startswith(lname + ".")]
+            if others:
+                warnings.warn(
+                    f"merging into {lname!r} also changes {others}, which share its weight (tied embeddings): the merged "
+                    "model differs from the unmerged one there; untie the weights first to merge only this layer",
+                    stacklevel=3,
+                )
 
     def _warn_if_order_changes(self, layers: list[tuple[str, AdapterLayer]], todo: list[str]) -> None:
         for lname, layer in layers:
@@ -701,14 +717,15 @@ def _check_finite_init(adapter_name: str, modules: dict[str, nn.Module], bases: 
     that overflows the adapter dtype): one probe row per layer, one fused check for all of them."""
     probes: dict[str, Tensor] = {}
     for lname, method in modules.items():
-        W = base_weight_matrix(bases[lname])
-        try:
-            if method.activation_path:
-                probes[lname] = method(torch.ones(1, W.shape[1], dtype=W.dtype, device=W.device), lambda z, W=W: z @ W.T)
-            else:
-                probes[lname] = method.merged_weight(W.float())
-        except ValueError:
-            pass  # not runnable yet (a LOFT support awaiting select_supports): its first forward says why
+        with onloaded(bases[lname]):
+            W = base_weight_matrix(bases[lname])
+            try:
+                if method.activation_path:
+                    probes[lname] = method(torch.ones(1, W.shape[1], dtype=W.dtype, device=W.device), lambda z, W=W: z @ W.T)
+                else:
+                    probes[lname] = method.merged_weight(W.float())
+            except ValueError:
+                pass  # not runnable yet (a LOFT support awaiting select_supports): its first forward says why
     tensors = [t for m in modules.values() for t in m.state_dict().values() if t.dtype.is_floating_point]
     if all_finite(tensors + list(probes.values())):
         return
@@ -723,10 +740,12 @@ def _check_finite_init(adapter_name: str, modules: dict[str, nn.Module], bases: 
             )
 
 
-def build_method(config: AdapterConfig, module: nn.Module) -> nn.Module:
-    """A method module for one base layer, on its device, adapter dtype from the config."""
+def build_method(config: AdapterConfig, module: nn.Module, name: str) -> nn.Module:
+    """A method module for the base layer called ``name`` (its pattern overrides applied), on its device,
+    adapter dtype from the config."""
     d_in, d_out = layer_dims(module)
-    return method_class(config)(config, d_in, d_out, base_weight_matrix(module).detach())
+    with onloaded(module):  # an offloaded layer's adapter is created where accelerate computes the layer
+        return method_class(config)(config.for_layer(name), d_in, d_out, base_weight_matrix(module).detach())
 
 
 #: Methods of a transformers model that write or upload its full weights: never reached through the wrapper.

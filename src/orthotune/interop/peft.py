@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ..config import AdapterConfig
 from ..inject import iter_named_layers
 from ..io import CONFIG_NAME, SAVED_PREFIX, WEIGHTS_NAME, adapter_state_dict, build_adapter, write_folder
-from ..layer import base_weight_matrix, layer_dims, layer_kind
+from ..layer import CONV_KINDS, base_weight_matrix, layer_dims, layer_kind
 from ..methods.base import AdapterMethod
 from ..methods.fourierft import fourier_locations
 from ..methods.pissa import principal_factors
@@ -70,6 +70,8 @@ class PeftFormat:
     tensors_out: Callable[[AdapterMethod, nn.Module], dict[str, Tensor]]
     optional_names: tuple[str, ...] = ()
     fit_tensors: Callable[[dict[str, Any], dict[str, dict[str, Tensor]]], dict[str, Any]] | None = None
+    #: the tensor names of an nn.Embedding module, where peft names them differently
+    embedding_names: tuple[str, ...] = ()
 
 
 # Options of every peft config that orthotune reads or that do not change the adapted model (the
@@ -94,6 +96,7 @@ def _check_options(cfg: dict[str, Any], read: set[str], reads: str) -> None:
 # ---------------------------------------------------------------------------------------------- LoRA
 _LORA_READ = {
     "r", "lora_alpha", "lora_dropout", "use_rslora", "init_lora_weights", "megatron_core", "qalora_group_size",
+    "rank_pattern", "alpha_pattern",
     "eva_config", "corda_config", "lora_ga_config", "runtime_config",
 }  # fmt: skip
 # Inits that only set the starting A, B: the saved A, B are the whole adapter.
@@ -101,12 +104,16 @@ _PLAIN_INITS = (True, False, "gaussian", "orthogonal", "eva", "mica")
 
 
 def _lora_fields(cfg: dict[str, Any]) -> dict[str, Any]:
-    _check_options(cfg, _LORA_READ, "plain LoRA: r, lora_alpha, lora_dropout, use_rslora, modules_to_save")
+    _check_options(
+        cfg, _LORA_READ, "plain LoRA: r, lora_alpha, lora_dropout, use_rslora, rank_pattern, alpha_pattern, modules_to_save"
+    )
     return {
         "r": cfg["r"],
         "lora_alpha": cfg.get("lora_alpha", 8),
         "lora_dropout": cfg.get("lora_dropout", 0.0),
         "use_rslora": bool(cfg.get("use_rslora", False)),
+        "rank_pattern": cfg.get("rank_pattern") or {},
+        "alpha_pattern": cfg.get("alpha_pattern") or {},
     }
 
 
@@ -137,8 +144,20 @@ def _pissa_config_in(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def _lora_tensors_in(config: AdapterConfig, layer: nn.Module, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    _check_lora_kind(layer)
+    if "lora_embedding_A" in tensors:  # peft's (r, vocab) and (dim, r): dW^T = B A; orthotune's dW = B' A' on (vocab, dim)
+        return {"lora_A": tensors["lora_embedding_B"].T, "lora_B": tensors["lora_embedding_A"].T}
     A, B = tensors["lora_A.weight"], tensors["lora_B.weight"]
     return {"lora_A": A.reshape(A.shape[0], -1), "lora_B": B.reshape(B.shape[0], -1)}
+
+
+def _check_lora_kind(layer: nn.Module) -> None:
+    if layer_kind(layer) in CONV_KINDS.values() and layer.groups > 1:
+        raise ValueError(
+            f"it is a grouped convolution (groups={layer.groups}): peft's LoRA there adds a full (ungrouped) conv A, "
+            "which is no update of the grouped weight (peft cannot merge it); orthotune's LoRA updates the grouped "
+            "weight itself, so the two do not map across. Save it with save_adapter(), or merge_and_unload() it"
+        )
 
 
 def _pissa_tensors_in(config: AdapterConfig, layer: nn.Module, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -157,21 +176,31 @@ def _lora_config_out(config: AdapterConfig) -> dict[str, Any]:
         "init_lora_weights": True,
         "bias": "none",
         "use_dora": False,
-        "rank_pattern": {},
-        "alpha_pattern": {},
+        "rank_pattern": dict(config.rank_pattern),
+        "alpha_pattern": dict(config.alpha_pattern),
     }
 
 
 def _pissa_config_out(config: AdapterConfig) -> dict[str, Any]:
     # B A - B0 A0 is a LoRA of rank 2r; the scale s is kept: alpha / r -> 2 alpha / 2r (sqrt(2) alpha with rsLoRA)
-    alpha = config.lora_alpha * (math.sqrt(2) if config.use_rslora else 2)
-    return {**_lora_config_out(config), "r": 2 * config.r, "lora_alpha": alpha}
+    factor = math.sqrt(2) if config.use_rslora else 2
+    return {
+        **_lora_config_out(config),
+        "r": 2 * config.r,
+        "lora_alpha": config.lora_alpha * factor,
+        "rank_pattern": {k: 2 * v for k, v in config.rank_pattern.items()},
+        "alpha_pattern": {k: v * factor for k, v in config.alpha_pattern.items()},
+    }
 
 
 def _peft_lora_shapes(A: Tensor, B: Tensor, layer: nn.Module) -> dict[str, Tensor]:
-    if layer_kind(layer) == "conv2d":  # peft's lora_A is a conv with the base kernel, lora_B a 1x1 conv
+    _check_lora_kind(layer)
+    kind = layer_kind(layer)
+    if kind == "embedding":
+        return {"lora_embedding_A": B.T, "lora_embedding_B": A.T}
+    if kind in CONV_KINDS.values():  # peft's lora_A is a conv with the base kernel, lora_B a 1x1 conv
         A = A.reshape(A.shape[0], *layer.weight.shape[1:])
-        B = B.reshape(B.shape[0], B.shape[1], 1, 1)
+        B = B.reshape(B.shape[0], B.shape[1], *[1] * (layer.weight.dim() - 2))
     return {"lora_A.weight": A, "lora_B.weight": B}
 
 
@@ -186,8 +215,14 @@ def _pissa_tensors_out(method: AdapterMethod, layer: nn.Module) -> dict[str, Ten
 
 # ---------------------------------------------------------------------------------------------- FourierFT
 def _fourierft_config_in(cfg: dict[str, Any]) -> dict[str, Any]:
-    _check_options(cfg, {"n_frequency", "scaling", "random_loc_seed", "init_weights"}, "n_frequency, scaling, random_loc_seed")
-    return {"n_frequency": cfg["n_frequency"], "scaling": cfg.get("scaling", 150.0), "random_loc_seed": cfg.get("random_loc_seed", 777)}
+    read = {"n_frequency", "scaling", "random_loc_seed", "init_weights", "n_frequency_pattern"}
+    _check_options(cfg, read, "n_frequency, scaling, random_loc_seed, n_frequency_pattern")
+    return {
+        "n_frequency": cfg["n_frequency"],
+        "scaling": cfg.get("scaling", 150.0),
+        "random_loc_seed": cfg.get("random_loc_seed", 777),
+        "n_frequency_pattern": cfg.get("n_frequency_pattern") or {},
+    }
 
 
 def _fourierft_tensors_in(config: AdapterConfig, layer: nn.Module, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -204,13 +239,13 @@ def _fourierft_config_out(config: AdapterConfig) -> dict[str, Any]:
         "random_loc_seed": config.random_loc_seed,
         "init_weights": False,
         "bias": "none",
-        "n_frequency_pattern": {},
+        "n_frequency_pattern": dict(config.n_frequency_pattern),
     }
 
 
 def _fourierft_tensors_out(method: AdapterMethod, layer: nn.Module) -> dict[str, Tensor]:
-    if layer_kind(layer) == "conv2d":
-        raise ValueError("peft's FourierFT adapts Linear and Conv1D layers only: this adapter has a Conv2d target")
+    if layer_kind(layer) not in ("linear", "conv1d"):
+        raise ValueError(f"peft's FourierFT adapts Linear and Conv1D layers only: this adapter has a {type(layer).__name__} target")
     c = method.config
     if not torch.equal(method.locations.cpu(), fourier_locations(method.d_out, method.d_in, c.n_frequency, c.random_loc_seed)):
         raise ValueError(
@@ -229,11 +264,14 @@ def _peft_kinds(layer: nn.Module, peft_type: str, kinds: tuple[str, ...]) -> Non
     """Refuse a layer peft's tuner cannot adapt (export only: peft's own folders never hold one)."""
     kind = layer_kind(layer)
     if kind not in kinds:
-        names = {"linear": "Linear", "conv1d": "GPT-2 Conv1D", "conv2d": "Conv2d"}
+        names = {"linear": "Linear", "conv1d": "GPT-2 Conv1D", "conv2d": "Conv2d", "torch_conv1d": "Conv1d",
+                 "conv3d": "Conv3d", "embedding": "Embedding"}  # fmt: skip
         raise ValueError(
             f"peft's {peft_type} adapts {' and '.join(names[k] for k in kinds)} layers only, this is a {names[kind]}: "
             + _OWN_FORMAT
         )
+    if kind == "conv2d" and layer.groups > 1:
+        raise ValueError(f"peft's {peft_type} takes a Conv2d's input as all C_in channels, this one is grouped: " + _OWN_FORMAT)
     if kind == "conv2d" and layer.kernel_size[0] != layer.kernel_size[1]:
         raise ValueError(
             f"peft 0.21's {peft_type} takes Conv2d kernels to be square (kernel_size[0] twice), this one is "
@@ -298,13 +336,16 @@ def _oft_fit_tensors(fields: dict[str, Any], per_module: dict[str, dict[str, Ten
     return fields
 
 
-def _oft_sign(config: AdapterConfig) -> float:
-    # peft's Neumann series approximates the transpose of its exact rotation, orthotune's its own exact one
-    return -1.0 if config.use_cayley_neumann else 1.0
+def _oft_sign(config: AdapterConfig, layer: nn.Module) -> float:
+    # peft's Neumann series approximates the transpose of its exact rotation, orthotune's its own exact one.
+    # peft rotates rows (x R_p): on a linear layer that is orthotune's R = R_p^T, on an Embedding (whose rows
+    # are the outputs e, turned into e R) it is R = R_p, the transpose: the sign flips
+    sign = -1.0 if config.use_cayley_neumann else 1.0
+    return -sign if layer_kind(layer) == "embedding" else sign
 
 
 def _oft_tensors_in(config: AdapterConfig, layer: nn.Module, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    weight = tensors["oft_R.weight"]
+    weight = tensors["oft_embedding_R.weight" if "oft_embedding_R.weight" in tensors else "oft_R.weight"]
     d_in, _ = layer_dims(layer)
     b = config.block(d_in)
     expected = (1 if config.block_share else d_in // b, b * (b - 1) // 2)
@@ -317,7 +358,7 @@ def _oft_tensors_in(config: AdapterConfig, layer: nn.Module, tensors: dict[str, 
             "if it divides every target"
         )
     _warn_oft_conv(layer)
-    return {"transform.weight": _oft_sign(config) * weight}
+    return {"transform.weight": _oft_sign(config, layer) * weight}
 
 
 def _oft_config_out(config: AdapterConfig) -> dict[str, Any]:
@@ -326,9 +367,10 @@ def _oft_config_out(config: AdapterConfig) -> dict[str, Any]:
 
 
 def _oft_tensors_out(method: AdapterMethod, layer: nn.Module) -> dict[str, Tensor]:
-    _peft_kinds(layer, "OFT", ("linear", "conv2d"))
+    _peft_kinds(layer, "OFT", ("linear", "conv2d", "embedding"))
     _warn_oft_conv(layer)
-    return {"oft_R.weight": _oft_sign(method.config) * method.transform.weight}
+    key = "oft_embedding_R.weight" if layer_kind(layer) == "embedding" else "oft_R.weight"
+    return {key: _oft_sign(method.config, layer) * method.transform.weight}
 
 
 _BOFT_DEFAULTS = {"boft_block_size": 4, "boft_block_num": 0, "boft_n_butterfly_factor": 1, "boft_dropout": 0.0}
@@ -462,10 +504,12 @@ FORMATS: dict[str, PeftFormat] = {
     "lora": PeftFormat(
         "lora", "LORA", ("lora_A.weight", "lora_B.weight"), lambda c: not _is_pissa(c),
         _lora_config_in, _lora_tensors_in, _lora_config_out, _lora_tensors_out,
+        embedding_names=("lora_embedding_A", "lora_embedding_B"),
     ),
     "pissa": PeftFormat(
         "pissa", "LORA", ("lora_A.weight", "lora_B.weight"), _is_pissa,
         _pissa_config_in, _pissa_tensors_in, _pissa_config_out, _pissa_tensors_out,
+        embedding_names=("lora_embedding_A", "lora_embedding_B"),
     ),
     "fourierft": PeftFormat(
         "fourierft", "FOURIERFT", ("fourierft_spectrum",), lambda c: True,
@@ -474,6 +518,7 @@ FORMATS: dict[str, PeftFormat] = {
     "oft": PeftFormat(
         "oft", "OFT", ("oft_R.weight",), lambda c: True,
         _oft_config_in, _oft_tensors_in, _oft_config_out, _oft_tensors_out, fit_tensors=_oft_fit_tensors,
+        embedding_names=("oft_embedding_R.weight",),
     ),
     "boft": PeftFormat(
         "boft", "BOFT", ("boft_R", "boft_s"), lambda c: True,
@@ -528,7 +573,7 @@ def read_peft(base: nn.Module, directory: str | Path) -> tuple[AdapterConfig, di
         d_in, d_out = layer_dims(layer)
         targets[lname] = [d_out, d_in, layer_kind(layer)]
         try:
-            local = fmt.tensors_in(config, layer, local)
+            local = fmt.tensors_in(config.for_layer(lname), layer, local)
         except ValueError as err:
             raise ValueError(f"{directory}, module {lname!r}: {err}") from None
         state.update({f"{lname}.{k}": v for k, v in local.items()})
@@ -584,13 +629,14 @@ def split_peft_tensors(
         if not key.startswith(PEFT_PREFIX):
             raise ValueError(f"{source}: tensor {key!r} does not start with {PEFT_PREFIX!r}: not a peft adapter file")
         key = key[len(PEFT_PREFIX):]
-        name = next((n for n in fmt.tensor_names + fmt.optional_names if key.endswith("." + n)), None)
+        name = next((n for n in fmt.tensor_names + fmt.optional_names + fmt.embedding_names if key.endswith("." + n)), None)
         if name is None:
             saved[key] = value  # a modules_to_save tensor, or checked (and refused) as one by build_adapter
         else:
             per_module.setdefault(key[: -len(name) - 1], {})[name] = value
     for module, local in per_module.items():
-        missing = sorted(set(fmt.tensor_names) - set(local))
+        embedding = bool(set(fmt.embedding_names) & set(local))
+        missing = sorted(set(fmt.embedding_names if embedding else fmt.tensor_names) - set(local))
         if missing:
             raise ValueError(f"{source}: module {module!r} lacks peft tensors {missing}; the file is incomplete")
     if not per_module:
@@ -611,6 +657,12 @@ def export_peft(model: OrthoModel, directory: str | Path, adapter_name: str) -> 
             "Save it with save_adapter(), or merge_and_unload() it for tools that read plain weights"
         )
     peft_config = fmt.config_out(config)  # refuses options peft's format cannot express, before the tensors
+    for pfield in config.patterns:
+        if getattr(config, pfield) and pfield not in peft_config:
+            raise ValueError(
+                f"peft's {peft_config['peft_type']} has no {pfield}: this adapter's per-module sizes cannot be written in "
+                "its format; save it with save_adapter(), or merge_and_unload() it for tools that read plain weights"
+            )
     tensors: dict[str, Tensor] = {}
     layers = [(n, layer) for n, layer in model.adapter_layers() if adapter_name in layer.adapters]
     with torch.no_grad():

@@ -28,6 +28,7 @@ class FourierFTConfig(AdapterConfig):
     """FourierFT hyperparameters, named as in peft: ``n_frequency`` trainable coefficients per layer."""
 
     method = "fourierft"
+    patterns = {"n_frequency_pattern": "n_frequency"}
 
     n_frequency: int = field(default=1000, metadata={"help": "Number n of learnable Fourier coefficients per layer."})
     scaling: float = field(default=150.0, metadata={"help": "s: dW = s * Re(ifft2(C)) (peft: 100-150 RoBERTa, 300 LLaMA/ViT)."})
@@ -35,6 +36,10 @@ class FourierFTConfig(AdapterConfig):
     compute: str = field(
         default="auto",
         metadata={"help": "'lowrank' (rank-2n on activations), 'dense' (form dW once per call) or 'auto' (cheaper by FLOPs)."},
+    )
+    n_frequency_pattern: dict[str, int] = field(
+        default_factory=dict,
+        metadata={"help": "Module name (regex, matched on the name or a dotted suffix) -> n_frequency there (peft's)."},
     )
 
     def validate(self) -> None:

@@ -26,9 +26,14 @@ class HRAConfig(AdapterConfig):
     """HRA, named as in peft: ``d_in * r`` parameters per layer."""
 
     method = "hra"
+    patterns = {"rank_pattern": "r"}
 
     r: int = field(default=8, metadata={"help": "Number of Householder reflections (even, to start at the identity)."})
     apply_GS: bool = field(default=False, metadata={"help": "Orthonormalise the reflection vectors (Gram-Schmidt)."})
+    rank_pattern: dict[str, int] = field(
+        default_factory=dict,
+        metadata={"help": "Module name (regex, matched on the name or a dotted suffix) -> r there (no peft equivalent)."},
+    )
 
     def validate(self) -> None:
         check_positive_int("r", self.r)

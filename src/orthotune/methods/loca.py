@@ -35,6 +35,7 @@ class LoCAConfig(AdapterConfig):
     """LoCA hyperparameters (the paper's defaults): ``n_frequency`` trainable coefficients per layer."""
 
     method = "loca"
+    patterns = {"n_frequency_pattern": "n_frequency"}
 
     n_frequency: int = field(default=1000, metadata={"help": "Number n of learnable DCT coefficients per layer."})
     scale: float = field(default=1.0, metadata={"help": "alpha: dW = alpha * iDCT2(C)."})
@@ -66,6 +67,10 @@ class LoCAConfig(AdapterConfig):
         default="auto",
         metadata={"help": "'lowrank' (rank-n on activations), 'dense' (form dW once per call, folded into the frozen "
                   "weight when no other adapter is composed) or 'auto' (cheaper by FLOPs)."},
+    )
+    n_frequency_pattern: dict[str, int] = field(
+        default_factory=dict,
+        metadata={"help": "Module name (regex, matched on the name or a dotted suffix) -> n_frequency there."},
     )
 
     def validate(self) -> None:

@@ -37,6 +37,7 @@ class LoCOConfig(AdapterConfig):
     """LoCO hyperparameters: ``2 * chain_length * rank * d_in`` trainable parameters per layer."""
 
     method = "loco"
+    patterns = {"rank_pattern": "rank", "chain_length_pattern": "chain_length"}
 
     rank: int = field(default=4, metadata={"help": "Rank r of each generator's factors U_i, V_i (d x r)."})
     chain_length: int = field(default=4, metadata={"help": "Number k of rotations composed in the chain."})
@@ -47,6 +48,13 @@ class LoCOConfig(AdapterConfig):
     init_std: float | None = field(
         default=None,
         metadata={"help": "Std of the V_i at init (U_i start at zero, so R = I); default 1/sqrt(d_in)."},
+    )
+    rank_pattern: dict[str, int] = field(
+        default_factory=dict,
+        metadata={"help": "Module name (regex, matched on the name or a dotted suffix) -> rank there (peft's rule)."},
+    )
+    chain_length_pattern: dict[str, int] = field(
+        default_factory=dict, metadata={"help": "Module name (regex, as rank_pattern) -> chain_length there."}
     )
 
     def validate(self) -> None:

@@ -71,6 +71,7 @@ class LOFTConfig(FoldOption, AdapterConfig):
     householder ``k r``, butterfly ``m (r/b) b(b-1)/2``."""
 
     method = "loft"
+    patterns = {"rank_pattern": "r"}
 
     support: str = field(
         default="principal",
@@ -103,6 +104,10 @@ class LOFTConfig(FoldOption, AdapterConfig):
     generator_rank: int = field(default=1, metadata={"help": "'exp': rank g of each generator's factors."})
     chain_length: int = field(default=1, metadata={"help": "'exp': number k of exponentials chained."})
     butterfly_factors: int = field(default=2, metadata={"help": "'butterfly': number m of butterfly factors."})
+    rank_pattern: dict[str, int] = field(
+        default_factory=dict,
+        metadata={"help": "Module name (regex, matched on the name or a dotted suffix) -> support dimension r there."},
+    )
 
     def validate(self) -> None:
         check_choice("support", self.support, SUPPORTS)

@@ -23,11 +23,19 @@ class LoRAConfig(AdapterConfig):
     """LoRA hyperparameters, named as in peft: ``r * (d_in + d_out)`` parameters per layer."""
 
     method = "lora"
+    patterns = {"rank_pattern": "r", "alpha_pattern": "lora_alpha"}
 
     r: int = field(default=8, metadata={"help": "Rank of the update B A."})
     lora_alpha: float = field(default=8.0, metadata={"help": "Scale numerator: s = lora_alpha / r."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter's input."})
     use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilised scale s = lora_alpha / sqrt(r)."})
+    rank_pattern: dict[str, int] = field(
+        default_factory=dict,
+        metadata={"help": "Module name (regex, matched on the name or a dotted suffix) -> r for that module (peft's)."},
+    )
+    alpha_pattern: dict[str, float] = field(
+        default_factory=dict, metadata={"help": "Module name (regex, as rank_pattern) -> lora_alpha for that module."}
+    )
 
     def validate(self) -> None:
         check_positive_int("r", self.r)
@@ -61,7 +69,8 @@ class LoRA(AdapterMethod):
                 nn.init.normal_(self.lora_B, std=0.1)
 
     def delta_weight(self) -> Tensor:
-        return self.scaling * (self.lora_B.float() @ self.lora_A.float())
+        dtype = torch.promote_types(self.lora_A.dtype, torch.float32)  # float32 at least (float64 stays)
+        return self.scaling * (self.lora_B.to(dtype) @ self.lora_A.to(dtype))
 
     def core_key(self) -> tuple:
         """LoRA layers of one shape and scale share one batched cast per step."""

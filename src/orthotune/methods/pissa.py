@@ -100,7 +100,8 @@ class PiSSA(AdapterMethod):
 
     def delta_weight(self) -> Tensor:
         left, right = self.factors()
-        return self.scaling * (right.float() @ left.float())
+        dtype = torch.promote_types(left.dtype, torch.float32)  # float32 at least (float64 stays)
+        return self.scaling * (right.to(dtype) @ left.to(dtype))
 
     def forward(self, x: Tensor, base: Base) -> Tensor:
         left, right = cast_to(x, *self.factors())
