@@ -322,7 +322,8 @@ def _oft_config_in(cfg: dict[str, Any]) -> dict[str, Any]:
 def _oft_fit_tensors(fields: dict[str, Any], per_module: dict[str, dict[str, Tensor]]) -> dict[str, Any]:
     """peft adjusts an oft_block_size that does not divide a layer's input to the nearest divisor ('Invalid
     oft_block_size' warning); where every module got the same block size, that is the size it computes with."""
-    sizes = {round((1 + math.sqrt(1 + 8 * local["oft_R.weight"].shape[-1])) / 2) for local in per_module.values()}
+    blocks = [local.get("oft_R.weight", local.get("oft_embedding_R.weight")) for local in per_module.values()]
+    sizes = {round((1 + math.sqrt(1 + 8 * R.shape[-1])) / 2) for R in blocks}  # R holds each block's b(b-1)/2 entries
     b = fields["oft_block_size"]
     if b and len(sizes) == 1 and b not in sizes:
         (adjusted,) = sizes
