@@ -185,3 +185,55 @@ def test_select_supports_refuses_bad_calls() -> None:
     with pytest.raises(ValueError, match="no adapter named"):
         select_supports(model, batches(1), adapter_name="other")
     assert all(not p.requires_grad for p in model.base_model.a.base_layer.parameters())  # restored after errors
+
+
+def test_head_warmup_trains_only_the_head_then_selects_on_the_next_batches() -> None:
+    torch.manual_seed(0)
+    base = Tiny()
+    model = orthotune.get_model(base, LOFTConfig(target_modules=["a"], support="gradient", r=2, modules_to_save=["b"]))
+    head = dict(model.saved_modules())["b"]
+    trained = [p for p in head.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in trained]
+    frozen_a = dict(model.adapter_layers())["a"].base_layer.weight.detach().clone()
+    data = batches(5)
+    select_supports(model, iter(data), num_batches=2, head_warmup_steps=3, head_lr=0.1, progress=False)
+    assert all(not torch.equal(b, p) for b, p in zip(before, trained))  # the head moved and is kept
+    assert all(p.requires_grad and p.grad is None for p in trained)
+    layer = dict(model.adapter_layers())["a"]
+    assert torch.equal(layer.base_layer.weight, frozen_a)
+    # the statistic comes from the two batches after the warm-up, through the warmed-up head
+    ref = copy.deepcopy(base)
+    ref.a = nn.Linear(12, 10)
+    ref.a.load_state_dict(layer.base_layer.state_dict())
+    ref.b = copy.deepcopy([m for m in head.modules() if isinstance(m, nn.Linear) and any(p.requires_grad for p in m.parameters())][0])
+    W0, G = manual_gradient(ref, data[3:5], "a")
+    assert torch.allclose(projector(layer.adapters["default"].support.P), projector(gradient_basis(W0, G, 2)), atol=1e-5)
+
+
+def test_second_moment_statistic_matches_its_definition() -> None:
+    torch.manual_seed(0)
+    base = Tiny()
+    data = batches(3)
+    Ms = torch.zeros(12, 12, dtype=f64)
+    for batch in data:
+        W0, G = manual_gradient(copy.deepcopy(base), [batch], "a")
+        K = dense_skew(W0.double(), G.double())
+        Ms += K.T @ K
+    model = orthotune.get_model(base, LOFTConfig(target_modules=["a"], support="gradient", r=4))
+    select_supports(model, data, num_batches=3, statistic="second_moment", progress=False)
+    top = torch.linalg.eigh(Ms).eigenvectors[:, -4:]
+    P = dict(model.adapter_layers())["a"].adapters["default"].support.P.double()
+    assert torch.allclose(projector(P), projector(top), atol=1e-4)
+
+
+def test_selection_options_refuse_bad_values() -> None:
+    model = orthotune.get_model(Tiny(), LOFTConfig(target_modules=["a"], support="gradient", r=2))
+    with pytest.raises(ValueError, match="modules_to_save"):
+        select_supports(model, batches(4), head_warmup_steps=2, progress=False)
+    with pytest.raises(ValueError, match="statistic"):
+        select_supports(model, batches(4), statistic="median", progress=False)
+    with pytest.raises(ValueError, match="head_warmup_steps"):
+        select_supports(model, batches(4), head_warmup_steps=-1, progress=False)
+    headed = orthotune.get_model(Tiny(), LOFTConfig(target_modules=["a"], support="gradient", r=2, modules_to_save=["b"]))
+    with pytest.raises(ValueError, match="ran out during the 5-step head warm-up"):
+        select_supports(headed, batches(3), head_warmup_steps=5, progress=False)

@@ -172,8 +172,18 @@ def captured_fraction(W0: Tensor, G: Tensor, P: Tensor) -> float:
     return float(inside / total) if total > 0 else 0.0
 
 
+def second_moment_basis(M: Tensor, r: int) -> Tensor:
+    """The top-``r`` eigenvectors of ``M = sum_b K_b^T K_b`` (``K_b`` one batch's ``Skew(W0^T G_b)``).
+
+    The ``statistic="second_moment"`` support: directions where the per-batch first-order signal is
+    large, whether or not its sign agrees across batches (the mean gradient's signal can cancel).
+    """
+    return torch.linalg.eigh(M.double()).eigenvectors.flip(-1)[:, :r].contiguous()
+
+
 # --------------------------------------------------------------------------- the task-aware step
 LossFn = Callable[[nn.Module, Any], Tensor]
+STATISTICS = ("mean", "second_moment")
 
 
 def _default_loss(model: nn.Module, batch: Any) -> Tensor:
@@ -206,6 +216,9 @@ def select_supports(
     loss_fn: LossFn | None = None,
     adapter_name: str | None = None,
     progress: bool = True,
+    head_warmup_steps: int = 0,
+    head_lr: float = 1e-3,
+    statistic: str = "mean",
 ) -> dict[str, dict[str, float]]:
     """LOFT's gradient-informed support selection: fill every task-aware support of an adapter.
 
@@ -216,14 +229,25 @@ def select_supports(
     parameter budget) comes from the config. Memory: one weight-sized gradient per targeted layer,
     and, for one layer at a time, the d_in x d_in statistic when ``2 d_out >= d_in``.
 
-    The model is left as it was: requires_grad flags, gradients, train/eval modes and active
-    adapters are restored. Returns, per layer, the share of the first-order signal the chosen
-    support captures (:func:`captured_fraction`).
+    Options for a freshly initialised head, whose gradient makes ``G`` point at random targets:
+    ``head_warmup_steps`` first trains the ``modules_to_save`` copies alone (AdamW at ``head_lr``,
+    adapter bypassed) on that many batches of ``data``, then takes the statistic on the following
+    batches; the warmed-up head is kept (it is what training starts from). ``statistic="second_moment"``
+    ranks directions by ``sum_b K_b^T K_b`` over batches (:func:`second_moment_basis`) instead of
+    the mean gradient's ``K``; it holds one d_in x d_in matrix per targeted layer.
+
+    The model is otherwise left as it was: requires_grad flags, gradients, train/eval modes and
+    active adapters are restored. Returns, per layer, the share of the mean first-order signal the
+    chosen support captures (:func:`captured_fraction`).
     """
     from tqdm.auto import tqdm
 
     if not isinstance(num_batches, int) or num_batches < 1:
         raise ValueError(f"num_batches must be a positive integer, got {num_batches!r}")
+    if not isinstance(head_warmup_steps, int) or head_warmup_steps < 0:
+        raise ValueError(f"head_warmup_steps must be a non-negative integer, got {head_warmup_steps!r}")
+    if statistic not in STATISTICS:
+        raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
     name = adapter_name or model.active_adapter
     if name not in model.configs:
         raise ValueError(f"no adapter named {name!r}; adapters here: {sorted(model.configs)}")
@@ -248,6 +272,9 @@ def select_supports(
             "one, or use LOFTConfig(support='principal')"
         )
 
+    head = [p for _, wrapper in model.saved_modules() for p in wrapper.parameters() if p.requires_grad]
+    if head_warmup_steps and not head:
+        raise ValueError("head_warmup_steps needs a trainable head: build the adapter with modules_to_save=[...]")
     flags = {p: p.requires_grad for p in model.parameters()}
     modes = {m: m.training for m in model.modules()}
     weights = [layer.base_layer.weight for _, layer, _ in targets]
@@ -256,32 +283,50 @@ def select_supports(
     try:
         for p in flags:
             p.requires_grad_(False)
-        for w in weights:
-            w.grad = None
-            w.requires_grad_(True)
         for _, layer, _ in targets:  # the adapter at the identity: take it out of the forward
             layer.active_adapters = [n for n in layer.active_adapters if n != name]
         model.eval()
+        batches = iter(data)
+        if head_warmup_steps:
+            warm_up_head(model, batches, head, head_warmup_steps, head_lr, loss_fn or _default_loss, progress)
+        for w in weights:
+            w.grad = None
+            w.requires_grad_(True)
+        sums = {lname: torch.zeros_like(layer.weight_matrix(), dtype=torch.float32) for lname, layer, _ in targets}
+        moments: dict[str, Tensor] = {}
         seen = 0
         with tqdm(total=num_batches, desc="LOFT support selection", disable=not progress) as bar:
-            for batch in data:
-                if seen == num_batches:
-                    break
+            for batch in batches:
                 loss = (loss_fn or _default_loss)(model, batch)
                 loss.backward()
+                with torch.no_grad():
+                    for lname, layer, _ in targets:
+                        G = _grad_matrix(layer).float()
+                        sums[lname] += G
+                        if statistic == "second_moment":
+                            K = layer.weight_matrix().float().T @ G
+                            K = (K - K.T) / 2
+                            moments[lname] = moments.get(lname, 0) + K.T @ K
+                        layer.base_layer.weight.grad = None
                 seen += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.4f}")
+                if seen == num_batches:
+                    break
         if seen == 0:
             raise ValueError("the data gave no batch; pass a non-empty iterable of batches")
         report: dict[str, dict[str, float]] = {}
         with torch.no_grad():
             for lname, layer, support in targets:
                 W0 = layer.weight_matrix().float()
-                G = _grad_matrix(layer).float() / seen
+                G = sums[lname] / seen
                 if isinstance(support, DenseSupport):
-                    P = gradient_basis(W0, G, support.dim)
+                    P = gradient_basis(W0, G, support.dim) if statistic == "mean" else second_moment_basis(moments[lname], support.dim)
                     support.assign(P.to(support.P.dtype))
+                elif statistic == "second_moment":
+                    idx = torch.sort(torch.topk(torch.diagonal(moments[lname]), support.dim).indices).values
+                    support.assign(idx.to(support.index.device))
+                    P = torch.eye(W0.shape[1], dtype=torch.float64)[:, idx.cpu()]
                 else:
                     idx = gradient_coordinates(W0, G, support.dim)
                     support.assign(idx.to(support.index.device))
@@ -290,6 +335,8 @@ def select_supports(
     finally:
         for w, g in zip(weights, old_grads):
             w.grad = g
+        for p in head if head_warmup_steps else []:
+            p.grad = None
         for p, flag in flags.items():
             p.requires_grad_(flag)
         for m, mode in modes.items():
@@ -297,3 +344,23 @@ def select_supports(
         for lname, layer, _ in targets:
             layer.active_adapters = active[lname]
     return report
+
+
+def warm_up_head(model: nn.Module, batches: Any, head: list[Tensor], steps: int, lr: float, loss_fn: LossFn,
+                  progress: bool) -> None:
+    """Train only the head (``modules_to_save``) for ``steps`` batches, so the statistic's gradient
+    flows through a classifier that already separates the classes rather than a random one."""
+    from tqdm.auto import tqdm
+
+    for p in head:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(head, lr=lr)
+    for _ in tqdm(range(steps), desc="LOFT head warm-up", disable=not progress):
+        batch = next(batches, None)
+        if batch is None:
+            raise ValueError(f"the data ran out during the {steps}-step head warm-up; pass more batches")
+        loss_fn(model, batch).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    for p in head:
+        p.requires_grad_(False)

