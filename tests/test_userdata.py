@@ -402,7 +402,7 @@ def test_minilm_on_a_users_sentiment_csv_beats_step_0_and_merges(tmp_path, capsy
     main(["finetune", "--config", str(Path(__file__).resolve().parents[1] / "recipes" / "text_banking77.yaml"), "--quiet",
           "--set", f"data.train_file={tmp_path / 'T.csv'}", "--set", f"data.validation_file={tmp_path / 'V.csv'}",
           "--set", f"data.test_file={tmp_path / 'E.csv'}", "--set", "data.text_column=text", "--set", "data.label_column=sentiment",
-          "--set", "train.steps=null", "--set", "train.epochs=1", "--set", "train.eval_every=0", "--output-dir", str(out)])
+          "--epochs", "1", "--set", "train.eval_every=0", "--output-dir", str(out)])  # --epochs replaces the recipe's steps
     results = json.loads((out / "results.json").read_text())
     assert results["final"]["accuracy"] > results["before"]["accuracy"], (results["before"], results["final"])
     assert results["data"]["label2id"] == {"negative": 0, "neutral": 1, "positive": 2}

