@@ -42,7 +42,7 @@ def test_budget_matches_lora_r8_on_minilm() -> None:
     for name in quality.METHODS:  # every row of the table has a matched configuration on MiniLM
         match = quality.match_budget(name, shapes)
         assert "error" not in match and (name == "full" or abs(match["params"] / budget - 1) < 0.1), (name, match)
-    assert quality.count("lora", {"r": 300}, [(16, 24)]) is None  # a layer rejects it: never a candidate
+    assert quality.count("pissa", {"r": 300}, [(16, 24)]) is None  # a layer rejects it: never a candidate
 
 
 def test_the_report_separates_skipped_from_failed(tmp_path) -> None:
