@@ -58,18 +58,17 @@ def test_delete_adapter(case) -> None:
     model = make(case)
     model.add_adapter("delete_me", config(case))
     model.set_adapter("delete_me")
-    model.delete_adapter("delete_me")
-    _assert_deleted(model, "delete_me")
-    assert model.active_adapters == ["default"]
-    model.delete_adapter("default")
-    _assert_deleted(model, "default")
-    assert model.active_adapters == []
-    output(model.base_model, batch(case))  # the base model still runs
+    _delete_second_then_default(model, case)
 
 
 def test_delete_inactive_adapter(case) -> None:
     model = make(case)
     model.add_adapter("delete_me", config(case))
+    _delete_second_then_default(model, case)
+
+
+def _delete_second_then_default(model, case) -> None:
+    """Delete "delete_me" (default stays active), then "default" (none left); the base model still runs."""
     model.delete_adapter("delete_me")
     _assert_deleted(model, "delete_me")
     assert model.active_adapters == ["default"]
