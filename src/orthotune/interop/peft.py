@@ -539,10 +539,13 @@ FORMATS: dict[str, PeftFormat] = {
 
 
 # ---------------------------------------------------------------------------------------------- reading
-def read_peft(base: nn.Module, directory: str | Path) -> tuple[AdapterConfig, dict[str, nn.Module], dict[str, dict]]:
+def read_peft(
+    base: nn.Module, directory: str | Path, low_cpu_mem_usage: bool = False
+) -> tuple[AdapterConfig, dict[str, nn.Module], dict[str, dict]]:
     """Validate a peft folder against ``base`` and build orthotune modules for it; touches nothing in ``base``.
 
-    Returns what :func:`orthotune.io.read_adapter` returns, for :func:`orthotune.model.attach_loaded`.
+    Returns what :func:`orthotune.io.read_adapter` returns, for :func:`orthotune.model.attach_loaded`
+    (``low_cpu_mem_usage`` as there).
     """
     directory = Path(directory)
     cfg = _read_peft_config(directory)
@@ -578,7 +581,7 @@ def read_peft(base: nn.Module, directory: str | Path) -> tuple[AdapterConfig, di
         except ValueError as err:
             raise ValueError(f"{directory}, module {lname!r}: {err}") from None
         state.update({f"{lname}.{k}": v for k, v in local.items()})
-    modules, saved_states = build_adapter(base, config, targets, state, directory, saved_for)
+    modules, saved_states = build_adapter(base, config, targets, state, directory, saved_for, low_cpu_mem_usage)
     return config, modules, saved_states
 
 
