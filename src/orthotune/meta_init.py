@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import torch
 from torch import Tensor, nn
 
 from .config import AdapterConfig
@@ -39,11 +38,6 @@ def materialize(method: nn.Module, state: dict[str, Tensor], module: nn.Module, 
             f"low_cpu_mem_usage=True cannot build {type(method).__name__} at {name!r}: its tensors {left[:3]} are computed "
             "at initialisation and not saved; load it with low_cpu_mem_usage=False"
         )
-
-
-def is_on_meta(method: nn.Module) -> bool:
-    """Whether any of ``method``'s tensors is still on the meta device (built, not yet loaded)."""
-    return any(t.is_meta for _, t in _tensors(method))
 
 
 def _tensors(module: nn.Module) -> Iterator[tuple[str, Tensor]]:
