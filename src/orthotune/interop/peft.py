@@ -118,7 +118,9 @@ def _lora_fields(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def _is_pissa(cfg: dict[str, Any]) -> bool:
-    return str(cfg.get("init_lora_weights", True)).lower().startswith("pissa")
+    """A LoRA whose init residualises the base weight in a form orthotune's PiSSA computes: PiSSA or OLoRA."""
+    init = str(cfg.get("init_lora_weights", True)).lower()
+    return init.startswith("pissa") or init == "olora"
 
 
 def _lora_config_in(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -133,14 +135,22 @@ def _lora_config_in(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def _pissa_config_in(cfg: dict[str, Any]) -> dict[str, Any]:
-    init = str(cfg["init_lora_weights"])
-    if init.lower() != "pissa":
-        raise ValueError(
-            f"a peft PiSSA adapter with init_lora_weights={init!r} depends on the random sketch svd_lowrank drew when "
-            "it was created, which cannot be reproduced. Convert it to plain LoRA in peft first: save_pretrained(path, "
-            "path_initial_model_for_weight_conversion=<the initial adapter>), then load that with from_peft"
-        )
-    return {**_lora_fields(cfg), "svd_niter": None}
+    init = str(cfg["init_lora_weights"]).lower()
+    if init == "olora":
+        return {**_lora_fields(cfg), "factorization": "qr"}
+    if init == "pissa":
+        return {**_lora_fields(cfg), "svd_niter": None}
+    niter = init.removeprefix("pissa_niter_")
+    if not niter.isdigit():
+        raise ValueError(f"init_lora_weights={init!r} is neither 'pissa' nor 'pissa_niter_K' (K a number), as peft requires")
+    warnings.warn(
+        f"init_lora_weights={init!r}: as peft does on loading this folder, the principal part A0, B0 is recomputed "
+        f"by a new random sketch (torch.svd_lowrank, niter={niter}), so the model differs from the one saved by that "
+        "sketch's error; for the exact model convert the folder to plain LoRA in peft (save_pretrained(path, "
+        "path_initial_model_for_weight_conversion=...))",
+        stacklevel=4,
+    )
+    return {**_lora_fields(cfg), "svd_niter": int(niter)}
 
 
 def _lora_tensors_in(config: AdapterConfig, layer: nn.Module, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -161,8 +171,15 @@ def _check_lora_kind(layer: nn.Module) -> None:
 
 
 def _pissa_tensors_in(config: AdapterConfig, layer: nn.Module, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    # peft recomputes A0, B0 from the base weights it is given, as it does on loading a PiSSA folder
-    A0, B0 = principal_factors(base_weight_matrix(layer).detach(), config.r, config.scaling, config.svd_niter)
+    # peft recomputes A0, B0 from the base weights it is given, as it does on loading a PiSSA or OLoRA folder
+    if config.factorization == "qr" and layer_kind(layer) != "linear":
+        raise ValueError(
+            f"peft's OLoRA factors the stored weight tensor as a matrix, which for a {layer_kind(layer)} is not the "
+            "(d_out, d_in) map orthotune adapts; OLoRA folders load for nn.Linear layers only"
+        )
+    A0, B0 = principal_factors(
+        base_weight_matrix(layer).detach(), config.r, config.scaling, config.svd_niter, config.factorization
+    )
     return {**_lora_tensors_in(config, layer, tensors), "lora_A0": A0, "lora_B0": B0}
 
 
