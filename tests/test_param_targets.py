@@ -149,3 +149,10 @@ def test_peft_nesting_follows_registration_order(tmp_path) -> None:
     ours = _moe()
     load_peft_target_parameters(ours, tmp_path)
     assert torch.allclose(ours(X).logits, theirs(X).logits, atol=1e-6, rtol=1e-6)
+
+
+def test_from_peft_points_to_the_parameter_loader(tmp_path) -> None:
+    config = peft.LoraConfig(target_modules=[], target_parameters=TARGETS, r=2, init_lora_weights=False)
+    peft.get_peft_model(_moe(), config).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"load it with orthotune.param_targets.load_peft_target_parameters"):
+        orthotune.from_peft(_moe(), tmp_path)
