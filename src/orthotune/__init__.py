@@ -68,10 +68,16 @@ def get_peft_model(
     low_cpu_mem_usage: bool = False,
 ) -> OrthoModel:
     """peft's name and signature for :func:`get_model` (adapters of different methods always mix, so ``mixed``
-    changes nothing; ``low_cpu_mem_usage`` neither: each adapter tensor is allocated once)."""
+    changes nothing). ``low_cpu_mem_usage=True`` leaves the adapter's parameters on the meta device, to be
+    filled by ``set_peft_model_state_dict(..., low_cpu_mem_usage=True)``, as peft's does."""
     if autocast_adapter_dtype != peft_config.autocast_adapter_dtype:
         peft_config = peft_config.replace(autocast_adapter_dtype=autocast_adapter_dtype)
-    return get_model(model, peft_config, adapter_name)
+    if not low_cpu_mem_usage:
+        return get_model(model, peft_config, adapter_name)
+    wrapped = ortho_class(type(model))(model)
+    wrapped.add_adapter(adapter_name, peft_config, low_cpu_mem_usage=True)
+    wrapped.set_adapter(adapter_name)
+    return wrapped
 
 
 def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "default") -> OrthoModel:

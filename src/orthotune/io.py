@@ -117,11 +117,14 @@ def write_folder(
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def read_adapter(base: nn.Module, directory: str | Path) -> tuple[AdapterConfig, dict[str, nn.Module], dict[str, dict]]:
+def read_adapter(
+    base: nn.Module, directory: str | Path, low_cpu_mem_usage: bool = False
+) -> tuple[AdapterConfig, dict[str, nn.Module], dict[str, dict]]:
     """Validate a folder against ``base`` and build its modules, touching nothing in ``base``.
 
     Returns the config, the method module per target (weights loaded), and the state of each
-    saved module (keys checked against the module it belongs to).
+    saved module (keys checked against the module it belongs to). ``low_cpu_mem_usage``: see
+    :mod:`orthotune.meta_init`.
     """
     directory = Path(directory)
     config, meta = read_config(directory)
@@ -129,7 +132,9 @@ def read_adapter(base: nn.Module, directory: str | Path) -> tuple[AdapterConfig,
         state = load_file(str(directory / WEIGHTS_NAME))
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{directory / WEIGHTS_NAME} is not a readable safetensors file ({err}); save the adapter again") from err
-    modules, saved_states = build_adapter(base, config, meta["targets"], state, directory, meta["base_model_class"])
+    modules, saved_states = build_adapter(
+        base, config, meta["targets"], state, directory, meta["base_model_class"], low_cpu_mem_usage
+    )
     return config, modules, saved_states
 
 
@@ -140,13 +145,19 @@ def build_adapter(
     state: dict[str, torch.Tensor],
     source: str | Path,
     saved_for: str | None,
+    low_cpu_mem_usage: bool = False,
 ) -> tuple[dict[str, nn.Module], dict[str, dict]]:
     """Check an adapter's tensors (orthotune's key layout) against ``base`` and build its modules.
 
     ``targets`` maps each adapted module to ``[d_out, d_in, kind]``; ``source`` and ``saved_for``
     (the architecture it was trained on) only serve the error messages. Touches nothing in ``base``.
+    ``low_cpu_mem_usage`` builds the parameters on the meta device and assigns the loaded tensors
+    (:mod:`orthotune.meta_init`): no initialisation runs and each tensor is held once.
     """
+    from .meta_init import build_on_meta, materialize
     from .model import build_method
+
+    build = build_on_meta if low_cpu_mem_usage else build_method
 
     layers = dict(iter_named_layers(base))
     modules: dict[str, nn.Module] = {}
@@ -166,7 +177,7 @@ def build_adapter(
                 f"shape mismatch at {lname!r}: the adapter expects a {kind} of {d_out}x{d_in}, the model has a "
                 f"{layer_kind(module)} of {got_out}x{got_in}; it was saved for a different base model"
             )
-        modules[lname] = build_method(config, module, lname)
+        modules[lname] = build(config, module, lname)
 
     expected: dict[str, torch.Tensor] = {}
     for lname, method in modules.items():
@@ -205,7 +216,11 @@ def build_adapter(
         )
     with torch.no_grad():
         for lname, method in modules.items():
-            method.load_state_dict({k: state[f"{lname}.{k}"] for k in method.state_dict()})
+            own = {k: state[f"{lname}.{k}"] for k in method.state_dict()}
+            if low_cpu_mem_usage:
+                materialize(method, own, layers[lname], lname)
+            else:
+                method.load_state_dict(own)
         for sname, sstate in saved_states.items():
             prefix = f"{SAVED_PREFIX}{sname}."
             for k in sstate:

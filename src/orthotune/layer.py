@@ -10,6 +10,7 @@ order, so merged and unmerged outputs agree.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import quantized
+from .merge_precision import in_float64, merge_dtype
 from .methods.base import AdapterMethod, Base
 from .mixed import BASE, MixedBatch, grouped
 from .offload import offload_hook, onloaded, write_back
@@ -127,7 +129,7 @@ class AdapterLayer(nn.Module):
 
     @torch.no_grad()
     def _write_weight(self, W: Tensor) -> None:
-        """Round a float32 (d_out, d_in) matrix once into the base weight, in place (re-quantising a quantised one)."""
+        """Round a float (d_out, d_in) matrix once into the base weight, in place (re-quantising a quantised one)."""
         if quantized.is_quantized(self.base_layer):
             return quantized.requantize(self.base_layer, W)
         w = self.base_layer.weight
@@ -190,16 +192,27 @@ class AdapterLayer(nn.Module):
 
     @torch.no_grad()
     def merged_matrix(self, names: list[str]) -> Tensor:
-        """The float32 weight after folding ``names`` (in order) into the current weight; nothing written."""
+        """The weight after folding ``names`` (in order) into the current weight, in float64 on the activation
+        path (see :mod:`~orthotune.merge_precision`); nothing written."""
         with onloaded(self.base_layer):
-            W = self.weight_matrix().float()
+            W = self.weight_matrix()
+            W = W.to(self._merge_dtype(W))
             for n in names:
-                W = self.adapters[n].merged_weight(W)
+                with self._merge_precision(self.adapters[n]):
+                    W = self.adapters[n].merged_weight(W)
         return W
+
+    def _merge_dtype(self, W: Tensor) -> torch.dtype:
+        """float64 where the forward runs on activations; the forward's own dtype (float32 at least) where it
+        applies the merged weight (convolutions, embeddings), so that merging writes exactly what it computes."""
+        return torch.promote_types(W.dtype, torch.float32) if self.kind in MERGED_KINDS else merge_dtype(W)
+
+    def _merge_precision(self, adapter: AdapterMethod) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext() if self.kind in MERGED_KINDS else in_float64(adapter)
 
     @torch.no_grad()
     def merge(self, names: list[str]) -> None:
-        """Fold adapters into the base weight, in float32, rounding once to the base dtype."""
+        """Fold adapters into the base weight (float64 on the activation path), rounding once to the base dtype."""
         names = [n for n in names if n in self.adapters and n not in self.merged_adapters]
         if names:
             with onloaded(self.base_layer):
@@ -212,9 +225,11 @@ class AdapterLayer(nn.Module):
         if not self.merged_adapters:
             return
         with onloaded(self.base_layer):
-            W = self.weight_matrix().float()
+            W = self.weight_matrix()
+            W = W.to(self._merge_dtype(W))
             for n in reversed(self.merged_adapters):
-                W = self.adapters[n].unmerged_weight(W)
+                with self._merge_precision(self.adapters[n]):
+                    W = self.adapters[n].unmerged_weight(W)
             self._write_weight(W)
         self.merged_adapters = []
 

@@ -149,8 +149,12 @@ class OrthoModel(nn.Module):
         print(f"trainable params: {c['trainable']:,} || all params: {c['total']:,} || trainable%: {pct:.4f}")
 
     # ------------------------------------------------------------------ adapters
-    def add_adapter(self, adapter_name: str, config: AdapterConfig) -> None:
-        """Add an adapter (inactive unless it is the first); nothing changes if any check fails."""
+    def add_adapter(self, adapter_name: str, config: AdapterConfig, low_cpu_mem_usage: bool = False) -> None:
+        """Add an adapter (inactive unless it is the first); nothing changes if any check fails.
+
+        ``low_cpu_mem_usage=True`` (peft's) creates its parameters on the meta device, uninitialised, to be
+        filled by ``set_peft_model_state_dict(..., low_cpu_mem_usage=True)``; it cannot run before that.
+        """
         if not isinstance(config, AdapterConfig):
             raise ValueError(f"config must be an orthotune AdapterConfig (e.g. LoCOConfig), got {type(config).__name__}")
         self._check_new_name(adapter_name)
@@ -163,8 +167,13 @@ class OrthoModel(nn.Module):
                     f"{inside[0]!r} is both a target and inside modules_to_save entry {sname!r}; "
                     "exclude it from target_modules (a saved module is trained in full)"
                 )
-        modules = {name: build_method(config, module, name) for name, module in targets}
-        _check_finite_init(adapter_name, modules, dict(targets))
+        if low_cpu_mem_usage:
+            from .meta_init import build_on_meta
+
+            modules = {name: build_on_meta(config, module, name) for name, module in targets}
+        else:
+            modules = {name: build_method(config, module, name) for name, module in targets}
+            _check_finite_init(adapter_name, modules, dict(targets))
         self._attach(adapter_name, config, modules, [n for n, _ in saved])
 
     def _check_new_name(self, adapter_name: str) -> None:
@@ -529,11 +538,12 @@ class OrthoModel(nn.Module):
 
         Reads orthotune's and peft's folders. ``is_trainable=False`` (peft's default) loads the adapter
         for inference: frozen, model in eval mode. ``subfolder``, ``revision``, ``cache_dir``, ``token``
-        reach the Hub download. ``low_cpu_mem_usage`` changes nothing (each tensor is allocated once).
+        reach the Hub download. ``low_cpu_mem_usage=True`` creates the adapter's parameters on the meta
+        device and assigns the loaded tensors (no initialisation, no second copy; :mod:`orthotune.meta_init`).
         """
         if not autocast_adapter_dtype:
             raise ValueError("autocast_adapter_dtype is a property of the saved adapter (its config): it cannot be changed on load")
-        read = _reader(model_id, kwargs)
+        read = _reader(model_id, kwargs, low_cpu_mem_usage)
         if config is not None:  # peft: the config object to use instead of the folder's; here it must describe it
             read = _with_config(read, config, model_id)
         loaded = attach_loaded(model, adapter_name, read)
@@ -566,10 +576,10 @@ class OrthoModel(nn.Module):
         """Load a saved adapter (orthotune's or peft's folder, or a Hub repo id) under ``adapter_name``, not activated.
 
         As in peft, ``is_trainable=False`` keeps it frozen (inference only) and puts the model in eval
-        mode. The model is untouched on error.
+        mode. The model is untouched on error. ``low_cpu_mem_usage`` as in :meth:`from_pretrained`.
         """
         self._check_new_name(adapter_name)
-        self._attach_loaded(adapter_name, *_reader(model_id, kwargs)(self.base_model))
+        self._attach_loaded(adapter_name, *_reader(model_id, kwargs, low_cpu_mem_usage)(self.base_model))
         self._set_trainable(adapter_name, is_trainable)
 
     def _set_trainable(self, adapter_name: str, is_trainable: bool) -> None:
@@ -650,7 +660,9 @@ def adapter_folder(directory: str | Path, adapter_name: str) -> Path:
     return Path(directory) if adapter_name == "default" else Path(directory) / adapter_name
 
 
-def _reader(model_id: str | Path, hub_kwargs: dict[str, Any]) -> Callable[[nn.Module], tuple[AdapterConfig, dict, dict]]:
+def _reader(
+    model_id: str | Path, hub_kwargs: dict[str, Any], low_cpu_mem_usage: bool = False
+) -> Callable[[nn.Module], tuple[AdapterConfig, dict, dict]]:
     """``read(base)`` for an orthotune or peft adapter folder, or a Hub repo id (downloaded first)."""
     from .hub import is_peft_folder, resolve_folder
     from .interop.peft import read_peft
@@ -662,7 +674,7 @@ def _reader(model_id: str | Path, hub_kwargs: dict[str, Any]) -> Callable[[nn.Mo
         raise ValueError(f"unknown arguments {unknown}; loading accepts {sorted(allowed)} besides its named ones")
     folder = resolve_folder(model_id, **hub_kwargs)
     read = read_peft if is_peft_folder(folder) else read_adapter
-    return lambda base: read(base, folder)
+    return lambda base: read(base, folder, low_cpu_mem_usage)
 
 
 def _with_config(read: Callable[[nn.Module], tuple[AdapterConfig, dict, dict]], config: AdapterConfig, source: Any):

@@ -168,7 +168,8 @@ def set_peft_model_state_dict(
 
     Returns the adapter's keys the dict lacks and the dict's keys the adapter lacks. A shape
     mismatch raises unless ``ignore_mismatched_sizes``, which skips (and reports) those tensors.
-    ``low_cpu_mem_usage`` changes nothing: the tensors are copied into the existing parameters.
+    ``low_cpu_mem_usage=True`` assigns the tensors instead of copying them (peft's): it fills an adapter
+    added with ``low_cpu_mem_usage=True`` (parameters on the meta device), each layer's tensors in full.
     """
     ortho = _ortho(model)
     own = adapter_state_dict(ortho, adapter_name)
@@ -183,10 +184,38 @@ def set_peft_model_state_dict(
     if mismatched:
         warnings.warn(f"skipped {len(mismatched)} tensors of mismatched shape: {mismatched[:5]}", stacklevel=2)
     with torch.no_grad():
-        for k, target in own.items():
+        to_copy = own
+        if low_cpu_mem_usage:
+            to_copy = _assign_layers(ortho, adapter_name, {k: v for k, v in given.items() if k not in mismatched}, own)
+        for k, target in to_copy.items():
             if k in given and k not in mismatched:
                 target.copy_(given[k])
     return LoadResult(sorted(set(own) - set(given)) + mismatched, sorted(set(given) - set(own)))
+
+
+def _assign_layers(
+    ortho: OrthoModel, adapter_name: str, given: dict[str, torch.Tensor], own: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Assign ``given`` to each adapter layer of ``adapter_name`` (:func:`orthotune.meta_init.materialize`); the
+    entries of ``own`` left to copy (saved modules)."""
+    from .meta_init import materialize
+
+    rest = dict(own)
+    for lname, layer in ortho.adapter_layers():
+        if adapter_name in layer.adapters:
+            method = layer.adapters[adapter_name]
+            keys = {k: f"{lname}.{k}" for k in method.state_dict()}
+            absent = [full for full in keys.values() if full not in given]
+            if absent:
+                raise ValueError(
+                    f"low_cpu_mem_usage=True assigns whole layers, but the state dict lacks {absent[:3]}: pass every "
+                    f"tensor of adapter {adapter_name!r} (get_peft_model_state_dict), or low_cpu_mem_usage=False"
+                )
+            materialize(method, {k: given[full] for k, full in keys.items()}, layer.base_layer, lname)
+            for full in keys.values():
+                rest.pop(full)
+    ortho._refresh_trainable()
+    return rest
 
 
 def inject_adapter_in_model(
@@ -199,13 +228,13 @@ def inject_adapter_in_model(
     """Adapt ``model`` in place (its base frozen, the adapter trainable) and return it, without a wrapper.
 
     ``state_dict`` (from :func:`get_peft_model_state_dict`) fills the new adapter's tensors.
-    ``low_cpu_mem_usage`` changes nothing: each adapter tensor is allocated once, on its layer's device.
+    ``low_cpu_mem_usage=True``: parameters created on the meta device, then assigned ``state_dict``'s tensors.
     """
-    from . import get_model
+    from . import get_peft_model
 
-    ortho = get_model(model, peft_config, adapter_name)
+    ortho = get_peft_model(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
     if state_dict is not None:
-        result = set_peft_model_state_dict(ortho, state_dict, adapter_name)
+        result = set_peft_model_state_dict(ortho, state_dict, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
         if result.missing_keys or result.unexpected_keys:
             raise ValueError(
                 f"state_dict does not fit adapter {adapter_name!r}: missing {result.missing_keys[:5]}, "

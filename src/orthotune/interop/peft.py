@@ -104,6 +104,11 @@ _PLAIN_INITS = (True, False, "gaussian", "orthogonal", "eva", "mica")
 
 
 def _lora_fields(cfg: dict[str, Any]) -> dict[str, Any]:
+    if cfg.get("target_parameters"):
+        raise ValueError(
+            f"this peft LoRA adapts parameters (target_parameters={cfg['target_parameters']!r}): load it with "
+            "orthotune.param_targets.load_peft_target_parameters(model, directory)"
+        )
     _check_options(
         cfg, _LORA_READ, "plain LoRA: r, lora_alpha, lora_dropout, use_rslora, rank_pattern, alpha_pattern, modules_to_save"
     )
@@ -118,7 +123,9 @@ def _lora_fields(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def _is_pissa(cfg: dict[str, Any]) -> bool:
-    return str(cfg.get("init_lora_weights", True)).lower().startswith("pissa")
+    """A LoRA whose init residualises the base weight in a form orthotune's PiSSA computes: PiSSA or OLoRA."""
+    init = str(cfg.get("init_lora_weights", True)).lower()
+    return init.startswith("pissa") or init == "olora"
 
 
 def _lora_config_in(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -133,14 +140,22 @@ def _lora_config_in(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def _pissa_config_in(cfg: dict[str, Any]) -> dict[str, Any]:
-    init = str(cfg["init_lora_weights"])
-    if init.lower() != "pissa":
-        raise ValueError(
-            f"a peft PiSSA adapter with init_lora_weights={init!r} depends on the random sketch svd_lowrank drew when "
-            "it was created, which cannot be reproduced. Convert it to plain LoRA in peft first: save_pretrained(path, "
-            "path_initial_model_for_weight_conversion=<the initial adapter>), then load that with from_peft"
-        )
-    return {**_lora_fields(cfg), "svd_niter": None}
+    init = str(cfg["init_lora_weights"]).lower()
+    if init == "olora":
+        return {**_lora_fields(cfg), "factorization": "qr"}
+    if init == "pissa":
+        return {**_lora_fields(cfg), "svd_niter": None}
+    niter = init.removeprefix("pissa_niter_")
+    if not niter.isdigit():
+        raise ValueError(f"init_lora_weights={init!r} is neither 'pissa' nor 'pissa_niter_K' (K a number), as peft requires")
+    warnings.warn(
+        f"init_lora_weights={init!r}: as peft does on loading this folder, the principal part A0, B0 is recomputed "
+        f"by a new random sketch (torch.svd_lowrank, niter={niter}), so the model differs from the one saved by that "
+        "sketch's error; for the exact model convert the folder to plain LoRA in peft (save_pretrained(path, "
+        "path_initial_model_for_weight_conversion=...))",
+        stacklevel=4,
+    )
+    return {**_lora_fields(cfg), "svd_niter": int(niter)}
 
 
 def _lora_tensors_in(config: AdapterConfig, layer: nn.Module, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -161,8 +176,15 @@ def _check_lora_kind(layer: nn.Module) -> None:
 
 
 def _pissa_tensors_in(config: AdapterConfig, layer: nn.Module, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    # peft recomputes A0, B0 from the base weights it is given, as it does on loading a PiSSA folder
-    A0, B0 = principal_factors(base_weight_matrix(layer).detach(), config.r, config.scaling, config.svd_niter)
+    # peft recomputes A0, B0 from the base weights it is given, as it does on loading a PiSSA or OLoRA folder
+    if config.factorization == "qr" and layer_kind(layer) != "linear":
+        raise ValueError(
+            f"peft's OLoRA factors the stored weight tensor as a matrix, which for a {layer_kind(layer)} is not the "
+            "(d_out, d_in) map orthotune adapts; OLoRA folders load for nn.Linear layers only"
+        )
+    A0, B0 = principal_factors(
+        base_weight_matrix(layer).detach(), config.r, config.scaling, config.svd_niter, config.factorization
+    )
     return {**_lora_tensors_in(config, layer, tensors), "lora_A0": A0, "lora_B0": B0}
 
 
@@ -539,10 +561,13 @@ FORMATS: dict[str, PeftFormat] = {
 
 
 # ---------------------------------------------------------------------------------------------- reading
-def read_peft(base: nn.Module, directory: str | Path) -> tuple[AdapterConfig, dict[str, nn.Module], dict[str, dict]]:
+def read_peft(
+    base: nn.Module, directory: str | Path, low_cpu_mem_usage: bool = False
+) -> tuple[AdapterConfig, dict[str, nn.Module], dict[str, dict]]:
     """Validate a peft folder against ``base`` and build orthotune modules for it; touches nothing in ``base``.
 
-    Returns what :func:`orthotune.io.read_adapter` returns, for :func:`orthotune.model.attach_loaded`.
+    Returns what :func:`orthotune.io.read_adapter` returns, for :func:`orthotune.model.attach_loaded`
+    (``low_cpu_mem_usage`` as there).
     """
     directory = Path(directory)
     cfg = _read_peft_config(directory)
@@ -578,7 +603,7 @@ def read_peft(base: nn.Module, directory: str | Path) -> tuple[AdapterConfig, di
         except ValueError as err:
             raise ValueError(f"{directory}, module {lname!r}: {err}") from None
         state.update({f"{lname}.{k}": v for k, v in local.items()})
-    modules, saved_states = build_adapter(base, config, targets, state, directory, saved_for)
+    modules, saved_states = build_adapter(base, config, targets, state, directory, saved_for, low_cpu_mem_usage)
     return config, modules, saved_states
 
 

@@ -13,6 +13,9 @@ differences are exact zeros), keeps ``disable_adapter`` returning the true base 
 adapter folder self-contained. The difference form is one rank-2r pass like the plain
 ``[B, -B0][A; A0]``, but it never subtracts two large principal terms, so no precision is lost
 to cancellation in bf16/fp16 activations.
+
+``factorization="qr"`` is OLoRA (peft's ``init_lora_weights="olora"``): the same residual start from
+``W0 = Q R`` with ``A0 = R[:r]``, ``B0 = Q[:, :r]``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ..config import check_choice
 from .base import AdapterMethod, Base, cast_to
 from .lora import LoRAConfig
 
@@ -40,15 +44,32 @@ class PiSSAConfig(LoRAConfig):
         },
     )
 
+    factorization: str = field(
+        default="svd",
+        metadata={
+            "help": "'svd': PiSSA's principal singular factors. 'qr': OLoRA (Büyükakyüz 2024, arXiv:2406.01775, peft's "
+            "init_lora_weights='olora'): A0 = R[:r], B0 = Q[:, :r] of W0 = Q R, the same residual start."
+        },
+    )
+
     def validate(self) -> None:
         super().validate()
+        check_choice("factorization", self.factorization, ("svd", "qr"))
+        if self.factorization == "qr" and self.svd_niter is not None:
+            raise ValueError("svd_niter applies to factorization='svd'; leave it unset with factorization='qr' (OLoRA)")
         if self.svd_niter is not None and (isinstance(self.svd_niter, bool) or not isinstance(self.svd_niter, int) or self.svd_niter < 0):
             raise ValueError(f"svd_niter must be None (exact SVD) or an integer >= 0, got {self.svd_niter!r}")
 
 
-def principal_factors(weight: Tensor, r: int, scaling: float, niter: int | None = None) -> tuple[Tensor, Tensor]:
-    """``(A0, B0)`` in float32 with ``scaling * B0 @ A0`` the rank-r principal part of ``weight`` (d_out, d_in)."""
+def principal_factors(
+    weight: Tensor, r: int, scaling: float, niter: int | None = None, factorization: str = "svd"
+) -> tuple[Tensor, Tensor]:
+    """``(A0, B0)`` in float32 with ``scaling * B0 @ A0`` the rank-r principal part of ``weight`` (d_out, d_in);
+    with ``factorization="qr"`` OLoRA's ``(R[:r], Q[:, :r])``, unscaled, exactly as peft's ``olora_init``."""
     W = weight.float()
+    if factorization == "qr":
+        Q, R = torch.linalg.qr(W)
+        return R[:r].contiguous(), Q[:, :r].contiguous()
     if niter is None:
         U, S, Vh = torch.linalg.svd(W, full_matrices=False)
         U, S, Vh = U[:, :r], S[:r], Vh[:r]
@@ -67,7 +88,7 @@ class PiSSA(AdapterMethod):
     def __init__(self, config: PiSSAConfig, d_in: int, d_out: int, weight: Tensor) -> None:
         super().__init__(config, d_in, d_out, weight)
         self.scaling = config.scaling
-        A0, B0 = principal_factors(weight, config.r, self.scaling, config.svd_niter)
+        A0, B0 = principal_factors(weight, config.r, self.scaling, config.svd_niter, config.factorization)
         like = self._param_like(0, weight=weight)
         self.register_buffer("lora_A0", A0.to(like))
         self.register_buffer("lora_B0", B0.to(like))
