@@ -26,7 +26,10 @@ import orthotune
 from orthotune import batching, distributed
 
 transformers = pytest.importorskip("transformers")
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+pytestmark = [
+    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"),
+    pytest.mark.xdist_group("distributed"),  # one xdist worker builds the module fixtures (two spawned processes) once
+]
 
 STEPS, BATCH, SEQ, VOCAB = 3, 4, 8, 64
 TARGETS = ["q_proj", "v_proj", "down_proj"]

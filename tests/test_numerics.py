@@ -1,11 +1,16 @@
-"""Long low-precision training keeps exact rotations orthogonal: 10,000 optimizer steps per case.
+"""Long low-precision training keeps exact rotations orthogonal: 2,000 Adam steps at lr 5e-2 per case.
 
 Every case with ``orthogonal=True`` (tests/method_cases.py) trains one 24x24 layer in bfloat16 and
 one in float16 with its adapter parameters stored in that low precision (``autocast_adapter_dtype
 =False``: the hard case; the default keeps them in float32), towards a random rotation it cannot
-reach, so the optimizer keeps pushing for all 10,000 steps. Afterwards the rotation each method
+reach, so the optimizer keeps pushing for every step. Afterwards the rotation each method
 applies (its core is computed in float32) must be orthogonal within 1e-3 in the spectral norm and
 within 1e-3 of the float64 reference: the same trained parameters evaluated in float64.
+
+Each rotation is recomputed from its parameters at every step (nothing accumulates across steps),
+so what long training can break is the parameters it reaches: an Adam step moves a parameter by at
+most about lr, and 2,000 steps at 5e-2 allow the same travel (100 per entry) as the 10,000 steps at
+1e-2 this test ran before, in a fifth of the time.
 
 All layers of all cases train in one model (one loss, one backward, one step per optimizer), split
 over up to 4 worker processes; the time goes into the methods' per-layer cores.
@@ -30,7 +35,8 @@ from orthotune.registry import METHODS
 
 from .method_cases import CASES
 
-STEPS = 10_000
+STEPS = 2_000
+LR = 5e-2  # STEPS x LR = 100: the parameter travel of 10,000 steps at 1e-2
 WIDTH = 24  # the contract MLP's lin1: every case that runs on "mlp" fits it
 TOLERANCE = 1e-3
 ROWS = 4  # activation rows per step: the rotation is what is tested, not the batch
@@ -49,7 +55,7 @@ def spectral_error(R: torch.Tensor) -> float:
     return float(torch.linalg.matrix_norm(R.T @ R - torch.eye(R.shape[0], dtype=torch.float64), ord=2))
 
 
-def train_cases(indices: list[int], steps: int) -> list[dict]:
+def train_cases(indices: list[int], steps: int, lr: float = LR) -> list[dict]:
     """Train one layer per (case, variant) for ``steps`` steps; per layer, the orthogonality report."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -67,7 +73,7 @@ def train_cases(indices: list[int], steps: int) -> list[dict]:
     optimizers = []
     for v, (dtype, eps) in VARIANTS.items():
         params = [p for n in names if n.endswith(v) for p in layers[n].adapters[n].parameters()]
-        optimizers.append(torch.optim.Adam(params, lr=1e-2, eps=eps))
+        optimizers.append(torch.optim.Adam(params, lr=lr, eps=eps))
         orthotune.guard_finite(optimizers[-1], model, every=500)
     start, cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
@@ -118,12 +124,13 @@ def _run_workers(groups: list[list[int]]) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_orthogonality_survives_10000_low_precision_steps() -> None:
-    workers = max(1, min(4, len(os.sched_getaffinity(0)), len(ORTHOGONAL)))
+def test_orthogonality_survives_long_low_precision_training() -> None:
+    cores = len(os.sched_getaffinity(0)) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))  # xdist's other workers run too
+    workers = max(1, min(4, cores, len(ORTHOGONAL)))
     groups = [ORTHOGONAL[i::workers] for i in range(workers)]
     start = time.perf_counter()
     report = _run_workers(groups)
-    print(f"\n{STEPS} steps, {len(report)} layers in {workers} processes: {time.perf_counter() - start:.0f} s")
+    print(f"\n{STEPS} steps at lr {LR}, {len(report)} layers in {workers} processes: {time.perf_counter() - start:.0f} s")
     print(f"{'case':48} {'dtype':5} {'|R^T R - I|_2':>14} {'|R - R64|_2':>12} {'param norm':>10} {'CPU ms/layer-step':>18}")
     for r in report:
         print(

@@ -18,7 +18,7 @@ def test_setup_is_two_commands_and_ci_runs_the_second() -> None:
     commands = setup_commands()
     assert len(commands) == 2 and all("\n" not in c for c in commands), commands
     demo, tests = commands
-    assert demo.endswith("orthotune demo") and tests.endswith("python -m pytest -q")
+    assert demo.endswith("orthotune demo") and tests.endswith("python -m pytest -q -n auto --dist loadgroup")
     ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.strip() and not line.startswith("#")]
     assert ci[-1] == tests, f".ci/run must end with README's test command {tests!r}, got {ci[-1]!r}"
 

@@ -20,10 +20,13 @@ from orthotune.train.finetune import finetune, load_trained, merge_adapter
 from orthotune.train.pretrain import PretrainSpec, build_backbone, load_pretrained, pretrain
 from orthotune.train.runconfig import RunConfig
 
-pytestmark = pytest.mark.skipif(
-    not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file(),
-    reason="Fashion-MNIST is not installed: apt-get install dataset-fashion-mnist (.ci/run does it as root)",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file(),
+        reason="Fashion-MNIST is not installed: apt-get install dataset-fashion-mnist (.ci/run does it as root)",
+    ),
+    pytest.mark.xdist_group("recipes_images"),  # one xdist worker pretrains the module's ViT and DiT once
+]
 
 
 @pytest.fixture(scope="module")
