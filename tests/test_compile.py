@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import orthotune
+from orthotune.methods.base import AdapterMethod
 from orthotune.registry import METHODS
 
 from .method_cases import CASES
@@ -49,10 +50,18 @@ def _model_with_every_case() -> tuple[orthotune.OrthoModel, list[str]]:
 
 
 @pytest.mark.slow  # ~70 s of CPU: two traces (forward and backward, then evaluation) of 23 adapters
-def test_every_method_compiles_to_one_graph_per_mode_without_recompiling() -> None:
+def test_every_method_compiles_to_one_graph_per_mode_without_recompiling(monkeypatch: pytest.MonkeyPatch) -> None:
     from torch._dynamo.utils import counters
 
     model, names = _model_with_every_case()
+    fallbacks: list[str] = []  # methods whose layer computed its own core (traced or run) instead of the plan's
+    own_core = AdapterMethod.core
+
+    def counted(self: AdapterMethod, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
+        fallbacks.append(type(self).__name__)
+        return own_core(self, dtype)
+
+    monkeypatch.setattr(AdapterMethod, "core", counted)
     assert {n.split("_", 1)[1] for n in names} == set(METHODS), "every registered method is in the compiled model"
     batches = [torch.randint(3, 64, (2, 8), generator=torch.Generator().manual_seed(s)) for s in range(3)]
     params = [p for p in model.parameters() if p.requires_grad]
@@ -93,6 +102,8 @@ def test_every_method_compiles_to_one_graph_per_mode_without_recompiling() -> No
         eval_step(ids)
     assert counters["stats"]["unique_graphs"] == graphs, "a step recompiled (run with TORCH_LOGS=recompiles)"
     assert not counters["graph_break"], dict(counters["graph_break"])
+    per_layer = {type(m).__name__ for _, layer in model.adapter_layers() for m in layer.adapters.values() if m.core_key() is None}
+    assert per_layer and set(fallbacks) <= per_layer, f"compiled steps used per-layer cores of batched methods: {set(fallbacks) - per_layer}"
 
 
 def test_taylor_expm_with_fixed_squarings_traces_into_one_graph() -> None:

@@ -28,7 +28,7 @@ from torch import nn
 import orthotune
 from orthotune.registry import METHODS
 
-from .method_cases import CASES
+from .method_cases import CASES, run
 
 STEPS = 10_000
 WIDTH = 24  # the contract MLP's lin1: every case that runs on "mlp" fits it
@@ -72,7 +72,7 @@ def train_cases(indices: list[int], steps: int) -> list[dict]:
     start, cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
         # the rotation alone (an identity base): the frozen low-precision matmul would only add time
-        loss = sum((adapters[n](x[n], _identity).float() - target[n]).pow(2).mean() for n in names)
+        loss = sum((run(adapters[n], x[n], _identity).float() - target[n]).pow(2).mean() for n in names)
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         loss.backward()
