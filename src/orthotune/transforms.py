@@ -7,9 +7,9 @@ Each transform owns its parameters and applies ``T`` to row vectors in three mod
 * ``"unmerge"``: ``z T^{-1}`` (``= z T^T`` when ``T`` is exactly orthogonal).
 
 Small per-step cores (Cayley blocks, angles, WY cores) are computed in float32 (float64 stays
-float64, for gradchecks) and cast to the activations' dtype. Low-rank transforms also expose
-``T = I + A M B^T`` (:meth:`Transform.lowrank`), which the LOFT module folds with its support
-into the one form ``x + U M V^T``.
+float64, for gradchecks) and cast to the activations' dtype. The core of a low-rank transform is
+``(A, M, B)`` with ``T = I + A M B^T``, which the support rotation folds with its support into the
+one form ``x + U (M V^T) x``.
 """
 
 from __future__ import annotations
@@ -65,10 +65,6 @@ class Transform(nn.Module):
         """Transforms of one class and signature (parameter shapes, settings) share one :meth:`cores` call."""
         settings = sorted((k, v) for k, v in vars(self).items() if isinstance(v, (bool, int, float, str, type(None))))
         return tuple(p.shape for p in self.parameters()), tuple(settings)
-
-    def lowrank(self) -> tuple[Tensor, Tensor, Tensor] | None:
-        """``(A, M, B)`` with ``T = I + A M B^T`` for low-rank transforms, else None."""
-        return None
 
     def matrix(self) -> Tensor:
         """The dense ``T`` (dim x dim): rows of the identity through ``z -> z T``."""
@@ -273,10 +269,6 @@ class LowRankTransform(Transform):
     """A transform given as ``T = I + A M B^T``: applied and merged through the one form."""
 
     batchable = True
-
-    def lowrank(self) -> tuple[Tensor, Tensor, Tensor]:
-        A, M, B = self.core()
-        return A, M, B
 
     def act(self, core: tuple[Tensor, ...], z: Tensor, mode: Mode) -> Tensor:
         A, M, B = (t.to(z.dtype) for t in core)

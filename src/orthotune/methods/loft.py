@@ -4,7 +4,7 @@ Gao, Han, 2026, arXiv:2605.11872).
 ``W = W0 R``, ``R = I + P (T - I) P^T``: ``P`` (d_in x r, orthonormal) is the support, where the
 rotation acts; ``T`` (r x r, orthogonal) is the transform, what it does there. The two are chosen
 independently (:mod:`orthotune.supports`, :mod:`orthotune.transforms`); OFT, BOFT, HRA, PSOFT and
-GOFT are presets of this module (``methods/oft.py`` ... ``goft.py``), and LoCO is the full support
+GOFT are presets of its :class:`SupportRotation` (``methods/oft.py`` ... ``goft.py``), and LoCO is the full support
 with the ``"exp"`` transform.
 
 How ``R`` meets the activations, never as a d x d matrix:
