@@ -1,20 +1,20 @@
-"""Where a compiled training step's time goes for orthotune's rotations, and prototypes of the fix (issue 19).
+"""Where a compiled training step's time goes for orthotune's rotations (issue 19).
 
-    python benchmarks/compile_profile.py --out DIR [--layers 4] [--only loco,hra] [--budget 520]
+    python benchmarks/compile_profile.py --out DIR [--layers 4] [--only ROW;ROW] [--budget 520]
 
 Every row in one process, on the model of ``benchmarks/efficiency.py`` (random Llama, hidden 2048,
 bf16, batch 4 x 1024, all 7 projections, AdamW), eager and under ``torch.compile`` (default mode),
 ratios to peft LoRA r16 compiled. Variants of the per-step cores under compile:
 
-* ``per-layer`` (the library as it is): under compile ``batching.current`` falls back to each layer's
-  ``step_core()``, so the cores are computed layer by layer inside the graph (LoCO's ``expm`` is
-  ``torch.linalg.matrix_exp`` there).
-* ``per-layer, masked expm``: the same, with ``expm`` by Taylor + a fixed 20 masked squarings under compile.
-* ``graph plan``: a forward pre-hook traced into the compiled graph computes every group's cores in
-  one batched call (the library's ``step_cores``), and each layer reads its slice: the explicit
-  per-step plan of issue 19, inside the graph (masked expm).
-* ``eager plan``: the same batched cores computed eagerly before the compiled forward
-  (the base model's ``forward`` compiled, its hooks not), read by the graph as inputs.
+* ``plan`` (the library): ``torch.compile(model)``; the model's plan (:mod:`orthotune.plan`) traces
+  into the graph and computes every group's cores in one batched call, which each layer reads.
+* ``per-layer`` (ablation): the plan's hooks removed, so every layer computes its own ``core()``
+  inside the graph.
+* ``eager plan``: the plan's hooks run eagerly, the base model's ``forward`` compiled: the batched
+  cores are graph inputs.
+
+The ``plan_fallbacks`` column counts per-layer ``core()`` calls after setup (a ``plan`` row of a
+batched method should show none).
 
 Writes ``compile_profile.json``, ``compile_profile.md`` and ``profile.txt`` under ``--out`` (after each row,
 so a run cut short keeps what it measured) and prints the markdown table last.
@@ -40,105 +40,58 @@ sys.path.insert(0, str(Path(__file__).parent))
 import efficiency as eff  # noqa: E402
 
 import orthotune  # noqa: E402
-from orthotune import batching  # noqa: E402
-from orthotune.ops import skew  # noqa: E402
+from orthotune.methods.base import AdapterMethod  # noqa: E402
 
 LORA = "peft LoRA r16"
 FLOOR = "floor"
 
 
-# ---------------------------------------------------------------------------------------------- prototypes
-_CORES: list[tuple[torch.Tensor, ...]] = []  # this forward's batched cores, one entry per step_cores chunk
-_ORIGINAL_CURRENT = batching.current
+# ---------------------------------------------------------------------------------------------- variants
 FALLBACKS = [0]
-_ORIGINAL_EXPM = skew.expm
+_OWN_CORE = AdapterMethod.core
 
 
-def _plan_current(module: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """``batching.current`` reading this forward's planned cores (slot set on the module at setup)."""
-    slot = getattr(module, "_plan_slot", None)
-    if slot is not None and _CORES:
-        chunk, j = slot
-        return batching._cast(tuple(t[j] for t in _CORES[chunk]), dtype)
+def _counted_core(self: AdapterMethod, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
     FALLBACKS[0] += 1  # counted when traced (or run eagerly): a planned row should show none
-    return _ORIGINAL_CURRENT(module, dtype)
-
-
-def _masked_expm(X: torch.Tensor, max_squarings: int | None = None) -> torch.Tensor:
-    """``skew.expm`` with its capture path (Taylor + ``CAPTURED_SQUARINGS`` masked squarings) under compile."""
-    if not torch.compiler.is_compiling():
-        return _ORIGINAL_EXPM(X, max_squarings)
-    return skew.taylor_expm(X, max_squarings or skew.CAPTURED_SQUARINGS)
-
-
-class Plan:
-    """Prototype of the explicit per-step plan: the batched groups fixed at setup, cores computed per forward."""
-
-    def __init__(self, model: nn.Module) -> None:
-        groups, _ = batching._groups(model)
-        self.groups = [(cls, modules, dtype) for (cls, _, dtype), modules in groups.items()]
-        chunk = 0
-        for cls, modules, _ in self.groups:
-            with torch.no_grad():
-                chunks = cls.step_cores(modules)
-            for indices, _ in chunks:
-                for j, i in enumerate(indices):
-                    modules[i].__dict__["_plan_slot"] = (chunk, j)
-                chunk += 1
-
-    def compute(self) -> None:
-        _CORES.clear()
-        for cls, modules, dtype in self.groups:
-            for _, stacked in cls.step_cores(modules):
-                _CORES.append(batching._cast(stacked, dtype))
-
-
-def _drop_batching_hooks(inner: nn.Module) -> None:
-    for hooks in (inner._forward_pre_hooks, inner._forward_hooks):
-        for key, fn in list(hooks.items()):
-            if fn in (batching.refresh_hook, batching.end_hook):
-                del hooks[key]
-
-
-def apply_variant(model: nn.Module, variant: str, compile_kw: dict[str, Any]) -> Callable[..., Any]:
-    """The callable a step runs for ``variant`` (model built, prototypes installed)."""
-    if variant == "eager":
-        return model
-    inner = model.base_model if isinstance(model, orthotune.OrthoModel) else model
-    if variant in ("graph plan", "eager plan"):
-        plan = Plan(inner)
-        _drop_batching_hooks(inner)
-        inner.register_forward_pre_hook(lambda m, a: plan.compute())
-        inner.register_forward_hook(lambda m, a, o: _CORES.clear(), always_call=True)
-        if variant == "eager plan":  # hooks run eagerly, the forward compiled
-            inner.forward = torch.compile(inner.forward, **compile_kw)
-            return model
-    return torch.compile(model, **compile_kw)
+    return _OWN_CORE(self, dtype)
 
 
 @contextlib.contextmanager
-def patched(variant: str):
-    """Install the prototype's ``batching.current`` / ``skew.expm`` for one row."""
-    batching.current = _plan_current if "plan" in variant else _ORIGINAL_CURRENT
-    skew.expm = _masked_expm if ("masked" in variant or "plan" in variant) else _ORIGINAL_EXPM
+def counting_fallbacks():
+    """Count the per-layer ``core()`` calls of one row."""
+    AdapterMethod.core = _counted_core
     try:
         yield
     finally:
-        batching.current, skew.expm = _ORIGINAL_CURRENT, _ORIGINAL_EXPM
+        AdapterMethod.core = _OWN_CORE
+
+
+def apply_variant(model: nn.Module, variant: str, compile_kw: dict[str, Any]) -> Callable[..., Any]:
+    """The callable a step runs for ``variant`` (model built)."""
+    if variant == "eager":
+        return model
+    if variant == "per-layer" and isinstance(model, orthotune.OrthoModel):
+        model.plan.detach()
+    if variant == "eager plan":  # hooks run eagerly, the forward compiled
+        inner = model.base_model if isinstance(model, orthotune.OrthoModel) else model
+        inner.forward = torch.compile(inner.forward, **compile_kw)
+        return model
+    return torch.compile(model, **compile_kw)
 
 
 # ---------------------------------------------------------------------------------------------- rows
 @dataclass
 class Row:
     spec: str
-    variant: str  # eager | per-layer | per-layer, masked expm | graph plan | eager plan
+    variant: str  # eager | plan | per-layer | eager plan
     mode: str = "default"
 
     @property
     def name(self) -> str:
         if self.variant == "eager":
             return f"{self.spec}, eager"
-        return f"{self.spec}, compiled {self.variant}" + ("" if self.mode == "default" else f" [{self.mode}]")
+        variant = "" if self.variant == "plan" else f" {self.variant}"  # plain torch.compile(model): the library's path
+        return f"{self.spec}, compiled{variant}" + ("" if self.mode == "default" else f" [{self.mode}]")
 
 
 SPECS: dict[str, eff.Builder | None] = {
@@ -155,14 +108,13 @@ ROTATIONS = ["LoCO k3 r6 exact", "HRA r8", "OFT b32", "LoCO k3 r6 approx"]
 
 def rows_in_order() -> list[Row]:
     """Most informative first: a run cut short by its budget keeps the rows that decide."""
-    rows = [Row(LORA, "per-layer"), Row(FLOOR, "per-layer")]
+    rows = [Row(LORA, "plan"), Row(FLOOR, "plan")]
     for s in ROTATIONS:
-        rows += [Row(s, "per-layer"), Row(s, "graph plan"), Row(s, "eager plan")]
-    rows += [Row("orthotune LoRA r16", "per-layer")]
+        rows += [Row(s, "plan"), Row(s, "per-layer"), Row(s, "eager plan")]
+    rows += [Row("orthotune LoRA r16", "plan")]
     rows += [Row(s, "eager") for s in SPECS]
-    rows += [Row(s, "graph plan", "max-autotune-no-cudagraphs") for s in ("LoCO k3 r6 exact", "HRA r8")]
-    rows += [Row(LORA, "per-layer", "max-autotune-no-cudagraphs")]
-    rows += [Row("LoCO k3 r6 exact", "per-layer, masked expm")]  # 56 unrolled 20-squaring loops: slow to compile
+    rows += [Row(s, "plan", "max-autotune-no-cudagraphs") for s in ("LoCO k3 r6 exact", "HRA r8")]
+    rows += [Row(LORA, "plan", "max-autotune-no-cudagraphs")]
     return rows
 
 
@@ -190,7 +142,7 @@ def run_row(row: Row, shape: eff.Shape, warmup: int, steps: int, device: str, ba
     from torch._dynamo.utils import counters
 
     counters.clear()
-    with patched(row.variant):
+    with counting_fallbacks():
         step, params = make_step(row, shape, ids, device, backend)
         FALLBACKS[0] = 0  # get_model's finite-init probe calls each layer once, before any plan exists
         t0 = time.perf_counter()
@@ -212,7 +164,7 @@ def run_row(row: Row, shape: eff.Shape, warmup: int, steps: int, device: str, ba
 
 def profile_rows(step: Callable[[], Any], name: str, variant: str) -> str:
     """Top kernels, kernel count and host synchronisations of 3 compiled steps."""
-    with patched(variant):
+    with counting_fallbacks():
         for _ in range(2):
             step()
         events, wall, gpu, launches = eff.profile_steps(step)
@@ -226,8 +178,8 @@ def profile_rows(step: Callable[[], Any], name: str, variant: str) -> str:
 # ---------------------------------------------------------------------------------------------- report
 def ratios(rows: list[dict[str, Any]]) -> None:
     by = {(r["spec"], r["variant"], r["mode"]): r for r in rows if r.get("median_ms")}
-    lora = by.get((LORA, "per-layer", "default"))
-    floor = by.get((FLOOR, "per-layer", "default"))
+    lora = by.get((LORA, "plan", "default"))
+    floor = by.get((FLOOR, "plan", "default"))
     lora_e = by.get((LORA, "eager", "default"))
     for r in rows:
         if r.get("median_ms"):
@@ -268,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--budget", type=float, default=520.0, help="seconds: no new row starts after this")
     ap.add_argument("--only", default="", help="';'-separated row names to run (default: all)")
-    ap.add_argument("--profile", default="LoCO k3 r6 exact, compiled per-layer;LoCO k3 r6 exact, compiled graph plan",
+    ap.add_argument("--profile", default="LoCO k3 r6 exact, compiled per-layer;LoCO k3 r6 exact, compiled",
                     help="';'-separated row names to profile")
     args = ap.parse_args(argv)
     start = time.perf_counter()

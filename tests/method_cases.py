@@ -11,6 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import torch
+from torch import nn
+
+from orthotune.methods.base import Base
+
 
 @dataclass(frozen=True)
 class Case:
@@ -52,3 +57,8 @@ CASES: list[Case] = [
     Case("psoft", dict(r=4), lambda i, o: 4 * 3 // 2 + 2 * 4),
     Case("goft", dict(), lambda i, o: i - 1, orthogonal=True),
 ]
+
+
+def run(method: nn.Module, x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """One method on its own: ``forward(x, base, core)`` with ``base = fn`` and the method's own core."""
+    return method(x, Base(fn), method.core(x.dtype))

@@ -12,7 +12,7 @@ from orthotune.combine import LOWRANK_TYPES
 from orthotune.registry import METHODS
 
 from .conftest import MLP, MODELS
-from .method_cases import CASES, Case
+from .method_cases import CASES, Case, run
 
 TARGETS = ["lin0", "lin1", "lin2"]
 
@@ -31,7 +31,7 @@ def delta(model: orthotune.OrthoModel, name: str, lname: str) -> torch.Tensor:
     W = layer.weight_matrix().double()
     eye = torch.eye(layer.d_in, dtype=torch.float64)
     with torch.no_grad():
-        return (layer.adapters[name](eye, lambda z: z @ W.T) - eye @ W.T).T
+        return (run(layer.adapters[name], eye, lambda z: z @ W.T) - eye @ W.T).T
 
 
 # ---------------------------------------------------------------------- LoRA against peft

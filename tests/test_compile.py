@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import orthotune
+from orthotune.methods.base import AdapterMethod
 from orthotune.registry import METHODS
 
 from .method_cases import CASES
@@ -93,6 +94,43 @@ def test_every_method_compiles_to_one_graph_per_mode_without_recompiling() -> No
         eval_step(ids)
     assert counters["stats"]["unique_graphs"] == graphs, "a step recompiled (run with TORCH_LOGS=recompiles)"
     assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+def test_compiled_step_uses_the_planned_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plan traces into the graph: no layer of a batched method computes its own core there (one
+    adapter per registered method, each on its own layer of a small MLP, all active)."""
+    torch.manual_seed(0)
+    width = 16
+    cases = list({c.method: c for c in CASES if "mlp" in c.models}.values())
+    base = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in cases])
+    model, names = None, []
+    for i, case in enumerate(cases):
+        config = METHODS[case.method][0](target_modules=[str(i)], init_identity=False, **case.kwargs)
+        if model is None:
+            model = orthotune.get_model(base, config, adapter_name=case.method)
+        else:
+            model.add_adapter(case.method, config)
+        names.append(case.method)
+    model.set_adapter(names)
+    assert set(names) == set(METHODS)
+    fallbacks: list[str] = []  # methods whose layer computed its own core (when traced) instead of the plan's
+    own_core = AdapterMethod.core
+
+    def counted(self: AdapterMethod, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
+        fallbacks.append(type(self).__name__)
+        return own_core(self, dtype)
+
+    monkeypatch.setattr(AdapterMethod, "core", counted)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x = torch.randn(3, width)
+    y = compiled(x)
+    y.square().sum().backward()
+    per_layer = {type(m).__name__ for _, layer in model.adapter_layers() for m in layer.adapters.values() if m.core_key() is None}
+    batched = {type(m).__name__ for _, layer in model.adapter_layers() for m in layer.adapters.values()} - per_layer
+    assert {"LoCO", "LoRA", "OFT", "HRA"} <= batched
+    assert set(fallbacks) <= per_layer, f"compiled step used per-layer cores of batched methods: {set(fallbacks) - per_layer}"
+    assert not any(layer.planned for _, layer in model.adapter_layers())  # under compile the plan ends with the forward
 
 
 def test_taylor_expm_with_fixed_squarings_traces_into_one_graph() -> None:

@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import orthotune
-from orthotune import batching, distributed
+from orthotune import distributed
 
 transformers = pytest.importorskip("transformers")
 pytestmark = [
@@ -81,9 +81,8 @@ def _train_and_save(rank: int, world: int, strategy: str, out: Path) -> None:
     wrapped = distributed.wrap(model, strategy)
     train(wrapped, rank, world)
     report: dict = {"trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad)}
-    with torch.no_grad():
-        model(input_ids=probe())  # which layers got a batched core in this forward
-    report["batched"] = sum(m in batching._CACHE for m in model.modules() if hasattr(m, "core_key"))
+    model(input_ids=probe())  # with autograd and no backward: the layers keep this forward's planned cores
+    report["batched"] = sum(len(layer.planned) for _, layer in model.adapter_layers())
     report["base_change"] = max(
         float((distributed._full(p.detach()) - frozen[n]).abs().max()) for n, p in model.named_parameters() if not p.requires_grad
     )
@@ -147,7 +146,7 @@ def test_two_processes_match_one(strategy, spawned, reference) -> None:
         assert all(".adapters.default." in n for n in report["trainable"]) and report["trainable"]
         assert report["base_change"] == 0.0  # only adapters train; the frozen base is not touched
         assert report["reload_error"] == 0.0
-        # DDP: the batching hook computes every layer's core in one call; FSDP: each sharded block computes its own
+        # DDP: the model's plan computes every layer's core in one call; FSDP: each sharded block computes its own
         assert report["batched"] == (2 * len(TARGETS) if strategy == "ddp" else 0)
         torch.testing.assert_close(r["logits"], ref_logits, rtol=1e-4, atol=1e-5)
         if strategy == "ddp":

@@ -18,6 +18,8 @@ from orthotune.supports import CoordinateSupport, DenseSupport, FullSupport
 
 from .test_loft_ops import givens_dense
 
+from .method_cases import run
+
 f64 = torch.float64
 TRANSFORMS = [
     dict(transform="cayley"),
@@ -61,7 +63,7 @@ def test_rotation_is_support_times_transform(support: dict, transform: dict) -> 
     assert (R - eye_d).abs().max() > 1e-3  # it rotates
     x = torch.randn(3, 5, module.d_in, dtype=f64)
     W = torch.randn(module.d_out, module.d_in, dtype=f64)
-    assert torch.allclose(module(x, lambda z: z @ W.T), x @ (W @ R).T, atol=1e-12)
+    assert torch.allclose(run(module, x, lambda z: z @ W.T), x @ (W @ R).T, atol=1e-12)
     assert torch.allclose(module.merged_weight(W), W @ R, atol=1e-12)
     # R^{-1} = R^T relies on P^T P = I, which float32-built supports hold to ~1e-7
     assert torch.allclose(module.unmerged_weight(W @ R), W, atol=1e-5)
@@ -85,9 +87,9 @@ def test_support_paths_agree() -> None:
     """The same T on the same coordinates: gather/scatter (coordinate) and one form (dense P) agree."""
     coord = make(support="coordinate", r=6, transform="givens")
     dense = copy.deepcopy(coord)
-    dense.support = DenseSupport(basis(coord).clone())
+    dense.support, dense.path = DenseSupport(basis(coord).clone()), "one_form"  # the path follows the support
     x = torch.randn(4, 16, dtype=f64)
-    assert torch.allclose(coord(x, lambda z: z), dense(x, lambda z: z), atol=1e-12)
+    assert torch.allclose(run(coord, x, lambda z: z), run(dense, x, lambda z: z), atol=1e-12)
 
 
 def test_loco_is_loft_with_the_full_support_and_the_exponential() -> None:
@@ -99,7 +101,7 @@ def test_loco_is_loft_with_the_full_support_and_the_exponential() -> None:
         loft.transform.U.copy_(loco.U)
         loft.transform.V.copy_(loco.V)
     x = torch.randn(5, 20)
-    assert torch.allclose(loft(x, lambda z: z @ W.T), loco(x, lambda z: z @ W.T), atol=1e-6)
+    assert torch.allclose(run(loft, x, lambda z: z @ W.T), run(loco, x, lambda z: z @ W.T), atol=1e-6)
     assert torch.allclose(loft.merged_weight(W), loco.merged_weight(W), atol=1e-6)
 
 
@@ -108,7 +110,7 @@ def test_goft_layer_equals_dense_givens_product() -> None:
     module = GOFT(GOFTConfig(init_identity=False), 13, 7, W.float()).double()
     T = givens_dense(module.transform.theta.detach(), 13)
     x = torch.randn(4, 13, dtype=f64)
-    assert torch.allclose(module(x, lambda z: z @ W.T), x @ (W @ T).T, atol=1e-12)
+    assert torch.allclose(run(module, x, lambda z: z @ W.T), x @ (W @ T).T, atol=1e-12)
     assert torch.allclose(module.merged_weight(W), W @ T, atol=1e-12)
 
 
@@ -129,7 +131,7 @@ def test_training_path_never_forms_d_by_d(cfg) -> None:
     d = 100_000  # a d x d float32 matrix would need 40 GB
     module = orthotune.METHODS[cfg.method][1](cfg.replace(init_identity=False), d, 4, torch.zeros(4, d))
     W = torch.randn(4, d) / d**0.5
-    y = module(torch.randn(3, d), lambda z: z @ W.T)
+    y = run(module, torch.randn(3, d), lambda z: z @ W.T)
     y.sum().backward()
     assert all(p.grad is not None for p in module.parameters())
     assert module.merged_weight(W).shape == W.shape and module.unmerged_weight(W).shape == W.shape
@@ -213,8 +215,8 @@ def test_multiplicative_dropout_only_in_training(cfg) -> None:
     if hasattr(module, "boft_s"):
         nn.init.ones_(module.boft_s)  # keep BOFT's output scale out of the comparison
     x = torch.randn(3, 16)
-    eval_out = module.eval()(x, lambda z: z)
-    train_out = module.train()(x, lambda z: z)
+    eval_out = run(module.eval(), x, lambda z: z)
+    train_out = run(module.train(), x, lambda z: z)
     rotated = ~torch.isclose(train_out, x).reshape(3, 8, 2).all(-1).all(0)
     assert int(rotated.sum()) == 4  # half the blocks were the identity
     assert not torch.isclose(eval_out, x).reshape(3, 8, 2).all(-1).all(0).any()
@@ -235,7 +237,7 @@ def test_boft_composed_blocks_equal_the_factor_path(monkeypatch: pytest.MonkeyPa
     for training in (False, True):
         for module in (composed, factors):
             torch.manual_seed(1)  # the same blocks dropped on both paths
-            out = module.train(training)(x, lambda z: z)
+            out = run(module.train(training), x, lambda z: z)
             (grad,) = torch.autograd.grad(out.square().sum(), module.transform.weight)
             outputs[training, module is composed] = out, grad
         for a, b in zip(outputs[training, True], outputs[training, False]):

@@ -120,7 +120,7 @@ def test_butterfly_compose_equals_dense_product_and_factors(dim: int, b: int, m:
     s = butterfly.block_span(b, m)
     perms = butterfly.butterfly_permutations(dim, b, m)
     inv = torch.argsort(perms, -1)
-    blocks = butterfly_blocks(dim, b, m, 2)  # two layers stacked, as Butterfly.stack_cores does
+    blocks = butterfly_blocks(dim, b, m, 2)  # two layers stacked, as Butterfly.cores does
     composed = butterfly.compose(blocks, perms, s)
     assert composed.shape == (2, dim // s, s, s)
     z = torch.randn(3, dim, dtype=f64)

@@ -33,7 +33,7 @@ from torch import nn
 import orthotune
 from orthotune.registry import METHODS
 
-from .method_cases import CASES
+from .method_cases import CASES, run
 
 STEPS = 2_000
 LR = 5e-2  # STEPS x LR = 100: the parameter travel of 10,000 steps at 1e-2
@@ -78,7 +78,7 @@ def train_cases(indices: list[int], steps: int, lr: float = LR) -> list[dict]:
     start, cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
         # the rotation alone (an identity base): the frozen low-precision matmul would only add time
-        loss = sum((adapters[n](x[n], _identity).float() - target[n]).pow(2).mean() for n in names)
+        loss = sum((run(adapters[n], x[n], _identity).float() - target[n]).pow(2).mean() for n in names)
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -12,9 +12,9 @@ full tensors first (a collective), then rank 0 alone writes the folder atomicall
 all ranks wait at a barrier, so the folder is complete when any rank goes on. The folder is an
 ordinary adapter: ``orthotune.load_adapter(base, folder)`` loads it in one process.
 
-Batched cores (:mod:`orthotune.batching`) work unchanged under DDP. Under FSDP the parameters are
-shards (DTensors) until each block's own forward gathers them, so the batching hook leaves those
-layers alone and each computes its core inside its block (same values, per layer).
+The model's per-step plan (:mod:`orthotune.plan`) works unchanged under DDP. Under FSDP the parameters
+are shards (DTensors) until each block's own forward gathers them, so the plan leaves those layers
+alone and each computes its core inside its block (same values, per layer).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from . import batching
+from . import plan
 from .config import check_choice
 from .model import OrthoModel
 
@@ -177,7 +177,7 @@ def wrap(
     for unit in units + [model]:
         _check_uniform_trainable_dtype(unit, units)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    batching.clear(model)  # cores cached before sharding must not outlive the parameters they came from
+    plan.clear(model)  # cores cached before sharding must not outlive the parameters they came from
     for unit in units:
         fully_shard(unit, mesh=mesh)
     fully_shard(model, mesh=mesh)

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import batching
+from . import plan
 
 LossFn = Callable[[nn.Module, Mapping[str, Any]], Tensor]
 
@@ -102,7 +102,7 @@ class GraphedStep:
         else:
             self._load(batch)
         self._graph.replay()
-        batching.clear(self.model)
+        plan.clear(self.model)
         return self._loss.detach().clone()
 
     # ------------------------------------------------------------------------------------ internals

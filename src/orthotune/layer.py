@@ -3,9 +3,14 @@
 Composition of active adapters is defined on weights: with adapters ``a_1 .. a_n`` active (in
 that order) the layer computes ``f_n(... f_1(W0))`` where ``f_i`` is ``a_i``'s weight map
 (``W -> W R_i`` for rotations, ``W -> W + dW_i`` for additive updates). On activations this is
-``F_i(x) = a_i.forward(x, F_{i-1})``, ``F_0(x) = W0 x``: for rotations ``W0 R_1 R_2 ... R_n x``,
+``F_i(x) = a_i.forward(x, F_{i-1}, core_i)``, ``F_0(x) = W0 x``: for rotations ``W0 R_1 R_2 ... R_n x``,
 so the rotation of the last active adapter touches ``x`` first. Merging folds them in the same
 order, so merged and unmerged outputs agree.
+
+Each adapter's core (the per-step tensors its forward needs) comes from the model's plan
+(:mod:`orthotune.plan`), which leaves it in :attr:`AdapterLayer.planned` for the forward that
+computed it; without one (a direct layer call, an FSDP shard, a recompute after the plan ended)
+the layer asks the method for ``core()``: the same values.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from torch import Tensor, nn
 
 from . import quantized
 from .merge_precision import in_float64, merge_dtype
-from .methods.base import AdapterMethod, Base
+from .methods.base import AdapterMethod, Base, Core, cast
 from .mixed import BASE, MixedBatch, grouped
 from .offload import offload_hook, onloaded, write_back
 from .ops import lowrank
@@ -89,6 +94,16 @@ class AdapterLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.disabled = False
         self.mixed: MixedBatch | None = None  # set for the duration of a mixed-adapter forward (mixed.py)
+        #: adapter name -> its core, set by the model's plan for the forward (and backward) that computed it
+        self.planned: dict[str, Core] = {}
+        #: adapter name -> (U, weight key, W0 U): the inference fold, valid while U and the base weight are unchanged
+        self.folds: dict[str, tuple[Tensor, tuple[int, int, torch.dtype], Tensor]] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles carry no per-step cores (a training core is part of an autograd graph)."""
+        state = dict(self.__dict__)
+        state["planned"], state["folds"] = {}, {}
+        return state
 
     # Attributes that transformers and user code read off a linear layer.
     @property
@@ -139,22 +154,25 @@ class AdapterLayer(nn.Module):
         if offload_hook(self.base_layer) is not None:  # accelerate offloads it: store it where accelerate reads it
             write_back(self.base_layer, "weight", w)
 
-    def _forward_adapters(self) -> list[AdapterMethod]:
-        if self.mixed is not None:  # a mixed batch runs each named adapter on its rows (batching computes their cores)
-            return [self.adapters[n] for n in dict.fromkeys(self.mixed.names) if n in self.adapters]
-        return [self.adapters[n] for n in self.active_adapters if n in self.adapters and n not in self.merged_adapters]
+    def forward_names(self) -> list[str]:
+        """The adapters the next forward runs through (a mixed batch: every name it holds), in order."""
+        if self.disabled:
+            return []
+        if self.mixed is not None:
+            return [n for n in dict.fromkeys(self.mixed.names) if n in self.adapters]
+        return [n for n in self.active_adapters if n in self.adapters and n not in self.merged_adapters]
 
-    def _sample_adapters(self, name: str) -> list[AdapterMethod]:
+    def _sample_adapters(self, name: str) -> list[str]:
         """What one group of a mixed batch runs through: its adapter, or nothing (base, or not adapted here)."""
-        return [self.adapters[name]] if name != BASE and name in self.adapters else []
+        return [name] if name != BASE and name in self.adapters else []
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         if self.mixed is not None and not self.disabled:
             return grouped(x, self.mixed, lambda name, rows: self._run(rows, self._sample_adapters(name), *args, **kwargs))
-        return self._run(x, [] if self.disabled else self._forward_adapters(), *args, **kwargs)
+        return self._run(x, self.forward_names(), *args, **kwargs)
 
-    def _run(self, x: Tensor, adapters: list[AdapterMethod], *args: Any, **kwargs: Any) -> Tensor:
-        """The layer with ``adapters`` composed in order on the frozen base."""
+    def _run(self, x: Tensor, adapters: list[str], *args: Any, **kwargs: Any) -> Tensor:
+        """The layer with the named ``adapters`` composed in order on the frozen base."""
         if not adapters:
             return self.base_layer(x, *args, **kwargs)
         if offload_hook(self.base_layer) is not None:
@@ -162,17 +180,20 @@ class AdapterLayer(nn.Module):
                 return self._adapted_forward(x, adapters)
         return self._adapted_forward(x, adapters)
 
-    def _adapted_forward(self, x: Tensor, adapters: list[AdapterMethod]) -> Tensor:
+    def _adapted_forward(self, x: Tensor, adapters: list[str]) -> Tensor:
         if self.kind in MERGED_KINDS:
             W = self.weight_matrix()
             W = W.to(torch.promote_types(W.dtype, torch.float32))  # float32 at least (float64 stays)
-            for a in adapters:
-                W = a.merged_weight(W)
+            for n in adapters:
+                W = self.adapters[n].merged_weight(W)
             return self._apply_weight(x, W.reshape(self.base_layer.weight.shape))
-        fn: Base = self._base_no_bias
-        for a in adapters:
-            fn = _compose(a, fn)
-        out = fn(x)
+        base: Base = FrozenBase(self, adapters[0])
+        for n in adapters:
+            method = self.adapters[n]
+            core = self.planned.get(n)
+            core = method.core(x.dtype) if core is None else cast(core, x.dtype)
+            base = _compose(method, base, core)
+        out = base(x)
         bias = self.base_layer.bias
         return out if bias is None else out + bias
 
@@ -182,6 +203,32 @@ class AdapterLayer(nn.Module):
         if self.kind == "embedding":  # the frozen base needs no sparse gradient; the adapters' are dense
             return F.embedding(x, w.to(base.weight.dtype), base.padding_idx, None, 2.0, base.scale_grad_by_freq)
         return base._conv_forward(x, w.to(x.dtype), base.bias)
+
+    def frozen_matrix(self) -> Tensor | None:
+        """The frozen (d_out, d_in) weight an additive update may be folded into, or None: a quantised weight
+        (folding would dequantise it every step) or an offloaded one (a new tensor each call, which nothing
+        keyed on it, such as :attr:`folds`, may outlive)."""
+        if quantized.is_quantized(self.base_layer) or offload_hook(self.base_layer) is not None:
+            return None
+        return self.weight_matrix()
+
+    def inference_fold(self, name: str, U: Tensor, *others: Tensor) -> Tensor | None:
+        """``W0 U`` for adapter ``name`` applied directly on the frozen weight, memoised in :attr:`folds`
+        while ``U`` is the same tensor (the plan reuses inference cores) and the weight is unchanged; None
+        under autograd or ``torch.compile`` (see :meth:`Base.fold`)."""
+        if torch.compiler.is_compiling() or lowrank.tracked(U, *others):  # training forwards stop here
+            return None
+        W0 = self.frozen_matrix()
+        if W0 is None or lowrank.tracked(W0):
+            return None
+        key = (W0.data_ptr(), W0._version, W0.dtype)
+        memo = self.folds.get(name)
+        if memo is not None and memo[0] is U and memo[1] == key:
+            return memo[2]
+        dtype = torch.promote_types(torch.promote_types(W0.dtype, U.dtype), torch.float32)  # float32 at least
+        W0U = (W0.to(dtype) @ U.to(dtype)).to(U.dtype)
+        self.folds[name] = (U, key, W0U)
+        return W0U
 
     def _base_no_bias(self, x: Tensor) -> Tensor:
         if quantized.is_quantized(self.base_layer):
@@ -237,44 +284,26 @@ class AdapterLayer(nn.Module):
         return f"kind={self.kind}, active={self.active_adapters}, merged={self.merged_adapters}"
 
 
-def frozen_weight(base: Base) -> Tensor | None:
-    """The frozen (d_out, d_in) weight that ``base`` multiplies by, when ``base`` is a layer's own frozen
-    map (no other adapter composed inside it); else None. Lets an additive method fold its update into
-    the weight (one matmul instead of two) without changing the result."""
-    layer = getattr(base, "__self__", None)
-    if (
-        isinstance(layer, AdapterLayer)
-        and getattr(base, "__func__", None) is AdapterLayer._base_no_bias
-        and not quantized.is_quantized(layer.base_layer)  # folding would dequantise it every step
-    ):
-        # an offloaded weight is a new tensor each call: nothing keyed on it (inference_fold's memo) may outlive it
-        return layer.weight_matrix() if offload_hook(layer.base_layer) is None else None
-    return None
+class FrozenBase(Base):
+    """The layer's own frozen map without bias, as the first adapter ``name`` sees it: its weight and its fold."""
+
+    def __init__(self, layer: AdapterLayer, name: str) -> None:
+        self.layer = layer
+        self.name = name
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.layer._base_no_bias(x)
+
+    @property
+    def weight(self) -> Tensor | None:  # type: ignore[override]
+        return self.layer.frozen_matrix()
+
+    def fold(self, U: Tensor, *others: Tensor) -> Tensor | None:
+        return self.layer.inference_fold(self.name, U, *others)
 
 
-def inference_fold(module: nn.Module, base: Base, U: Tensor, *others: Tensor) -> Tensor | None:
-    """``W0 U`` for serving an input rotation ``I + U Wt`` as ``base(x) + (x Wt^T) (W0 U)^T``
-    (:func:`~orthotune.ops.lowrank.rotated_base`), or None where that does not apply: under autograd
-    (``U`` or ``others`` tracked, or a trainable base), under ``torch.compile``, or when ``base`` is not
-    the layer's own frozen map. Memoised on ``module`` while ``U`` is the same tensor (inference reuses
-    its batched core until a parameter changes) and the base weight is unchanged."""
-    if torch.compiler.is_compiling() or lowrank.tracked(U, *others):  # training forwards stop here
-        return None
-    W0 = frozen_weight(base)
-    if W0 is None or lowrank.tracked(W0):
-        return None
-    key = (W0.data_ptr(), W0._version, W0.dtype)
-    memo = module.__dict__.get("_inference_fold")
-    if memo is not None and memo[0] is U and memo[1] == key:
-        return memo[2]
-    dtype = torch.promote_types(torch.promote_types(W0.dtype, U.dtype), torch.float32)  # float32 at least
-    W0U = (W0.to(dtype) @ U.to(dtype)).to(U.dtype)
-    module.__dict__["_inference_fold"] = (U, key, W0U)
-    return W0U
-
-
-def _compose(adapter: AdapterMethod, inner: Base) -> Base:
-    return lambda z: adapter(z, inner)
+def _compose(adapter: AdapterMethod, inner: Base, core: Core) -> Base:
+    return Base(lambda z: adapter(z, inner, core))
 
 
 class ModulesToSave(nn.Module):

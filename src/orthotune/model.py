@@ -19,11 +19,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import batching, mixed, quantized
+from . import mixed, quantized
+from .plan import Plan
 from .config import AdapterConfig
 from .finite import all_finite
 from .inject import find_modules_to_save, find_targets, unwrap_all, wrap
 from .layer import AdapterLayer, ModulesToSave, base_weight_matrix, layer_dims
+from .methods.base import Base
 from .offload import onloaded
 from .registry import method_class
 from .task_type import saved_patterns
@@ -51,7 +53,8 @@ class OrthoModel(nn.Module):
                 for p in trainable:  # a failed get_model leaves the user's model as it was
                     p.requires_grad_(True)
                 raise
-        batching.attach(model)  # per-step cores of all layers in one batched call per forward
+        self.plan = Plan()  # per-step cores of all layers in batched calls at the start of every forward
+        self.plan.attach(model)
         if config is not None:
             self.set_adapter(adapter_name)
         if _is_checkpointing(model):
@@ -733,7 +736,8 @@ def _check_finite_init(adapter_name: str, modules: dict[str, nn.Module], bases: 
             W = base_weight_matrix(bases[lname])
             try:
                 if method.activation_path:
-                    probes[lname] = method(torch.ones(1, W.shape[1], dtype=W.dtype, device=W.device), lambda z, W=W: z @ W.T)
+                    probes[lname] = method(torch.ones(1, W.shape[1], dtype=W.dtype, device=W.device),
+                                            Base(lambda z, W=W: z @ W.T), method.core(W.dtype))
                 else:
                     probes[lname] = method.merged_weight(W.float())
             except ValueError:

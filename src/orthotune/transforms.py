@@ -7,9 +7,9 @@ Each transform owns its parameters and applies ``T`` to row vectors in three mod
 * ``"unmerge"``: ``z T^{-1}`` (``= z T^T`` when ``T`` is exactly orthogonal).
 
 Small per-step cores (Cayley blocks, angles, WY cores) are computed in float32 (float64 stays
-float64, for gradchecks) and cast to the activations' dtype. Low-rank transforms also expose
-``T = I + A M B^T`` (:meth:`Transform.lowrank`), which the LOFT module folds with its support
-into the one form ``x + U M V^T``.
+float64, for gradchecks) and cast to the activations' dtype. The core of a low-rank transform is
+``(A, M, B)`` with ``T = I + A M B^T``, which the support rotation folds with its support into the
+one form ``x + U (M V^T) x``.
 """
 
 from __future__ import annotations
@@ -42,33 +42,29 @@ class Transform(nn.Module):
     def reset(self, identity: bool) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    #: Whether :meth:`stack_cores` computes the per-step cores of many transforms at once.
+    #: Whether :meth:`cores` computes the per-step cores of many transforms at once.
     batchable: bool = False
 
     def rotate(self, z: Tensor, mode: Mode) -> Tensor:
-        return self.apply_core(self.core(), z, mode)
+        return self.act(self.core(), z, mode)
 
-    def apply_core(self, core: tuple[Tensor, ...], z: Tensor, mode: Mode) -> Tensor:  # pragma: no cover - abstract
-        """``z T^T`` / ``z T`` / ``z T^{-1}`` from this step's :meth:`core` (not ``nn.Module.apply``)."""
+    def act(self, core: tuple[Tensor, ...], z: Tensor, mode: Mode) -> Tensor:  # pragma: no cover - abstract
+        """``z T^T`` / ``z T`` / ``z T^{-1}`` from this step's :meth:`core` (the transform acting on rows ``z``)."""
         raise NotImplementedError
 
     def core(self) -> tuple[Tensor, ...]:
-        """The per-step tensors :meth:`apply` needs (float32): the batched computation for one transform."""
-        return tuple(t[0] for t in type(self).stack_cores([self]))
+        """The per-step tensors :meth:`act` needs (float32): the batched computation for one transform."""
+        return tuple(t[0] for t in type(self).cores([self]))
 
     @classmethod
-    def stack_cores(cls, transforms: list[Transform]) -> tuple[Tensor, ...]:  # pragma: no cover - abstract
+    def cores(cls, transforms: list[Transform]) -> tuple[Tensor, ...]:  # pragma: no cover - abstract
         """:meth:`core` of many transforms of one :meth:`signature`, stacked on a new first dimension."""
         raise NotImplementedError
 
     def signature(self) -> tuple:
-        """Transforms of one class and signature (parameter shapes, settings) share one :meth:`stack_cores` call."""
+        """Transforms of one class and signature (parameter shapes, settings) share one :meth:`cores` call."""
         settings = sorted((k, v) for k, v in vars(self).items() if isinstance(v, (bool, int, float, str, type(None))))
         return tuple(p.shape for p in self.parameters()), tuple(settings)
-
-    def lowrank(self) -> tuple[Tensor, Tensor, Tensor] | None:
-        """``(A, M, B)`` with ``T = I + A M B^T`` for low-rank transforms, else None."""
-        return None
 
     def matrix(self) -> Tensor:
         """The dense ``T`` (dim x dim): rows of the identity through ``z -> z T``."""
@@ -136,13 +132,13 @@ class BlockCayley(Transform):
         return self.core()[0]
 
     @classmethod
-    def stack_cores(cls, transforms: list[Transform]) -> tuple[Tensor]:
+    def cores(cls, transforms: list[Transform]) -> tuple[Tensor]:
         t = transforms[0]
         W = torch.stack([core_dtype(x.weight) for x in transforms])
         Q = cayley.skew_from_triu(W, t.rows, t.cols, t.block_size)
         return (cayley.cayley(Q) if t.exact else cayley.cayley_neumann(Q, t.neumann_terms),)
 
-    def apply_core(self, core: tuple[Tensor, ...], z: Tensor, mode: Mode) -> Tensor:
+    def act(self, core: tuple[Tensor, ...], z: Tensor, mode: Mode) -> Tensor:
         (B,) = core
         if mode == "forward" and self.training and self.dropout > 0:
             B = cayley.drop_blocks(B[None], self.dropout)[0]
@@ -206,7 +202,7 @@ class Butterfly(Transform):
         return self.core()[0]
 
     @classmethod
-    def stack_cores(cls, transforms: list[Transform]) -> tuple[Tensor] | tuple[Tensor, Tensor]:
+    def cores(cls, transforms: list[Transform]) -> tuple[Tensor] | tuple[Tensor, Tensor]:
         """The factors' blocks (L, m, n, b, b), and with :attr:`composed` ``T``'s (L, dim/s, s, s) blocks."""
         t = transforms[0]
         W = torch.stack([core_dtype(x.weight) for x in transforms])
@@ -217,7 +213,7 @@ class Butterfly(Transform):
         B = cayley.cayley(Q)
         return (B, butterfly.compose(B, t.perms, t.span)) if t.composed else (B,)
 
-    def apply_core(self, core: tuple[Tensor, ...], z: Tensor, mode: Mode) -> Tensor:
+    def act(self, core: tuple[Tensor, ...], z: Tensor, mode: Mode) -> Tensor:
         B = core[0]
         R = core[1] if self.composed else None
         if mode == "forward" and self.training and self.dropout > 0:  # dropout acts on the factors' blocks
@@ -257,12 +253,12 @@ class Givens(Transform):
     batchable = True
 
     @classmethod
-    def stack_cores(cls, transforms: list[Transform]) -> tuple[Tensor, Tensor]:
+    def cores(cls, transforms: list[Transform]) -> tuple[Tensor, Tensor]:
         t = transforms[0]
         C, S = givens.coefficients(torch.stack([core_dtype(x.theta) for x in transforms]), t.angle_index, t.sign)
         return givens.compact(C, S, t.partner, t.block) if t.block else (C, S)
 
-    def apply_core(self, core: tuple[Tensor, ...], z: Tensor, mode: Mode) -> Tensor:
+    def act(self, core: tuple[Tensor, ...], z: Tensor, mode: Mode) -> Tensor:
         a, b = (c.to(z.dtype) for c in core)
         if self.block:
             return givens.apply_compact(z, a, b, self.high_idx, transpose=mode == "merge")
@@ -274,11 +270,7 @@ class LowRankTransform(Transform):
 
     batchable = True
 
-    def lowrank(self) -> tuple[Tensor, Tensor, Tensor]:
-        A, M, B = self.core()
-        return A, M, B
-
-    def apply_core(self, core: tuple[Tensor, ...], z: Tensor, mode: Mode) -> Tensor:
+    def act(self, core: tuple[Tensor, ...], z: Tensor, mode: Mode) -> Tensor:
         A, M, B = (t.to(z.dtype) for t in core)
         if mode == "merge":
             return lowrank.merge_right(z, A, M, B)
@@ -310,7 +302,7 @@ class Householder(LowRankTransform):
                 nn.init.kaiming_uniform_(self.u, a=math.sqrt(5))
 
     @classmethod
-    def stack_cores(cls, transforms: list[Transform]) -> tuple[Tensor, Tensor, Tensor]:
+    def cores(cls, transforms: list[Transform]) -> tuple[Tensor, Tensor, Tensor]:
         u = torch.stack([core_dtype(x.u) for x in transforms])
         return householder.gram_schmidt_core(u) if transforms[0].gram_schmidt else householder.reflection_core(u)
 
@@ -338,7 +330,7 @@ class SkewExp(LowRankTransform):
                 nn.init.normal_(self.U, std=0.5 / math.sqrt(self.dim))
 
     @classmethod
-    def stack_cores(cls, transforms: list[Transform]) -> tuple[Tensor, Tensor, Tensor]:
+    def cores(cls, transforms: list[Transform]) -> tuple[Tensor, Tensor, Tensor]:
         U = torch.stack([core_dtype(x.U) for x in transforms])
         V = torch.stack([core_dtype(x.V) for x in transforms])
         A, B, M = skew.chain_core(*skew.skew_exp_factors(U, V))

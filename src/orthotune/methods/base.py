@@ -1,18 +1,24 @@
 """What a method is: one adapter on one frozen weight, its parameters and its math, nothing else.
 
 The shared wrapper (:mod:`orthotune.layer`) owns adapter names, activity, merge state, dtypes and
-devices; a method only answers three questions:
+devices; the model's per-step plan (:mod:`orthotune.plan`) computes the cores. A method answers:
 
-* ``forward(x, base)``: the adapted layer on activations, given ``base`` (the frozen layer, or the
-  previously composed adapters, without bias). Rotations call ``base(R x)``; additive methods
-  return ``base(x) + delta(x)``.
+* ``cores(modules, dtype)`` (classmethod): its **core**, the per-step tensors its forward needs
+  (LoCO's ``(U, M V^T)``, LoRA's ``(A, s B)``, OFT's Cayley blocks), for many layers in batched
+  calls; ``core()`` is the same for one layer, so a layer alone runs the same code.
+  ``core_key()``: layers whose methods have equal class, key and compute dtype share one call
+  (None: per layer).
+* ``forward(x, base, core)``: the adapted layer on activations, pure math on its arguments:
+  ``base`` (:class:`Base`) is the frozen layer or the previously composed adapters, without bias.
+  Rotations call ``base(R x)``; additive methods return ``base(x) + delta(x)``.
 * ``merged_weight(W)`` / ``unmerged_weight(W)``: the weight map ``W -> W'`` (float32, W of shape
-  (d_out, d_in)) and its inverse, so that ``forward(x, lambda z: z @ W.T) == x @ merged_weight(W).T``.
+  (d_out, d_in)) and its inverse, so that ``forward(x, Base(lambda z: z @ W.T), core()) == x @ merged_weight(W).T``.
 * identity at init (``init_identity=True``) and a perturbed start otherwise.
 """
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -20,7 +26,30 @@ from torch import Tensor, nn
 
 from ..config import AdapterConfig
 
-Base = Callable[[Tensor], Tensor]
+#: The per-step tensors one layer's forward needs, computed from its parameters (see the module docstring).
+Core = tuple[Tensor, ...]
+
+
+class Base:
+    """What a method composes onto: callable ``base(x)`` (the frozen map or the adapters composed so far).
+
+    ``weight`` is the frozen (d_out, d_in) weight when ``base`` is the layer's own plain frozen map
+    (so an additive update may be folded into it), else None; :meth:`fold` is the layer's memoised
+    ``W0 U`` for inference (None where it does not apply). A plain ``Base(fn)`` has neither.
+    """
+
+    weight: Tensor | None = None
+
+    def __init__(self, fn: Callable[[Tensor], Tensor]) -> None:
+        self.fn = fn
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.fn(x)
+
+    def fold(self, U: Tensor, *others: Tensor) -> Tensor | None:
+        """``W0 U`` for serving ``base(x R^T)``, ``R = I + U (M V^T)``, as ``base(x) + (x (M V^T)^T) (W0 U)^T``;
+        None under autograd (``U`` or ``others`` tracked) or when ``base`` is not a plain frozen weight."""
+        return None
 
 
 class AdapterMethod(nn.Module):
@@ -42,7 +71,22 @@ class AdapterMethod(nn.Module):
     def check_layer(cls, config: AdapterConfig, d_in: int, d_out: int, name: str) -> None:
         """Raise ValueError if ``config`` cannot adapt a (d_out x d_in) layer called ``name``."""
 
-    def forward(self, x: Tensor, base: Base) -> Tensor:  # pragma: no cover - abstract
+    def core_key(self) -> Hashable | None:
+        """Methods of one class, key and compute dtype get their cores in one batched call; None: per layer."""
+        return None
+
+    @classmethod
+    def cores(cls, modules: list[AdapterMethod], dtype: torch.dtype | None = None) -> list[Core]:  # pragma: no cover - abstract
+        """The cores of ``modules`` (one class, one :meth:`core_key`) in batched calls, floating tensors cast
+        once to ``dtype`` (None: as computed); gradients flow through them to every module's parameters."""
+        raise NotImplementedError
+
+    def core(self, dtype: torch.dtype | None = None) -> Core:
+        """This layer's core: :meth:`cores` of one module, the same code path as a batched plan."""
+        return type(self).cores([self], dtype)[0]
+
+    def forward(self, x: Tensor, base: Base, core: Core) -> Tensor:  # pragma: no cover - abstract
+        """The adapted layer on ``x`` from ``base`` and this step's ``core``."""
         raise NotImplementedError
 
     def merged_weight(self, W: Tensor) -> Tensor:  # pragma: no cover - abstract
@@ -65,6 +109,23 @@ class AdapterMethod(nn.Module):
         if not dtype.is_floating_point:
             dtype = torch.float32
         return torch.empty(*shape, dtype=dtype, device=weight.device)
+
+
+def cast(core: Core, dtype: torch.dtype | None) -> Core:
+    """``core`` with its floating tensors in ``dtype`` (None: unchanged)."""
+    if dtype is None:
+        return core
+    return tuple(t if t.dtype == dtype or not t.is_floating_point() else t.to(dtype) for t in core)
+
+
+def split(stacked: Core, dtype: torch.dtype | None = None) -> list[Core]:
+    """Per-layer cores from tensors stacked along a new first dimension, cast once to ``dtype`` first."""
+    return list(zip(*(t.unbind(0) for t in cast(stacked, dtype))))
+
+
+def each(modules: list[AdapterMethod], dtype: torch.dtype | None, core: Callable[[Any], Core]) -> list[Core]:
+    """:meth:`AdapterMethod.cores` of methods without a batched form: ``core(module)`` per module, cast."""
+    return [cast(core(m), dtype) for m in modules]
 
 
 def cast_to(x: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:

@@ -20,8 +20,8 @@ from torch import Tensor, nn
 from ..config import AdapterConfig, check_dropout, check_positive_int
 from ..supports import FullSupport
 from ..transforms import Butterfly, Transform
-from .base import Base, cast_to
-from .loft import LOFT, FoldOption
+from .base import Base, Core, cast_to
+from .loft import SupportRotation, FoldOption
 
 
 @dataclass
@@ -49,7 +49,7 @@ class BOFTConfig(FoldOption, AdapterConfig):
         return self.boft_block_size or d_in // self.boft_block_num
 
 
-class BOFT(LOFT):
+class BOFT(SupportRotation):
     """Butterfly rotation of the input, then peft's per-output scale."""
 
     config_class = BOFTConfig
@@ -75,9 +75,9 @@ class BOFT(LOFT):
             raise ValueError(f"BOFT boft_block_num={config.boft_block_num} does not divide d_in={d_in} of {name!r}")
         Butterfly.check(d_in, config.block(d_in), config.boft_n_butterfly_factor, name)
 
-    def forward(self, x: Tensor, base: Base) -> Tensor:
+    def forward(self, x: Tensor, base: Base, core: Core) -> Tensor:
         (s,) = cast_to(x, self.boft_s)
-        return super().forward(x, lambda z: base(z) * s.squeeze(-1))
+        return super().forward(x, Base(lambda z: base(z) * s.squeeze(-1)), core)
 
     def merged_weight(self, W: Tensor) -> Tensor:
         return self.boft_s.to(W.dtype) * super().merged_weight(W)

@@ -14,7 +14,7 @@ from torch import Tensor
 from ..config import AdapterConfig
 from ..supports import FullSupport
 from ..transforms import Givens, Transform
-from .loft import LOFT, FoldOption
+from .loft import SupportRotation, FoldOption
 
 
 @dataclass
@@ -24,7 +24,7 @@ class GOFTConfig(FoldOption, AdapterConfig):
     method = "goft"
 
 
-class GOFT(LOFT):
+class GOFT(SupportRotation):
     """A product of Givens rotations on the input: one gather and two multiply-adds per layer."""
 
     config_class = GOFTConfig

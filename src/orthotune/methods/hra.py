@@ -18,7 +18,7 @@ from ..config import AdapterConfig, check_positive_int
 from ..ops.householder import orthogonality_penalty
 from ..supports import FullSupport
 from ..transforms import Householder, Transform
-from .loft import LOFT
+from .loft import SupportRotation
 
 
 @dataclass
@@ -49,7 +49,7 @@ class HRAConfig(AdapterConfig):
             )
 
 
-class HRA(LOFT):
+class HRA(SupportRotation):
     """A chain of reflections on the input, as one low-rank core per step."""
 
     config_class = HRAConfig

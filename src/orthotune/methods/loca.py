@@ -23,9 +23,8 @@ from torch import Tensor, nn
 import torch.nn.functional as F
 
 from ..config import AdapterConfig, check_choice, check_dropout, check_positive_int
-from ..layer import frozen_weight
 from ..ops import spectral
-from .base import AdapterMethod, Base, cast_to
+from .base import AdapterMethod, Base, Core
 
 COMPUTE = ("auto", "lowrank", "dense")
 
@@ -134,11 +133,15 @@ class SparseSpectrum(AdapterMethod):
         """``dW`` (d_out x d_in): one (d_out x m)(m x d_in) product."""
         return spectral.sparse_delta(*self.factors(self.spectrum.to(device=device, dtype=dtype)))
 
-    def forward(self, x: Tensor, base: Base) -> Tensor:
-        (c,) = cast_to(x, self.spectrum)
-        P, Q, c = self.factors(c)
+    @classmethod
+    def cores(cls, modules: list[SparseSpectrum], dtype: torch.dtype | None = None) -> list[Core]:
+        """``(P, Q, c_eff)`` of :meth:`factors` per layer, from the spectrum in ``dtype``."""
+        return [m.factors(m.spectrum if dtype is None else m.spectrum.to(dtype)) for m in modules]
+
+    def forward(self, x: Tensor, base: Base, core: Core) -> Tensor:
+        P, Q, c = core
         # Folding dW into the frozen weight needs that weight, and no dropout on the update's input.
-        W = frozen_weight(base) if isinstance(self.dropout, nn.Identity) or not self.training else None
+        W = base.weight if isinstance(self.dropout, nn.Identity) or not self.training else None
         compute = self.config.compute
         if compute == "auto":
             grad = torch.is_grad_enabled() and c.requires_grad

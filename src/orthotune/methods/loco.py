@@ -23,11 +23,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .. import batching
 from ..config import AdapterConfig, check_choice, check_positive_int
-from ..layer import inference_fold
 from ..ops import lowrank, skew
-from .base import AdapterMethod, Base
+from .base import AdapterMethod, Base, Core, split
 
 MODES = ("exact", "sequential", "approx")
 
@@ -102,28 +100,15 @@ class LoCO(AdapterMethod):
             U, V = U.float(), V.float()
         return skew.skew_exp_factors(U, V)
 
-    def core(self) -> tuple[Tensor, Tensor, Tensor]:
-        """``(U, M, V)`` with ``R = I + U M V^T`` for this config's mode (exact chain or exp of the sum)."""
-        A, B, C = self.factors()
-        if self.config.mode == "approx":
-            Uc, Vc, M = skew.sum_exp_core(A, B)
-        else:
-            Uc, Vc, M = skew.chain_core(A, B, C)
-        return Uc, M, Vc
-
     def core_key(self) -> tuple:
         """LoCO layers of one mode, chain length and rank share one batched core per step, whatever their width."""
         c = self.config
         return (c.mode, c.chain_length, c.rank, self.U.dtype, self.U.device)
 
-    def step_core(self) -> tuple[Tensor, Tensor]:
-        """What forward applies: ``(U, Wt)`` with ``R x = x + U Wt x`` (``Wt = M V^T``); per factor in sequential mode."""
-        ((U, W),) = _step_cores(self.config.mode, [(self.U[None], self.V[None])])
-        return U[0], W[0]
-
     @classmethod
-    def step_cores(cls, modules: list[LoCO]) -> list[tuple[list[int], tuple[Tensor, Tensor]]]:
-        """:meth:`step_core` of many layers: stacked per width, the small cores of all widths in one computation."""
+    def cores(cls, modules: list[LoCO], dtype: torch.dtype | None = None) -> list[Core]:
+        """``(U, MVt)`` with ``R x = x + U (MVt x)``, ``MVt = M V^T`` (exact, approx); in sequential mode
+        ``(A_i, C_i B_i^T)`` stacked per factor. Stacked per width, the small cores of all widths in one computation."""
         widths: dict[int, list[int]] = {}
         for i, m in enumerate(modules):
             widths.setdefault(m.d_in, []).append(i)
@@ -133,35 +118,50 @@ class LoCO(AdapterMethod):
             # slices of one tensor, which autograd hands to the parameters without a copy each.
             both = torch.stack([modules[i].U for i in idx] + [modules[i].V for i in idx])
             stacks.append((both[: len(idx)], both[len(idx) :]))
-        return list(zip(widths.values(), _step_cores(modules[0].config.mode, stacks)))
+        out: list[Core] = [()] * len(modules)
+        for idx, stacked in zip(widths.values(), _chain_cores(modules[0].config.mode, stacks)):
+            for i, core in zip(idx, split(stacked, dtype)):
+                out[i] = core
+        return out
 
-    def forward(self, x: Tensor, base: Base) -> Tensor:
-        U, W = batching.current(self, x.dtype)
+    def forward(self, x: Tensor, base: Base, core: Core) -> Tensor:
+        U, MVt = core
         if self.config.mode == "sequential":  # R = R_1 ... R_k: factor k meets x first
             for i in reversed(range(U.shape[0])):
-                x = lowrank.rotate_rows(x, U[i], W[i])
+                x = lowrank.rotate_rows(x, U[i], MVt[i])
             return base(x)
-        return lowrank.rotated_base(x, U, W, base, inference_fold(self, base, U, W, x))
+        return lowrank.rotated_base(x, U, MVt, base, base.fold(U, MVt, x))
 
     def merged_weight(self, W: Tensor) -> Tensor:
-        U, M, V = self.core()
-        return lowrank.merge_right(W, U.to(W.dtype), M.to(W.dtype), V.to(W.dtype))
+        U, MVt = (t.to(W.dtype) for t in self.core())
+        if self.config.mode == "sequential":  # W R_1 R_2 ... R_k
+            for i in range(U.shape[0]):
+                W = W + (W @ U[i]) @ MVt[i]
+            return W
+        return W + (W @ U) @ MVt
 
     def unmerged_weight(self, W: Tensor) -> Tensor:
-        U, M, V = self.core()  # R^T = I + V M^T U^T
-        return lowrank.merge_right(W, V.to(W.dtype), M.T.to(W.dtype), U.to(W.dtype))
+        U, MVt = (t.to(W.dtype) for t in self.core())  # R^T = I + MVt^T U^T
+        if self.config.mode == "sequential":  # W R_k^T ... R_1^T
+            for i in reversed(range(U.shape[0])):
+                W = W + (W @ MVt[i].mT) @ U[i].mT
+            return W
+        return W + (W @ MVt.mT) @ U.mT
 
     def rotation(self) -> Tensor:
-        return lowrank.materialize(*self.core())
+        eye = torch.eye(self.d_in, dtype=self.U.dtype if self.U.dtype == torch.float64 else torch.float32,
+                        device=self.U.device)
+        return self.merged_weight(eye)
 
     def diagnostics(self) -> dict[str, Any]:
         with torch.no_grad():
-            report = {"orthogonality_error": float(lowrank.orthogonality_error(*self.core()))}
+            report = {"orthogonality_error": float(lowrank.one_form_error(*self.core()) if self.config.mode != "sequential"
+                                                   else lowrank.dense_orthogonality_error(self.rotation()))}
             report.update(approximation_error(self))
         return report
 
 
-def _step_cores(mode: str, stacks: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
+def _chain_cores(mode: str, stacks: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
     """Per-step cores of layers given as stacks ``(U, V)`` of shape (L, k, d, r), one stack per width.
 
     Only the Gram matrices ``B^T A`` (2kr x 2kr) depend on the width: they are computed per stack,

@@ -4,7 +4,7 @@ Gao, Han, 2026, arXiv:2605.11872).
 ``W = W0 R``, ``R = I + P (T - I) P^T``: ``P`` (d_in x r, orthonormal) is the support, where the
 rotation acts; ``T`` (r x r, orthogonal) is the transform, what it does there. The two are chosen
 independently (:mod:`orthotune.supports`, :mod:`orthotune.transforms`); OFT, BOFT, HRA, PSOFT and
-GOFT are presets of this module (``methods/oft.py`` ... ``goft.py``), and LoCO is the full support
+GOFT are presets of its :class:`SupportRotation` (``methods/oft.py`` ... ``goft.py``), and LoCO is the full support
 with the ``"exp"`` transform.
 
 How ``R`` meets the activations, never as a d x d matrix:
@@ -32,13 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import batching
 from ..config import AdapterConfig, check_choice, check_positive_int
 from ..ops import lowrank
 from ..supports import CoordinateSupport, DenseSupport, FullSupport, coordinate_basis, principal_basis, random_basis
 from ..transforms import BlockCayley, Butterfly, Givens, Householder, LowRankTransform, Mode, SkewExp, Transform
-from ..layer import frozen_weight, inference_fold
-from .base import AdapterMethod, Base, cast_to
+from .base import AdapterMethod, Base, Core, split
 
 SUPPORTS = ("principal", "gradient", "gradient_coordinate", "random", "coordinate", "full")
 TRANSFORMS = ("cayley", "exp", "givens", "householder", "butterfly")
@@ -128,10 +126,16 @@ class LOFTConfig(FoldOption, AdapterConfig):
             )
 
 
-class LOFT(AdapterMethod):
-    """``R = I + P (T - I) P^T`` on the input side; presets override ``build`` and ``check_layer``."""
+class SupportRotation(AdapterMethod):
+    """``R = I + P (T - I) P^T`` on the input side: a transform ``T`` in a support ``P`` (:meth:`build`).
 
-    config_class = LOFTConfig
+    The shared base of LOFT and its presets (OFT, BOFT, HRA, GOFT, PSOFT). How ``R`` meets the
+    activations (:attr:`path`) is chosen once, at construction, from the support, the transform and the
+    ``compute`` setting: ``"one_form"`` (``x + U (M V^T x)``; ``"one_form_dropout"`` with dropout on the
+    rotation's path), ``"structured"`` (``T`` itself on the full support), ``"folded"`` (``W0 T`` formed
+    once per call) or ``"coordinate"`` (gather, ``T``, scatter the change back).
+    """
+
     multiplicative = True
 
     def __init__(self, config: AdapterConfig, d_in: int, d_out: int, weight: Tensor) -> None:
@@ -139,9 +143,128 @@ class LOFT(AdapterMethod):
         like = self._param_like(0, weight=weight)
         self.support, self.transform = self.build(config, d_in, d_out, weight, like)
         self.transform.reset(config.init_identity)
-        self.path_dropout: nn.Module | None = None
+        self.path_dropout = self.build_dropout(config)
+        self.path = _path(self.support, self.transform, getattr(config, "compute", "activations"), self.path_dropout)
 
-    # ------------------------------------------------------------------ construction
+    @staticmethod
+    def build(config: AdapterConfig, d_in: int, d_out: int, weight: Tensor, like: Tensor) -> tuple[Support, Transform]:  # pragma: no cover - abstract
+        """The support and the (not yet initialised) transform for one layer."""
+        raise NotImplementedError
+
+    @staticmethod
+    def build_dropout(config: AdapterConfig) -> nn.Module | None:
+        """Dropout on the rotation's path (``x + U M V^T dropout(x)``), or None."""
+        return None
+
+    def _check_ready(self) -> None:
+        if not self.support.ready:
+            raise ValueError(
+                "this LOFT adapter's task-aware support is not selected yet: run "
+                "orthotune.select_supports(model, data_loader) before training or inference"
+            )
+
+    # ------------------------------------------------------------------ the core
+    def core_key(self) -> tuple | None:
+        """Layers of one path, transform signature, support kind and width share one batched core per step."""
+        if not self.transform.batchable or not self.support.ready:
+            return None
+        ref = next(self.transform.parameters())
+        return (self.path, type(self.transform), self.transform.signature(), type(self.support), self.d_in,
+                ref.dtype, ref.device)
+
+    @classmethod
+    def cores(cls, modules: list[SupportRotation], dtype: torch.dtype | None = None) -> list[Core]:
+        """The transforms' cores in one call; on the one-form paths folded with the supports into ``(U, MVt)``,
+        ``R = I + U MVt``, ``MVt = M V^T``."""
+        for m in modules:
+            m._check_ready()
+        core = type(modules[0].transform).cores([m.transform for m in modules])
+        if modules[0].path.startswith("one_form"):
+            core = _one_form(modules, core)
+        return split(core, dtype)
+
+    # ------------------------------------------------------------------ the paths
+    def forward(self, x: Tensor, base: Base, core: Core) -> Tensor:
+        return getattr(self, "_" + self.path)(x, base, core)
+
+    def _one_form(self, x: Tensor, base: Base, core: Core) -> Tensor:
+        U, MVt = core
+        return lowrank.rotated_base(x, U, MVt, base, base.fold(U, MVt, x))
+
+    def _one_form_dropout(self, x: Tensor, base: Base, core: Core) -> Tensor:
+        U, MVt = core
+        return base(x + (self.path_dropout(x) @ MVt.mT) @ U.mT)
+
+    def _structured(self, x: Tensor, base: Base, core: Core) -> Tensor:
+        return base(self.transform.act(core, x, "forward"))
+
+    def _folded(self, x: Tensor, base: Base, core: Core) -> Tensor:
+        """``y = x (W0 T)^T`` when ``base`` is the layer's own frozen weight (and no block dropout acts), else structured."""
+        W = base.weight
+        if W is None or (self.training and getattr(self.transform, "dropout", 0.0) > 0):
+            return self._structured(x, base, core)
+        return F.linear(x, self.transform.act(core, W.to(x.dtype), "merge"))
+
+    def _coordinate(self, x: Tensor, base: Base, core: Core) -> Tensor:
+        return base(self._scatter(core, x, "forward"))
+
+    def _scatter(self, core: Core, z: Tensor, mode: Mode) -> Tensor:
+        """``T`` on the support's coordinates of ``z``, the change scattered back."""
+        idx = self.support.index
+        sub = z.index_select(-1, idx)
+        return z.index_add(-1, idx, self.transform.act(core, sub, mode) - sub)
+
+    # ------------------------------------------------------------------ weights
+    def rotate_rows(self, W: Tensor, mode: Mode) -> Tensor:
+        """``W R`` (``mode="merge"``) or ``W R^{-1}`` (``"unmerge"``) for float weights ``W`` (n, d_in)."""
+        core = self.core()
+        if self.path == "coordinate":
+            return self._scatter(core, W, mode)
+        if not self.path.startswith("one_form"):
+            return self.transform.act(core, W, mode)
+        U, MVt = (t.to(W.dtype) for t in core)
+        if mode == "merge":
+            return W + (W @ U) @ MVt
+        if self.transform.exact:  # R^{-1} = R^T = I + MVt^T U^T
+            return W + (W @ MVt.mT) @ U.mT
+        # a non-orthogonal T on a dense support: R^{-1} = I + P (T^{-1} - I) P^T
+        T = self.transform.matrix().double()
+        M_inv = torch.linalg.inv(T) - torch.eye(T.shape[0], dtype=T.dtype, device=T.device)
+        return lowrank.merge_right(W, U, M_inv.to(W.dtype), U)
+
+    def merged_weight(self, W: Tensor) -> Tensor:
+        return self.rotate_rows(W, "merge")
+
+    def unmerged_weight(self, W: Tensor) -> Tensor:
+        return self.rotate_rows(W, "unmerge")
+
+    def rotation(self) -> Tensor:
+        ref = next(self.transform.parameters())
+        dtype = torch.float64 if ref.dtype == torch.float64 else torch.float32
+        return self.rotate_rows(torch.eye(self.d_in, dtype=dtype, device=ref.device), "merge")
+
+    def diagnostics(self) -> dict[str, Any]:
+        """Orthogonality error ``||R^T R - I||_F / sqrt(d_in)`` and the support.
+
+        From the one form in O(d m^2) where there is one; otherwise from the dense ``T`` (r x r, or
+        d_in x d_in for the full support: an inspection-time cost, never a training one).
+        """
+        with torch.no_grad():
+            if self.support.ready and self.path.startswith("one_form"):
+                err = float(lowrank.one_form_error(*self.core()))
+            else:
+                T = self.transform.matrix().double()
+                eye = torch.eye(T.shape[0], dtype=T.dtype, device=T.device)
+                err = float(torch.linalg.matrix_norm(T.T @ T - eye) / math.sqrt(self.d_in))
+        return {"orthogonality_error": err, "support": type(self.support).__name__, "support_dim": self.support.dim,
+                "support_selected": self.support.ready}
+
+
+class LOFT(SupportRotation):
+    """LOFT's configurable rotation: any support (:data:`SUPPORTS`) times any transform (:data:`TRANSFORMS`)."""
+
+    config_class = LOFTConfig
+
     @staticmethod
     def build(config: LOFTConfig, d_in: int, d_out: int, weight: Tensor, like: Tensor) -> tuple[Support, Transform]:
         """The support and the (not yet initialised) transform for one layer."""
@@ -183,149 +306,35 @@ class LOFT(AdapterMethod):
         elif t == "exp":
             SkewExp.check(r, config.generator_rank, name)
 
-    # ------------------------------------------------------------------ the rotation
-    def _lowrank_form(self) -> tuple[Tensor, Tensor, Tensor] | None:
-        """``(U, M, V)`` with ``R = I + U M V^T`` (float32 cores), or None for the structured paths."""
-        core = self.transform.lowrank()
-        if isinstance(self.support, DenseSupport):
-            P = self.support.P
-            P = P if P.dtype in (torch.float32, torch.float64) else P.float()
-            if core is not None and core[1].shape[-1] < self.support.dim:
-                A, M, B = core
-                return P @ A, M, P @ B
-            T = self.transform.matrix()
-            return P, T - torch.eye(T.shape[0], dtype=T.dtype, device=T.device), P
-        if isinstance(self.support, FullSupport):
-            return core
-        return None
 
-    def _rotate_structured(self, z: Tensor, mode: Mode) -> Tensor:
-        if isinstance(self.support, FullSupport):
-            return self.transform.rotate(z, mode)
-        idx = self.support.index
-        sub = z.index_select(-1, idx)
-        return z.index_add(-1, idx, self.transform.rotate(sub, mode) - sub)
 
-    def _check_ready(self) -> None:
-        if not self.support.ready:
-            raise ValueError(
-                "this LOFT adapter's task-aware support is not selected yet: run "
-                "orthotune.select_supports(model, data_loader) before training or inference"
-            )
+def _path(support: Support, transform: Transform, compute: str, dropout: nn.Module | None) -> str:
+    """How a rotation meets the activations (:class:`SupportRotation`), fixed at construction."""
+    if isinstance(support, DenseSupport) or (isinstance(support, FullSupport) and isinstance(transform, LowRankTransform)):
+        return "one_form" if dropout is None else "one_form_dropout"
+    if isinstance(support, CoordinateSupport):
+        return "coordinate"
+    return "folded" if compute == "weight" else "structured"
 
-    # ------------------------------------------------------------------ batched per-step cores
-    def core_key(self) -> tuple | None:
-        """LOFT layers of one transform signature and support kind share one batched core per step.
 
-        Coordinate supports and path dropout keep the per-layer path (None).
-        """
-        if self.path_dropout is not None or not self.transform.batchable or not self.support.ready:
-            return None
-        if not isinstance(self.support, (FullSupport, DenseSupport)):
-            return None
-        ref = next(self.transform.parameters())
-        return (type(self.transform), self.transform.signature(), type(self.support), self.d_in, ref.dtype, ref.device)
-
-    def step_core(self) -> tuple[Tensor, ...]:
-        """What forward applies: ``(U, M V^T)`` of the one form, or the structured transform's core."""
-        ((_, core),) = self.step_cores([self])
-        return tuple(t[0] for t in core)
-
-    @classmethod
-    def step_cores(cls, modules: list[LOFT]) -> list[tuple[range, tuple[Tensor, ...]]]:
-        """:meth:`step_core` of many layers of one :meth:`core_key`: the transforms' cores in one call."""
-        t = modules[0].transform
-        core = type(t).stack_cores([m.transform for m in modules])
-        lowrank_t = isinstance(t, LowRankTransform)
-        if isinstance(modules[0].support, FullSupport):
-            if lowrank_t:
-                A, M, B = core
-                core = (A, M @ B.mT)
-            return [(range(len(modules)), core)]
-        P = torch.stack([m.support.P for m in modules])
-        P = P if P.dtype in (torch.float32, torch.float64) else P.float()
-        if lowrank_t and core[1].shape[-1] < t.dim:
-            A, M, B = core
-            U, M, V = P @ A, M, P @ B
-        else:  # T - I on the support (dense r x r per layer, from each layer's slice of the batched core)
-            eye = torch.eye(t.dim, dtype=P.dtype, device=P.device)
-            T = torch.stack([m.transform.apply_core(tuple(c[i] for c in core), eye, "merge") for i, m in enumerate(modules)])
-            U, M, V = P, T - eye, P
-        return [(range(len(modules)), (U, M @ V.mT))]
-
-    def _batched(self) -> bool:
-        return self.path_dropout is None and self.transform.batchable and isinstance(self.support, (FullSupport, DenseSupport))
-
-    def forward(self, x: Tensor, base: Base) -> Tensor:
-        self._check_ready()
-        if self._batched():
-            core = batching.current(self, x.dtype)
-            if isinstance(self.support, DenseSupport) or isinstance(self.transform, LowRankTransform):
-                U, Wt = core
-                return lowrank.rotated_base(x, U, Wt, base, inference_fold(self, base, U, Wt, x))
-            W = self._fold_target(x, base)
-            if W is not None:  # y = x (W0 T)^T
-                return F.linear(x, self.transform.apply_core(core, W.to(x.dtype), "merge"))
-            return base(self.transform.apply_core(core, x, "forward"))
-        form = self._lowrank_form()
-        if form is None:
-            return base(self._rotate_structured(x, "forward"))
-        U, M, V = cast_to(x, *form)
-        if self.path_dropout is None:
-            return base(lowrank.apply_rows(x, U, M, V))
-        return base(x + ((self.path_dropout(x) @ V) @ M.mT) @ U.mT)
-
-    def _fold_target(self, x: Tensor, base: Base) -> Tensor | None:
-        """The frozen weight to fold a full-support structured ``T`` into this call, or None."""
-        if getattr(self.config, "compute", "activations") == "activations":
-            return None
-        if self.training and getattr(self.transform, "dropout", 0.0) > 0:
-            return None  # block dropout acts on the activation path only
-        return frozen_weight(base)
-
-    def rotate_rows(self, W: Tensor, mode: Mode) -> Tensor:
-        """``W R`` (``mode="merge"``) or ``W R^{-1}`` (``"unmerge"``) for float weights ``W`` (n, d_in)."""
-        self._check_ready()
-        form = self._lowrank_form()
-        if form is None:
-            return self._rotate_structured(W, mode)
-        U, M, V = (t.to(W.dtype) for t in form)
-        if mode == "merge":
-            return lowrank.merge_right(W, U, M, V)
-        if self.transform.exact:  # R^{-1} = R^T = I + V M^T U^T
-            return lowrank.merge_right(W, V, M.mT, U)
-        # a non-orthogonal T on a dense support: R^{-1} = I + P (T^{-1} - I) P^T
-        T = self.transform.matrix().double()
-        M_inv = torch.linalg.inv(T) - torch.eye(T.shape[0], dtype=T.dtype, device=T.device)
-        return lowrank.merge_right(W, U, M_inv.to(W.dtype), V)
-
-    def merged_weight(self, W: Tensor) -> Tensor:
-        return self.rotate_rows(W, "merge")
-
-    def unmerged_weight(self, W: Tensor) -> Tensor:
-        return self.rotate_rows(W, "unmerge")
-
-    def rotation(self) -> Tensor:
-        ref = next(self.transform.parameters())
-        dtype = torch.float64 if ref.dtype == torch.float64 else torch.float32
-        return self.rotate_rows(torch.eye(self.d_in, dtype=dtype, device=ref.device), "merge")
-
-    def diagnostics(self) -> dict[str, Any]:
-        """Orthogonality error ``||R^T R - I||_F / sqrt(d_in)`` and the support.
-
-        From the one form in O(d m^2) where there is one; otherwise from the dense ``T`` (r x r, or
-        d_in x d_in for the full support: an inspection-time cost, never a training one).
-        """
-        with torch.no_grad():
-            form = self._lowrank_form() if self.support.ready else None
-            if form is not None:
-                err = float(lowrank.orthogonality_error(*(t.double() for t in form)))
-            else:
-                T = self.transform.matrix().double()
-                eye = torch.eye(T.shape[0], dtype=T.dtype, device=T.device)
-                err = float(torch.linalg.matrix_norm(T.T @ T - eye) / math.sqrt(self.d_in))
-        return {"orthogonality_error": err, "support": type(self.support).__name__, "support_dim": self.support.dim,
-                "support_selected": self.support.ready}
+def _one_form(modules: list[SupportRotation], core: Core) -> Core:
+    """``(U, MVt)`` of many layers (stacked) from their transforms' stacked core: ``U = V = P``, ``M = T - I``
+    on a dense support (``U = P A``, ``V = P B`` when ``T = I + A M B^T`` is narrower than the support);
+    ``U = A``, ``V = B`` for a low-rank transform on the full support."""
+    t = modules[0].transform
+    lowrank_t = isinstance(t, LowRankTransform)
+    if isinstance(modules[0].support, FullSupport):
+        A, M, B = core
+        return A, M @ B.mT
+    P = torch.stack([m.support.P for m in modules])
+    P = P if P.dtype in (torch.float32, torch.float64) else P.float()
+    if lowrank_t and core[1].shape[-1] < t.dim:
+        A, M, B = core
+        return P @ A, M @ (P @ B).mT
+    # T - I on the support (dense r x r per layer, from each layer's slice of the batched core)
+    eye = torch.eye(t.dim, dtype=P.dtype, device=P.device)
+    T = torch.stack([m.transform.act(tuple(c[i] for c in core), eye, "merge") for i, m in enumerate(modules)])
+    return P, (T - eye) @ P.mT
 
 
 def _dim(config: LOFTConfig, d_in: int) -> int:

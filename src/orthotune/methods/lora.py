@@ -12,10 +12,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .. import batching
 from ..config import AdapterConfig, check_dropout, check_finite_number, check_positive_int
 from ..ops import lowrank
-from .base import AdapterMethod, Base
+from .base import AdapterMethod, Base, Core, split
 
 
 @dataclass
@@ -76,18 +75,15 @@ class LoRA(AdapterMethod):
         """LoRA layers of one shape and scale share one batched cast per step."""
         return (self.config.r, self.d_in, self.d_out, self.scaling, self.lora_A.dtype, self.lora_A.device)
 
-    def step_core(self) -> tuple[Tensor, Tensor]:
-        """``(A, s B)``: the factors forward applies, the scale folded into ``B``."""
-        return self.lora_A, self.scaling * self.lora_B
-
     @classmethod
-    def step_cores(cls, modules: list[LoRA]) -> list[tuple[range, tuple[Tensor, Tensor]]]:
+    def cores(cls, modules: list[LoRA], dtype: torch.dtype | None = None) -> list[Core]:
+        """``(A, s B)`` per layer: the factors forward applies, the scale folded into ``B``."""
         A = torch.stack([m.lora_A for m in modules])
         B = torch.stack([m.lora_B for m in modules])
-        return [(range(len(modules)), (A, modules[0].scaling * B))]
+        return split((A, modules[0].scaling * B), dtype)
 
-    def forward(self, x: Tensor, base: Base) -> Tensor:
-        A, B = batching.current(self, x.dtype)
+    def forward(self, x: Tensor, base: Base, core: Core) -> Tensor:
+        A, B = core
         # dropout=0 is nn.Identity: skip the module call (host time is what these layers cost on a GPU)
         return lowrank.add_lowrank(base(x), x if self.config.lora_dropout == 0 else self.dropout(x), A, B)
 

@@ -17,7 +17,7 @@ from torch import Tensor
 from ..config import AdapterConfig, check_dropout, check_positive_int
 from ..supports import FullSupport
 from ..transforms import BlockCayley, Transform
-from .loft import LOFT, FoldOption
+from .loft import SupportRotation, FoldOption
 
 
 @dataclass
@@ -54,7 +54,7 @@ class OFTConfig(FoldOption, AdapterConfig):
         return self.oft_block_size or d_in // self.r
 
 
-class OFT(LOFT):
+class OFT(SupportRotation):
     """Block-diagonal Cayley rotation of the input, applied as one batched contraction over blocks."""
 
     config_class = OFTConfig

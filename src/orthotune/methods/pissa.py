@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import check_choice
-from .base import AdapterMethod, Base, cast_to
+from .base import AdapterMethod, Base, Core, cast_to, each
 from .lora import LoRAConfig
 
 
@@ -124,8 +124,13 @@ class PiSSA(AdapterMethod):
         dtype = torch.promote_types(left.dtype, torch.float32)  # float32 at least (float64 stays)
         return self.scaling * (right.to(dtype) @ left.to(dtype))
 
-    def forward(self, x: Tensor, base: Base) -> Tensor:
-        left, right = cast_to(x, *self.factors())
+    @classmethod
+    def cores(cls, modules: list[PiSSA], dtype: torch.dtype | None = None) -> list[Core]:
+        """``(left, right)`` of :meth:`factors` per layer."""
+        return each(modules, dtype, lambda m: m.factors())
+
+    def forward(self, x: Tensor, base: Base, core: Core) -> Tensor:
+        left, right = core
         xd = self.dropout(x)
         out = base(x) + self.scaling * ((xd @ left.T) @ right.T)
         if self.training and isinstance(self.dropout, nn.Dropout):

@@ -20,7 +20,7 @@ from ..config import AdapterConfig, check_choice, check_dropout, check_positive_
 from ..ops import cayley
 from ..supports import DenseSupport, principal_basis
 from ..transforms import Mode, Transform, register_triu_indices, zero_or_normal, core_dtype
-from .loft import LOFT
+from .loft import SupportRotation
 
 
 @dataclass
@@ -88,7 +88,7 @@ class PSOFTTransform(Transform):
         return super().signature(), (c.psoft_orth, c.use_cayley_neumann, c.num_cayley_neumann_terms, c.cayley_neumann_eps)
 
     @classmethod
-    def stack_cores(cls, transforms: list[Transform]) -> tuple[Tensor]:
+    def cores(cls, transforms: list[Transform]) -> tuple[Tensor]:
         """``T`` (n, r, r) of every transform in one batched Cayley (float32)."""
         t = transforms[0]
         c = t.config
@@ -110,22 +110,21 @@ class PSOFTTransform(Transform):
             T = T * torch.stack([core_dtype(x.vector_a) for x in transforms])[..., None, :]
         return (T,)
 
-    def apply_core(self, core: tuple[Tensor, ...], z: Tensor, mode: Mode) -> Tensor:
+    def act(self, core: tuple[Tensor, ...], z: Tensor, mode: Mode) -> Tensor:
         (T,) = core
         if mode == "unmerge":
             return z @ torch.linalg.inv(T.double()).to(z.dtype)
         return z @ (T if mode == "merge" else T.mT).to(z.dtype)
 
 
-class PSOFT(LOFT):
+class PSOFT(SupportRotation):
     """A rotation (with magnitudes, a general invertible map) inside W0's principal subspace."""
 
     config_class = PSOFTConfig
 
-    def __init__(self, config: PSOFTConfig, d_in: int, d_out: int, weight: Tensor) -> None:
-        super().__init__(config, d_in, d_out, weight)
-        if config.psoft_dropout > 0:
-            self.path_dropout = nn.Dropout(config.psoft_dropout)
+    @staticmethod
+    def build_dropout(config: PSOFTConfig) -> nn.Module | None:
+        return nn.Dropout(config.psoft_dropout) if config.psoft_dropout > 0 else None
 
     @staticmethod
     def build(config: PSOFTConfig, d_in: int, d_out: int, weight: Tensor, like: Tensor) -> tuple[DenseSupport, Transform]:

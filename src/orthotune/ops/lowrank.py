@@ -102,3 +102,16 @@ def difference_norm(a: tuple[Tensor, Tensor, Tensor], b: tuple[Tensor, Tensor, T
     Ub, Mb, Vb = b
     K = torch.block_diag(Ma, -Mb)
     return lowrank_norm(torch.cat([Ua, Ub], -1), K, torch.cat([Va, Vb], -1), ord=ord)
+
+
+def one_form_error(U: Tensor, MVt: Tensor) -> Tensor:
+    """:func:`orthogonality_error` of ``R = I + U (M V^T)`` given ``MVt = M V^T`` (a core), in float64."""
+    U, MVt = U.double(), MVt.double()
+    return orthogonality_error(U, torch.eye(U.shape[-1], dtype=U.dtype, device=U.device), MVt.mT)
+
+
+def dense_orthogonality_error(R: Tensor) -> Tensor:
+    """``||R^T R - I||_F / sqrt(d)`` of a dense ``R`` (inspection time only), in float64."""
+    R = R.double()
+    eye = torch.eye(R.shape[-1], dtype=R.dtype, device=R.device)
+    return torch.linalg.matrix_norm(R.mT @ R - eye) / R.shape[-1] ** 0.5

@@ -1,7 +1,7 @@
-"""Batched per-step cores (orthotune.batching) against the per-layer path, and the fused one form.
+"""The model's per-step plan (orthotune.plan) against the per-layer path, and the fused one form.
 
-The batched path must compute the same function with the same gradients as the per-layer
-reference, for every method that opts in; its cache must never serve stale cores.
+The planned (batched) cores must compute the same function with the same gradients as each layer's
+own ``core()``, for every method that batches; the plan must never serve stale cores.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 import orthotune
-from orthotune import batching
-from orthotune.layer import frozen_weight
+from orthotune import plan as plans
+from orthotune.layer import FrozenBase
+from orthotune.methods.base import Base
 from orthotune.methods.loco import LoCO
 from orthotune.ops import lowrank, skew
 
@@ -81,7 +82,7 @@ def test_batched_equals_per_layer_outputs_and_gradients(name: str) -> None:
     model, reference = pair(name)
     x = torch.randn(2, 5, 12, dtype=f64)
     # LoCO: one call for every width; LoRA: one per shape; LOFT: one per transform shape and width
-    assert batching.refresh(model.base_model) == CALLS.get(name, 2)
+    assert model.plan.start(model.base_model) == CALLS.get(name, 2)
     y, y_ref = model(x), reference(x)
     assert torch.equal(y, y_ref)
     y.pow(2).sum().backward()
@@ -102,16 +103,15 @@ def test_batched_loco_cores_match_the_chain_reference(mode: str) -> None:
     with torch.no_grad():
         for i, m in enumerate(mods):
             m.U.mul_(3.0 * i)  # generator norms from 0 to ~10
-    for indices, (U, W) in LoCO.step_cores(mods):
-        for j, i in enumerate(indices):
-            m = mods[i]
-            if mode == "sequential":
-                A, B, C = m.factors()
-                assert torch.allclose(U[j], A) and torch.allclose(W[j], C @ B.transpose(-1, -2), atol=1e-12)
-            else:
-                Uc, M, Vc = m.core()
-                assert torch.allclose(U[j], Uc) and torch.allclose(W[j], M @ Vc.T, atol=1e-12)
-    assert sorted(i for indices, _ in LoCO.step_cores(mods) for i in indices) == [0, 1, 2, 3]
+    cores = LoCO.cores(mods)
+    assert len(cores) == len(mods)
+    for m, (U, MVt) in zip(mods, cores):
+        A, B, C = m.factors()
+        if mode == "sequential":
+            assert torch.allclose(U, A) and torch.allclose(MVt, C @ B.transpose(-1, -2), atol=1e-12)
+        else:
+            Uc, Vc, M = skew.sum_exp_core(A, B) if mode == "approx" else skew.chain_core(A, B, C)
+            assert torch.allclose(U, Uc) and torch.allclose(MVt, M @ Vc.T, atol=1e-12)
 
 
 def test_gradient_accumulation_and_spent_cores() -> None:
@@ -130,16 +130,16 @@ def test_inference_reuses_cores_until_parameters_change() -> None:
     model, _ = pair("loco-exact")
     x = torch.randn(3, 12, dtype=f64)
     with torch.no_grad():
-        assert batching.refresh(model.base_model) == 1
-        assert batching.refresh(model.base_model) == 0
+        assert model.plan.start(model.base_model) == 1
+        assert model.plan.start(model.base_model) == 0
         before = model(x)
         method = model.base_model.blocks[1].adapters["default"]
         method.U.add_(0.1)  # any in-place update bumps the version counter
-        assert batching.refresh(model.base_model) == 1
+        assert model.plan.start(model.base_model) == 1
         after = model(x)
     assert not torch.allclose(before, after)
     model.base_model._forward_pre_hooks.clear()
-    batching.clear(model.base_model)
+    plans.clear(model.base_model)
     with torch.no_grad():
         assert torch.equal(model(x), after)
 
@@ -151,8 +151,8 @@ def test_direct_layer_call_after_an_update_sees_new_parameters() -> None:
     with torch.no_grad():
         model(x)  # caches the cores
         layer.adapters["default"].U.add_(0.1)  # an update after the forward
-        direct = layer(x)  # no hook runs here: the cached core must not be served
-        batching.clear(model.base_model)
+        direct = layer(x)  # no hook runs here: the kept core must not be served
+        plans.clear(model.base_model)
         assert torch.equal(layer(x), direct)
 
 
@@ -197,12 +197,12 @@ def test_disabled_merged_and_unloaded_models() -> None:
     x = torch.randn(3, 12, dtype=f64)
     plain = copy.deepcopy(model.base_model)
     with model.disable_adapter():
-        assert batching.refresh(model.base_model) == 0
+        assert model.plan.start(model.base_model) == 0
     model.merge()
-    assert batching.refresh(model.base_model) == 0
+    assert model.plan.start(model.base_model) == 0
     y = model(x)
     base = model.merge_and_unload()
-    assert any(fn is batching.refresh_hook for fn in base._forward_pre_hooks.values())
+    assert any(getattr(fn, "__self__", None) is model.plan for fn in base._forward_pre_hooks.values())
     assert torch.allclose(base(x), y)  # the hook finds no adapter layer and removes itself
     assert not base._forward_pre_hooks and not base._forward_hooks
     del plain
@@ -214,7 +214,7 @@ def test_two_adapters_and_pickling() -> None:
     model.set_adapter(["default", "other"])
     model.double()
     x = torch.randn(3, 12, dtype=f64)
-    assert batching.refresh(model.base_model) == 4
+    assert model.plan.start(model.base_model) == 4
     y = model(x)
     again = pickle.loads(pickle.dumps(model))
     assert torch.equal(again(x), y)
@@ -257,5 +257,54 @@ def test_spectral_update_folded_into_the_weight(method: str) -> None:
         if a.requires_grad:
             assert torch.allclose(a.grad, b.grad, atol=1e-10), n
     layer = models["dense"].base_model.wide
-    assert frozen_weight(layer._base_no_bias).data_ptr() == layer.weight.data_ptr()
-    assert frozen_weight(lambda z: layer._base_no_bias(z)) is None
+    assert FrozenBase(layer, "default").weight.data_ptr() == layer.weight.data_ptr()
+    assert Base(layer._base_no_bias).weight is None
+
+
+def test_training_cores_live_until_their_backward() -> None:
+    """A training forward leaves its cores in the layers (checkpoint recomputes read them) until its backward."""
+    model, _ = pair("loco-exact")
+    x = torch.randn(3, 12, dtype=f64)
+    layers = [layer for _, layer in model.adapter_layers()]
+    y = model(x)
+    planned = [layer.planned["default"] for layer in layers]
+    assert all(len(core) == 2 for core in planned)
+    model.base_model.blocks[0](x)  # a call without the plan (a recompute) reads the same cores
+    assert all(layer.planned["default"] is core for layer, core in zip(layers, planned))
+    y.sum().backward()
+    assert not any(layer.planned for layer in layers)  # consumed: a later call computes its own
+    model(x)
+    assert all(layer.planned["default"] is not core for layer, core in zip(layers, planned))  # never reused
+
+
+def test_inference_cores_are_handed_out_per_forward_and_folds_memoised_in_the_layer() -> None:
+    model, _ = pair("loco-exact")
+    x = torch.randn(3, 12, dtype=f64)
+    layer = model.base_model.blocks[1]
+    with torch.no_grad():
+        y = model(x)
+        assert not layer.planned  # inference cores are held by the plan between forwards, not by the layers
+        U, key, W0U = layer.folds["default"]
+        assert torch.equal(model(x), y)
+        assert layer.folds["default"][2] is W0U  # same core, same weight: the fold is reused
+        layer.weight.mul_(2.0)  # the base weight changed: a new fold
+        y2 = model(x)
+        assert layer.folds["default"][2] is not W0U
+        W0U = layer.folds["default"][2]
+        layer.adapters["default"].U.add_(0.1)  # the core changed: a new fold
+        y3 = model(x)
+        assert layer.folds["default"][2] is not W0U
+        plans.clear(model.base_model)
+        assert not layer.folds and torch.equal(model(x), y3)
+    assert not torch.equal(y, y2) and not torch.equal(y2, y3)
+
+
+def test_a_layer_alone_computes_the_same_core_as_the_plan() -> None:
+    model, _ = pair("oft")
+    x = torch.randn(3, 12, dtype=f64)
+    layer = model.base_model.blocks[0]
+    y = model(x)  # planned
+    planned = layer.planned["default"]
+    own = layer.adapters["default"].core(f64)
+    assert all(torch.equal(a, b) for a, b in zip(planned, own))
+    y.sum().backward()
