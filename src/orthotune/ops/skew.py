@@ -27,14 +27,55 @@ def expm(X: Tensor, max_squarings: int | None = None) -> Tensor:
     degree; then squared ``s`` times. Unlike ``torch.linalg.matrix_exp`` (on CUDA a host sync and a
     data-dependent loop per call, again in backward), this costs one host read of ``max s`` per
     call and a fixed, short list of batched kernels; backward is plain autograd. Under
-    ``torch.compile`` (no host reads allowed) it is ``torch.linalg.matrix_exp``, which compilers trace.
+    ``torch.compile`` it is the custom op ``orthotune::expm`` (:func:`expm_op`): the same computation,
+    opaque to the compiler, so the graph stays whole and the squaring count is still read once per
+    call (``torch.linalg.matrix_exp`` would cost ~3 host syncs per call, ``benchmarks/NOTES.md``).
     ``max_squarings`` fixes the loop instead (squarings masked per matrix, no host read; a matrix whose
     1-norm needs more comes out NaN, never silently inexact): used while a CUDA graph is captured,
     with :data:`CAPTURED_SQUARINGS`.
     """
-    if torch.compiler.is_compiling():
-        return torch.linalg.matrix_exp(X)
+    if torch.compiler.is_compiling() and max_squarings is None:
+        return expm_op(X)
     return taylor_expm(X, max_squarings)
+
+
+@torch.library.custom_op("orthotune::expm", mutates_args=())
+def expm_op(X: Tensor) -> Tensor:
+    """:func:`taylor_expm` as one opaque op for compiled graphs; backward is the exact Fréchet derivative."""
+    return taylor_expm(X)
+
+
+@expm_op.register_fake
+def _(X: Tensor) -> Tensor:
+    return torch.empty_like(X)
+
+
+def expm_frechet(X: Tensor, E: Tensor) -> Tensor:
+    """The Fréchet derivative ``L(X, E)`` of ``exp`` at ``X`` in direction ``E`` (..., n, n): the top-right
+    block of ``exp([[X, E], [0, X]])`` (Higham, Functions of Matrices, 2008, eq. 3.16).
+
+    ``E`` is scaled down to ``X``'s 1-norm (at least 1) first (``L`` is linear in ``E``), so the block
+    needs no more squarings than ``X`` itself.
+    """
+    n = X.shape[-1]
+    x_norm, e_norm = (T.abs().sum(-2).amax(-1, keepdim=True)[..., None] for T in (X, E))
+    scale = (x_norm.clamp(min=1.0) / e_norm).clamp(max=1.0)  # only ever scaled down (E = 0: 1)
+    top = torch.cat([X, E * scale], -1)
+    bottom = torch.cat([torch.zeros_like(X), X], -1)
+    return expm_op(torch.cat([top, bottom], -2))[..., :n, n:] / scale
+
+
+def _expm_setup(ctx, inputs: tuple[Tensor], output: Tensor) -> None:
+    ctx.save_for_backward(inputs[0])
+
+
+def _expm_backward(ctx, grad: Tensor) -> Tensor:
+    """``dL/dX = L(X^T, dL/dexp(X))``: the adjoint of the Fréchet derivative."""
+    (X,) = ctx.saved_tensors
+    return expm_frechet(X.transpose(-1, -2), grad)
+
+
+expm_op.register_autograd(_expm_backward, setup_context=_expm_setup)
 
 
 def taylor_expm(X: Tensor, max_squarings: int | None = None) -> Tensor:

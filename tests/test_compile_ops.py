@@ -1,0 +1,79 @@
+"""``orthotune::expm``: the custom op ``skew.expm`` becomes under ``torch.compile`` (issue 19).
+
+``torch.linalg.matrix_exp`` syncs the host ~3 times per call on CUDA; the op keeps orthotune's
+scaling and squaring (one host read) and is opaque to the compiler, with an exact backward.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from orthotune.ops import skew
+
+f64 = torch.float64
+
+
+def _mixed_norms(batch: int = 4, n: int = 6) -> torch.Tensor:
+    """Generators from well below to well above 1-norm 1 (0 to 6 squarings)."""
+    scales = torch.tensor([0.05, 1.0, 4.0, 20.0], dtype=f64)[:batch, None, None]
+    return torch.randn(batch, n, n, dtype=f64, generator=torch.Generator().manual_seed(0)) * scales
+
+
+def test_op_matches_matrix_exp_values_and_gradients() -> None:
+    X = _mixed_norms().requires_grad_()
+    G = torch.randn_like(X)
+    ref = torch.linalg.matrix_exp(X)
+    out = skew.expm_op(X)
+    assert ((out - ref).abs().amax((-2, -1)) / ref.abs().amax((-2, -1))).max() < 1e-12
+    (g,) = torch.autograd.grad(out, X, G)
+    (g_ref,) = torch.autograd.grad(ref, X, G)
+    assert ((g - g_ref).abs().amax((-2, -1)) / g_ref.abs().amax((-2, -1))).max() < 1e-11
+
+
+def test_op_gradcheck_and_gradgradcheck_in_float64() -> None:
+    X = (0.7 * _mixed_norms(3, 4)).requires_grad_()
+    assert torch.autograd.gradcheck(skew.expm_op, (X,))
+    assert torch.autograd.gradgradcheck(skew.expm_op, (X,))
+
+
+def test_frechet_derivative_of_a_zero_direction_is_zero() -> None:
+    """The direction is rescaled to ``X``'s norm; a zero direction (a layer without gradient) must stay 0, not NaN."""
+    X = _mixed_norms()
+    E = torch.zeros_like(X)
+    E[1] = torch.randn(6, 6, dtype=f64)
+    L = skew.expm_frechet(X, E)
+    assert torch.equal(L[0], torch.zeros_like(L[0])) and L.isfinite().all()
+
+
+def test_opcheck() -> None:
+    torch.library.opcheck(skew.expm_op, (_mixed_norms().requires_grad_(),))
+    torch.library.opcheck(skew.expm_op, (torch.randn(2, 3, 5, 5),))
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_phi_compiles_whole_with_the_op_and_equals_eager(backend: str) -> None:
+    """Under compile ``expm`` is the op (one node per batched core, no ``matrix_exp``), with no graph break."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    Z = _mixed_norms().float().requires_grad_()
+    graphs: list[torch.fx.GraphModule] = []
+
+    def capture(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend(backend)(gm, example_inputs)
+
+    compiled = torch.compile(lambda z: skew.phi(z).sum(), backend=capture, fullgraph=True)
+    out = compiled(Z)
+    (g,) = torch.autograd.grad(out, Z)
+    ref = skew.phi(Z).sum()
+    (g_ref,) = torch.autograd.grad(ref, Z)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-4)
+    targets = [str(n.target) for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
+    assert sum("orthotune.expm" in t for t in targets) == 1 and not any("matrix_exp" in t for t in targets), targets
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    compiled(Z * 2)  # new contents, same shape: no recompilation
+    assert counters["stats"]["unique_graphs"] == 1
