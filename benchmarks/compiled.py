@@ -213,10 +213,15 @@ def infer_row(name: str, make: Callable[[], nn.Module], shape: eff.Shape, args: 
     token = prompt[:, -1:].clone()
     position = torch.tensor([prompt.shape[1]], device=device)
 
-    def decode() -> None:  # the same position each time: the step's cost, not generation's bookkeeping
-        compiled(input_ids=token, past_key_values=cache, cache_position=position, use_cache=True)
+    def decode() -> None:  # `tokens` steps from the prompt's end (the token fixed: the step's cost, not sampling's)
+        position.fill_(prompt.shape[1])
+        for layer in cache.layers:  # each static layer counts its own writes (transformers >= 5)
+            layer.cumulative_length.fill_(prompt.shape[1])
+        for _ in range(tokens):
+            compiled(input_ids=token, past_key_values=cache, cache_position=position, use_cache=True)
+            position.add_(1)
 
-    decode_ms = [timer(decode) for _ in range(args.warmup + tokens)][args.warmup:]
+    decode_ms = [timer(decode) / tokens for _ in range(args.warmup + 3)][args.warmup:]
     out = dict(name=name, prefill_ms=prefill, prefill_median_ms=statistics.median(prefill), decode_ms=decode_ms,
                decode_median_ms=statistics.median(decode_ms), first_call_s=first_s, **_dynamo_counts())
     del model, compiled, cache

@@ -18,6 +18,12 @@ frozen/unfrozen (LoCA's location phases, adapter switches, LOFT support reselect
 or the optimiser's parameter groups. Without CUDA (or ``enabled=False``) every call is the same step,
 eager. After each replay the gradients hold that step's values; cores cached for inference are
 dropped (replayed optimiser updates do not bump parameter versions).
+
+Against ``torch.compile`` (the default fast path of the recipes and ``OrthoTrainer`` on CUDA): its
+``mode="reduce-overhead"`` records the compiled forward and backward in CUDA graphs, but gradient
+clipping and the optimiser step stay outside them (more launches per step), and it needs the model to
+compile; ``GraphedStep`` captures the whole step, optimiser included, of the eager model. Which one is
+faster per method is measured by ``benchmarks/compiled.py --graphed --modes default,reduce-overhead``.
 """
 
 from __future__ import annotations
