@@ -18,7 +18,8 @@ Per method: median step time over the timed steps (CUDA events, after warm-up; m
 * ``profile``: where the time of one step goes (torch.profiler, top kernels) for a few methods.
 
 Writes ``efficiency.json``, ``efficiency.md``, ``scaling.png`` and ``profile.txt`` under ``--out``
-and prints the markdown table last.
+and prints the markdown table last. The same rows under ``torch.compile`` (issue 19's compiled table)
+are ``benchmarks/compiled.py``'s.
 """
 
 from __future__ import annotations

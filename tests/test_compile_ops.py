@@ -49,6 +49,7 @@ def test_frechet_derivative_of_a_zero_direction_is_zero() -> None:
 def test_opcheck() -> None:
     torch.library.opcheck(skew.expm_op, (_mixed_norms().requires_grad_(),))
     torch.library.opcheck(skew.expm_op, (torch.randn(2, 3, 5, 5),))
+    torch.library.opcheck(skew.expm_op, (torch.randn(3, 5, 5).mT,))  # a transposed input: the output is contiguous
 
 
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])

@@ -47,7 +47,7 @@ def expm_op(X: Tensor) -> Tensor:
 
 @expm_op.register_fake
 def _(X: Tensor) -> Tensor:
-    return torch.empty_like(X)
+    return X.new_empty(X.shape)  # contiguous, as the eager result is whatever X's strides
 
 
 def expm_frechet(X: Tensor, E: Tensor) -> Tensor:
@@ -95,7 +95,7 @@ def taylor_expm(X: Tensor, max_squarings: int | None = None) -> Tensor:
     else:
         squarings = int(s.max()) if s.numel() else 0
     Y = batch * torch.exp2(-s)[:, None, None]
-    eye = _eye(n, X.dtype, X.device).expand_as(Y)
+    eye = _cached(_eye, n, X.dtype, X.device).expand_as(Y)
     P = torch.baddbmm(eye, Y, eye, alpha=1.0 / degree)
     for j in range(degree - 1, 0, -1):
         P = torch.baddbmm(eye, Y, P, alpha=1.0 / j)  # I + Y P / j
@@ -122,13 +122,19 @@ def phi(Z: Tensor) -> Tensor:
     so there is no truncated series to go wrong for large generators).
     """
     n = Z.shape[-1]
-    aug = torch.nn.functional.pad(torch.cat([Z, _eye(n, Z.dtype, Z.device).expand_as(Z)], -1), (0, 0, 0, n))
+    aug = torch.nn.functional.pad(torch.cat([Z, _cached(_eye, n, Z.dtype, Z.device).expand_as(Z)], -1), (0, 0, 0, n))
     return expm(aug)[..., :n, n:]
 
 
 @functools.lru_cache(maxsize=64)
 def _eye(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.eye(n, dtype=dtype, device=device)
+
+
+def _cached(fn, *args):
+    """``fn(*args)`` through its ``functools.lru_cache`` in eager code; under compile the graph builds the
+    tensor itself (dynamo bypasses the cache and warns about it)."""
+    return fn.__wrapped__(*args) if torch.compiler.is_compiling() else fn(*args)
 
 
 def skew_factors(U: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
@@ -176,8 +182,8 @@ def chain_from_gram(gram: Tensor, C: Tensor) -> Tensor:
     """
     k, m = C.shape[-3], C.shape[-1]
     Cb = _block_diag(C)
-    N = (gram * _strict_block_upper_mask(k, m, gram.dtype, gram.device)) @ Cb
-    eye = _eye(k * m, gram.dtype, gram.device)
+    N = (gram * _cached(_strict_block_upper_mask, k, m, gram.dtype, gram.device)) @ Cb
+    eye = _cached(_eye, k * m, gram.dtype, gram.device)
     S = eye + N
     for _ in range(k - 2):
         S = eye + N @ S
