@@ -4,7 +4,7 @@
     python benchmarks/compiled.py --out DIR --modes default,max-autotune-no-cudagraphs,reduce-overhead --only loco,oft
     python benchmarks/compiled.py --out DIR --hidden 4096 --layers 2         # the width variants (and 8192)
     python benchmarks/compiled.py --out DIR --seq 4096 --batch 1             # the sequence variant
-    python benchmarks/compiled.py --out DIR --sections infer                 # compiled prefill and decoding
+    python benchmarks/compiled.py --out DIR --sections infer                 # compiled prefill and decoding (~3 min)
     python benchmarks/compiled.py --device cpu --smoke --backend aot_eager --out /tmp/c   # CPU check of the harness
 
 Model and step as ``benchmarks/efficiency.py`` (random Llama, bf16, batch 4 x 1024, all 7 projections,
@@ -280,7 +280,7 @@ def markdown(env: dict[str, Any], shape: eff.Shape, res: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--sections", default="train,infer")
+    ap.add_argument("--sections", default="train", help="train and/or infer (comma-separated)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--backend", default="inductor", help="torch.compile backend (aot_eager or eager for a CPU check)")
     ap.add_argument("--modes", default="default", help="comma-separated torch.compile modes for the compiled rows "
