@@ -18,7 +18,8 @@ Per method: median step time over the timed steps (CUDA events, after warm-up; m
 * ``profile``: where the time of one step goes (torch.profiler, top kernels) for a few methods.
 
 Writes ``efficiency.json``, ``efficiency.md``, ``scaling.png`` and ``profile.txt`` under ``--out``
-and prints the markdown table last.
+and prints the markdown table last. The same rows under ``torch.compile`` (issue 19's compiled table)
+are ``benchmarks/compiled.py``'s.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def _ot(config_name: str, **kw: Any) -> Builder:
 
 
 def _per_layer(builder: Builder) -> Builder:
-    """An orthotune model without the batching hook: every layer computes its own core (ablation)."""
+    """An orthotune model without the per-step plan's hooks: every layer computes its own core (ablation)."""
 
     def build(model: nn.Module) -> nn.Module:
         wrapped = builder(model)
@@ -166,9 +167,9 @@ def train_specs() -> list[Spec]:
         Spec("orthotune LoCA n1000", "orthotune", _ot("LoCAConfig", n_frequency=1000)),
         Spec("orthotune FourierFT n1000", "orthotune", _ot("FourierFTConfig", n_frequency=1000)),
         Spec("ablation: LoCO k4 r4 exact, cores per layer", "ablation", _per_layer(_ot("LoCOConfig", chain_length=4, rank=4)),
-             "no batching hook"),
+             "no per-step plan"),
         Spec("ablation: LoRA r16, cast per layer", "ablation", _per_layer(_ot("LoRAConfig", r=16, lora_alpha=32)),
-             "no batching hook"),
+             "no per-step plan"),
     ]
 
 

@@ -21,7 +21,8 @@ from pathlib import Path
 
 # flag -> recipe key: shortcuts for the most used overrides
 _SHORTCUTS = {"task": "task", "method": "method", "output_dir": "output_dir", "seed": "seed", "steps": "train.steps",
-              "epochs": "train.epochs", "lr": "train.lr", "batch_size": "train.batch_size", "device": "device"}
+              "epochs": "train.epochs", "lr": "train.lr", "batch_size": "train.batch_size", "device": "device",
+              "compile": "train.compile"}
 
 
 def _recipe(args: argparse.Namespace):
@@ -142,6 +143,8 @@ def _add_recipe_args(p: argparse.ArgumentParser, shortcuts: bool) -> None:
         p.add_argument("--lr", type=float)
         p.add_argument("--batch-size", type=int)
         p.add_argument("--device", help="'auto', 'cpu', 'cuda', 'cuda:1', ...")
+        p.add_argument("--no-compile", dest="compile", action="store_const", const="false",
+                       help="train eagerly (recipe key train.compile; default auto: torch.compile on CUDA)")
 
 
 def build_parser() -> argparse.ArgumentParser:

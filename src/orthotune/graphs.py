@@ -18,19 +18,25 @@ frozen/unfrozen (LoCA's location phases, adapter switches, LOFT support reselect
 or the optimiser's parameter groups. Without CUDA (or ``enabled=False``) every call is the same step,
 eager. After each replay the gradients hold that step's values; cores cached for inference are
 dropped (replayed optimiser updates do not bump parameter versions).
+
+Against ``torch.compile`` (the default fast path of the recipes and ``OrthoTrainer`` on CUDA): its
+``mode="reduce-overhead"`` records the compiled forward and backward in CUDA graphs, but gradient
+clipping and the optimiser step stay outside them (more launches per step), and it needs the model to
+compile; ``GraphedStep`` captures the whole step, optimiser included, of the eager model. Which one is
+faster per method is measured by ``benchmarks/compiled.py --graphed --modes default,reduce-overhead``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from . import plan
+from .ops.cayley import cusolver_linalg
 
 LossFn = Callable[[nn.Module, Mapping[str, Any]], Tensor]
 
@@ -129,7 +135,7 @@ class GraphedStep:
         self.optimizer.zero_grad(set_to_none=True)  # backward allocates the gradients in the graph's pool
         graph = torch.cuda.CUDAGraph()
         try:
-            with _capturable_linalg(), torch.cuda.graph(graph):
+            with cusolver_linalg(), torch.cuda.graph(graph):
                 loss = self._compute(self._static)
         except Exception as err:
             self.optimizer.zero_grad(set_to_none=True)
@@ -197,19 +203,6 @@ def _warmup_stream(device: int) -> torch.cuda.Stream:
     """One warm-up stream per device for every GraphedStep: cuBLAS keeps a workspace (32 MiB on an H100)
     per stream it has run on for the life of the process, so a fresh stream per warm-up leaked that much."""
     return torch.cuda.Stream(device)
-
-
-@contextlib.contextmanager
-def _capturable_linalg() -> Iterator[None]:
-    """cuSOLVER/cuBLAS for the captured step's batched solves (the Cayley transforms of OFT, BOFT, PSOFT,
-    LOFT): the default heuristic picks MAGMA for batches of more than 8 matrices, whose batched LU is not
-    capture-safe at every size (OFT b32 failed to capture on an H100, b16 did not)."""
-    previous = torch.backends.cuda.preferred_linalg_library()
-    torch.backends.cuda.preferred_linalg_library("cusolver")
-    try:
-        yield
-    finally:
-        torch.backends.cuda.preferred_linalg_library(previous)
 
 
 def _check_capturable(optimizer: torch.optim.Optimizer) -> None:

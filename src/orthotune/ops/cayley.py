@@ -11,6 +11,9 @@ Shapes: skew blocks are (..., n, b, b); activations are row vectors (..., n * b)
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
@@ -32,11 +35,60 @@ def skew_from_square(X: Tensor) -> Tensor:
 
 
 def cayley(Q: Tensor) -> Tensor:
-    """Exact ``(I + Q)(I - Q)^{-1}`` for a batch of skew matrices (one LU solve each)."""
+    """Exact ``(I + Q)(I - Q)^{-1}`` for a batch of skew matrices (one LU solve each).
+
+    Under ``torch.compile`` it is the custom op ``orthotune::cayley`` (:func:`cayley_op`).
+    """
+    if torch.compiler.is_compiling():
+        return cayley_op(Q)
+    return _solve_cayley(Q)
+
+
+def _solve_cayley(Q: Tensor) -> Tensor:
     eye = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device)
     # (I-Q)^{-1}(I+Q): the two factors commute. solve_ex: I - Q is never singular for skew Q, and
     # skipping the error check spares a host sync per call on CUDA.
     return torch.linalg.solve_ex(eye - Q, eye + Q).result
+
+
+@torch.library.custom_op("orthotune::cayley", mutates_args=())
+def cayley_op(Q: Tensor) -> Tensor:
+    """:func:`cayley` as one opaque op for compiled graphs: the batched LU through cuSOLVER/cuBLAS on CUDA
+    (capture-safe under ``mode="reduce-overhead"``, see :func:`cusolver_linalg`), and a backward of
+    matmuls only: with ``R = 2 (I - Q)^{-1} - I``, ``dL/dQ = (R + I)^T G (R + I)^T / 2``, no second solve."""
+    with cusolver_linalg() if Q.is_cuda else contextlib.nullcontext():
+        return _solve_cayley(Q).contiguous()
+
+
+@cayley_op.register_fake
+def _(Q: Tensor) -> Tensor:
+    return Q.new_empty(Q.shape)
+
+
+def _cayley_setup(ctx, inputs: tuple[Tensor], output: Tensor) -> None:
+    ctx.save_for_backward(output)
+
+
+def _cayley_backward(ctx, grad: Tensor) -> Tensor:
+    (R,) = ctx.saved_tensors
+    K = (R + torch.eye(R.shape[-1], dtype=R.dtype, device=R.device)).mT  # 2 (I - Q)^{-T}
+    return 0.5 * (K @ grad @ K)
+
+
+cayley_op.register_autograd(_cayley_backward, setup_context=_cayley_setup)
+
+
+@contextlib.contextmanager
+def cusolver_linalg() -> Iterator[None]:
+    """cuSOLVER/cuBLAS for batched solves (the Cayley transforms of OFT, BOFT, PSOFT, LOFT): the default
+    heuristic picks MAGMA for batches of more than 8 matrices, whose batched LU is not capture-safe at
+    every size (OFT b32 failed to capture in a CUDA graph on an H100, b16 did not)."""
+    previous = torch.backends.cuda.preferred_linalg_library()
+    torch.backends.cuda.preferred_linalg_library("cusolver")
+    try:
+        yield
+    finally:
+        torch.backends.cuda.preferred_linalg_library(previous)
 
 
 def cayley_neumann(Q: Tensor, terms: int) -> Tensor:

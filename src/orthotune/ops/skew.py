@@ -27,14 +27,55 @@ def expm(X: Tensor, max_squarings: int | None = None) -> Tensor:
     degree; then squared ``s`` times. Unlike ``torch.linalg.matrix_exp`` (on CUDA a host sync and a
     data-dependent loop per call, again in backward), this costs one host read of ``max s`` per
     call and a fixed, short list of batched kernels; backward is plain autograd. Under
-    ``torch.compile`` (no host reads allowed) it is ``torch.linalg.matrix_exp``, which compilers trace.
+    ``torch.compile`` it is the custom op ``orthotune::expm`` (:func:`expm_op`): the same computation,
+    opaque to the compiler, so the graph stays whole and the squaring count is still read once per
+    call (``torch.linalg.matrix_exp`` would cost ~3 host syncs per call, ``benchmarks/NOTES.md``).
     ``max_squarings`` fixes the loop instead (squarings masked per matrix, no host read; a matrix whose
     1-norm needs more comes out NaN, never silently inexact): used while a CUDA graph is captured,
     with :data:`CAPTURED_SQUARINGS`.
     """
-    if torch.compiler.is_compiling():
-        return torch.linalg.matrix_exp(X)
+    if torch.compiler.is_compiling() and max_squarings is None:
+        return expm_op(X)
     return taylor_expm(X, max_squarings)
+
+
+@torch.library.custom_op("orthotune::expm", mutates_args=())
+def expm_op(X: Tensor) -> Tensor:
+    """:func:`taylor_expm` as one opaque op for compiled graphs; backward is the exact Fréchet derivative."""
+    return taylor_expm(X)
+
+
+@expm_op.register_fake
+def _(X: Tensor) -> Tensor:
+    return X.new_empty(X.shape)  # contiguous, as the eager result is whatever X's strides
+
+
+def expm_frechet(X: Tensor, E: Tensor) -> Tensor:
+    """The Fréchet derivative ``L(X, E)`` of ``exp`` at ``X`` in direction ``E`` (..., n, n): the top-right
+    block of ``exp([[X, E], [0, X]])`` (Higham, Functions of Matrices, 2008, eq. 3.16).
+
+    ``E`` is scaled down to ``X``'s 1-norm (at least 1) first (``L`` is linear in ``E``), so the block
+    needs no more squarings than ``X`` itself.
+    """
+    n = X.shape[-1]
+    x_norm, e_norm = (T.abs().sum(-2).amax(-1, keepdim=True)[..., None] for T in (X, E))
+    scale = (x_norm.clamp(min=1.0) / e_norm).clamp(max=1.0)  # only ever scaled down (E = 0: 1)
+    top = torch.cat([X, E * scale], -1)
+    bottom = torch.cat([torch.zeros_like(X), X], -1)
+    return expm_op(torch.cat([top, bottom], -2))[..., :n, n:] / scale
+
+
+def _expm_setup(ctx, inputs: tuple[Tensor], output: Tensor) -> None:
+    ctx.save_for_backward(inputs[0])
+
+
+def _expm_backward(ctx, grad: Tensor) -> Tensor:
+    """``dL/dX = L(X^T, dL/dexp(X))``: the adjoint of the Fréchet derivative."""
+    (X,) = ctx.saved_tensors
+    return expm_frechet(X.transpose(-1, -2), grad)
+
+
+expm_op.register_autograd(_expm_backward, setup_context=_expm_setup)
 
 
 def taylor_expm(X: Tensor, max_squarings: int | None = None) -> Tensor:
@@ -54,7 +95,7 @@ def taylor_expm(X: Tensor, max_squarings: int | None = None) -> Tensor:
     else:
         squarings = int(s.max()) if s.numel() else 0
     Y = batch * torch.exp2(-s)[:, None, None]
-    eye = _eye(n, X.dtype, X.device).expand_as(Y)
+    eye = _cached(_eye, n, X.dtype, X.device).expand_as(Y)
     P = torch.baddbmm(eye, Y, eye, alpha=1.0 / degree)
     for j in range(degree - 1, 0, -1):
         P = torch.baddbmm(eye, Y, P, alpha=1.0 / j)  # I + Y P / j
@@ -81,13 +122,19 @@ def phi(Z: Tensor) -> Tensor:
     so there is no truncated series to go wrong for large generators).
     """
     n = Z.shape[-1]
-    aug = torch.nn.functional.pad(torch.cat([Z, _eye(n, Z.dtype, Z.device).expand_as(Z)], -1), (0, 0, 0, n))
+    aug = torch.nn.functional.pad(torch.cat([Z, _cached(_eye, n, Z.dtype, Z.device).expand_as(Z)], -1), (0, 0, 0, n))
     return expm(aug)[..., :n, n:]
 
 
 @functools.lru_cache(maxsize=64)
 def _eye(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.eye(n, dtype=dtype, device=device)
+
+
+def _cached(fn, *args):
+    """``fn(*args)`` through its ``functools.lru_cache`` in eager code; under compile the graph builds the
+    tensor itself (dynamo bypasses the cache and warns about it)."""
+    return fn.__wrapped__(*args) if torch.compiler.is_compiling() else fn(*args)
 
 
 def skew_factors(U: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
@@ -135,8 +182,8 @@ def chain_from_gram(gram: Tensor, C: Tensor) -> Tensor:
     """
     k, m = C.shape[-3], C.shape[-1]
     Cb = _block_diag(C)
-    N = (gram * _strict_block_upper_mask(k, m, gram.dtype, gram.device)) @ Cb
-    eye = _eye(k * m, gram.dtype, gram.device)
+    N = (gram * _cached(_strict_block_upper_mask, k, m, gram.dtype, gram.device)) @ Cb
+    eye = _cached(_eye, k * m, gram.dtype, gram.device)
     S = eye + N
     for _ in range(k - 2):
         S = eye + N @ S

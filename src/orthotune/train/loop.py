@@ -65,6 +65,14 @@ class Schedule:
         return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def compiled_for_training(model: nn.Module, setting: bool | str, device_type: str, world: int) -> nn.Module:
+    """What the loop's steps call: ``torch.compile(model)`` (sharing its parameters) when ``train.compile`` says
+    so (``auto``: on CUDA in one process, where the step is host-bound), else ``model``. Evaluation stays eager."""
+    if setting is True or (setting == "auto" and device_type == "cuda" and world == 1):
+        return torch.compile(model)
+    return model
+
+
 def _location_learner(model: nn.Module, total: int, start: int) -> Any:
     from ..loca_schedule import LocationLearner
     from ..methods.loca import LoCA
@@ -164,6 +172,7 @@ def fit(
     main = distributed.is_main_process()
     world, rank = distributed.world_size(), distributed.rank()
     bar = tqdm(total=total, initial=start, desc=f"fine-tune {task.name}", disable=not (progress and main), dynamic_ncols=True)
+    forward = compiled_for_training(model, settings.compile, device_type, world)
     model.train()
     step = start
     t_start = time.perf_counter()
@@ -175,7 +184,7 @@ def fit(
             if world > 1:
                 batch, share = distributed.shard_batch(batch, rank, world)
             with autocast:  # ranks draw distinct per-step noise (diffusion) from distinct seeds
-                loss = task.loss(model, batch, step if world == 1 else step * world + rank)
+                loss = task.loss(forward, batch, step if world == 1 else step * world + rank)
             mean = distributed.global_mean(loss, share)
             if not torch.isfinite(mean):
                 raise FloatingPointError(f"the loss is {float(mean)} at step {step}: lower train.lr or set train.grad_clip")

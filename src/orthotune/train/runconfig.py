@@ -31,6 +31,7 @@ FULL = "full"  # full fine-tuning: every parameter trains, no adapter
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("cosine", "linear", "constant")
 AUTOCAST = (None, "bf16", "fp16")
+COMPILE = ("auto", True, False)
 
 
 @dataclass
@@ -56,6 +57,9 @@ class TrainSettings:
         default=8, metadata={"help": "Batches for data-driven adapter set-up (LOFT's gradient-informed supports)."}
     )
     autocast: str | None = field(default=None, metadata={"help": "Mixed precision on a GPU: null, 'bf16' or 'fp16'."})
+    compile: bool | str = field(
+        default="auto", metadata={"help": "torch.compile the training forward: 'auto' (on CUDA, one process), true or false."}
+    )
 
     def validate(self) -> None:
         if (self.steps is None) == (self.epochs is None):
@@ -77,6 +81,8 @@ class TrainSettings:
         check_choice("train.optimizer", self.optimizer, OPTIMIZERS)
         check_choice("train.schedule", self.schedule, SCHEDULES)
         check_choice("train.autocast", self.autocast, AUTOCAST)
+        if self.compile not in COMPILE or not isinstance(self.compile, (bool, str)):
+            raise ValueError(f"train.compile must be one of {list(COMPILE)}, got {self.compile!r}")
         if not (isinstance(self.warmup, (int, float)) and self.warmup >= 0):
             raise ValueError(f"train.warmup must be >= 0 (a fraction < 1 or a step count), got {self.warmup!r}")
         if self.grad_clip is not None and not (self.grad_clip > 0):
