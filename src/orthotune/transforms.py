@@ -15,7 +15,7 @@ one form ``x + U (M V^T) x``.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -61,10 +61,13 @@ class Transform(nn.Module):
         """:meth:`core` of many transforms of one :meth:`signature`, stacked on a new first dimension."""
         raise NotImplementedError
 
+    #: The attributes that, with the parameters' shapes, decide how :meth:`cores` computes (named, not
+    #: read from ``vars(self)``: the signature is taken inside compiled graphs, where dynamo cannot list them).
+    settings: ClassVar[tuple[str, ...]] = ("dim",)
+
     def signature(self) -> tuple:
         """Transforms of one class and signature (parameter shapes, settings) share one :meth:`cores` call."""
-        settings = sorted((k, v) for k, v in vars(self).items() if isinstance(v, (bool, int, float, str, type(None))))
-        return tuple(p.shape for p in self.parameters()), tuple(settings)
+        return tuple(p.shape for p in self.parameters()), tuple(getattr(self, k) for k in self.settings)
 
     def matrix(self) -> Tensor:
         """The dense ``T`` (dim x dim): rows of the identity through ``z -> z T``."""
@@ -105,6 +108,8 @@ class BlockCayley(Transform):
     ``share`` one block serves every chunk. ``dropout`` replaces random blocks by the identity in
     training (multiplicative dropout).
     """
+
+    settings = ("dim", "block_size", "neumann_terms", "dropout")
 
     def __init__(self, dim: int, block_size: int, like: Tensor, neumann_terms: int | None = None,
                  share: bool = False, dropout: float = 0.0) -> None:
@@ -163,6 +168,8 @@ class Butterfly(Transform):
     the factors are applied one by one (gather, ``b``-block contraction, gather). The core always
     starts with the factors' (m, n, b, b) blocks: multiplicative dropout acts on them.
     """
+
+    settings = ("dim", "block_size", "layout", "dropout", "span")
 
     def __init__(self, dim: int, block_size: int, factors: int, like: Tensor, layout: str = "triu",
                  dropout: float = 0.0) -> None:
@@ -232,6 +239,8 @@ class Givens(Transform):
     activations see two matmuls instead of ``L`` gathers; otherwise they are applied layer by layer.
     """
 
+    settings = ("dim", "block")
+
     def __init__(self, dim: int, like: Tensor) -> None:
         super().__init__(dim)
         self.theta = _param(like, dim - 1)
@@ -280,6 +289,8 @@ class LowRankTransform(Transform):
 class Householder(LowRankTransform):
     """``T = H_1 ... H_k``, ``H_i = I - 2 u_i u_i^T/||u_i||^2`` in compact WY form (HRA's transform);
     with ``gram_schmidt`` the reflections use orthonormalised vectors, ``T = I - 2 Q Q^T``."""
+
+    settings = ("dim", "gram_schmidt")
 
     def __init__(self, dim: int, reflections: int, like: Tensor, gram_schmidt: bool = False) -> None:
         super().__init__(dim)
