@@ -139,3 +139,40 @@ def test_ops_under_reduce_overhead_on_gpu() -> None:
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-3)
     for g, r in zip(grads, torch.autograd.grad(ref, (Q, Z))):
         torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-3)
+
+
+def _grams(layers: int = 3, k: int = 3, r: int = 2, dtype: torch.dtype = f64) -> torch.Tensor:
+    """LoCO's Gram matrices ``V^T U`` (layers, 2kr, 2kr) of random chains, as the model computes them."""
+    g = torch.Generator().manual_seed(2)
+    U, V = (0.5 * torch.randn(layers, k, 5 * r, r, dtype=dtype, generator=g) for _ in range(2))
+    A, B = skew.skew_factors(U, V)
+    return skew.stack_factors(B).mT @ skew.stack_factors(A)
+
+
+@pytest.mark.parametrize("approx", [False, True])
+def test_gram_core_op_matches_the_plain_code_values_and_gradients(approx: bool) -> None:
+    """LoCO's small core as one op: the same values and vector-Jacobian products as the code it wraps."""
+    gram = _grams().requires_grad_()
+    out = skew.gram_core_op(gram, 3, approx)
+    ref = skew._gram_core(gram, 3, approx)
+    torch.testing.assert_close(out, ref)
+    G = torch.randn_like(out)
+    (g,) = torch.autograd.grad(out, gram, G)
+    (g_ref,) = torch.autograd.grad(ref, gram, G)
+    torch.testing.assert_close(g, g_ref)
+    torch.autograd.gradcheck(lambda x: skew.gram_core_op(x, 3, approx), (gram,))
+    torch.library.opcheck(skew.gram_core_op, (gram, 3, approx), test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_loco_core_compiles_to_the_gram_core_op() -> None:
+    """Under compile LoCO's batched core holds one ``orthotune::gram_core`` node and no expm/solve nodes."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    gram = _grams(dtype=torch.float32).requires_grad_()
+    out, targets, _ = _compiled_targets(lambda x: skew.gram_core(x, 3, False).square().sum(), "aot_eager", gram)
+    torch.testing.assert_close(out, skew._gram_core(gram, 3, False).square().sum())
+    assert sum("orthotune.gram_core" in t for t in targets) == 1, targets
+    assert not any("expm" in t or "solve" in t for t in targets), targets
+    assert not counters["graph_break"], dict(counters["graph_break"])

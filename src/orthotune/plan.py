@@ -78,7 +78,9 @@ class Plan:
         self._handles = []
 
     def _pre_hook(self, model: nn.Module, args: Any) -> None:
-        if self.start(model) is None:  # no adapter layer left (e.g. after merge_and_unload): nothing to plan
+        # no adapter layer left (e.g. after merge_and_unload): nothing to plan; the hooks go at the next eager call
+        # (a compiled graph cannot remove them: dynamo does not trace hook handles)
+        if self.start(model) is None and not torch.compiler.is_compiling():
             self.detach()
 
     def _post_hook(self, model: nn.Module, args: Any, output: Any) -> None:
