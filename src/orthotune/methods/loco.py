@@ -178,10 +178,11 @@ def _chain_cores(mode: str, stacks: list[tuple[Tensor, Tensor]]) -> list[tuple[T
         A, B = skew.skew_factors(U, V)
         parts.append((A, B, skew.stack_factors(A), skew.stack_factors(B)))
     gram = torch.cat([Vs.transpose(-1, -2) @ Us for _, _, Us, Vs in parts])
-    if mode == "sequential":
-        small = skew.phi(skew.diagonal_blocks(gram, k))
+    if mode == "approx":
+        small = skew.phi(gram)  # exp(S_1 + ... + S_k) = I + U phi(V^T U) V^T
     else:
-        small = skew.gram_core(gram, k, approx=mode == "approx")
+        C = skew.phi(skew.diagonal_blocks(gram, k))
+        small = C if mode == "sequential" else skew.chain_from_gram(gram, C)
     out, start = [], 0
     for A, B, Us, Vs in parts:
         core = small[start : start + A.shape[0]]

@@ -190,63 +190,6 @@ def chain_from_gram(gram: Tensor, C: Tensor) -> Tensor:
     return Cb @ S
 
 
-def gram_core(gram: Tensor, k: int, approx: bool) -> Tensor:
-    """LoCO's small core from the Gram matrices ``V^T U`` (..., 2kr, 2kr) of a chain of ``k`` generators:
-    ``M`` of the exact chain (:func:`chain_from_gram` of the ``phi`` of its diagonal blocks) or, with
-    ``approx``, ``phi(V^T U)`` of the exponential of the sum.
-
-    Under ``torch.compile`` it is the custom op ``orthotune::gram_core``: the whole small computation (a
-    few dozen tiny batched kernels, forward and backward) runs as eager kernels in one opaque call, which
-    measured faster than what inductor makes of it (``benchmarks/NOTES.md``); eager callers get plain autograd.
-    """
-    if torch.compiler.is_compiling():
-        return gram_core_op(gram, k, approx)
-    return _gram_core(gram, k, approx)
-
-
-def _gram_core(gram: Tensor, k: int, approx: bool) -> Tensor:
-    if approx:
-        return phi(gram)  # exp(S_1 + ... + S_k) = I + U phi(V^T U) V^T
-    return chain_from_gram(gram, phi(diagonal_blocks(gram, k)))
-
-
-@torch.library.custom_op("orthotune::gram_core", mutates_args=())
-def gram_core_op(gram: Tensor, k: int, approx: bool) -> Tensor:
-    """:func:`gram_core` as one opaque op for compiled graphs; backward by :func:`gram_core_backward_op`."""
-    return _gram_core(gram, k, approx).contiguous()  # a fresh tensor (phi's result is a view), as the fake
-
-
-@gram_core_op.register_fake
-def _(gram: Tensor, k: int, approx: bool) -> Tensor:
-    return gram.new_empty(gram.shape)
-
-
-@torch.library.custom_op("orthotune::gram_core_backward", mutates_args=())
-def gram_core_backward_op(gram: Tensor, grad: Tensor, k: int, approx: bool) -> Tensor:
-    """The vector-Jacobian product of :func:`gram_core` at ``gram``: ``torch.func.vjp`` through the same code
-    (a custom op runs below autograd's dispatch key, where ``torch.autograd.grad`` would record nothing)."""
-    _, vjp = torch.func.vjp(lambda g: _gram_core(g, k, approx), gram)
-    return vjp(grad)[0].contiguous()
-
-
-@gram_core_backward_op.register_fake
-def _(gram: Tensor, grad: Tensor, k: int, approx: bool) -> Tensor:
-    return gram.new_empty(gram.shape)
-
-
-def _gram_core_setup(ctx, inputs: tuple[Tensor, int, bool], output: Tensor) -> None:
-    ctx.save_for_backward(inputs[0])
-    ctx.k, ctx.approx = inputs[1], inputs[2]
-
-
-def _gram_core_backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
-    (gram,) = ctx.saved_tensors
-    return gram_core_backward_op(gram, grad, ctx.k, ctx.approx), None, None
-
-
-gram_core_op.register_autograd(_gram_core_backward, setup_context=_gram_core_setup)
-
-
 def chain_core(A: Tensor, B: Tensor, C: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Exact product ``prod_i (I + A_i C_i B_i^T) = I + U M V^T`` (factor 1 leftmost).
 
