@@ -148,7 +148,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         if row.kwargs["support"].startswith("gradient"):
             report = orthotune.select_supports(model, stream, progress=False, **select)
         else:  # a fixed support with the same head warm-up: the control
-            from orthotune.supports import warm_up_head
+            from orthotune.support_selection import warm_up_head
 
             head = [p for _, w in model.saved_modules() for p in w.parameters() if p.requires_grad]
             warm_up_head(model, stream, head, select["head_warmup_steps"], select["head_lr"], lambda m, b: m(**b).loss, False)

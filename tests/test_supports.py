@@ -10,15 +10,9 @@ from torch import nn
 
 import orthotune
 from orthotune import LOFTConfig
-from orthotune.supports import (
-    captured_fraction,
-    gradient_basis,
-    gradient_coordinates,
-    principal_basis,
-    random_basis,
-    select_supports,
-    skew_statistic,
-)
+from orthotune.support_math import captured_fraction, gradient_basis, gradient_coordinates, skew_statistic
+from orthotune.support_selection import select_supports
+from orthotune.supports import principal_basis, random_basis
 
 f64 = torch.float64
 

@@ -8,19 +8,21 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from pathlib import Path  # noqa: E402
 
 from torch import nn  # noqa: E402
 
+from .version import __version__  # noqa: E402
+
 from .config import AdapterConfig  # noqa: E402
+from .interop.peft import read_peft  # noqa: E402
+from .io import read_adapter  # noqa: E402
 from .finite import check_finite, guard_finite  # noqa: E402
 from .graphs import GraphedStep  # noqa: E402
 from .loca_schedule import LocationLearner  # noqa: E402
 from .methods.fourierft import FourierFTConfig  # noqa: E402
 from .methods.loca import LoCAConfig  # noqa: E402
-from .methods.loco import LoCOConfig, approximation_error  # noqa: E402
+from .methods.loco import LoCO, LoCOConfig, approximation_error  # noqa: E402
 from .methods.lora import LoRAConfig  # noqa: E402
 from .methods.pissa import PiSSAConfig  # noqa: E402
 from .methods.boft import BOFTConfig  # noqa: E402
@@ -29,7 +31,8 @@ from .methods.hra import HRAConfig, orthogonality_loss as hra_orthogonality_loss
 from .methods.loft import LOFTConfig  # noqa: E402
 from .methods.oft import OFTConfig  # noqa: E402
 from .methods.psoft import PSOFTConfig  # noqa: E402
-from .model import OrthoModel, attach_loaded, ortho_class  # noqa: E402
+from .model import AdapterModel  # noqa: E402
+from .peft_model import OrthoModel, attach_loaded, ortho_class  # noqa: E402
 from .quantized import prepare_model_for_kbit_training  # noqa: E402
 from .auto import (  # noqa: E402
     AutoOrthoModel,
@@ -51,7 +54,7 @@ from .task_type import TaskType  # noqa: E402
 
 PeftModel = OrthoModel  # peft's name: PeftModel.from_pretrained(base, folder) reads the same
 from .registry import METHODS  # noqa: E402
-from .supports import select_supports  # noqa: E402
+from .support_selection import select_supports  # noqa: E402
 
 
 def get_model(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> OrthoModel:
@@ -86,8 +89,6 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
     Everything is validated before the model changes: a missing, corrupted, tampered or mismatched
     folder raises ValueError and leaves ``model`` as it was.
     """
-    from .io import read_adapter
-
     return attach_loaded(model, adapter_name, lambda base: read_adapter(base, directory))
 
 
@@ -97,15 +98,11 @@ def from_peft(model: nn.Module, directory: str | Path, adapter_name: str = "defa
     Supported peft types and options: :mod:`orthotune.interop.peft`; anything else raises a
     ValueError that names it, before ``model`` changes.
     """
-    from .interop.peft import read_peft
-
     return attach_loaded(model, adapter_name, lambda base: read_peft(base, directory))
 
 
-def loco_approximation_error(model: OrthoModel, adapter_name: str | None = None) -> dict[str, dict[str, float]]:
+def loco_approximation_error(model: AdapterModel, adapter_name: str | None = None) -> dict[str, dict[str, float]]:
     """Per LoCO layer: the parallel approximation's gap to the exact chain, its bound, orthogonality."""
-    from .methods.loco import LoCO
-
     name = adapter_name or model.active_adapter
     return {
         lname: approximation_error(layer.adapters[name])
@@ -115,6 +112,7 @@ def loco_approximation_error(model: OrthoModel, adapter_name: str | None = None)
 
 
 __all__ = [
+    "AdapterModel",
     "AutoOrthoModel",
     "AutoOrthoModelForCausalLM",
     "AutoOrthoModelForFeatureExtraction",

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 from .hub import read_base_model_name, resolve_folder
 from .io import CONFIG_NAME
-from .model import OrthoModel
+from .peft_model import OrthoModel
 
 #: peft's task types -> the transformers Auto class peft's AutoPeftModelFor<Task> loads the base with.
 TASK_AUTO_CLASS = {

@@ -28,13 +28,14 @@ import torch
 from torch import Tensor, nn
 
 from .config import AdapterConfig
+from .inject import build_method
 from .merge_utils import MERGES, SignMethod, merge
 from .methods.lora import LoRAConfig
 from .registry import method_class
 
 if TYPE_CHECKING:
     from .layer import AdapterLayer
-    from .model import OrthoModel
+    from .model import AdapterModel
 
 LOWRANK_TYPES = tuple(["svd", "linear", "cat", *(t for t in MERGES if t not in ("svd", "linear"))])
 LOWRANK = ("lora", "pissa")
@@ -53,7 +54,7 @@ SIZE_FIELDS = {
 
 
 def add_weighted_adapter(
-    model: OrthoModel,
+    model: AdapterModel,
     adapters: Sequence[str],
     weights: Sequence[float],
     adapter_name: str,
@@ -113,7 +114,7 @@ def add_weighted_adapter(
     model._attach(adapter_name, config, modules, [])
 
 
-def _check_inputs(model: OrthoModel, adapters: list[str], weights: list[float]) -> str:
+def _check_inputs(model: AdapterModel, adapters: list[str], weights: list[float]) -> str:
     """The one method of ``adapters``; every input problem raises before anything changes."""
     if not adapters:
         raise ValueError("adapters is empty: name the adapters to combine")
@@ -329,8 +330,6 @@ def _identity(layer: AdapterLayer, like: nn.Module) -> nn.Module:
 
 
 def _build(config: AdapterConfig, layer: AdapterLayer) -> nn.Module:
-    from .model import build_method
-
     return build_method(config, layer.base_layer, "")  # no per-module patterns: _check_inputs refuses them
 
 

@@ -2,7 +2,7 @@
 
 orthotune adds no engine: this module is the glue. :func:`init` starts the process group a launcher
 described in the environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``; nccl on CUDA, gloo on CPU);
-:func:`wrap` hands an :class:`~orthotune.model.OrthoModel` to
+:func:`wrap` hands an :class:`~orthotune.model.AdapterModel` to
 ``DistributedDataParallel`` or to FSDP2's ``fully_shard`` (each transformer block, then the root).
 The base is frozen, so only adapter parameters get gradients and only they are all-reduced (DDP)
 or reduce-scattered (FSDP); the frozen base is broadcast once (DDP) or sharded (FSDP).
@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from . import plan
 from .config import check_choice
-from .model import OrthoModel
+from .model import AdapterModel
 
 STRATEGIES = ("auto", "ddp", "fsdp", "none")
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -140,7 +140,7 @@ def wrap(
     static_graph: bool | None = None,
     blocks: list[nn.Module] | None = None,
 ) -> nn.Module:
-    """Hand ``model`` (an OrthoModel, or a model to fine-tune in full) to DDP or FSDP2; ``none`` returns it.
+    """Hand ``model`` (an AdapterModel, or a model to fine-tune in full) to DDP or FSDP2; ``none`` returns it.
 
     DDP: ``find_unused_parameters`` defaults to True only where parameters sit out steps (LoCA's
     location phases freeze the coefficients), ``static_graph`` to True under activation
@@ -188,7 +188,7 @@ def find_blocks(model: nn.Module) -> list[nn.Module]:
     """FSDP units: modules of a class in transformers' ``_no_split_modules`` (decoder / encoder layers),
     else the members of the longest ``ModuleList`` / ``Sequential`` of one class (timm's ``blocks``)."""
     inner = unwrap(model)
-    base = inner.base_model if isinstance(inner, OrthoModel) else inner
+    base = inner.base_model if isinstance(inner, AdapterModel) else inner
     names = set(getattr(base, "_no_split_modules", None) or [])
     found = [m for m in base.modules() if type(m).__name__ in names]
     if found:
@@ -225,7 +225,7 @@ def _learns_locations(model: nn.Module) -> bool:
 def _checkpointing(model: nn.Module) -> bool:
     from .model import _is_checkpointing
 
-    inner = model.base_model if isinstance(model, OrthoModel) else model
+    inner = model.base_model if isinstance(model, AdapterModel) else model
     return _is_checkpointing(inner)
 
 
@@ -243,11 +243,11 @@ def _full(t: Tensor) -> Tensor:
 def live_state(model: nn.Module, adapter_name: str | None = None) -> dict[str, Tensor]:
     """What a save writes, keyed as in the file, as views of the live (maybe sharded) tensors.
 
-    An OrthoModel: one adapter (default: the active one) in ``io.adapter_state_dict``'s keys;
+    An AdapterModel: one adapter (default: the active one) in ``io.adapter_state_dict``'s keys;
     any other model: its trainable parameters by name (full fine-tuning).
     """
     inner = unwrap(model)
-    if isinstance(inner, OrthoModel):
+    if isinstance(inner, AdapterModel):
         from .io import adapter_state_dict
 
         return adapter_state_dict(inner, adapter_name or inner.active_adapter)
@@ -281,7 +281,7 @@ def load_full_state(model: nn.Module, state: Mapping[str, Tensor], adapter_name:
 def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str | None = None) -> None:
     """Save one adapter from a distributed run: call on every rank; rank 0 writes atomically, all wait."""
     inner = unwrap(model)
-    if not isinstance(inner, OrthoModel):
+    if not isinstance(inner, AdapterModel):
         raise ValueError(f"save_adapter needs an orthotune model, got {type(inner).__name__}")
     name = adapter_name or inner.active_adapter
     state = full_state(inner, name) if is_sharded(inner) else None
@@ -293,9 +293,9 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str | No
 
 
 def load_adapter_weights(model: nn.Module, directory: str | Path, adapter_name: str | None = None) -> None:
-    """``OrthoModel.load_adapter_weights`` for a wrapped model (every rank reads the folder; FSDP: its shard)."""
+    """``AdapterModel.load_adapter_weights`` for a wrapped model (every rank reads the folder; FSDP: its shard)."""
     inner = unwrap(model)
-    if not isinstance(inner, OrthoModel):
+    if not isinstance(inner, AdapterModel):
         raise ValueError(f"load_adapter_weights needs an orthotune model, got {type(inner).__name__}")
     if not is_sharded(inner):
         inner.load_adapter_weights(directory, adapter_name)
@@ -341,7 +341,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             "orthotune.distributed.save_adapter(model, folder), then in one process "
             "orthotune.load_adapter(base_model, folder).merge_and_unload() (or `orthotune merge RUN --out DIR`)"
         )
-    if not isinstance(inner, OrthoModel):
+    if not isinstance(inner, AdapterModel):
         raise ValueError(f"merge_and_unload needs an orthotune model, got {type(inner).__name__}")
     return inner.merge_and_unload()
 

@@ -21,6 +21,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from .model import AdapterModel
+from .ops.finite import all_finite
+
 _HINT = (
     "lower the learning rate, clip gradients (torch.nn.utils.clip_grad_norm_), or keep adapter weights in "
     "float32 (autocast_adapter_dtype=True); resume from the last saved checkpoint"
@@ -30,15 +33,13 @@ _HINT = (
 def adapter_tensors(model: nn.Module, grads: bool = False) -> Iterator[tuple[str, Tensor]]:
     """(description, tensor) for every trainable adapter tensor (or its gradient, when set).
 
-    For an OrthoModel: each adapter of each adapted layer and each modules_to_save copy, named by
+    For an AdapterModel: each adapter of each adapted layer and each modules_to_save copy, named by
     layer, adapter and parameter. For any other module: its parameters that require grad.
     """
-    from .model import OrthoModel
-
     def pick(p: Tensor) -> Tensor | None:
         return p.grad if grads else p
 
-    if isinstance(model, OrthoModel):
+    if isinstance(model, AdapterModel):
         owners = [(f"layer {n!r}", layer.adapters) for n, layer in model.adapter_layers()]
         owners += [(f"saved module {n!r}", saved.copies) for n, saved in model.saved_modules()]
         for owner, modules in owners:
@@ -52,18 +53,6 @@ def adapter_tensors(model: nn.Module, grads: bool = False) -> Iterator[tuple[str
         t = pick(p) if p.requires_grad else None
         if t is not None:
             yield f"parameter {pname!r}", t
-
-
-@torch.no_grad()
-def all_finite(tensors: list[Tensor]) -> bool:
-    """Whether every entry of every tensor is finite: one fused reduction per device, one sync each."""
-    if not tensors:
-        return True
-    norms = torch._foreach_norm(torch._foreach_mul(tensors, 0.0))
-    by_device: dict[torch.device, list[Tensor]] = {}
-    for n in norms:
-        by_device.setdefault(n.device, []).append(n)
-    return all(bool(torch.isfinite(torch.stack(group).float()).all()) for group in by_device.values())
 
 
 def _first_bad(named: list[tuple[str, Tensor]]) -> tuple[str, Tensor] | None:
@@ -142,9 +131,7 @@ def first_nonfinite_module(model: nn.Module, batch: Any) -> str | None:
     """Run ``model`` on ``batch`` (keyword arguments as a dict, positional ones as a tuple, or one
     tensor) and name the first module, in execution order, whose output holds NaN or Inf although
     its inputs do not: where the non-finite values start. None if the forward stays finite."""
-    from .model import OrthoModel
-
-    root = model.base_model if isinstance(model, OrthoModel) else model
+    root = model.base_model if isinstance(model, AdapterModel) else model
     found: list[str] = []
 
     def watch(name: str) -> Any:

@@ -2,7 +2,7 @@
 
 Everything goes through ``huggingface_hub`` (``snapshot_download``, ``create_repo`` +
 ``upload_folder``, ``ModelCard``) and only ever touches adapter folders: the base model's weights
-are never written or uploaded (``OrthoModel.push_to_hub`` uploads what ``save_pretrained`` wrote).
+are never written or uploaded (``AdapterModel.push_to_hub`` uploads what ``save_pretrained`` wrote).
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .io import CONFIG_NAME
+from .version import __version__
 
 if TYPE_CHECKING:
-    from .model import OrthoModel
+    from .model import AdapterModel
 
 CARD_NAME = "README.md"
 
@@ -65,11 +66,9 @@ def read_base_model_name(folder: Path) -> str | None:
     return data.get("base_model_name_or_path") or None
 
 
-def write_model_card(model: OrthoModel, directory: str | Path, adapter_names: list[str]) -> None:
+def write_model_card(model: AdapterModel, directory: str | Path, adapter_names: list[str]) -> None:
     """Create or update ``README.md`` in an adapter folder: library, base model, methods (as peft does)."""
     from huggingface_hub import ModelCard, ModelCardData
-
-    from . import __version__
 
     path = Path(directory) / CARD_NAME
     card = ModelCard.load(path) if path.is_file() else ModelCard.from_template(ModelCardData())
@@ -87,7 +86,7 @@ def write_model_card(model: OrthoModel, directory: str | Path, adapter_names: li
 
 
 def push_adapters(
-    model: OrthoModel,
+    model: AdapterModel,
     repo_id: str,
     commit_message: str | None,
     private: bool | None,

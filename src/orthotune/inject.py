@@ -18,7 +18,7 @@ from torch import nn
 
 from . import quantized
 from .config import AdapterConfig
-from .layer import AdapterLayer, ModulesToSave, layer_dims, layer_kind
+from .layer import AdapterLayer, ModulesToSave, base_weight_matrix, layer_dims, layer_kind
 from .offload import offload_hook, onloaded
 from .registry import method_class
 from .task_type import saved_patterns
@@ -241,3 +241,11 @@ def unwrap_all(model: nn.Module) -> None:
         elif isinstance(module, ModulesToSave):
             parent, attr = get_submodule_parent(model, name)
             setattr(parent, attr, module.current())
+
+
+def build_method(config: AdapterConfig, module: nn.Module, name: str) -> nn.Module:
+    """A method module for the base layer called ``name`` (its pattern overrides applied), on its device,
+    adapter dtype from the config."""
+    d_in, d_out = layer_dims(module)
+    with onloaded(module):  # an offloaded layer's adapter is created where accelerate computes the layer
+        return method_class(config)(config.for_layer(name), d_in, d_out, base_weight_matrix(module).detach())

@@ -2,7 +2,7 @@
 
 ``Trainer._save`` writes the full ``state_dict`` of any model that is not a ``PreTrainedModel``
 or a peft model (base weights included), and its loaders only know those two. ``OrthoTrainer``
-writes and reads adapter folders instead (``OrthoModel.save_pretrained`` layout, peft's: adapter
+writes and reads adapter folders instead (``AdapterModel.save_pretrained`` layout, peft's: adapter
 ``default`` in the checkpoint folder, every other one in a subfolder named after it)::
 
     trainer = OrthoTrainer(model=orthotune.get_model(hf_model, config), args=args, train_dataset=ds)
@@ -26,7 +26,7 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.trainer import TRAINING_ARGS_NAME
 
-from .model import OrthoModel, adapter_folder
+from .model import AdapterModel, adapter_folder
 
 
 class OrthoTrainer(Trainer):
@@ -38,9 +38,9 @@ class OrthoTrainer(Trainer):
             args = compiled_arguments(args)
         super().__init__(model, args, *rest, **kwargs)
 
-    def _ortho_model(self, model: nn.Module | None = None) -> OrthoModel | None:
+    def _ortho_model(self, model: nn.Module | None = None) -> AdapterModel | None:
         model = self.accelerator.unwrap_model(model if model is not None else self.model, keep_torch_compile=False)
-        return model if isinstance(model, OrthoModel) else None
+        return model if isinstance(model, AdapterModel) else None
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         model = self._ortho_model()
@@ -71,7 +71,7 @@ class OrthoTrainer(Trainer):
         return None
 
 
-def restore_adapters(model: OrthoModel, directory: str | Path) -> None:
+def restore_adapters(model: AdapterModel, directory: str | Path) -> None:
     """Copy every adapter saved by ``save_pretrained`` in ``directory`` back into ``model``, in place."""
     for name in model.configs:
         folder = adapter_folder(directory, name)

@@ -29,15 +29,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import __version__
 from .config import FORMAT_VERSION, AdapterConfig
-from .finite import all_finite
-from .inject import iter_named_layers, unsupported_reason
+from .meta_init import build_on_meta, materialize
+from .inject import build_method, iter_named_layers, unsupported_reason
 from .layer import layer_dims, layer_kind
+from .ops.finite import all_finite
 from .registry import config_from_dict
+from .version import __version__
 
 if TYPE_CHECKING:
-    from .model import OrthoModel
+    from .model import AdapterModel
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -45,7 +46,7 @@ SAVED_PREFIX = "modules_to_save."
 _META_KEYS = ("format_version", "orthotune_version", "base_model_class", "base_model_name_or_path", "targets", "weights_sha256")
 
 
-def adapter_state_dict(model: OrthoModel, adapter_name: str) -> dict[str, torch.Tensor]:
+def adapter_state_dict(model: AdapterModel, adapter_name: str) -> dict[str, torch.Tensor]:
     """Every tensor of one adapter, keyed ``<module>.<param>`` relative to the wrapped model."""
     if adapter_name not in model.configs:
         raise ValueError(f"no adapter named {adapter_name!r}; adapters here: {sorted(model.configs)}")
@@ -61,7 +62,28 @@ def adapter_state_dict(model: OrthoModel, adapter_name: str) -> dict[str, torch.
     return state
 
 
-def save_adapter(model: OrthoModel, directory: str | Path, adapter_name: str, state: dict[str, torch.Tensor] | None = None) -> None:
+def adapter_state_in(model: AdapterModel, state_dict: dict[str, torch.Tensor], adapter_name: str) -> dict[str, torch.Tensor]:
+    """One adapter's tensors, keyed as :func:`adapter_state_dict` keys them, taken from a full ``model.state_dict()``
+    (e.g. gathered from FSDP shards)."""
+    own = adapter_state_dict(model, adapter_name)
+    full = {_adapter_key(k, adapter_name): v for k, v in state_dict.items()}
+    missing = sorted(set(own) - set(full))
+    if missing:
+        raise ValueError(f"state_dict lacks adapter {adapter_name!r}'s tensors {missing[:5]}: pass the model's state_dict()")
+    return {k: full[k] for k in own}
+
+
+def _adapter_key(key: str, adapter_name: str) -> str:
+    """``model.state_dict()`` key -> :func:`adapter_state_dict` key (unchanged when it is no adapter tensor)."""
+    key = key.removeprefix("base_model.")
+    for infix, prefix in ((f".adapters.{adapter_name}.", ""), (f".copies.{adapter_name}.", SAVED_PREFIX)):
+        if infix in key:
+            owner, rest = key.split(infix, 1)
+            return f"{prefix}{owner}.{rest}"
+    return key
+
+
+def save_adapter(model: AdapterModel, directory: str | Path, adapter_name: str, state: dict[str, torch.Tensor] | None = None) -> None:
     """Write one adapter folder atomically (see the module docstring); refuses non-finite weights.
 
     ``state`` replaces the model's own tensors (:func:`adapter_state_dict`'s keys): the full tensors
@@ -154,9 +176,6 @@ def build_adapter(
     ``low_cpu_mem_usage`` builds the parameters on the meta device and assigns the loaded tensors
     (:mod:`orthotune.meta_init`): no initialisation runs and each tensor is held once.
     """
-    from .meta_init import build_on_meta, materialize
-    from .model import build_method
-
     build = build_on_meta if low_cpu_mem_usage else build_method
 
     layers = dict(iter_named_layers(base))

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from torch import Tensor, nn
 
 from .config import AdapterConfig
-from .model import build_method
+from .inject import build_method
 from .offload import execution_device
 
 

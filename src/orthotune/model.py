@@ -1,4 +1,4 @@
-"""``OrthoModel``: a model with named adapters, and everything users do with them.
+"""``AdapterModel``: a model with named adapters, and everything users do with them in orthotune's own format.
 
 It wraps the user's model like peft's ``PeftModel``: attribute access, ``forward`` and
 ``generate`` pass through to the wrapped model, whose targeted layers carry
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import threading
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,24 +18,28 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import mixed, quantized
+from . import quantized
+from .adapter_names import call as call_with_adapter_names
+from .combine import add_weighted_adapter
 from .plan import Plan
 from .config import AdapterConfig
-from .finite import all_finite
-from .inject import find_modules_to_save, find_targets, unwrap_all, wrap
+from .hub import push_adapters, write_model_card
+from .inject import build_method, find_modules_to_save, find_targets, unwrap_all, wrap
+from .io import adapter_state_in, read_adapter, save_adapter
 from .layer import AdapterLayer, ModulesToSave, base_weight_matrix, layer_dims
 from .methods.base import Base
 from .offload import onloaded
+from .ops.finite import all_finite
 from .registry import method_class
 from .task_type import saved_patterns
 
 
-class OrthoModel(nn.Module):
-    """A model with orthotune adapters; build it with :func:`orthotune.get_model`."""
+class AdapterModel(nn.Module):
+    """A model with named orthotune adapters; :class:`orthotune.OrthoModel` adds peft's API on top."""
 
     def __init__(self, model: nn.Module, config: AdapterConfig | None = None, adapter_name: str = "default") -> None:
         super().__init__()
-        if isinstance(model, OrthoModel):
+        if isinstance(model, AdapterModel):
             raise ValueError("this model already carries orthotune adapters: use its add_adapter() instead")
         self.base_model = model
         self.configs: dict[str, AdapterConfig] = {}
@@ -62,7 +65,7 @@ class OrthoModel(nn.Module):
 
     # ------------------------------------------------------------------ pass-through
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return mixed.call(self, self.base_model, args, kwargs)
+        return call_with_adapter_names(self, self.base_model, args, kwargs)
 
     @property
     def generate(self) -> Callable[..., Any]:
@@ -71,7 +74,7 @@ class OrthoModel(nn.Module):
 
         @functools.wraps(generate)
         def run(*args: Any, **kwargs: Any) -> Any:
-            return mixed.call(self, generate, args, kwargs, generating=True)
+            return call_with_adapter_names(self, generate, args, kwargs, generating=True)
 
         return run
 
@@ -92,10 +95,6 @@ class OrthoModel(nn.Module):
     def get_base_model(self) -> nn.Module:
         """The wrapped model (still carrying adapter layers)."""
         return self.base_model
-
-    def __reduce_ex__(self, protocol: int) -> Any:
-        # Instances may be of a per-architecture subclass made at run time: rebuild it by name.
-        return (_new_instance, (type(self.base_model),), self.__dict__.copy())
 
     # ------------------------------------------------------------------ introspection
     def adapter_layers(self) -> Iterator[tuple[str, AdapterLayer]]:
@@ -255,8 +254,6 @@ class OrthoModel(nn.Module):
         self, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str | None = None, **kwargs: Any
     ) -> None:
         """peft's ``add_weighted_adapter``: a new (inactive) adapter combining ``adapters``; see :mod:`orthotune.combine`."""
-        from .combine import add_weighted_adapter
-
         add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, **kwargs)
 
     def _wrappers(self) -> Iterator[tuple[str, AdapterLayer | ModulesToSave]]:
@@ -454,23 +451,9 @@ class OrthoModel(nn.Module):
                 if n in saved.copies:
                     saved.copies[n].requires_grad_(requires_grad)
 
-    def get_layer_status(self) -> list[Any]:
-        """peft's per-layer status records (:func:`orthotune.peft_compat.get_layer_status`)."""
-        from .peft_compat import get_layer_status
-
-        return get_layer_status(self)
-
-    def get_model_status(self) -> Any:
-        """peft's model status record (:func:`orthotune.peft_compat.get_model_status`)."""
-        from .peft_compat import get_model_status
-
-        return get_model_status(self)
-
     # ------------------------------------------------------------------ saving and loading
     def save_adapter(self, directory: str | Path, adapter_name: str | None = None) -> None:
         """Write one adapter as ``adapter_config.json`` + ``adapter_model.safetensors``, atomically."""
-        from .io import save_adapter
-
         save_adapter(self, directory, adapter_name or self.active_adapter)
 
     def save_pretrained(
@@ -489,8 +472,6 @@ class OrthoModel(nn.Module):
         the base model's weights. ``selected_adapters`` picks the adapters (default: all); files are
         safetensors whatever ``safe_serialization`` says; modules_to_save are saved with their adapter.
         """
-        from .hub import write_model_card
-
         if path_initial_model_for_weight_conversion is not None:
             raise ValueError(
                 "path_initial_model_for_weight_conversion is for peft's PiSSA/OLoRA, whose base weights change; "
@@ -520,38 +501,7 @@ class OrthoModel(nn.Module):
             if state is None:
                 self.save_adapter(folder, name)
             else:
-                from .io import save_adapter
-                from .peft_compat import get_peft_model_state_dict
-
-                save_adapter(self, folder, name, get_peft_model_state_dict(self, state, name))
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        model: nn.Module,
-        model_id: str | Path,
-        adapter_name: str = "default",
-        is_trainable: bool = False,
-        config: AdapterConfig | None = None,
-        autocast_adapter_dtype: bool = True,
-        low_cpu_mem_usage: bool = False,
-        **kwargs: Any,
-    ) -> OrthoModel:
-        """peft's ``PeftModel.from_pretrained``: ``model`` with the adapter in ``model_id`` (a folder or Hub repo id).
-
-        Reads orthotune's and peft's folders. ``is_trainable=False`` (peft's default) loads the adapter
-        for inference: frozen, model in eval mode. ``subfolder``, ``revision``, ``cache_dir``, ``token``
-        reach the Hub download. ``low_cpu_mem_usage=True`` creates the adapter's parameters on the meta
-        device and assigns the loaded tensors (no initialisation, no second copy; :mod:`orthotune.meta_init`).
-        """
-        if not autocast_adapter_dtype:
-            raise ValueError("autocast_adapter_dtype is a property of the saved adapter (its config): it cannot be changed on load")
-        read = _reader(model_id, kwargs, low_cpu_mem_usage)
-        if config is not None:  # peft: the config object to use instead of the folder's; here it must describe it
-            read = _with_config(read, config, model_id)
-        loaded = attach_loaded(model, adapter_name, read)
-        loaded._set_trainable(adapter_name, is_trainable)
-        return loaded
+                save_adapter(self, folder, name, adapter_state_in(self, state, name))
 
     def push_to_hub(
         self,
@@ -564,35 +514,7 @@ class OrthoModel(nn.Module):
         selected_adapters: list[str] | None = None,
     ) -> Any:
         """Upload the adapter folders (``save_pretrained``'s, never the base model) to a Hub repo; the commit info."""
-        from .hub import push_adapters
-
         return push_adapters(self, repo_id, commit_message, private, token, revision, create_pr, selected_adapters)
-
-    def load_adapter(
-        self,
-        model_id: str | Path,
-        adapter_name: str = "default",
-        is_trainable: bool = False,
-        low_cpu_mem_usage: bool = False,
-        **kwargs: Any,
-    ) -> None:
-        """Load a saved adapter (orthotune's or peft's folder, or a Hub repo id) under ``adapter_name``, not activated.
-
-        As in peft, ``is_trainable=False`` keeps it frozen (inference only) and puts the model in eval
-        mode. The model is untouched on error. ``low_cpu_mem_usage`` as in :meth:`from_pretrained`.
-        """
-        self._check_new_name(adapter_name)
-        self._attach_loaded(adapter_name, *_reader(model_id, kwargs, low_cpu_mem_usage)(self.base_model))
-        self._set_trainable(adapter_name, is_trainable)
-
-    def _set_trainable(self, adapter_name: str, is_trainable: bool) -> None:
-        """Mark an adapter trainable or inference-only (frozen even when active; model in eval mode)."""
-        if is_trainable:
-            self._inference_only.discard(adapter_name)
-        else:
-            self._inference_only.add(adapter_name)
-            self.eval()
-        self._refresh_trainable()
 
     def _attach_loaded(self, name: str, config: AdapterConfig, modules: dict[str, nn.Module], saved_states: dict[str, dict]) -> None:
         """Wire in an adapter read by :func:`orthotune.io.build_adapter` (weights loaded, saved modules' states)."""
@@ -608,8 +530,6 @@ class OrthoModel(nn.Module):
         Tensors are copied in place, so optimizers holding the parameters stay valid; the folder
         is validated in full before anything changes.
         """
-        from .io import read_adapter
-
         name = adapter_name or self.active_adapter
         if name not in self.configs:
             raise ValueError(f"no adapter named {name!r}; adapters here: {sorted(self.configs)}")
@@ -629,12 +549,6 @@ class OrthoModel(nn.Module):
                 layers[lname].adapters[name].load_state_dict(method.state_dict())
             for sname, state in saved_states.items():
                 self.base_model.get_submodule(sname).copies[name].load_state_dict(state)
-
-    def export_peft(self, directory: str | Path, adapter_name: str | None = None) -> None:
-        """Write one adapter in peft's format (see :mod:`orthotune.interop.peft`), for peft, vLLM and others."""
-        from .interop.peft import export_peft
-
-        export_peft(self, directory, adapter_name or self.active_adapter)
 
     # ------------------------------------------------------------------ transformers integration
     def activation_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
@@ -661,59 +575,6 @@ class OrthoModel(nn.Module):
 def adapter_folder(directory: str | Path, adapter_name: str) -> Path:
     """Where ``save_pretrained`` puts an adapter: ``default`` in ``directory``, any other in ``directory/<name>``."""
     return Path(directory) if adapter_name == "default" else Path(directory) / adapter_name
-
-
-def _reader(
-    model_id: str | Path, hub_kwargs: dict[str, Any], low_cpu_mem_usage: bool = False
-) -> Callable[[nn.Module], tuple[AdapterConfig, dict, dict]]:
-    """``read(base)`` for an orthotune or peft adapter folder, or a Hub repo id (downloaded first)."""
-    from .hub import is_peft_folder, resolve_folder
-    from .interop.peft import read_peft
-    from .io import read_adapter
-
-    allowed = {"subfolder", "revision", "cache_dir", "token", "local_files_only"}
-    unknown = sorted(set(hub_kwargs) - allowed)
-    if unknown:
-        raise ValueError(f"unknown arguments {unknown}; loading accepts {sorted(allowed)} besides its named ones")
-    folder = resolve_folder(model_id, **hub_kwargs)
-    read = read_peft if is_peft_folder(folder) else read_adapter
-    return lambda base: read(base, folder, low_cpu_mem_usage)
-
-
-def _with_config(read: Callable[[nn.Module], tuple[AdapterConfig, dict, dict]], config: AdapterConfig, source: Any):
-    """``read`` returning ``config`` in place of the folder's, refused unless both describe the same adapter."""
-
-    def read_with(base: nn.Module) -> tuple[AdapterConfig, dict, dict]:
-        saved, modules, states = read(base)
-        ours, theirs = config.to_dict(), saved.to_dict()
-        differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
-        if differ:
-            raise ValueError(
-                f"config= differs from the adapter saved in {source} in {differ}: the weights there were trained with "
-                "the saved config; leave config= out to use it"
-            )
-        return config, modules, states
-
-    return read_with
-
-
-def attach_loaded(
-    model: nn.Module, adapter_name: str, read: Callable[[nn.Module], tuple[AdapterConfig, dict, dict]]
-) -> OrthoModel:
-    """Read an adapter for ``model`` (plain or OrthoModel) with ``read(base)``, attach and activate it.
-
-    ``read`` validates everything and touches nothing, so a failure leaves ``model`` as it was.
-    """
-    if isinstance(model, OrthoModel):
-        model._check_new_name(adapter_name)
-        loaded, wrapped = read(model.base_model), model
-    else:
-        cls = ortho_class(type(model))  # refuses a non-Module before anything is read
-        loaded = read(model)
-        wrapped = cls(model)
-    wrapped._attach_loaded(adapter_name, *loaded)
-    wrapped.set_adapter(adapter_name)
-    return wrapped
 
 
 def _is_checkpointing(model: nn.Module) -> bool:
@@ -756,43 +617,6 @@ def _check_finite_init(adapter_name: str, modules: dict[str, nn.Module], bases: 
             )
 
 
-def build_method(config: AdapterConfig, module: nn.Module, name: str) -> nn.Module:
-    """A method module for the base layer called ``name`` (its pattern overrides applied), on its device,
-    adapter dtype from the config."""
-    d_in, d_out = layer_dims(module)
-    with onloaded(module):  # an offloaded layer's adapter is created where accelerate computes the layer
-        return method_class(config)(config.for_layer(name), d_in, d_out, base_weight_matrix(module).detach())
-
-
 #: Methods of a transformers model that write or upload its full weights: never reached through the wrapper.
-#: (OrthoModel's own save_pretrained, push_to_hub and from_pretrained act on the adapters.)
+#: (AdapterModel's own save_pretrained and push_to_hub act on the adapters.)
 _FULL_MODEL_IO = frozenset({"_upload_modified_files", "save_distributed_checkpoint"})
-
-
-_CLASSES: dict[type, type] = {}
-_CLASSES_LOCK = threading.Lock()  # one class per base class, also when models are wrapped in threads
-
-
-def ortho_class(base_cls: type) -> type:
-    """A subclass of OrthoModel whose ``forward`` shows ``base_cls.forward``'s signature.
-
-    transformers' Trainer reads argument names (``labels``, dataset columns) off
-    ``inspect.signature(model.forward)``; this keeps that working through the wrapper.
-    """
-    if not (isinstance(base_cls, type) and issubclass(base_cls, nn.Module)):
-        raise ValueError(f"model must be a torch.nn.Module, got {getattr(base_cls, '__name__', base_cls)}")
-    with _CLASSES_LOCK:
-        if base_cls not in _CLASSES:
-
-            def forward(self: OrthoModel, *args: Any, **kwargs: Any) -> Any:
-                return OrthoModel.forward(self, *args, **kwargs)
-
-            forward.__wrapped__ = base_cls.forward  # type: ignore[attr-defined]
-            forward.__doc__ = base_cls.forward.__doc__
-            _CLASSES[base_cls] = type(f"Ortho{base_cls.__name__}", (OrthoModel,), {"forward": forward, "__module__": __name__})
-        return _CLASSES[base_cls]
-
-
-def _new_instance(base_cls: type) -> OrthoModel:
-    cls = ortho_class(base_cls)
-    return cls.__new__(cls)

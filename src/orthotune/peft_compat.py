@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Literal, NamedTuple
 import torch
 from torch import nn
 
-from .io import SAVED_PREFIX, adapter_state_dict
+from .io import adapter_state_dict, adapter_state_in
+from .model import AdapterModel
 
 if TYPE_CHECKING:
     from .config import AdapterConfig
-    from .model import OrthoModel
 
 Irregular = Literal["irregular"]
 
@@ -64,10 +64,8 @@ class TunerModelStatus:
     quantization_backend: str | None | Irregular
 
 
-def _ortho(model: nn.Module) -> OrthoModel:
-    from .model import OrthoModel
-
-    if not isinstance(model, OrthoModel):
+def _ortho(model: nn.Module) -> AdapterModel:
+    if not isinstance(model, AdapterModel):
         raise ValueError(f"expected a model with orthotune adapters (orthotune.get_model), got {type(model).__name__}")
     return model
 
@@ -137,24 +135,7 @@ def get_peft_model_state_dict(
     it: the adapter's keys are taken from it instead of the live parameters.
     """
     ortho = _ortho(getattr(model, "_orig_mod", model) if unwrap_compiled else model)
-    own = adapter_state_dict(ortho, adapter_name)
-    if state_dict is None:
-        return own
-    full = {_adapter_key(ortho, k, adapter_name): v for k, v in state_dict.items()}
-    missing = sorted(set(own) - set(full))
-    if missing:
-        raise ValueError(f"state_dict lacks adapter {adapter_name!r}'s tensors {missing[:5]}: pass the model's state_dict()")
-    return {k: full[k] for k in own}
-
-
-def _adapter_key(model: OrthoModel, key: str, adapter_name: str) -> str:
-    """``model.state_dict()`` key -> :func:`adapter_state_dict` key (unchanged when it is no adapter tensor)."""
-    key = key.removeprefix("base_model.")
-    for infix, prefix in ((f".adapters.{adapter_name}.", ""), (f".copies.{adapter_name}.", SAVED_PREFIX)):
-        if infix in key:
-            owner, rest = key.split(infix, 1)
-            return f"{prefix}{owner}.{rest}"
-    return key
+    return adapter_state_dict(ortho, adapter_name) if state_dict is None else adapter_state_in(ortho, state_dict, adapter_name)
 
 
 def set_peft_model_state_dict(
@@ -194,7 +175,7 @@ def set_peft_model_state_dict(
 
 
 def _assign_layers(
-    ortho: OrthoModel, adapter_name: str, given: dict[str, torch.Tensor], own: dict[str, torch.Tensor]
+    ortho: AdapterModel, adapter_name: str, given: dict[str, torch.Tensor], own: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     """Assign ``given`` to each adapter layer of ``adapter_name`` (:func:`orthotune.meta_init.materialize`); the
     entries of ``own`` left to copy (saved modules)."""
@@ -230,9 +211,9 @@ def inject_adapter_in_model(
     ``state_dict`` (from :func:`get_peft_model_state_dict`) fills the new adapter's tensors.
     ``low_cpu_mem_usage=True``: parameters created on the meta device, then assigned ``state_dict``'s tensors.
     """
-    from . import get_peft_model
-
-    ortho = get_peft_model(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+    ortho = AdapterModel(model)
+    ortho.add_adapter(adapter_name, peft_config, low_cpu_mem_usage=low_cpu_mem_usage)
+    ortho.set_adapter(adapter_name)
     if state_dict is not None:
         result = set_peft_model_state_dict(ortho, state_dict, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
         if result.missing_keys or result.unexpected_keys:

@@ -36,7 +36,7 @@ from ..supports import principal_basis
 from ..task_type import TASK_HEADS, check_task_type, saved_patterns
 
 if TYPE_CHECKING:
-    from ..model import OrthoModel
+    from ..model import AdapterModel
 
 PEFT_PREFIX = "base_model.model."
 PEFT_BIN_NAME = "adapter_model.bin"
@@ -566,7 +566,7 @@ def read_peft(
 ) -> tuple[AdapterConfig, dict[str, nn.Module], dict[str, dict]]:
     """Validate a peft folder against ``base`` and build orthotune modules for it; touches nothing in ``base``.
 
-    Returns what :func:`orthotune.io.read_adapter` returns, for :func:`orthotune.model.attach_loaded`
+    Returns what :func:`orthotune.io.read_adapter` returns, for :func:`orthotune.peft_model.attach_loaded`
     (``low_cpu_mem_usage`` as there).
     """
     directory = Path(directory)
@@ -671,7 +671,7 @@ def split_peft_tensors(
 
 
 # ---------------------------------------------------------------------------------------------- writing
-def export_peft(model: OrthoModel, directory: str | Path, adapter_name: str) -> None:
+def export_peft(model: AdapterModel, directory: str | Path, adapter_name: str) -> None:
     """Write one adapter as a peft folder (written atomically, like orthotune's own folders)."""
     config = model.configs.get(adapter_name)
     if config is None:

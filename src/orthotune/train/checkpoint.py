@@ -24,7 +24,7 @@ from torch import nn
 
 from .. import distributed
 from ..io import save_adapter
-from ..model import OrthoModel
+from ..model import AdapterModel
 
 LATEST = "latest"
 STATE = "trainer_state.pt"
@@ -47,12 +47,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_weights(model: nn.Module, directory: Path, state: dict[str, torch.Tensor] | None = None) -> None:
-    """The adapter (OrthoModel) or, for full fine-tuning, every trainable tensor.
+    """The adapter (AdapterModel) or, for full fine-tuning, every trainable tensor.
 
     ``state``: the tensors to write instead of the model's own (gathered from FSDP shards by
     :func:`orthotune.distributed.full_state`, same keys).
     """
-    if isinstance(model, OrthoModel):
+    if isinstance(model, AdapterModel):
         save_adapter(model, directory, model.active_adapter, state=state)
     else:
         directory.mkdir(parents=True, exist_ok=True)
@@ -64,7 +64,7 @@ def save_weights(model: nn.Module, directory: Path, state: dict[str, torch.Tenso
 def load_weights_inplace(model: nn.Module, directory: Path) -> None:
     """Load saved weights into the live modules (keeping parameter identity, so optimiser state maps);
     ``model`` may be wrapped by :func:`orthotune.distributed.wrap` (FSDP: each rank keeps its shard)."""
-    if isinstance(distributed.unwrap(model), OrthoModel):
+    if isinstance(distributed.unwrap(model), AdapterModel):
         distributed.load_adapter_weights(model, directory)
         return
     distributed.load_full_state(model, load_file(str(directory / FULL_WEIGHTS)))

@@ -26,8 +26,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import __version__, distributed as dist_run
-from ..model import OrthoModel
+from .. import distributed as dist_run
+from ..version import __version__
+from ..model import AdapterModel
 from .assets import offline
 from .checkpoint import latest_checkpoint, save_weights
 from .loop import fit
@@ -76,9 +77,9 @@ def needs_selection(model: nn.Module) -> bool:
     )
 
 
-def select(model: OrthoModel, task: Task, config: RunConfig, progress: bool) -> dict[str, Any]:
+def select(model: AdapterModel, task: Task, config: RunConfig, progress: bool) -> dict[str, Any]:
     """LOFT's selection step: gradient-informed supports from the first training batches."""
-    from ..supports import select_supports
+    from ..support_selection import select_supports
 
     n = config.train.selection_batches
     bs = config.train.batch_size
@@ -89,7 +90,7 @@ def select(model: OrthoModel, task: Task, config: RunConfig, progress: bool) -> 
 
 def parameter_counts(model: nn.Module) -> dict[str, Any]:
     """Exact counts: trainable (with modules_to_save), adapter-only, total, per adapted layer."""
-    if isinstance(model, OrthoModel):
+    if isinstance(model, AdapterModel):
         counts = model.trainable_parameters()
         layers = dict(model.adapter_layers())
         adapter = sum(n for name, n in counts["per_layer"].items() if name in layers)
@@ -280,7 +281,7 @@ def merge_adapter(config: RunConfig, adapter: Path, out: str | Path) -> Path:
     if out.exists():
         raise ValueError(f"{out} exists; choose a new folder for the merged model")
     task, model = load_trained(config, adapter)
-    plain = model.merge_and_unload(safe_merge=True) if isinstance(model, OrthoModel) else model
+    plain = model.merge_and_unload(safe_merge=True) if isinstance(model, AdapterModel) else model
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
