@@ -13,7 +13,8 @@ from torch import nn
 
 import orthotune
 from orthotune.cli import _recipe, build_parser, main
-from orthotune.train.runconfig import TrainSettings, load_run_config
+from orthotune.train.runconfig import load_run_config
+from orthotune.train.settings import TrainSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ROOT / "recipes" / "text_banking77.yaml"

@@ -26,11 +26,14 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from . import plan
 from .config import check_choice
-from .model import AdapterModel
+from .io import WEIGHTS_NAME, adapter_state_dict, read_config, save_adapter as write_adapter
+from .methods.loca import LoCA
+from .model import AdapterModel, _is_checkpointing
 
 STRATEGIES = ("auto", "ddp", "fsdp", "none")
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -217,14 +220,10 @@ def _check_uniform_trainable_dtype(unit: nn.Module, units: list[nn.Module]) -> N
 
 
 def _learns_locations(model: nn.Module) -> bool:
-    from .methods.loca import LoCA
-
     return any(isinstance(m, LoCA) and m.config.learn_locations and m.spectrum.requires_grad for m in model.modules())
 
 
 def _checkpointing(model: nn.Module) -> bool:
-    from .model import _is_checkpointing
-
     inner = model.base_model if isinstance(model, AdapterModel) else model
     return _is_checkpointing(inner)
 
@@ -248,8 +247,6 @@ def live_state(model: nn.Module, adapter_name: str | None = None) -> dict[str, T
     """
     inner = unwrap(model)
     if isinstance(inner, AdapterModel):
-        from .io import adapter_state_dict
-
         return adapter_state_dict(inner, adapter_name or inner.active_adapter)
     return {n: p.detach() for n, p in inner.named_parameters() if p.requires_grad}
 
@@ -286,9 +283,7 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str | No
     name = adapter_name or inner.active_adapter
     state = full_state(inner, name) if is_sharded(inner) else None
     if is_main_process():
-        from .io import save_adapter as write
-
-        write(inner, directory, name, state=state)
+        write_adapter(inner, directory, name, state=state)
     barrier()
 
 
@@ -300,10 +295,6 @@ def load_adapter_weights(model: nn.Module, directory: str | Path, adapter_name: 
     if not is_sharded(inner):
         inner.load_adapter_weights(directory, adapter_name)
         return
-    from safetensors.torch import load_file
-
-    from .io import WEIGHTS_NAME, read_config
-
     name = adapter_name or inner.active_adapter
     config, _ = read_config(directory)  # checks the weights' checksum
     if config.to_dict() != inner.configs[name].to_dict():

@@ -30,11 +30,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import FORMAT_VERSION, AdapterConfig
-from .meta_init import build_on_meta, materialize
-from .inject import build_method, iter_named_layers, unsupported_reason
+from .inject import build_method, find_modules_to_save, iter_named_layers, unsupported_reason
 from .layer import layer_dims, layer_kind
+from .meta_init import build_on_meta, materialize
 from .ops.finite import all_finite
 from .registry import config_from_dict
+from .task_type import saved_patterns
 from .version import __version__
 
 if TYPE_CHECKING:
@@ -249,9 +250,6 @@ def build_adapter(
 
 def _saved_module_states(base: nn.Module, state: dict, config: AdapterConfig, source: str | Path) -> dict[str, dict]:
     """The reference state (keys and shapes) of each saved module named in the file."""
-    from .inject import find_modules_to_save
-    from .task_type import saved_patterns
-
     found = dict(find_modules_to_save(base, *saved_patterns(config)))
     out: dict[str, dict] = {}
     for key in state:

@@ -26,11 +26,10 @@ from .config import AdapterConfig
 from .hub import push_adapters, write_model_card
 from .inject import build_method, find_modules_to_save, find_targets, unwrap_all, wrap
 from .io import adapter_state_in, read_adapter, save_adapter
-from .layer import AdapterLayer, ModulesToSave, base_weight_matrix, layer_dims
+from .layer import AdapterLayer, ModulesToSave, base_weight_matrix
 from .methods.base import Base
 from .offload import onloaded
 from .ops.finite import all_finite
-from .registry import method_class
 from .task_type import saved_patterns
 
 

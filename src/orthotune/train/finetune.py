@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import random
 import shutil
 import tempfile
 import time
@@ -22,33 +21,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
+import orthotune
+
 from .. import distributed as dist_run
-from ..version import __version__
 from ..model import AdapterModel
+from ..support_selection import select_supports
+from ..version import __version__
 from .assets import offline
-from .checkpoint import latest_checkpoint, save_weights
-from .loop import fit
+from .checkpoint import latest_checkpoint, load_weights_inplace, save_weights
+from .loop import fit, resolve_device, seed_everything
+from .plots import training_curves
 from .runconfig import FULL, RunConfig, apply_overrides, read_mapping, write_config
 from .task import Task
 from .tasks import TASKS
 
 DATA_RECORD = "data.json"  # the run's resolved data: absolute paths, columns, label list with ids, rows dropped
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def build(config: RunConfig, fresh: bool = True, check: bool = False) -> tuple[Task, nn.Module]:
@@ -64,7 +54,6 @@ def build(config: RunConfig, fresh: bool = True, check: bool = False) -> tuple[T
         for p in model.parameters():
             p.requires_grad_(True)
         return task, model
-    import orthotune
 
     return task, orthotune.get_model(model, config.adapter_config())
 
@@ -79,8 +68,6 @@ def needs_selection(model: nn.Module) -> bool:
 
 def select(model: AdapterModel, task: Task, config: RunConfig, progress: bool) -> dict[str, Any]:
     """LOFT's selection step: gradient-informed supports from the first training batches."""
-    from ..support_selection import select_supports
-
     n = config.train.selection_batches
     bs = config.train.batch_size
     per_epoch = task.batches_per_epoch(bs)
@@ -196,7 +183,6 @@ def run(
         dist_run.barrier()
         return Outcome(results, task, model)
     save_weights(model, run_dir / "adapter", weights)
-    from .plots import training_curves
 
     files = [training_curves(fitted.history, task.metric, run_dir / "curves.png", title=f"{config.task} / {config.method}")]
     files += task.artifacts(model, run_dir)
@@ -256,12 +242,9 @@ def load_run(run: str | Path | None = None, config: RunConfig | None = None, ada
 def load_trained(config: RunConfig, adapter: Path) -> tuple[Task, nn.Module]:
     """The task and its model with the trained adapter (or full fine-tune weights) loaded."""
     if config.method == FULL:
-        from .checkpoint import load_weights_inplace
-
         task, model = build(config, fresh=False)
         load_weights_inplace(model, adapter)
         return task, model.eval()
-    import orthotune
 
     offline()
     seed_everything(config.seed)

@@ -66,3 +66,8 @@ def transfer_split(labels: Tensor, shots: int, val_size: int, seed: int, eval_sp
     train, held = few_shot_split(labels, shots, seed)
     val, test = validation_split(held, val_size, seed)
     return train, val if eval_split == "val" else test
+
+
+def to_signed(x: Tensor) -> Tensor:
+    """[0, 1] -> [-1, 1]: the backbones' input convention (timm's mean 0.5, std 0.5; DDPM's data range)."""
+    return x * 2 - 1

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from ..io import SAVED_PREFIX, WEIGHTS_NAME, read_config
 from ..registry import method_class
+from .plots import layer_spectra
 
 ANGLE_TOL = 1e-6
 
@@ -78,8 +79,6 @@ def inspect_adapter(directory: str | Path) -> dict[str, Any]:
 
 def write_report(report: dict[str, Any], out: Path) -> list[Path]:
     """``inspect.json`` and ``inspect.png`` (spectra and orthogonality errors) in ``out``."""
-    from .plots import layer_spectra
-
     out.mkdir(parents=True, exist_ok=True)
     (out / "inspect.json").write_text(json.dumps(report, indent=2) + "\n")
     png = layer_spectra(report["layers"], out / "inspect.png", title=f"{report['method']} adapter, {len(report['layers'])} layers")

@@ -15,18 +15,22 @@ from __future__ import annotations
 
 import contextlib
 import math
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from .. import distributed
+from ..loca_schedule import LocationLearner
+from ..methods.loca import LoCA
 from .checkpoint import load_trainer_state, load_weights_inplace, rng_state, save_checkpoint, set_rng_state
-from .runconfig import TrainSettings
+from .settings import TrainSettings
 from .task import Task
 
 
@@ -74,9 +78,6 @@ def compiled_for_training(model: nn.Module, setting: bool | str, device_type: st
 
 
 def _location_learner(model: nn.Module, total: int, start: int) -> Any:
-    from ..loca_schedule import LocationLearner
-    from ..methods.loca import LoCA
-
     if not any(isinstance(m, LoCA) and m.config.learn_locations and m.spectrum.requires_grad for m in model.modules()):
         return None
     return LocationLearner(model, total_steps=total, start_step=start)
@@ -234,3 +235,15 @@ def fit(
     model.eval()
     result.steps_done = step
     return result
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

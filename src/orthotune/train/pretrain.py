@@ -25,11 +25,13 @@ import torch
 from torch import Tensor, nn
 
 from .assets import cache_dir, install_dir
-from .diffusion import DDPM, to_signed
-from .images import load_images
-from .runconfig import TrainSettings
+from .compat import import_timm
+from .ddpm import DDPM
+from .dit import CompactDiT
+from .images import load_images, to_signed
+from .loop import fit, resolve_device, seed_everything
+from .settings import TrainSettings
 from .task import Task, accuracy, batch_indices
-from .vision import normalise
 
 
 @dataclass(frozen=True)
@@ -76,12 +78,8 @@ SPECS: dict[str, PretrainSpec] = {
 def build_backbone(kind: str, model: dict[str, Any]) -> nn.Module:
     """A fresh ViT (timm) or CompactDiT from architecture kwargs."""
     if kind == "vit":
-        from .compat import import_timm
-
         return import_timm().models.vision_transformer.VisionTransformer(**model)
     if kind == "dit":
-        from .dit import CompactDiT
-
         return CompactDiT(**model)
     raise ValueError(f"unknown backbone kind {kind!r}; choose 'vit' or 'dit'")
 
@@ -135,8 +133,7 @@ class _PretrainTask(Task):
         size = spec.model["img_size"] if spec.kind == "vit" else spec.model["input_size"]
         x, self.train_y = load_images(spec.dataset, size, "train")
         tx, self.test_y = load_images(spec.dataset, size, "test")
-        prep = normalise if spec.kind == "vit" else to_signed
-        self.train_x, self.test_x = prep(x), prep(tx)
+        self.train_x, self.test_x = to_signed(x), to_signed(tx)
 
     def train_size(self) -> int:
         return len(self.train_y)
@@ -183,9 +180,6 @@ class DiTPretrainTask(_PretrainTask):
 def pretrain(spec: PretrainSpec, out: Path, progress: bool = True, device: str | None = None) -> Path:
     """Train ``spec`` from scratch and write its checkpoint folder ``out`` atomically."""
     from safetensors.torch import save_file
-
-    from .finetune import resolve_device, seed_everything
-    from .loop import fit
 
     seed_everything(spec.seed)
     dev = resolve_device(device or "auto")

@@ -21,7 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import check_choice
-from .images import IMAGE_SETS, load_images, transfer_split
+from .imagefiles import load_image_files
+from .images import IMAGE_SETS, load_images, to_signed, transfer_split
+from .pretrain import load_pretrained
 from .task import Task, accuracy, batch_indices, init_head_from_class_means
 from .userdata import label_key
 
@@ -41,11 +43,6 @@ class ImageClassifier(nn.Module):
         if labels is not None:
             out["loss"] = F.cross_entropy(logits.float(), labels)
         return out
-
-
-def normalise(x: Tensor) -> Tensor:
-    """[0, 1] -> [-1, 1], the pretraining's input convention (timm: mean 0.5, std 0.5)."""
-    return x * 2 - 1
 
 
 @dataclass
@@ -98,14 +95,10 @@ class ImageClassificationTask(Task):
 
     def __init__(self, model: dict[str, Any], data: dict[str, Any], seed: int, device: torch.device) -> None:
         super().__init__(model, data, seed, device)
-        from .pretrain import load_pretrained
-
         self.pretrained = load_pretrained(self.model_settings.checkpoint, kind="vit")
         self.arch = self.pretrained.config["model"]
         d = self.data_settings
         if d.train_file is not None:
-            from .imagefiles import load_image_files
-
             files = load_image_files(d, self.arch["img_size"], self.arch["in_chans"])
             self.label_names, self.files = files.label_names, files
             (self.train_x, self.train_y), (self.eval_x, self.eval_y) = files.splits["train"], files.splits[d.eval_split]
@@ -116,7 +109,7 @@ class ImageClassificationTask(Task):
             self.train_x, self.train_y = x[train_idx], y[train_idx]
             self.eval_x, self.eval_y = x[held_idx], y[held_idx]
             self.label_names = [str(i) for i in range(int(y.max()) + 1)]
-        self.train_x, self.eval_x = normalise(self.train_x), normalise(self.eval_x)
+        self.train_x, self.eval_x = to_signed(self.train_x), to_signed(self.eval_x)
 
     def check_data(self) -> dict[str, Any]:
         d = self.data_settings
