@@ -13,6 +13,7 @@ from orthotune.methods.loco import LoCO, LoCOConfig, approximation_error
 from orthotune.ops import lowrank, skew
 
 from .method_cases import run
+from .oracles import sequential_apply_rows, skew_dense
 
 f64 = torch.float64
 
@@ -24,7 +25,7 @@ def generators(k: int, d: int, r: int, scale: float, dtype=f64):
 
 
 def dense_chain(U, V):
-    S = skew.skew_dense(U, V)
+    S = skew_dense(U, V)
     R = torch.eye(U.shape[1], dtype=U.dtype)
     for i in range(U.shape[0]):
         R = R @ torch.linalg.matrix_exp(S[i])
@@ -35,7 +36,7 @@ def dense_chain(U, V):
 def test_closed_form_exponential_matches_matrix_exp(scale: float) -> None:
     U, V = generators(3, 40, 3, scale)
     A, B, C = skew.skew_exp_factors(U, V)
-    S = skew.skew_dense(U, V)
+    S = skew_dense(U, V)
     for i in range(3):
         closed = torch.eye(40, dtype=f64) + A[i] @ C[i] @ B[i].T
         assert (closed - torch.linalg.matrix_exp(S[i])).abs().max() < 1e-10 * max(1.0, scale)
@@ -49,7 +50,7 @@ def test_exact_chain_equals_product_of_exponentials(k: int, d: int, r: int) -> N
     Uc, Vc, M = skew.chain_core(A, B, C)
     assert (lowrank.materialize(Uc, M, Vc) - ref).abs().max() < 1e-10
     x = torch.randn(7, d, dtype=f64)
-    assert (skew.sequential_apply_rows(x, A, B, C) - x @ ref.T).abs().max() < 1e-10
+    assert (sequential_apply_rows(x, A, B, C) - x @ ref.T).abs().max() < 1e-10
     assert (lowrank.apply_rows(x, Uc, M, Vc) - x @ ref.T).abs().max() < 1e-10
 
 
@@ -66,7 +67,7 @@ def test_approximation_within_first_order_bound(scale: float) -> None:
     exact = dense_chain(U, V)
     Ua, Va, Ma = skew.sum_exp_core(A, B)
     approx = lowrank.materialize(Ua, Ma, Va)
-    assert (approx - torch.linalg.matrix_exp(skew.skew_dense(U, V).sum(0))).abs().max() < 1e-10
+    assert (approx - torch.linalg.matrix_exp(skew_dense(U, V).sum(0))).abs().max() < 1e-10
     gap = torch.linalg.matrix_norm(approx - exact, ord=2)
     assert gap <= skew.trotter_bound(A, B) + 1e-12
     assert gap > 0  # the approximation is an approximation

@@ -9,6 +9,8 @@ import torch
 
 from orthotune.ops import spectral
 
+from .oracles import clear_basis_cache, idct2_sparse, idft2_real_sparse
+
 
 def _sparse(shape: tuple[int, int], n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray]:
     g = torch.Generator().manual_seed(seed)
@@ -23,7 +25,7 @@ def _sparse(shape: tuple[int, int], n: int, seed: int = 0) -> tuple[torch.Tensor
 @pytest.mark.parametrize("shape", [(7, 5), (16, 16), (12, 33)])
 def test_idct2_matches_scipy_idctn_ortho(shape: tuple[int, int]) -> None:
     c, rows, cols, dense = _sparse(shape, n=min(20, shape[0] * shape[1]))
-    ours = spectral.idct2_sparse(c, rows, cols, shape)
+    ours = idct2_sparse(c, rows, cols, shape)
     ref = scipy.fft.idctn(dense, norm="ortho")
     assert np.abs(ours.numpy() - ref).max() < 1e-13
 
@@ -38,7 +40,7 @@ def test_dct_basis_is_orthonormal_and_is_scipy_dct(n: int) -> None:
 def test_idft2_real_matches_numpy_ifft2() -> None:
     shape = (10, 14)
     c, rows, cols, dense = _sparse(shape, n=25, seed=1)
-    ours = spectral.idft2_real_sparse(c, rows, cols, shape)
+    ours = idft2_real_sparse(c, rows, cols, shape)
     assert np.abs(ours.numpy() - np.fft.ifft2(dense).real).max() < 1e-15
 
 
@@ -46,7 +48,7 @@ def test_bases_are_cached_per_size_dtype_device() -> None:
     a = spectral.dct_basis(12, torch.float32)
     assert spectral.dct_basis(12, torch.float32, "cpu") is a
     assert spectral.dct_basis(12, torch.float64) is not a
-    spectral.clear_basis_cache()
+    clear_basis_cache()
     assert spectral.dct_basis(12, torch.float32) is not a
 
 
@@ -81,7 +83,7 @@ def test_distinct_cells_are_distinct_and_in_range() -> None:
 
 def _loss_at(rows: torch.Tensor, cols: torch.Tensor, c: torch.Tensor, loss_of_delta) -> float:
     d_out, d_in = loss_of_delta.shape
-    return float(loss_of_delta(spectral.idct2_sparse(c, rows, cols, (d_out, d_in))))
+    return float(loss_of_delta(idct2_sparse(c, rows, cols, (d_out, d_in))))
 
 
 class _Loss:
@@ -130,7 +132,7 @@ def test_fd_location_gradient_points_to_the_known_best_location() -> None:
     """One coefficient, target = the same coefficient 3 rows and 2 columns away: the gradient must point there."""
     shape = (16, 16)
     r_star, s_star, a = 9, 5, 1.5
-    T = spectral.idct2_sparse(torch.tensor([a], dtype=torch.float64), torch.tensor([r_star]), torch.tensor([s_star]), shape)
+    T = idct2_sparse(torch.tensor([a], dtype=torch.float64), torch.tensor([r_star]), torch.tensor([s_star]), shape)
     # A smooth (activation-regression) loss so that distant cells still see a slope.
     X = torch.randn(64, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     X = X @ torch.linalg.matrix_exp(0.3 * torch.ones(16, 16, dtype=torch.float64))  # correlated inputs

@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 import orthotune
-from orthotune.ops import spectral
 from orthotune.registry import METHODS
 
 from .method_cases import CASES
+from .oracles import clear_basis_cache
 
 WIDTH = 24  # the width of the contract MLP's lin1: every case that runs on "mlp" fits it
 
@@ -143,7 +143,7 @@ def test_loading_two_adapters_into_two_models_in_threads(tmp_path) -> None:
     expected = {m: load(m, deep(4, seed=1)) for m in specs}
     pairs = [("loca", "fourierft"), ("loca", "loco"), ("fourierft", "loco"), ("loca", "loca")] * 3
     for a, b in pairs:
-        spectral.clear_basis_cache()  # both threads race to build the same bases
+        clear_basis_cache()  # both threads race to build the same bases
         barrier = threading.Barrier(2)
         results: dict[int, torch.Tensor | BaseException] = {}
 

@@ -50,14 +50,10 @@ def iter_named_layers(model: nn.Module, prefix: str = "") -> Iterator[tuple[str,
             yield from iter_named_layers(child, full)
 
 
-def matches(name: str, pattern: str | list[str]) -> bool:
-    """peft's rule: list entries match by full name or dotted suffix, a string by regex fullmatch."""
-    return matcher(pattern)(name)
-
-
 def matcher(pattern: str | list[str]) -> Callable[[str], bool]:
-    """:func:`matches` for one pattern, prepared once: a list is looked up by the name's dotted suffixes,
-    so matching N names against a list of P entries costs O(N * depth), not O(N * P)."""
+    """peft's rule for one pattern, prepared once: a list entry matches a full name or its dotted suffix, a string
+    is a regex fullmatch. A list is looked up by the name's dotted suffixes, so matching N names against P
+    entries costs O(N * depth), not O(N * P)."""
     if isinstance(pattern, str):
         regex = re.compile(pattern)
         return lambda name: regex.fullmatch(name) is not None
