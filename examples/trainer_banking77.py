@@ -21,7 +21,7 @@ import torch
 from transformers import DataCollatorWithPadding, TrainingArguments
 
 import orthotune
-from orthotune.integrations import OrthoTrainer
+from orthotune import OrthoTrainer
 from orthotune.train.assets import offline
 from orthotune.train.task import accuracy
 from orthotune.train.text import TextClassificationTask, batches

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 from torch import nn  # noqa: E402
 
@@ -110,6 +111,16 @@ def loco_approximation_error(model: AdapterModel, adapter_name: str | None = Non
         if isinstance(layer.adapters[name] if name in layer.adapters else None, LoCO)
     }
 
+
+
+def __getattr__(name: str) -> Any:
+    """``orthotune.OrthoTrainer`` (the HF Trainer saving adapter folders), imported on first use: ``import orthotune``
+    does not import transformers."""
+    if name == "OrthoTrainer":
+        from .integrations import OrthoTrainer
+
+        return OrthoTrainer
+    raise AttributeError(f"module 'orthotune' has no attribute {name!r}")
 
 __all__ = [
     "AdapterModel",
