@@ -215,6 +215,14 @@ def test_imports_go_down_the_layers() -> None:
     assert not errors, f"{len(errors)} import(s) against the layering (docs/architecture.md):\n" + "\n".join(errors)
 
 
+def test_the_package_is_imported_at_module_level() -> None:
+    """An import of the package inside a function hides a dependency (often one that dodges a cycle); only the
+    public API imports lazily (``orthotune.OrthoTrainer``, which would import transformers). A heavy third-party
+    library is imported inside the function that needs it, not the orthotune module that wraps it."""
+    late = [imp.where() for imp in imports(SRC) if imp.in_function and imp.source != "orthotune"]
+    assert not late, "import these at the top of their module:\n" + "\n".join(late)
+
+
 def test_the_checks_catch_cycles_and_upward_imports(tmp_path: Path) -> None:
     """On a small package: a cycle through a function-level import, an upward import, a type-only cycle."""
     files = {
