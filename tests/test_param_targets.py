@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 import orthotune
+from orthotune.interop.peft_params import load_peft_target_parameters
 from orthotune.param_targets import (
     add_param_adapter,
     load_param_adapter,
-    load_peft_target_parameters,
     merge_param_adapters,
     param_adapters,
     save_param_adapter,

@@ -21,15 +21,16 @@ from torch import Tensor, nn
 from . import quantized
 from .adapter_names import call as call_with_adapter_names
 from .combine import add_weighted_adapter
-from .plan import Plan
 from .config import AdapterConfig
 from .hub import push_adapters, write_model_card
 from .inject import build_method, find_modules_to_save, find_targets, unwrap_all, wrap
 from .io import adapter_state_in, read_adapter, save_adapter
 from .layer import AdapterLayer, ModulesToSave, base_weight_matrix
+from .meta_init import build_on_meta
 from .methods.base import Base
 from .offload import onloaded
 from .ops.finite import all_finite
+from .plan import Plan
 from .task_type import saved_patterns
 
 
@@ -169,8 +170,6 @@ class AdapterModel(nn.Module):
                     "exclude it from target_modules (a saved module is trained in full)"
                 )
         if low_cpu_mem_usage:
-            from .meta_init import build_on_meta
-
             modules = {name: build_on_meta(config, module, name) for name, module in targets}
         else:
             modules = {name: build_method(config, module, name) for name, module in targets}

@@ -11,7 +11,7 @@ experts' own forward, grouped-mm kernels) sees the adapted weight, and gradients
     ...train...
     save_param_adapter(model, "out")             # orthotune's folder for these adapters
     merge_param_adapters(model) / unmerge_param_adapters(model) / unload_param_adapters(model, merge=True)
-    load_peft_target_parameters(model, "peft-folder")   # peft LoRA folders saved with target_parameters
+    load_peft_target_parameters(model, "peft-folder")   # peft LoRA folders with target_parameters (interop.peft_params)
 
 This is a separate entry point next to :class:`~orthotune.OrthoModel` (whose adapters wrap layers);
 the two can be used on one model, each with its own save and merge calls.
@@ -193,11 +193,12 @@ def load_param_adapter(model: nn.Module, directory: str | Path) -> list[str]:
     directory = Path(directory)
     meta = json.loads((directory / CONFIG_FILE).read_text())
     names = add_param_adapter(model, config_from_dict(meta["config"]), meta["target_parameters"])
-    _fill(model, load_file(str(directory / WEIGHTS_FILE)), directory)
+    fill_param_adapters(model, load_file(str(directory / WEIGHTS_FILE)), directory)
     return names
 
 
-def _fill(model: nn.Module, state: dict[str, Tensor], source: Any) -> None:
+def fill_param_adapters(model: nn.Module, state: dict[str, Tensor], source: Any) -> None:
+    """Copy ``state`` into the model's parameter adapters in place, refusing (and unloading them) if it does not fit."""
     own = param_adapter_state_dict(model)
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     bad = [k for k in own if k in state and state[k].shape != own[k].shape]
@@ -210,62 +211,6 @@ def _fill(model: nn.Module, state: dict[str, Tensor], source: Any) -> None:
     with torch.no_grad():
         for k, v in own.items():
             v.copy_(state[k])
-
-
-def load_peft_target_parameters(model: nn.Module, directory: str | Path) -> list[str]:
-    """Load a peft LoRA folder saved with ``target_parameters`` (and no ``target_modules`` tensors) as
-    per-expert orthotune LoRA adapters computing what peft computes."""
-    from .interop.peft import _lora_config_in, _read_peft_config, _read_peft_tensors
-    from .methods.lora import LoRAConfig
-
-    directory = Path(directory)
-    cfg = _read_peft_config(directory)
-    targets = cfg.get("target_parameters") or []
-    if cfg.get("peft_type") != "LORA" or not targets:
-        raise ValueError(f"{directory} is not a peft LoRA folder with target_parameters; load it with orthotune.from_peft")
-    fields = _lora_config_in({k: v for k, v in cfg.items() if k not in ("target_parameters", "target_modules")})
-    if fields["rank_pattern"] or fields["alpha_pattern"]:
-        raise ValueError("rank_pattern/alpha_pattern with target_parameters are not supported; use one r and lora_alpha")
-    config = LoRAConfig(r=fields["r"], lora_alpha=fields["lora_alpha"], use_rslora=fields["use_rslora"])
-    tensors = {k.removeprefix("base_model.model."): v for k, v in _read_peft_tensors(directory).items()}
-    names = add_param_adapter(model, config, targets)
-    state = _peft_lora_state(model, names, tensors, directory)
-    _fill(model, state, directory)
-    return names
-
-
-def _peft_lora_state(model: nn.Module, names: list[str], tensors: dict[str, Tensor], source: Path) -> dict[str, Tensor]:
-    """peft's nested ParamWrapper tensors mapped onto per-expert LoRA: peft wraps a module's parameters in their
-    registration order (``names``' order), so the first is innermost (``base_layer.`` once per wrapper around it); ``lora_A`` (r E, in) rows are expert-major,
-    ``lora_B`` (out, r E) columns rank-major."""
-    by_module: dict[str, list[str]] = {}
-    for full in names:
-        by_module.setdefault(full.rpartition(".")[0], []).append(full)
-    state: dict[str, Tensor] = {}
-    used: set[str] = set()
-    for module, fulls in by_module.items():
-        for depth, full in enumerate(fulls):
-            prefix = f"{module}." + "base_layer." * (len(fulls) - 1 - depth)
-            keys = (prefix + "lora_A.weight", prefix + "lora_B.weight")
-            if any(k not in tensors for k in keys):
-                raise ValueError(f"{source} holds no LoRA tensors for {full!r} (looked for {keys[0]!r})")
-            A, B = (tensors[k] for k in keys)
-            used.update(keys)
-            adapters = dict(param_adapters(model))[full]
-            E, r = len(adapters.experts), adapters.config.r
-            A_e = A.reshape(E, r, A.shape[-1])
-            B_e = B.reshape(B.shape[0], r, E)
-            for e in range(E):
-                state[f"{full}.{e}.lora_A"] = A_e[e]
-                state[f"{full}.{e}.lora_B"] = B_e[:, :, e]
-    left = sorted(set(tensors) - used)
-    if left:
-        unload_param_adapters(model, merge=False)
-        raise ValueError(
-            f"{source} also holds tensors of target_modules {left[:3]}: load those with orthotune.from_peft, which "
-            "does not read target_parameters; a folder with both is not supported"
-        )
-    return state
 
 
 def _split(model: nn.Module, full: str) -> tuple[nn.Module, str]:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .io import adapter_state_dict, adapter_state_in
+from .meta_init import materialize
 from .model import AdapterModel
 
 if TYPE_CHECKING:
@@ -179,8 +180,6 @@ def _assign_layers(
 ) -> dict[str, torch.Tensor]:
     """Assign ``given`` to each adapter layer of ``adapter_name`` (:func:`orthotune.meta_init.materialize`); the
     entries of ``own`` left to copy (saved modules)."""
-    from .meta_init import materialize
-
     rest = dict(own)
     for lname, layer in ortho.adapter_layers():
         if adapter_name in layer.adapters:

@@ -107,7 +107,7 @@ def _lora_fields(cfg: dict[str, Any]) -> dict[str, Any]:
     if cfg.get("target_parameters"):
         raise ValueError(
             f"this peft LoRA adapts parameters (target_parameters={cfg['target_parameters']!r}): load it with "
-            "orthotune.param_targets.load_peft_target_parameters(model, directory)"
+            "orthotune.interop.peft_params.load_peft_target_parameters(model, directory)"
         )
     _check_options(
         cfg, _LORA_READ, "plain LoRA: r, lora_alpha, lora_dropout, use_rslora, rank_pattern, alpha_pattern, modules_to_save"
