@@ -1,6 +1,6 @@
 """Configurations the shared contract suite runs for each registered method.
 
-Adding a method to ``orthotune.registry.METHODS`` without cases here fails
+Adding a method to ``orthotune.methods.registry.METHODS`` without cases here fails
 ``test_every_method_has_cases``: one entry below is all a new method needs to get the suite.
 ``params(d_in, d_out)`` is the method's trainable-parameter count per layer, written from the paper.
 ``models`` restricts a case to the test models whose shapes it fits (default: all).

@@ -1,4 +1,4 @@
-"""The ``orthotune`` command line: thin over ``orthotune.train``.
+"""The ``orthotune`` command line: thin over ``orthotune.recipes``.
 
     orthotune finetune --config recipes/text_banking77.yaml --set adapter.rank=8 --seed 1
     orthotune finetune --config recipes/text_banking77.yaml --resume     # continue from the last checkpoint
@@ -19,14 +19,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import distributed
-from .config import AdapterConfig
-from .registry import METHODS
-from .train.demo import run_demo
-from .train.finetune import adapter_folder, evaluate_adapter, finetune, load_run, merge_adapter
-from .train.inspection import inspect_adapter, summary, write_report
-from .train.pretrain import SPECS, checkpoint_dir, pretrain
-from .train.runconfig import load_run_config
+from .training import distributed
+from .methods.config import AdapterConfig
+from .methods.registry import METHODS
+from .recipes.demo import run_demo
+from .recipes.finetune import adapter_folder, evaluate_adapter, finetune, load_run, merge_adapter
+from .recipes.inspection import inspect_adapter, summary, write_report
+from .recipes.pretrain import SPECS, checkpoint_dir, pretrain
+from .recipes.runconfig import load_run_config
 
 # flag -> recipe key: shortcuts for the most used overrides
 _SHORTCUTS = {"task": "task", "method": "method", "output_dir": "output_dir", "seed": "seed", "steps": "train.steps",

@@ -102,7 +102,7 @@ def mixed_rows(case):
     return model, x, base, out0, out1
 
 
-@requires_api("orthotune.mixed")
+@requires_api("orthotune.layer.mixed")
 def test_mixed_adapter_batches(case) -> None:
     if case.kind == "Conv2d":
         pytest.skip("peft's Conv2d toy reshapes its batch (9 rows -> 2 images): samples do not map to rows")

@@ -1,4 +1,4 @@
-"""peft LoRA folders saved with ``target_parameters`` (adapters on bare MoE expert weights) in, as per-expert orthotune LoRA adapters (:mod:`orthotune.param_targets`)."""
+"""peft LoRA folders saved with ``target_parameters`` (adapters on bare MoE expert weights) in, as per-expert orthotune LoRA adapters (:mod:`orthotune.model.param_targets`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 from torch import Tensor, nn
 
 from ..methods.lora import LoRAConfig
-from ..param_targets import add_param_adapter, fill_param_adapters, param_adapters, unload_param_adapters
+from ..model.param_targets import add_param_adapter, fill_param_adapters, param_adapters, unload_param_adapters
 from .peft import _lora_config_in, _read_peft_config, _read_peft_tensors
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..config import check_choice
+from .config import check_choice
 from .base import AdapterMethod, Base, Core, cast_to, each
 from .lora import LoRAConfig
 
