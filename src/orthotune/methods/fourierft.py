@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .config import AdapterConfig, check_choice, check_positive_int
 from ..ops import spectral
-from .loca.loca import COMPUTE, SparseSpectrum
+from .spectral import COMPUTE, SparseSpectrum
 
 
 @dataclass
