@@ -58,8 +58,6 @@ class AdapterMethod(nn.Module):
     config_class: ClassVar[type[AdapterConfig]]
     #: True for methods whose weight map is multiplicative (rotations, scales): unmerging inverts it.
     multiplicative: ClassVar[bool] = False
-    #: True if the method can run on activations of a Linear layer; else the layer merges per step.
-    activation_path: ClassVar[bool] = True
 
     def __init__(self, config: AdapterConfig, d_in: int, d_out: int, weight: Tensor) -> None:
         super().__init__()

@@ -594,11 +594,8 @@ def _check_finite_init(adapter_name: str, modules: dict[str, nn.Module], bases: 
         with onloaded(bases[lname]):
             W = base_weight_matrix(bases[lname])
             try:
-                if method.activation_path:
-                    probes[lname] = method(torch.ones(1, W.shape[1], dtype=W.dtype, device=W.device),
-                                            Base(lambda z, W=W: z @ W.T), method.core(W.dtype))
-                else:
-                    probes[lname] = method.merged_weight(W.float())
+                probes[lname] = method(torch.ones(1, W.shape[1], dtype=W.dtype, device=W.device),
+                                        Base(lambda z, W=W: z @ W.T), method.core(W.dtype))
             except ValueError:
                 pass  # not runnable yet (a LOFT support awaiting select_supports): its first forward says why
     tensors = [t for m in modules.values() for t in m.state_dict().values() if t.dtype.is_floating_point]
