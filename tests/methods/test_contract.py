@@ -1,4 +1,4 @@
-"""The common contract of every method (methods.md), parametrised over every registered method.
+"""The common contract of every method, parametrised over every registered method.
 
 Mirrors peft's common tester: identity at init, merge/unmerge equivalence, orthogonality after
 training, save/load round trip, only adapter parameters train, disable (also after a merge),

@@ -1,4 +1,4 @@
-"""LoCO against closed forms and float64 references (methods.md, issue 'orthotune core and LoCO')."""
+"""LoCO against closed forms and float64 references (docs/loco.md)."""
 
 from __future__ import annotations
 

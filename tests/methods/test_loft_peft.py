@@ -3,7 +3,7 @@
 Parameters map across with the peft interop table (``orthotune.interop.peft.FORMATS``, what
 ``from_peft`` reads folders with): as they are, except peft's OFT Cayley-Neumann branch, which
 approximates the transpose of peft's own exact branch: orthotune's Neumann approximates its exact
-rotation, so those parameters cross negated (peft-notes.md section 3.1; docs/loft.md).
+rotation, so those parameters cross negated (docs/loft.md).
 """
 
 from __future__ import annotations

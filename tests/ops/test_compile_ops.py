@@ -1,4 +1,4 @@
-"""``orthotune::expm`` and ``orthotune::cayley``: the custom ops the per-step cores use under ``torch.compile`` (issue 19).
+"""``orthotune::expm`` and ``orthotune::cayley``: the custom ops the per-step cores use under ``torch.compile``.
 
 ``torch.linalg.matrix_exp`` syncs the host ~3 times per call on CUDA; the expm op keeps orthotune's
 scaling and squaring (one host read) and is opaque to the compiler, with an exact backward. The

@@ -1,4 +1,4 @@
-"""peft's utilities that issue 18 asks orthotune to offer under peft's names, and mixed-adapter batches.
+"""peft's utilities under peft's names, and mixed-adapter batches.
 
 Each test is guarded by ``requires_api`` until its API exists (branches peftflow and mixed).
 """

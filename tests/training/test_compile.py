@@ -1,6 +1,6 @@
 """Every registered method under ``torch.compile(fullgraph=True)``: one graph per mode, no recompilation.
 
-Issue 19: a compiled step must trace as one graph (a graph break raises under ``fullgraph``) and must
+A compiled step must trace as one graph (a graph break raises under ``fullgraph``) and must
 not recompile across steps, batch contents or ``train()``/``eval()`` switches at fixed shapes: after
 one compilation per mode (training with gradients, evaluation without), alternating modes and
 batches adds no graph. ``aot_eager`` traces forward and backward exactly as inductor would receive

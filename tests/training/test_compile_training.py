@@ -1,4 +1,4 @@
-"""Compiled training for users (issue 19): the recipes' loop, ``OrthoTrainer`` and the HF ``Trainer``.
+"""Compiled training for users: the recipes' loop, ``OrthoTrainer`` and the HF ``Trainer``.
 
 On the CPU ``aot_eager`` stands in for inductor (same traced forward and backward, no C++ build);
 the ``gpu`` tests run the real thing on the GPU machine (``pytest -m gpu``).

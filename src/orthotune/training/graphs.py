@@ -201,7 +201,7 @@ def _check_device(batch: Mapping[str, Any]) -> None:
 @functools.cache
 def _warmup_stream(device: int) -> torch.cuda.Stream:
     """One warm-up stream per device for every GraphedStep: cuBLAS keeps a workspace (32 MiB on an H100)
-    per stream it has run on for the life of the process, so a fresh stream per warm-up leaked that much."""
+    per stream it has run on for the life of the process, so a stream per warm-up would hold one workspace each."""
     return torch.cuda.Stream(device)
 
 

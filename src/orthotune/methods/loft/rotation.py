@@ -52,9 +52,8 @@ class FoldOption:
     compute: str = field(
         default="activations",
         metadata={"help": "'activations' (x T^T, then the frozen layer) or 'weight' (W0 T formed once per call, then "
-                  "one matmul; used when the layer's own frozen weight is the base). On an H100 training step the two "
-                  "were within 10% in runs 5 and 7 (benchmarks/results/): neither wins for every method, so the "
-                  "default is 'activations'."},
+                  "one matmul; used when the layer's own frozen weight is the base). Neither is faster for every method "
+                  "(docs/loft.md)."},
     )
 
     def __post_init__(self) -> None:
