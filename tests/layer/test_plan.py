@@ -226,16 +226,16 @@ def test_one_form_matches_reference_and_gradcheck(shape: tuple[int, ...]) -> Non
     d, m = 10, 4
     x = torch.randn(*shape, dtype=f64, requires_grad=True)
     U, V, M = (torch.randn(d, m, dtype=f64), torch.randn(d, m, dtype=f64), torch.randn(m, m, dtype=f64))
-    Wt = M @ V.T
-    assert torch.allclose(lowrank.rotate_rows(x, U, Wt), lowrank.apply_rows(x, U, M, V), atol=1e-12)
-    params = (x, U.requires_grad_(), Wt.requires_grad_())
+    MVt = M @ V.T
+    assert torch.allclose(lowrank.rotate_rows(x, U, MVt), lowrank.apply_rows(x, U, M, V), atol=1e-12)
+    params = (x, U.requires_grad_(), MVt.requires_grad_())
     assert torch.autograd.gradcheck(lowrank.rotate_rows, params)
     y = torch.randn(*shape[:-1], 6, dtype=f64, requires_grad=True)
     A, B = torch.randn(m, d, dtype=f64, requires_grad=True), torch.randn(6, m, dtype=f64, requires_grad=True)
     assert torch.allclose(lowrank.add_lowrank(y, x, A, B), y + (x @ A.T) @ B.T, atol=1e-12)
     assert torch.autograd.gradcheck(lowrank.add_lowrank, (y, x, A, B))
     xt = torch.randn(10, 5, dtype=f64).T  # non-contiguous input
-    assert torch.allclose(lowrank.rotate_rows(xt, U, Wt), xt + (xt @ Wt.T) @ U.T, atol=1e-12)
+    assert torch.allclose(lowrank.rotate_rows(xt, U, MVt), xt + (xt @ MVt.T) @ U.T, atol=1e-12)
 
 
 @pytest.mark.parametrize("method", ["loca", "fourierft"])
