@@ -7,6 +7,8 @@ import torch
 from torch import nn
 
 import orthotune
+from orthotune.interop import peft_api
+from orthotune.model import io as adapter_io
 from orthotune.model import meta_init
 from orthotune.interop.peft_api import get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from orthotune.methods.registry import METHODS
@@ -47,7 +49,8 @@ def assigned(monkeypatch):
         shared = all(p.data_ptr() == state[k].data_ptr() for k, p in method.named_parameters())
         seen.append((on_meta, shared))
 
-    monkeypatch.setattr(meta_init, "materialize", spy)
+    for caller in (adapter_io, peft_api):  # the modules that call it
+        monkeypatch.setattr(caller, "materialize", spy)
     return seen
 
 

@@ -154,5 +154,5 @@ def test_peft_nesting_follows_registration_order(tmp_path) -> None:
 def test_from_peft_points_to_the_parameter_loader(tmp_path) -> None:
     config = peft.LoraConfig(target_modules=[], target_parameters=TARGETS, r=2, init_lora_weights=False)
     peft.get_peft_model(_moe(), config).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"load it with orthotune.model.param_targets.load_peft_target_parameters"):
+    with pytest.raises(ValueError, match=r"load it with orthotune.interop.peft_params.load_peft_target_parameters"):
         orthotune.from_peft(_moe(), tmp_path)
