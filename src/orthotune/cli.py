@@ -19,7 +19,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .training import distributed
 from .methods.config import AdapterConfig
 from .methods.registry import METHODS
 from .recipes.demo import run_demo
@@ -27,6 +26,7 @@ from .recipes.finetune import adapter_folder, evaluate_adapter, finetune, load_r
 from .recipes.inspection import inspect_adapter, summary, write_report
 from .recipes.pretrain import SPECS, checkpoint_dir, pretrain
 from .recipes.runconfig import load_run_config
+from .training import distributed
 
 # flag -> recipe key: shortcuts for the most used overrides
 _SHORTCUTS = {"task": "task", "method": "method", "output_dir": "output_dir", "seed": "seed", "steps": "train.steps",

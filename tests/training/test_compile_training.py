@@ -16,8 +16,8 @@ import orthotune
 from orthotune.recipes import loop
 from orthotune.recipes.finetune import finetune
 
-from .test_compile import _model_with_every_case
 from ..recipes.test_recipes import text_config
+from .test_compile import _model_with_every_case
 from .test_transformers import TokenData, tiny_llama
 
 transformers = pytest.importorskip("transformers")

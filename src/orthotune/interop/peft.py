@@ -23,17 +23,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from ..methods.config import AdapterConfig
-from ..model.inject import iter_named_layers
-from ..model.io import CONFIG_NAME, SAVED_PREFIX, WEIGHTS_NAME, adapter_state_dict, build_adapter, write_folder
 from ..layer.adapter_layer import CONV_KINDS, base_weight_matrix, layer_dims, layer_kind
 from ..methods.base import AdapterMethod
+from ..methods.config import AdapterConfig
 from ..methods.fourierft import fourier_locations
+from ..methods.loft.supports import principal_basis
 from ..methods.pissa import principal_factors
 from ..methods.psoft import PSOFTConfig
 from ..methods.registry import METHODS
-from ..methods.loft.supports import principal_basis
 from ..methods.task_type import TASK_HEADS, check_task_type, saved_patterns
+from ..model.inject import iter_named_layers
+from ..model.io import CONFIG_NAME, SAVED_PREFIX, WEIGHTS_NAME, adapter_state_dict, build_adapter, write_folder
 
 if TYPE_CHECKING:
     from ..model.adapter_model import AdapterModel

@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Literal, NamedTuple
 import torch
 from torch import nn
 
+from ..model.adapter_model import AdapterModel
 from ..model.io import adapter_state_dict, adapter_state_in
 from ..model.meta_init import materialize
-from ..model.adapter_model import AdapterModel
 
 if TYPE_CHECKING:
     from ..methods.config import AdapterConfig

@@ -16,10 +16,10 @@ from typing import Any
 from torch import nn
 
 from ..methods.config import AdapterConfig
-from ..model.hub import is_peft_folder, resolve_folder
-from .peft import export_peft, read_peft
-from ..model.io import read_adapter
 from ..model.adapter_model import AdapterModel
+from ..model.hub import is_peft_folder, resolve_folder
+from ..model.io import read_adapter
+from .peft import export_peft, read_peft
 from .peft_api import get_layer_status, get_model_status
 
 

@@ -23,12 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..methods.base import AdapterMethod, Base, Core, cast
+from ..ops import lowrank
 from . import quantized
 from .merge_precision import in_float64, merge_dtype
-from ..methods.base import AdapterMethod, Base, Core, cast
 from .mixed import BASE, MixedBatch, grouped
 from .offload import offload_hook, onloaded, write_back
-from ..ops import lowrank
 
 
 #: torch convolutions: the weight is a (C_out, C_in/groups * prod(kernel)) matrix, rows acting on their group's patch.

@@ -35,9 +35,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .adapter_layer import MERGED_KINDS, AdapterLayer
 from ..methods.base import AdapterMethod, Core
 from ..ops import lowrank
+from .adapter_layer import MERGED_KINDS, AdapterLayer
 
 #: One planned core's owner: the layer, the adapter's name there, and its method.
 Member = tuple[AdapterLayer, str, AdapterMethod]

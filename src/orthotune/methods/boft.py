@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from .base import Base, Core, cast_to
 from .config import AdapterConfig, check_dropout, check_positive_int
+from .loft.rotation import SupportRotation, FoldOption
 from .loft.supports import FullSupport
 from .loft.transforms import Butterfly, Transform
-from .base import Base, Core, cast_to
-from .loft.rotation import SupportRotation, FoldOption
 
 
 @dataclass

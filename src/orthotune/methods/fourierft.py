@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .config import AdapterConfig, check_choice, check_positive_int
 from ..ops import spectral
+from .config import AdapterConfig, check_choice, check_positive_int
 from .spectral import COMPUTE, SparseSpectrum
 
 

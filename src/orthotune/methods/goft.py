@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from .config import AdapterConfig
+from .loft.rotation import SupportRotation, FoldOption
 from .loft.supports import FullSupport
 from .loft.transforms import Givens, Transform
-from .loft.rotation import SupportRotation, FoldOption
 
 
 @dataclass

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from torch import Tensor
 
 from .config import AdapterConfig, check_dropout, check_positive_int
+from .loft.rotation import SupportRotation, FoldOption
 from .loft.supports import FullSupport
 from .loft.transforms import BlockCayley, Transform
-from .loft.rotation import SupportRotation, FoldOption
 
 
 @dataclass

@@ -6,19 +6,19 @@ Adding a method costs one file in ``methods/`` and one line here; the shared con
 
 from __future__ import annotations
 
-from .config import AdapterConfig
 from .base import AdapterMethod
-from .fourierft import FourierFT, FourierFTConfig
-from .loca.loca import LoCA, LoCAConfig
 from .boft import BOFT, BOFTConfig
+from .config import AdapterConfig
+from .fourierft import FourierFT, FourierFTConfig
 from .goft import GOFT, GOFTConfig
 from .hra import HRA, HRAConfig
-from .loft.rotation import LOFT, LOFTConfig
-from .oft import OFT, OFTConfig
-from .psoft import PSOFT, PSOFTConfig
-from .lora import LoRA, LoRAConfig
+from .loca.loca import LoCA, LoCAConfig
 from .loco import LoCO, LoCOConfig
+from .loft.rotation import LOFT, LOFTConfig
+from .lora import LoRA, LoRAConfig
+from .oft import OFT, OFTConfig
 from .pissa import PiSSA, PiSSAConfig
+from .psoft import PSOFT, PSOFTConfig
 
 METHODS: dict[str, tuple[type[AdapterConfig], type[AdapterMethod]]] = {
     "loco": (LoCOConfig, LoCO),

@@ -19,19 +19,19 @@ import torch
 from torch import Tensor, nn
 
 from ..layer import quantized
+from ..layer.adapter_layer import AdapterLayer, ModulesToSave, base_weight_matrix
+from ..layer.offload import onloaded
+from ..layer.plan import Plan
+from ..methods.base import Base
+from ..methods.config import AdapterConfig
+from ..methods.task_type import saved_patterns
+from ..ops.finite import all_finite
 from .adapter_names import call as call_with_adapter_names
 from .combine import add_weighted_adapter
-from ..methods.config import AdapterConfig
 from .hub import push_adapters, write_model_card
 from .inject import build_method, find_modules_to_save, find_targets, unwrap_all, wrap
 from .io import adapter_state_in, read_adapter, save_adapter
-from ..layer.adapter_layer import AdapterLayer, ModulesToSave, base_weight_matrix
 from .meta_init import build_on_meta
-from ..methods.base import Base
-from ..layer.offload import onloaded
-from ..ops.finite import all_finite
-from ..layer.plan import Plan
-from ..methods.task_type import saved_patterns
 
 
 class AdapterModel(nn.Module):

@@ -28,10 +28,10 @@ import torch
 from torch import Tensor, nn
 
 from ..methods.config import AdapterConfig
-from .inject import build_method
-from .merge_utils import MERGES, SignMethod, merge
 from ..methods.lora import LoRAConfig
 from ..methods.registry import method_class
+from .inject import build_method
+from .merge_utils import MERGES, SignMethod, merge
 
 if TYPE_CHECKING:
     from ..layer.adapter_layer import AdapterLayer

@@ -12,8 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .io import CONFIG_NAME
 from ..version import __version__
+from .io import CONFIG_NAME
 
 if TYPE_CHECKING:
     from .adapter_model import AdapterModel

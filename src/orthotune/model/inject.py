@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from ..layer import quantized
-from ..methods.config import AdapterConfig
 from ..layer.adapter_layer import AdapterLayer, ModulesToSave, base_weight_matrix, layer_dims, layer_kind
 from ..layer.offload import offload_hook, onloaded
+from ..methods.config import AdapterConfig
 from ..methods.registry import method_class
 from ..methods.task_type import saved_patterns
 

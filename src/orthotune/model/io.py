@@ -29,14 +29,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..methods.config import FORMAT_VERSION, AdapterConfig
-from .inject import build_method, find_modules_to_save, iter_named_layers, unsupported_reason
 from ..layer.adapter_layer import layer_dims, layer_kind
-from .meta_init import build_on_meta, materialize
-from ..ops.finite import all_finite
+from ..methods.config import FORMAT_VERSION, AdapterConfig
 from ..methods.registry import config_from_dict
 from ..methods.task_type import saved_patterns
+from ..ops.finite import all_finite
 from ..version import __version__
+from .inject import build_method, find_modules_to_save, iter_named_layers, unsupported_reason
+from .meta_init import build_on_meta, materialize
 
 if TYPE_CHECKING:
     from .adapter_model import AdapterModel

@@ -12,9 +12,9 @@ from collections.abc import Iterator
 
 from torch import Tensor, nn
 
+from ..layer.offload import execution_device
 from ..methods.config import AdapterConfig
 from .inject import build_method
-from ..layer.offload import execution_device
 
 
 def build_on_meta(config: AdapterConfig, module: nn.Module, name: str) -> nn.Module:

@@ -29,8 +29,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ..methods.config import AdapterConfig
 from ..layer.merge_precision import in_float64
+from ..methods.config import AdapterConfig
 from ..methods.registry import config_from_dict, method_class
 
 CONFIG_FILE = "param_adapter_config.json"

@@ -22,9 +22,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..training import distributed
-from ..model.io import save_adapter
 from ..model.adapter_model import AdapterModel
+from ..model.io import save_adapter
+from ..training import distributed
 
 LATEST = "latest"
 STATE = "trainer_state.pt"

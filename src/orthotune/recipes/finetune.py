@@ -26,8 +26,8 @@ from torch import nn
 
 import orthotune
 
-from ..training import distributed as dist_run
 from ..model.adapter_model import AdapterModel
+from ..training import distributed as dist_run
 from ..training.support_selection import select_supports
 from ..version import __version__
 from .assets import offline

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from ..model.io import SAVED_PREFIX, WEIGHTS_NAME, read_config
 from ..methods.registry import method_class
+from ..model.io import SAVED_PREFIX, WEIGHTS_NAME, read_config
 from .plots import layer_spectra
 
 ANGLE_TOL = 1e-6

@@ -26,9 +26,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..training import distributed
-from ..methods.loca.schedule import LocationLearner
 from ..methods.loca.loca import LoCA
+from ..methods.loca.schedule import LocationLearner
+from ..training import distributed
 from .checkpoint import load_trainer_state, load_weights_inplace, rng_state, save_checkpoint, set_rng_state
 from .settings import TrainSettings
 from .task import Task

@@ -31,9 +31,9 @@ from torch import Tensor, nn
 
 from ..layer import plan
 from ..methods.config import check_choice
-from ..model.io import WEIGHTS_NAME, adapter_state_dict, read_config, save_adapter as write_adapter
 from ..methods.loca.loca import LoCA
 from ..model.adapter_model import AdapterModel, _is_checkpointing
+from ..model.io import WEIGHTS_NAME, adapter_state_dict, read_config, save_adapter as write_adapter
 
 STRATEGIES = ("auto", "ddp", "fsdp", "none")
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")

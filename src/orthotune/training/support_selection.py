@@ -13,9 +13,9 @@ import torch
 from torch import Tensor, nn
 
 from ..layer import quantized
-from ..model.adapter_model import AdapterModel
 from ..methods.loft.selection import captured_fraction, gradient_basis, gradient_coordinates, second_moment_basis
 from ..methods.loft.supports import DenseSupport
+from ..model.adapter_model import AdapterModel
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 STATISTICS = ("mean", "second_moment")

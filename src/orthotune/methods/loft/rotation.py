@@ -32,11 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import AdapterConfig, check_choice, check_positive_int
 from ...ops import lowrank
+from ..base import AdapterMethod, Base, Core, split
+from ..config import AdapterConfig, check_choice, check_positive_int
 from .supports import CoordinateSupport, DenseSupport, FullSupport, coordinate_basis, principal_basis, random_basis
 from .transforms import BlockCayley, Butterfly, Givens, Householder, LowRankTransform, Mode, SkewExp, Transform
-from ..base import AdapterMethod, Base, Core, split
 
 SUPPORTS = ("principal", "gradient", "gradient_coordinate", "random", "coordinate", "full")
 TRANSFORMS = ("cayley", "exp", "givens", "householder", "butterfly")
