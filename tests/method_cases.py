@@ -8,7 +8,7 @@ Adding a method to ``orthotune.methods.registry.METHODS`` without cases here fai
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -24,7 +24,6 @@ class Case:
     params: Callable[[int, int], int]
     models: tuple[str, ...] = ("mlp", "conv1d", "conv2d")
     orthogonal: bool = False  # exact orthogonality of the input rotation is asserted after training
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def id(self) -> str:
