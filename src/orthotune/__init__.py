@@ -8,14 +8,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+from pathlib import Path
+from typing import Any
 
-from torch import nn  # noqa: E402
+from torch import nn
 
-from .version import __version__  # noqa: E402
-
-from .interop.auto import (  # noqa: E402
+from .interop.auto import (
     AutoOrthoModel,
     AutoOrthoModelForCausalLM,
     AutoOrthoModelForFeatureExtraction,
@@ -24,38 +22,39 @@ from .interop.auto import (  # noqa: E402
     AutoOrthoModelForSequenceClassification,
     AutoOrthoModelForTokenClassification,
 )
-from .interop.peft import read_peft  # noqa: E402
-from .interop.peft_api import (  # noqa: E402
+from .interop.peft import read_peft
+from .interop.peft_api import (
     get_layer_status,
     get_model_status,
     get_peft_model_state_dict,
     inject_adapter_in_model,
     set_peft_model_state_dict,
 )
-from .interop.peft_model import OrthoModel, attach_loaded, ortho_class  # noqa: E402
-from .layer.quantized import prepare_model_for_kbit_training  # noqa: E402
-from .methods.boft import BOFTConfig  # noqa: E402
-from .methods.config import AdapterConfig  # noqa: E402
-from .methods.fourierft import FourierFTConfig  # noqa: E402
-from .methods.goft import GOFTConfig  # noqa: E402
-from .methods.hra import HRAConfig, orthogonality_loss as hra_orthogonality_loss  # noqa: E402
-from .methods.loca.loca import LoCAConfig  # noqa: E402
-from .methods.loca.schedule import LocationLearner  # noqa: E402
-from .methods.loco import LoCO, LoCOConfig, approximation_error  # noqa: E402
-from .methods.loft.rotation import LOFTConfig  # noqa: E402
-from .methods.lora import LoRAConfig  # noqa: E402
-from .methods.oft import OFTConfig  # noqa: E402
-from .methods.pissa import PiSSAConfig  # noqa: E402
-from .methods.psoft import PSOFTConfig  # noqa: E402
-from .methods.task_type import TaskType  # noqa: E402
-from .model.adapter_model import AdapterModel  # noqa: E402
-from .model.io import read_adapter  # noqa: E402
-from .training.finite import check_finite, guard_finite  # noqa: E402
-from .training.graphs import GraphedStep  # noqa: E402
+from .interop.peft_model import OrthoModel, attach_loaded, ortho_class
+from .layer.quantized import prepare_model_for_kbit_training
+from .methods.boft import BOFTConfig
+from .methods.config import AdapterConfig
+from .methods.fourierft import FourierFTConfig
+from .methods.goft import GOFTConfig
+from .methods.hra import HRAConfig, orthogonality_loss as hra_orthogonality_loss
+from .methods.loca.loca import LoCAConfig
+from .methods.loca.schedule import LocationLearner
+from .methods.loco import LoCO, LoCOConfig, approximation_error
+from .methods.loft.rotation import LOFTConfig
+from .methods.lora import LoRAConfig
+from .methods.oft import OFTConfig
+from .methods.pissa import PiSSAConfig
+from .methods.psoft import PSOFTConfig
+from .methods.registry import METHODS
+from .methods.task_type import TaskType
+from .model.adapter_model import AdapterModel
+from .model.io import read_adapter
+from .training.finite import check_finite, guard_finite
+from .training.graphs import GraphedStep
+from .training.support_selection import select_supports
+from .version import __version__
 
 PeftModel = OrthoModel  # peft's name: PeftModel.from_pretrained(base, folder) reads the same
-from .methods.registry import METHODS  # noqa: E402
-from .training.support_selection import select_supports  # noqa: E402
 
 
 def get_model(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> OrthoModel:
