@@ -6,7 +6,7 @@ Every row in one process, on the model of ``benchmarks/efficiency.py`` (random L
 bf16, batch 4 x 1024, all 7 projections, AdamW), eager and under ``torch.compile`` (default mode),
 ratios to peft LoRA r16 compiled. Variants of the per-step cores under compile:
 
-* ``plan`` (the library): ``torch.compile(model)``; the model's plan (:mod:`orthotune.plan`) traces
+* ``plan`` (the library): ``torch.compile(model)``; the model's plan (:mod:`orthotune.layer.plan`) traces
   into the graph and computes every group's cores in one batched call, which each layer reads.
 * ``per-layer`` (ablation): the plan's hooks removed, so every layer computes its own ``core()``
   inside the graph.

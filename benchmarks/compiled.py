@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import efficiency as eff  # noqa: E402
 
 import orthotune  # noqa: E402
-from orthotune.registry import METHODS  # noqa: E402
+from orthotune.methods.registry import METHODS  # noqa: E402
 
 LORA, FLOOR = "peft LoRA r16", "floor (frozen base, input grads)"
 

@@ -42,7 +42,7 @@ def prune_minilm(dest: Path, dataset: str = "banking") -> dict[str, float]:
     import torch
     from transformers import AutoModel, AutoTokenizer, BertTokenizer
 
-    from orthotune.train.assets import load_intents, minilm_path
+    from orthotune.recipes.assets import load_intents, minilm_path
 
     tok = AutoTokenizer.from_pretrained(minilm_path())
     texts = [t for split in ("train", "dev", "test") for t in load_intents(dataset, split).texts]
@@ -79,7 +79,7 @@ def prune_minilm(dest: Path, dataset: str = "banking") -> dict[str, float]:
 def fmnist16(path: Path) -> None:
     import numpy as np
 
-    from orthotune.train.images import load_images
+    from orthotune.recipes.images import load_images
 
     arrays = {}
     for split in ("train", "test"):
@@ -90,9 +90,9 @@ def fmnist16(path: Path) -> None:
 
 
 def lm_jsonl(dest: Path) -> None:
-    from orthotune.train.causal_lm import LMDataSettings, load_rows
-    from orthotune.train.runconfig import load_run_config
-    from orthotune.train.task import from_mapping
+    from orthotune.recipes.causal_lm import LMDataSettings, load_rows
+    from orthotune.recipes.runconfig import load_run_config
+    from orthotune.recipes.task import from_mapping
 
     config = load_run_config(ROOT / "recipes" / "lm_arithmetic.yaml")
     rows, _ = load_rows(from_mapping(LMDataSettings, config.data, "data"), config.model.get("prompt_suffix", ""))
@@ -114,7 +114,7 @@ def main() -> None:
     parser.add_argument("--reserve", type=int, default=2 * 2**20, help="bytes left for the repository's own tree")
     parser.add_argument("--code-only", action="store_true", help="refresh only the code, recipes and scripts of packed folders")
     args = parser.parse_args()
-    from orthotune.train.assets import INTENT_SETS  # noqa: F401 - fails early if orthotune is broken
+    from orthotune.recipes.assets import INTENT_SETS  # noqa: F401 - fails early if orthotune is broken
 
     out = Path(args.out)
     a, b = out / "a", out / "b"

@@ -20,7 +20,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 export PYTHONPATH=$PWD/src:/root/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export ORTHOTUNE_CACHE=/root/ot-cache ORTHOTUNE_SMOLLM2_GGUF=/root/SmolLM2-135M-Instruct.Q4_1.gguf
 # dequantise once here, not in every worker at the same time
-python3 -c "from orthotune.train.assets import smollm2_path; print('SmolLM2 folder', smollm2_path())" 2>&1 | grep -v "Loading weights" || exit 6
+python3 -c "from orthotune.recipes.assets import smollm2_path; print('SmolLM2 folder', smollm2_path())" 2>&1 | grep -v "Loading weights" || exit 6
 d=$PWD/lm-data
 timeout $((deadline + 40)) python3 benchmarks/quality.py --tasks lm --workers 10 --threads 1 --deadline "$deadline" \
   --out "$OUT" --tag call2 --scratch /root/bench --set lm:data.source=jsonl --set "lm:data.train_path=$d/train.jsonl" \

@@ -6,7 +6,7 @@ export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 ORTHOTUNE_COMMIT=$(cat COMMIT) HF_
 {
   nvidia-smi --query-gpu=name,driver_version,memory.used,clocks.sm,clocks.max.sm --format=csv
   python3 -c "import torch, transformers, peft, triton; print(torch.__version__, transformers.__version__, peft.__version__, triton.__version__)"
-  timeout 240 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
+  timeout 240 python3 -m pytest -q -m gpu tests/training/test_gpu.py -p no:cacheprovider
 } > "$OUT/gpu_tests.log" 2>&1
 tail -4 "$OUT/gpu_tests.log"
 timeout "${BENCH_TIMEOUT:-470}" python3 benchmarks/efficiency.py --out "$OUT" "$@" 2>&1 | grep -v -i warn | tee "$OUT/run.log"

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from efficiency import TARGETS, Shape, make_model  # noqa: E402  (the same model as the efficiency benchmark)
 
 import orthotune  # noqa: E402
-from orthotune import distributed  # noqa: E402
+from orthotune.training import distributed  # noqa: E402
 
 SMALL = Shape(hidden=64, intermediate=176, layers=2, heads=4, vocab=256, batch=2, seq=32)
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 import orthotune
-from orthotune.registry import METHODS
+from orthotune.methods.registry import METHODS
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 Builder = Callable[[nn.Module], nn.Module]
@@ -265,7 +265,7 @@ def _graphed_step(spec: Spec, model: nn.Module, params: list[nn.Parameter], emb:
             x = emb(batch["input_ids"]).detach().requires_grad_()
             return m(inputs_embeds=x, labels=batch["labels"], use_cache=False).loss * scale
     else:
-        loss_fn = orthotune.graphs.model_loss
+        loss_fn = orthotune.training.graphs.model_loss
     opt = torch.optim.AdamW(params, lr=1e-5, capturable=True)
     graphed = orthotune.GraphedStep(model, opt, loss_fn, warmup_steps=max(1, warmup - 1))
     batch = dict(input_ids=ids, labels=ids, use_cache=False)
@@ -411,7 +411,7 @@ def infer_section(args: argparse.Namespace, shape: Shape) -> list[dict[str, Any]
 def _capture(fn: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, Any]:
     """Warm ``fn`` up on the warm-up stream ``GraphedStep`` uses, then capture it: (graph, the outputs its replays overwrite)."""
     for _ in range(2):
-        orthotune.graphs.on_warmup_stream(fn)
+        orthotune.training.graphs.on_warmup_stream(fn)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = fn()

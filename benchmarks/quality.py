@@ -116,9 +116,9 @@ def target_shapes(bench: Bench, extra: list[str]) -> list[tuple[int, int]]:
     """(d_in, d_out) of every layer the task's recipe targets, from a weightless copy of its model."""
     import torch
 
-    from orthotune.inject import iter_named_layers, matcher
-    from orthotune.layer import layer_dims, layer_kind
-    from orthotune.train.runconfig import load_run_config
+    from orthotune.model.inject import iter_named_layers, matcher
+    from orthotune.layer.adapter_layer import layer_dims, layer_kind
+    from orthotune.recipes.runconfig import load_run_config
 
     config = load_run_config(ROOT / bench.recipe, [f"{k}={json.dumps(v)}" for k, v in bench.overrides.items()] + extra)
     build = _skeleton(config)
@@ -136,18 +136,18 @@ def _skeleton(config: Any) -> Callable[[], Any]:
     if config.task == "text_classification":
         from transformers import AutoModelForSequenceClassification
 
-        from orthotune.train.assets import minilm_path
+        from orthotune.recipes.assets import minilm_path
 
         hf = AutoConfig.from_pretrained(config.model.get("path") or minilm_path(), num_labels=2)
         return lambda: AutoModelForSequenceClassification.from_config(hf)
     if config.task == "causal_lm":
         from transformers import AutoModelForCausalLM
 
-        from orthotune.train.assets import smollm2_path
+        from orthotune.recipes.assets import smollm2_path
 
         hf = AutoConfig.from_pretrained(config.model.get("path") or smollm2_path())
         return lambda: AutoModelForCausalLM.from_config(hf)
-    from orthotune.train.pretrain import SPECS, build_backbone
+    from orthotune.recipes.pretrain import SPECS, build_backbone
 
     ref = config.model["checkpoint"]
     if ref.startswith("pretrained:"):
@@ -163,7 +163,7 @@ def count(method: str, kwargs: dict[str, Any], shapes: list[tuple[int, int]]) ->
     """Exact adapter parameters of ``method(**kwargs)`` on ``shapes``; None if a layer rejects it."""
     import torch
 
-    from orthotune.registry import METHODS as REGISTRY
+    from orthotune.methods.registry import METHODS as REGISTRY
 
     config_cls, module_cls = REGISTRY[method]
     try:
@@ -187,7 +187,7 @@ def _multiset(shapes: list[tuple[int, int]]) -> dict[tuple[int, int], int]:
 
 def match_budget(name: str, shapes: list[tuple[int, int]]) -> dict[str, Any]:
     """The candidate closest to LoRA r=8's parameter count: {kwargs, params, budget} or {error}."""
-    from orthotune.registry import METHODS as REGISTRY
+    from orthotune.methods.registry import METHODS as REGISTRY
 
     budget = count("lora", dict(r=8), shapes)
     m = METHODS[name]
@@ -225,13 +225,13 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     try:
         if job["kind"] == "pretrain":
-            from orthotune.train.pretrain import PretrainSpec, ensure_pretrained
+            from orthotune.recipes.pretrain import PretrainSpec, ensure_pretrained
 
             path = ensure_pretrained(job["name"], progress=False, spec=PretrainSpec(**job["spec"]))
             meta = json.loads((path / "config.json").read_text())["pretraining"]
             return {"path": str(path), "test": meta["test"], "seconds": meta["seconds"], "wall": time.perf_counter() - t0}
-        from orthotune.train.finetune import finetune
-        from orthotune.train.runconfig import RunConfig
+        from orthotune.recipes.finetune import finetune
+        from orthotune.recipes.runconfig import RunConfig
 
         r = finetune(RunConfig.from_dict(job["config"]), progress=False)
         return {"value": r["final"][r["metric"]], "final": r["final"], "before": r.get("before"),
@@ -244,7 +244,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
 
 def recipe_config(bench: Bench, split: dict[str, Any], method: str, kwargs: dict[str, Any], lr: float, seed: int,
                   out_dir: Path, extra: list[str]) -> dict[str, Any]:
-    from orthotune.train.runconfig import apply_overrides, read_mapping
+    from orthotune.recipes.runconfig import apply_overrides, read_mapping
 
     data = read_mapping(ROOT / bench.recipe)
     target = data.get("adapter", {}).get("target_modules")
@@ -284,7 +284,7 @@ def main() -> None:
 
 
 def run_session(args: argparse.Namespace) -> None:
-    from orthotune.train.runconfig import load_run_config
+    from orthotune.recipes.runconfig import load_run_config
 
     start = time.time()
     deadline = start + args.deadline if args.deadline else math.inf
@@ -309,7 +309,7 @@ def run_session(args: argparse.Namespace) -> None:
         checkpoint = load_run_config(ROOT / bench.recipe, extra).model.get("checkpoint", "")
         pretrain = checkpoint.split(":", 1)[1] if checkpoint.startswith("pretrained:") else None
         if pretrain and f"pretrain:{pretrain}" not in jobs:
-            from orthotune.train.pretrain import SPECS
+            from orthotune.recipes.pretrain import SPECS
 
             spec = dataclasses.replace(SPECS[pretrain], **({"steps": args.pretrain_steps} if args.pretrain_steps else {}))
             jobs[f"pretrain:{pretrain}"] = {"kind": "pretrain", "name": pretrain, "spec": dataclasses.asdict(spec), "deps": [], "prio": (0,)}
@@ -447,7 +447,7 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
            "workers": args.workers, "threads_per_worker": args.threads, "deadline_s": args.deadline, "sweep": args.sweep,
            "extra_overrides": args.set}
     try:
-        from orthotune.train.compat import import_timm
+        from orthotune.recipes.compat import import_timm
 
         env["timm"] = import_timm().__version__
     except ImportError:

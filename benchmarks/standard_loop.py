@@ -120,8 +120,8 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
 
     import orthotune
-    from orthotune.registry import METHODS
-    from orthotune.train.assets import load_intents
+    from orthotune.methods.registry import METHODS
+    from orthotune.recipes.assets import load_intents
 
     s = Settings(**job["settings"])
     row = ROW_BY_NAME[job["row"]]
@@ -148,7 +148,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         if row.kwargs["support"].startswith("gradient"):
             report = orthotune.select_supports(model, stream, progress=False, **select)
         else:  # a fixed support with the same head warm-up: the control
-            from orthotune.supports import warm_up_head
+            from orthotune.training.support_selection import warm_up_head
 
             head = [p for _, w in model.saved_modules() for p in w.parameters() if p.requires_grad]
             warm_up_head(model, stream, head, select["head_warmup_steps"], select["head_lr"], lambda m, b: m(**b).loss, False)
@@ -265,7 +265,7 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from orthotune.train.assets import minilm_path, offline
+    from orthotune.recipes.assets import minilm_path, offline
 
     offline()
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from orthotune.train.support_comparison import Setting, compare_supports
+from orthotune.recipes.support_comparison import Setting, compare_supports
 
 
 def main() -> None:

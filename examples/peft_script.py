@@ -1,7 +1,7 @@
 """A script written for peft, run on orthotune.
 
 The peft original differs in two words: ``from peft import LoraConfig, PeftModel, get_peft_model``
-(and ``LoraConfig`` where ``LoRAConfig`` is used below). ``tests/test_peft_script.py`` runs this
+(and ``LoraConfig`` where ``LoRAConfig`` is used below). ``tests/interop/test_peft_script.py`` runs this
 file as it is, and again with those two words swapped back on peft itself.
 
 The workflow: get a model, add two adapters, train one, run a mixed-adapter batch, merge the two

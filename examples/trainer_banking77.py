@@ -21,10 +21,10 @@ import torch
 from transformers import DataCollatorWithPadding, TrainingArguments
 
 import orthotune
-from orthotune.integrations import OrthoTrainer
-from orthotune.train.assets import offline
-from orthotune.train.task import accuracy
-from orthotune.train.text import TextClassificationTask, batches
+from orthotune import OrthoTrainer
+from orthotune.recipes.assets import offline
+from orthotune.recipes.task import accuracy
+from orthotune.recipes.text import TextClassificationTask, batches
 
 
 def run(out: str | Path, train_size: int = 3000, test_size: int = 1000, steps: int = 150, lr: float = 5e-3, seed: int = 0) -> dict[str, float]:

@@ -1,6 +1,6 @@
 """Configurations the shared contract suite runs for each registered method.
 
-Adding a method to ``orthotune.registry.METHODS`` without cases here fails
+Adding a method to ``orthotune.methods.registry.METHODS`` without cases here fails
 ``test_every_method_has_cases``: one entry below is all a new method needs to get the suite.
 ``params(d_in, d_out)`` is the method's trainable-parameter count per layer, written from the paper.
 ``models`` restricts a case to the test models whose shapes it fits (default: all).
@@ -8,7 +8,7 @@ Adding a method to ``orthotune.registry.METHODS`` without cases here fails
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -24,7 +24,6 @@ class Case:
     params: Callable[[int, int], int]
     models: tuple[str, ...] = ("mlp", "conv1d", "conv2d")
     orthogonal: bool = False  # exact orthogonality of the input rotation is asserted after training
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def id(self) -> str:

@@ -8,30 +8,12 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from pathlib import Path
+from typing import Any
 
-from pathlib import Path  # noqa: E402
+from torch import nn
 
-from torch import nn  # noqa: E402
-
-from .config import AdapterConfig  # noqa: E402
-from .finite import check_finite, guard_finite  # noqa: E402
-from .graphs import GraphedStep  # noqa: E402
-from .loca_schedule import LocationLearner  # noqa: E402
-from .methods.fourierft import FourierFTConfig  # noqa: E402
-from .methods.loca import LoCAConfig  # noqa: E402
-from .methods.loco import LoCOConfig, approximation_error  # noqa: E402
-from .methods.lora import LoRAConfig  # noqa: E402
-from .methods.pissa import PiSSAConfig  # noqa: E402
-from .methods.boft import BOFTConfig  # noqa: E402
-from .methods.goft import GOFTConfig  # noqa: E402
-from .methods.hra import HRAConfig, orthogonality_loss as hra_orthogonality_loss  # noqa: E402
-from .methods.loft import LOFTConfig  # noqa: E402
-from .methods.oft import OFTConfig  # noqa: E402
-from .methods.psoft import PSOFTConfig  # noqa: E402
-from .model import OrthoModel, attach_loaded, ortho_class  # noqa: E402
-from .quantized import prepare_model_for_kbit_training  # noqa: E402
-from .auto import (  # noqa: E402
+from .interop.auto import (
     AutoOrthoModel,
     AutoOrthoModelForCausalLM,
     AutoOrthoModelForFeatureExtraction,
@@ -40,18 +22,39 @@ from .auto import (  # noqa: E402
     AutoOrthoModelForSequenceClassification,
     AutoOrthoModelForTokenClassification,
 )
-from .peft_compat import (  # noqa: E402
+from .interop.peft import read_peft
+from .interop.peft_api import (
     get_layer_status,
     get_model_status,
     get_peft_model_state_dict,
     inject_adapter_in_model,
     set_peft_model_state_dict,
 )
-from .task_type import TaskType  # noqa: E402
+from .interop.peft_model import OrthoModel, attach_loaded, ortho_class
+from .layer.quantized import prepare_model_for_kbit_training
+from .methods.boft import BOFTConfig
+from .methods.config import AdapterConfig
+from .methods.fourierft import FourierFTConfig
+from .methods.goft import GOFTConfig
+from .methods.hra import HRAConfig, orthogonality_loss as hra_orthogonality_loss
+from .methods.loca.loca import LoCAConfig
+from .methods.loca.schedule import LocationLearner
+from .methods.loco import LoCO, LoCOConfig, approximation_error
+from .methods.loft.rotation import LOFTConfig
+from .methods.lora import LoRAConfig
+from .methods.oft import OFTConfig
+from .methods.pissa import PiSSAConfig
+from .methods.psoft import PSOFTConfig
+from .methods.registry import METHODS
+from .methods.task_type import TaskType
+from .model.adapter_model import AdapterModel
+from .model.io import read_adapter
+from .training.finite import check_finite, guard_finite
+from .training.graphs import GraphedStep
+from .training.support_selection import select_supports
+from .version import __version__
 
 PeftModel = OrthoModel  # peft's name: PeftModel.from_pretrained(base, folder) reads the same
-from .registry import METHODS  # noqa: E402
-from .supports import select_supports  # noqa: E402
 
 
 def get_model(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> OrthoModel:
@@ -86,8 +89,6 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
     Everything is validated before the model changes: a missing, corrupted, tampered or mismatched
     folder raises ValueError and leaves ``model`` as it was.
     """
-    from .io import read_adapter
-
     return attach_loaded(model, adapter_name, lambda base: read_adapter(base, directory))
 
 
@@ -97,15 +98,11 @@ def from_peft(model: nn.Module, directory: str | Path, adapter_name: str = "defa
     Supported peft types and options: :mod:`orthotune.interop.peft`; anything else raises a
     ValueError that names it, before ``model`` changes.
     """
-    from .interop.peft import read_peft
-
     return attach_loaded(model, adapter_name, lambda base: read_peft(base, directory))
 
 
-def loco_approximation_error(model: OrthoModel, adapter_name: str | None = None) -> dict[str, dict[str, float]]:
+def loco_approximation_error(model: AdapterModel, adapter_name: str | None = None) -> dict[str, dict[str, float]]:
     """Per LoCO layer: the parallel approximation's gap to the exact chain, its bound, orthogonality."""
-    from .methods.loco import LoCO
-
     name = adapter_name or model.active_adapter
     return {
         lname: approximation_error(layer.adapters[name])
@@ -114,7 +111,18 @@ def loco_approximation_error(model: OrthoModel, adapter_name: str | None = None)
     }
 
 
+
+def __getattr__(name: str) -> Any:
+    """``orthotune.OrthoTrainer`` (the HF Trainer saving adapter folders), imported on first use: ``import orthotune``
+    does not import transformers."""
+    if name == "OrthoTrainer":
+        from .training.trainer import OrthoTrainer
+
+        return OrthoTrainer
+    raise AttributeError(f"module 'orthotune' has no attribute {name!r}")
+
 __all__ = [
+    "AdapterModel",
     "AutoOrthoModel",
     "AutoOrthoModelForCausalLM",
     "AutoOrthoModelForFeatureExtraction",

@@ -1,4 +1,4 @@
-"""The ``orthotune`` command line: thin over ``orthotune.train``.
+"""The ``orthotune`` command line: thin over ``orthotune.recipes``.
 
     orthotune finetune --config recipes/text_banking77.yaml --set adapter.rank=8 --seed 1
     orthotune finetune --config recipes/text_banking77.yaml --resume     # continue from the last checkpoint
@@ -19,6 +19,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .methods.config import AdapterConfig
+from .methods.registry import METHODS
+from .recipes.demo import run_demo
+from .recipes.finetune import adapter_folder, evaluate_adapter, finetune, load_run, merge_adapter
+from .recipes.inspection import inspect_adapter, summary, write_report
+from .recipes.pretrain import SPECS, checkpoint_dir, pretrain
+from .recipes.runconfig import load_run_config
+from .training import distributed
+
 # flag -> recipe key: shortcuts for the most used overrides
 _SHORTCUTS = {"task": "task", "method": "method", "output_dir": "output_dir", "seed": "seed", "steps": "train.steps",
               "epochs": "train.epochs", "lr": "train.lr", "batch_size": "train.batch_size", "device": "device",
@@ -26,16 +35,11 @@ _SHORTCUTS = {"task": "task", "method": "method", "output_dir": "output_dir", "s
 
 
 def _recipe(args: argparse.Namespace):
-    from .train.runconfig import load_run_config
-
     overrides = [f"{key}={getattr(args, flag)}" for flag, key in _SHORTCUTS.items() if getattr(args, flag, None) is not None]
     return load_run_config(args.config, list(args.set) + overrides)
 
 
 def _finetune(args: argparse.Namespace) -> None:
-    from . import distributed
-    from .train.finetune import finetune
-
     config = _recipe(args)
     try:
         results = finetune(config, resume=args.resume, progress=not args.quiet, distributed=args.distributed)
@@ -57,16 +61,12 @@ def _finetune(args: argparse.Namespace) -> None:
 
 
 def _run_and_adapter(args: argparse.Namespace):
-    from .train.finetune import load_run
-
     if args.config:
         return load_run(args.run, _recipe(args), args.adapter)
     return load_run(args.run, None, args.adapter, overrides=list(args.set))  # --set on a run folder: e.g. a moved data file
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from .train.finetune import evaluate_adapter
-
     config, adapter = _run_and_adapter(args)
     metrics = evaluate_adapter(config, adapter)
     print(json.dumps(metrics, indent=2))
@@ -75,16 +75,11 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _merge(args: argparse.Namespace) -> None:
-    from .train.finetune import merge_adapter
-
     config, adapter = _run_and_adapter(args)
     print(f"merged model written to {merge_adapter(config, adapter, args.out)}")
 
 
 def _inspect(args: argparse.Namespace) -> None:
-    from .train.finetune import adapter_folder
-    from .train.inspection import inspect_adapter, summary, write_report
-
     adapter = adapter_folder(args.adapter)
     report = inspect_adapter(adapter)
     print(summary(report))
@@ -94,8 +89,6 @@ def _inspect(args: argparse.Namespace) -> None:
 
 
 def _pretrain(args: argparse.Namespace) -> None:
-    from .train.pretrain import SPECS, checkpoint_dir, pretrain
-
     out = Path(args.out) if args.out else checkpoint_dir(args.name)
     if out.exists():
         raise SystemExit(f"{out} exists already; remove it to pretrain again")
@@ -103,9 +96,6 @@ def _pretrain(args: argparse.Namespace) -> None:
 
 
 def _methods(args: argparse.Namespace) -> None:
-    from .config import AdapterConfig
-    from .registry import METHODS
-
     common = {f.name for f in dataclasses.fields(AdapterConfig)}
     names = [args.name] if args.name else sorted(METHODS)
     for name in names:
@@ -123,8 +113,6 @@ def _methods(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from .train.demo import run_demo
-
     run_demo(out_dir=args.out, train_size=args.train_size, test_size=args.test_size, epochs=args.epochs, lr=args.lr, seed=args.seed, min_gain=args.min_gain)
 
 

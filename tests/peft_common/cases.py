@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from orthotune.registry import METHODS
+from orthotune.methods.registry import METHODS
 
 from .models import KINDS
 
@@ -165,7 +165,7 @@ BY_DESIGN: dict[str, str] = {
     "accepts it for LoRA (an over-parameterised but valid update) and refuses r > min(d_in, d_out) for PiSSA, PSOFT and LOFT's principal support (they take r singular directions of W0) with an error naming the layer "
     "and the largest r (test_by_design.py::test_rank_above_layer_width_refused); the multi-adapter cases use r=2.",
     "disable_adapter on a partly disabled model": "peft warns and enables every layer on leaving the block; orthotune "
-    "restores each layer's own state (test_adapters.py::test_disable_adapters_exiting_context_irregular_state).",
+    "restores each layer's own state (model/test_adapters.py::test_disable_adapters_exiting_context_irregular_state).",
     "error messages": "deleting an unknown adapter says \"no adapter named 'x'; adapters here: [...]\" (peft: "
     "\"Adapter x does not exist\"); a NaN safe merge says \"NaNs or Infs detected in the merged weights of '<layer>' "
     "for adapter(s) [...]\" (peft: \"NaNs detected in the merged weights. The adapter default seems to be broken\"); "

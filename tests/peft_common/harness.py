@@ -15,7 +15,7 @@ from torch import nn
 
 import orthotune
 from orthotune import OrthoModel
-from orthotune.layer import AdapterLayer, ModulesToSave
+from orthotune.layer.adapter_layer import AdapterLayer, ModulesToSave
 
 from .cases import Case
 from .models import KINDS, base_model, inputs, output
@@ -23,7 +23,7 @@ from .models import KINDS, base_model, inputs, output
 
 def requires_api(name: str, keyword: str | None = None) -> pytest.MarkDecorator:
     """Skip unless orthotune offers peft's ``name``: an ``OrthoModel`` method (taking ``keyword``, if given),
-    or, for a dotted name, an orthotune module or function (``"orthotune.mixed"``,
+    or, for a dotted name, an orthotune module or function (``"orthotune.layer.mixed"``,
     ``"orthotune.inject_adapter_in_model"``)."""
     if "." in name:
         module, _, attr = name.rpartition(".")

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_model
 
-from orthotune.layer import AdapterLayer, ModulesToSave
+from orthotune.layer.adapter_layer import AdapterLayer, ModulesToSave
 
 from .cases import CASES, merge_tolerance, params, safe_merge_tolerance
 from .harness import adapter_parameters, allclose, base_output, batch, make, requires_api, wrappers

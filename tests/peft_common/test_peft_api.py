@@ -1,4 +1,4 @@
-"""peft's utilities that issue 18 asks orthotune to offer under peft's names, and mixed-adapter batches.
+"""peft's utilities under peft's names, and mixed-adapter batches.
 
 Each test is guarded by ``requires_api`` until its API exists (branches peftflow and mixed).
 """
@@ -102,7 +102,7 @@ def mixed_rows(case):
     return model, x, base, out0, out1
 
 
-@requires_api("orthotune.mixed")
+@requires_api("orthotune.layer.mixed")
 def test_mixed_adapter_batches(case) -> None:
     if case.kind == "Conv2d":
         pytest.skip("peft's Conv2d toy reshapes its batch (9 rows -> 2 images): samples do not map to rows")

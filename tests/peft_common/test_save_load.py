@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import orthotune
-from orthotune import OrthoModel, load_adapter
+from orthotune import AdapterModel, OrthoModel, load_adapter
 
 from .cases import CASES, params
 from .harness import adapter_parameters, base_output, batch, config, make, requires_api, train
@@ -160,4 +160,4 @@ def test_model_attr(case) -> None:
     model = make(case)
     for name in ("save_pretrained", "from_pretrained", "push_to_hub"):
         assert hasattr(model, name)
-        assert any(name in vars(cls) for cls in type(model).__mro__ if issubclass(cls, OrthoModel)), name
+        assert any(name in vars(cls) for cls in type(model).__mro__ if issubclass(cls, AdapterModel)), name

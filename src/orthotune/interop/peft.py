@@ -23,20 +23,20 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from ..config import AdapterConfig
-from ..inject import iter_named_layers
-from ..io import CONFIG_NAME, SAVED_PREFIX, WEIGHTS_NAME, adapter_state_dict, build_adapter, write_folder
-from ..layer import CONV_KINDS, base_weight_matrix, layer_dims, layer_kind
+from ..layer.adapter_layer import CONV_KINDS, base_weight_matrix, layer_dims, layer_kind
 from ..methods.base import AdapterMethod
+from ..methods.config import AdapterConfig
 from ..methods.fourierft import fourier_locations
+from ..methods.loft.supports import principal_basis
 from ..methods.pissa import principal_factors
 from ..methods.psoft import PSOFTConfig
-from ..registry import METHODS
-from ..supports import principal_basis
-from ..task_type import TASK_HEADS, check_task_type, saved_patterns
+from ..methods.registry import METHODS
+from ..methods.task_type import TASK_HEADS, check_task_type, saved_patterns
+from ..model.inject import iter_named_layers
+from ..model.io import CONFIG_NAME, SAVED_PREFIX, WEIGHTS_NAME, adapter_state_dict, build_adapter, write_folder
 
 if TYPE_CHECKING:
-    from ..model import OrthoModel
+    from ..model.adapter_model import AdapterModel
 
 PEFT_PREFIX = "base_model.model."
 PEFT_BIN_NAME = "adapter_model.bin"
@@ -107,7 +107,7 @@ def _lora_fields(cfg: dict[str, Any]) -> dict[str, Any]:
     if cfg.get("target_parameters"):
         raise ValueError(
             f"this peft LoRA adapts parameters (target_parameters={cfg['target_parameters']!r}): load it with "
-            "orthotune.param_targets.load_peft_target_parameters(model, directory)"
+            "orthotune.interop.peft_params.load_peft_target_parameters(model, directory)"
         )
     _check_options(
         cfg, _LORA_READ, "plain LoRA: r, lora_alpha, lora_dropout, use_rslora, rank_pattern, alpha_pattern, modules_to_save"
@@ -566,7 +566,7 @@ def read_peft(
 ) -> tuple[AdapterConfig, dict[str, nn.Module], dict[str, dict]]:
     """Validate a peft folder against ``base`` and build orthotune modules for it; touches nothing in ``base``.
 
-    Returns what :func:`orthotune.io.read_adapter` returns, for :func:`orthotune.model.attach_loaded`
+    Returns what :func:`orthotune.model.io.read_adapter` returns, for :func:`orthotune.interop.peft_model.attach_loaded`
     (``low_cpu_mem_usage`` as there).
     """
     directory = Path(directory)
@@ -671,7 +671,7 @@ def split_peft_tensors(
 
 
 # ---------------------------------------------------------------------------------------------- writing
-def export_peft(model: OrthoModel, directory: str | Path, adapter_name: str) -> None:
+def export_peft(model: AdapterModel, directory: str | Path, adapter_name: str) -> None:
     """Write one adapter as a peft folder (written atomically, like orthotune's own folders)."""
     config = model.configs.get(adapter_name)
     if config is None:

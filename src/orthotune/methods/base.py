@@ -1,7 +1,7 @@
 """What a method is: one adapter on one frozen weight, its parameters and its math, nothing else.
 
-The shared wrapper (:mod:`orthotune.layer`) owns adapter names, activity, merge state, dtypes and
-devices; the model's per-step plan (:mod:`orthotune.plan`) computes the cores. A method answers:
+The shared wrapper (:mod:`orthotune.layer.adapter_layer`) owns adapter names, activity, merge state, dtypes and
+devices; the model's per-step plan (:mod:`orthotune.layer.plan`) computes the cores. A method answers:
 
 * ``cores(modules, dtype)`` (classmethod): its **core**, the per-step tensors its forward needs
   (LoCO's ``(U, M V^T)``, LoRA's ``(A, s B)``, OFT's Cayley blocks), for many layers in batched
@@ -24,7 +24,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..config import AdapterConfig
+from .config import AdapterConfig
 
 #: The per-step tensors one layer's forward needs, computed from its parameters (see the module docstring).
 Core = tuple[Tensor, ...]
@@ -58,8 +58,6 @@ class AdapterMethod(nn.Module):
     config_class: ClassVar[type[AdapterConfig]]
     #: True for methods whose weight map is multiplicative (rotations, scales): unmerging inverts it.
     multiplicative: ClassVar[bool] = False
-    #: True if the method can run on activations of a Linear layer; else the layer merges per step.
-    activation_path: ClassVar[bool] = True
 
     def __init__(self, config: AdapterConfig, d_in: int, d_out: int, weight: Tensor) -> None:
         super().__init__()

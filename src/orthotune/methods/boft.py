@@ -6,7 +6,7 @@ Parameters (``boft_R`` as (m, n_blocks, b, b) full blocks made skew, ``boft_s`` 
 block size / number / factor conventions and the constraints are peft 0.21's. ``R`` is
 block-diagonal in contiguous ``b 2^(m-1)`` blocks, formed once per step from the factors for all
 layers, so the activations meet one batched block contraction (spans up to 256; larger ones apply
-the factors one by one: :class:`orthotune.transforms.Butterfly`); peft builds dense d x d
+the factors one by one: :class:`orthotune.methods.loft.transforms.Butterfly`); peft builds dense d x d
 permutations and rotation every step.
 """
 
@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..config import AdapterConfig, check_dropout, check_positive_int
-from ..supports import FullSupport
-from ..transforms import Butterfly, Transform
 from .base import Base, Core, cast_to
-from .loft import SupportRotation, FoldOption
+from .config import AdapterConfig, check_dropout, check_positive_int
+from .loft.rotation import SupportRotation, FoldOption
+from .loft.supports import FullSupport
+from .loft.transforms import Butterfly, Transform
 
 
 @dataclass

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..config import AdapterConfig, check_choice, check_positive_int
 from ..ops import spectral
-from .loca import COMPUTE, SparseSpectrum
+from .config import AdapterConfig, check_choice, check_positive_int
+from .spectral import COMPUTE, SparseSpectrum
 
 
 @dataclass

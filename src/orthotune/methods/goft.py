@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from ..config import AdapterConfig
-from ..supports import FullSupport
-from ..transforms import Givens, Transform
-from .loft import SupportRotation, FoldOption
+from .config import AdapterConfig
+from .loft.rotation import SupportRotation, FoldOption
+from .loft.supports import FullSupport
+from .loft.transforms import Givens, Transform
 
 
 @dataclass

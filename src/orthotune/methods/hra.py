@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..config import AdapterConfig, check_positive_int
 from ..ops.householder import orthogonality_penalty
-from ..supports import FullSupport
-from ..transforms import Householder, Transform
-from .loft import SupportRotation
+from .config import AdapterConfig, check_positive_int
+from .loft.rotation import SupportRotation
+from .loft.supports import FullSupport
+from .loft.transforms import Householder, Transform
 
 
 @dataclass

@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..config import AdapterConfig, check_choice, check_positive_int
 from ..ops import lowrank, skew
 from .base import AdapterMethod, Base, Core, split
+from .config import AdapterConfig, check_choice, check_positive_int
 
 MODES = ("exact", "sequential", "approx")
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..config import AdapterConfig, check_dropout, check_finite_number, check_positive_int
 from ..ops import lowrank
 from .base import AdapterMethod, Base, Core, split
+from .config import AdapterConfig, check_dropout, check_finite_number, check_positive_int
 
 
 @dataclass

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from ..config import AdapterConfig, check_dropout, check_positive_int
-from ..supports import FullSupport
-from ..transforms import BlockCayley, Transform
-from .loft import SupportRotation, FoldOption
+from .config import AdapterConfig, check_dropout, check_positive_int
+from .loft.rotation import SupportRotation, FoldOption
+from .loft.supports import FullSupport
+from .loft.transforms import BlockCayley, Transform
 
 
 @dataclass

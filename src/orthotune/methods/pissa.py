@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..config import check_choice
 from .base import AdapterMethod, Base, Core, cast_to, each
+from .config import check_choice
 from .lora import LoRAConfig
 
 

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..config import AdapterConfig, check_choice, check_dropout, check_positive_int
 from ..ops import cayley
-from ..supports import DenseSupport, principal_basis
-from ..transforms import Mode, Transform, register_triu_indices, zero_or_normal, core_dtype
-from .loft import SupportRotation
+from .config import AdapterConfig, check_choice, check_dropout, check_positive_int
+from .loft.rotation import SupportRotation
+from .loft.supports import DenseSupport, principal_basis
+from .loft.transforms import Mode, Transform, register_triu_indices, zero_or_normal, core_dtype
 
 
 @dataclass

@@ -19,14 +19,14 @@ def apply_rows(x: Tensor, U: Tensor, M: Tensor, V: Tensor) -> Tensor:
     return x + ((x @ V) @ M.transpose(-1, -2)) @ U.transpose(-1, -2)
 
 
-def rotate_rows(x: Tensor, U: Tensor, Wt: Tensor) -> Tensor:
-    """``x + (x Wt^T) U^T``: the one form with ``M`` folded in (``Wt = M V^T``), for ``x`` of shape (..., d).
+def rotate_rows(x: Tensor, U: Tensor, MVt: Tensor) -> Tensor:
+    """``x + (x MVt^T) U^T``: the one form with ``M`` folded in (``MVt = M V^T``), for ``x`` of shape (..., d).
 
     Same values as :func:`apply_rows` (``apply_rows(x, U, M, V) == rotate_rows(x, U, M @ V.T)``)
-    with one small matmul less; ``U`` (d, m) and ``Wt`` (m, d) in ``x``'s dtype. Three plain ops on
+    with one small matmul less; ``U`` (d, m) and ``MVt`` (m, d) in ``x``'s dtype. Three plain ops on
     purpose: on a GPU these layers are host-bound, so the fewest dispatches (and a C++ backward) win.
     """
-    return x + F.linear(F.linear(x, Wt), U)
+    return x + F.linear(F.linear(x, MVt), U)
 
 
 def add_lowrank(y: Tensor, x: Tensor, A: Tensor, B: Tensor) -> Tensor:
@@ -48,13 +48,13 @@ def tracked(*tensors: Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def rotated_base(x: Tensor, U: Tensor, Wt: Tensor, base: Callable[[Tensor], Tensor], W0U: Tensor | None = None) -> Tensor:
-    """``base(x R^T)`` for the one form ``R = I + U Wt``; with ``W0U = W0 U`` (``base`` the frozen map
-    ``x -> x W0^T``) as ``base(x) + (x Wt^T) W0U^T`` instead, which skips the rotated (..., d_in) copy
+def rotated_base(x: Tensor, U: Tensor, MVt: Tensor, base: Callable[[Tensor], Tensor], W0U: Tensor | None = None) -> Tensor:
+    """``base(x R^T)`` for the one form ``R = I + U MVt``; with ``W0U = W0 U`` (``base`` the frozen map
+    ``x -> x W0^T``) as ``base(x) + (x MVt^T) W0U^T`` instead, which skips the rotated (..., d_in) copy
     of ``x`` and its add (:func:`add_lowrank`, in place without autograd): same values, less memory traffic."""
     if W0U is None:
-        return base(rotate_rows(x, U, Wt))
-    return add_lowrank(base(x), x, Wt, W0U)
+        return base(rotate_rows(x, U, MVt))
+    return add_lowrank(base(x), x, MVt, W0U)
 
 
 def materialize(U: Tensor, M: Tensor, V: Tensor) -> Tensor:

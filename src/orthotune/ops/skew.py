@@ -212,22 +212,6 @@ def sum_exp_core(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return U, V, phi(V.transpose(-1, -2) @ U)
 
 
-def sequential_apply_rows(x: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:
-    """``x R^T`` for ``R = R_1 ... R_k``, ``R_i = I + A_i C_i B_i^T``, one factor at a time.
-
-    The exact sequential reference: ``R x = R_1 (R_2 (... (R_k x)))``, so in row form factor k acts
-    first. It keeps k copies of the activations for backward, which the parallel core avoids.
-    """
-    for i in reversed(range(A.shape[-3])):
-        x = x + ((x @ B[..., i, :, :]) @ C[..., i, :, :].transpose(-1, -2)) @ A[..., i, :, :].transpose(-1, -2)
-    return x
-
-
-def skew_dense(U: Tensor, V: Tensor) -> Tensor:
-    """The dense generators ``U_i V_i^T - V_i U_i^T`` (..., k, d, d): for tests and diagnostics."""
-    return U @ V.transpose(-1, -2) - V @ U.transpose(-1, -2)
-
-
 def trotter_bound(A: Tensor, B: Tensor) -> Tensor:
     """Upper bound on ``||exp(S_1)...exp(S_k) - exp(S_1 + ... + S_k)||_2`` for skew ``S_i = A_i B_i^T``.
 

@@ -64,11 +64,6 @@ def dft_basis(n: int, dtype: torch.dtype = torch.float32, device: torch.device |
     return _cached("dft", n, dtype, device, _dft)
 
 
-def clear_basis_cache() -> None:
-    """Drop every cached basis (they are rebuilt on demand)."""
-    _CACHE.clear()
-
-
 class _LocatedRows(torch.autograd.Function):
     """``basis[round(positions)]`` with the LoCA finite-difference gradient for ``positions``."""
 
@@ -159,26 +154,12 @@ def sparse_apply(x: Tensor, P: Tensor, Q: Tensor, c: Tensor, compute: str = "aut
     return ((x @ Q.transpose(0, 1)) * c) @ P
 
 
-def idct2_sparse(coeffs: Tensor, rows: Tensor, cols: Tensor, shape: tuple[int, int]) -> Tensor:
-    """``D_out^T C D_in``: the orthonormal 2-D inverse DCT of the sparse spectrum, dense (for merging)."""
-    d_out, d_in = shape
-    P = dct_basis(d_out, coeffs.dtype, coeffs.device).index_select(0, rows)
-    Q = dct_basis(d_in, coeffs.dtype, coeffs.device).index_select(0, cols)
-    return sparse_delta(P, Q, coeffs)
-
-
 def dft_factors(rows: Tensor, cols: Tensor, shape: tuple[int, int], dtype: torch.dtype, device) -> tuple[Tensor, Tensor]:
     """``(P, Q)`` (2n x d_out, 2n x d_in) with ``Re(iDFT2)`` of a sparse spectrum ``= P^T diag([c, -c]) Q * 1/(d_out d_in)``."""
     d_out, d_in = shape
     P = dft_basis(d_out, dtype, device).index_select(0, torch.cat([rows, rows + d_out]))
     Q = dft_basis(d_in, dtype, device).index_select(0, torch.cat([cols, cols + d_in]))
     return P, Q
-
-
-def idft2_real_sparse(coeffs: Tensor, rows: Tensor, cols: Tensor, shape: tuple[int, int]) -> Tensor:
-    """``Re(ifft2(C))`` of the sparse spectrum (numpy/torch normalisation ``1/(d_out d_in)``), dense."""
-    P, Q = dft_factors(rows, cols, shape, coeffs.dtype, coeffs.device)
-    return sparse_delta(P, Q, torch.cat([coeffs, -coeffs])) / (shape[0] * shape[1])
 
 
 def distinct_cells(total: int, n: int, generator: torch.Generator | None = None) -> Tensor:

@@ -1,0 +1,224 @@
+"""The per-step plan: every adapted layer's core, computed in batched calls at the start of a forward.
+
+A rotation needs a small core every step (LoCO's ``2kr x 2kr`` chain core, ...); LoRA needs its
+factors cast to the activations' dtype. Cheap in FLOPs, but done layer by layer it is dozens of
+tiny kernel launches per layer, and on a GPU that dominates the step (3.2x peft LoRA per layer,
+1.04x when batched). So the model owns one :class:`Plan`, whose hooks on the wrapped model
+(:meth:`Plan.attach`) group the methods the coming forward runs by (class, ``core_key()``, layer
+compute dtype), compute each group's cores in one ``cores()`` call, cast once to the layers' dtype,
+and leave each layer its adapters' cores in ``layer.planned`` (name -> core). A layer without a
+planned core asks the method for ``core()``: the same values, computed there.
+
+How long a planned core lives:
+
+* Training (autograd): from the forward that computed it until its backward consumed it (a hook on
+  the batched tensors), so that activation checkpointing's recompute during backward uses the cores
+  the original forward used; a later training forward always computes its own.
+* Inference (no autograd): the plan keeps the cores across forwards while their parameters' version
+  counters and storages are unchanged (``copy_``, ``load_state_dict`` and non-fused optimizers bump
+  them), so decoding does not recompute them per token; they are handed to the layers only for the
+  duration of each forward. Fused optimizers and ``.data`` edits do not bump versions: a training
+  forward in between (as every training step has) replaces them anyway, else call :func:`clear`.
+* Under ``torch.compile`` the hooks trace into the graph and the plan ends with the forward.
+
+Modules whose parameters are FSDP2 shards (DTensors) when the hook runs are left to their layers:
+FSDP gathers them only inside each block's own forward.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..methods.base import AdapterMethod, Core
+from ..ops import lowrank
+from .adapter_layer import MERGED_KINDS, AdapterLayer
+
+#: One planned core's owner: the layer, the adapter's name there, and its method.
+Member = tuple[AdapterLayer, str, AdapterMethod]
+
+
+@dataclass
+class _Kept:
+    """Inference cores of one group, valid while the members and their parameters' stamp are unchanged."""
+
+    members: list[Member]
+    stamp: tuple[tuple[int, int], ...]
+    cores: list[Core]
+
+
+class Plan:
+    """The per-step cores of one model's adapted layers (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._kept: dict[Hashable, _Kept] = {}  # inference cores, by group
+        self._handed: list[tuple[AdapterLayer, str, Core, bool]] = []  # this forward's (layer, name, core, training)
+        self._handles: list[Any] = []
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles start with no cores (a training core is part of an autograd graph)."""
+        return {"_kept": {}, "_handed": [], "_handles": []}
+
+    def attach(self, model: nn.Module) -> None:
+        """Run :meth:`start` before and :meth:`end` after every forward of ``model`` (once)."""
+        if not self._handles:
+            self._handles = [
+                model.register_forward_pre_hook(self._pre_hook),
+                model.register_forward_hook(self._post_hook, always_call=True),
+            ]
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _pre_hook(self, model: nn.Module, args: Any) -> None:
+        # no adapter layer left (e.g. after merge_and_unload): nothing to plan; the hooks go at the next eager call
+        # (a compiled graph cannot remove them: dynamo does not trace hook handles)
+        if self.start(model) is None and not torch.compiler.is_compiling():
+            self.detach()
+
+    def _post_hook(self, model: nn.Module, args: Any, output: Any) -> None:
+        self.end()
+
+    def start(self, root: nn.Module) -> int | None:
+        """Compute and hand out the cores of every batchable method under ``root`` for the coming forward.
+
+        Returns the number of batched ``cores()`` calls made, or None if ``root`` holds no adapter layer.
+        """
+        layers = adapter_layers(root)
+        if not layers:
+            return None
+        compiling = torch.compiler.is_compiling()
+        kept: dict[Hashable, _Kept] = {}
+        calls = 0
+        for group, members in _groups(layers).items():
+            cls, _, dtype = group
+            methods = [m for _, _, m in members]
+            training, stamp = True, ()
+            if not compiling:
+                params = [_tensors(m) for m in methods]
+                if any(_sharded(p) for p in params):
+                    continue  # FSDP: parameters are shards until each block's own forward; cores per layer there
+                training = any(lowrank.tracked(*p) for p in params)
+                stamp = tuple(s for p in params for s in _stamp(p))
+            old = self._kept.get(group)
+            if not training and old is not None and old.stamp == stamp and _same(old.members, members):
+                cores = old.cores  # inference: parameters unchanged since these cores were computed
+            else:
+                cores = cls.cores(methods, dtype)
+                calls += 1
+                if training and not compiling:
+                    _release_after_backward(members, cores)
+            if not training:
+                kept[group] = _Kept(members, stamp, cores)
+            for (layer, name, _), core in zip(members, cores):
+                layer.planned[name] = core
+                self._handed.append((layer, name, core, training and not compiling))
+        if not compiling:
+            self._kept = kept
+        return calls
+
+    def end(self) -> None:
+        """After the forward: take back the cores that must not outlive it (all but training cores, which
+        their backward releases)."""
+        for layer, name, core, training in self._handed:
+            if not training and layer.planned.get(name) is core:
+                del layer.planned[name]
+        self._handed = []
+
+    def clear(self) -> None:
+        """Forget the inference cores kept across forwards (after an edit that bumps no version counter)."""
+        self._kept = {}
+
+
+def adapter_layers(root: nn.Module) -> list[AdapterLayer]:
+    """Every adapter layer under ``root`` in module order (a plain walk: cheaper than ``modules()``)."""
+    found, stack = [], [root]
+    while stack:
+        module = stack.pop()
+        if isinstance(module, AdapterLayer):
+            found.append(module)
+        else:
+            stack.extend(reversed([m for m in module._modules.values() if m is not None]))
+    return found
+
+
+def clear(root: nn.Module) -> None:
+    """Drop every core and inference fold under ``root`` and in its plan (they are recomputed on demand)."""
+    for module in (root, getattr(root, "base_model", root)):  # the wrapped model, or the OrthoModel around it
+        for fn in module._forward_pre_hooks.values():
+            plan = getattr(fn, "__self__", None)
+            if isinstance(plan, Plan):
+                plan.clear()
+    for layer in adapter_layers(root):
+        layer.planned.clear()
+        layer.folds.clear()
+
+
+def _groups(layers: list[AdapterLayer]) -> dict[Hashable, list[Member]]:
+    """The methods the next forward runs, by (class, core key, layer compute dtype); per-layer ones left out."""
+    groups: dict[Hashable, list[Member]] = defaultdict(list)
+    for layer in layers:
+        if layer.kind in MERGED_KINDS:
+            continue
+        for name in layer.forward_names():
+            method = layer.adapters[name]
+            key = method.core_key()
+            if key is not None:
+                groups[(type(method), key, layer.compute_dtype)].append((layer, name, method))
+    return groups
+
+
+def _same(a: list[Member], b: list[Member]) -> bool:
+    return len(a) == len(b) and all(x[2] is y[2] for x, y in zip(a, b))
+
+
+def _tensors(module: nn.Module) -> list[Tensor]:
+    """The module's parameters and buffers (what its core depends on, e.g. a LOFT support), as
+    ``parameters()`` and ``buffers()`` without their name bookkeeping: this runs once per layer per forward."""
+    out = [p for p in module._parameters.values() if p is not None]
+    out += [b for b in module._buffers.values() if b is not None]
+    for child in module._modules.values():
+        if child is not None:
+            out += _tensors(child)
+    return out
+
+
+def _stamp(tensors: list[Tensor]) -> tuple[tuple[int, int], ...]:
+    return tuple((t._version, t.data_ptr()) for t in tensors)
+
+
+def _sharded(tensors: list[Tensor]) -> bool:
+    """Whether any tensor is a DTensor (a parameter sharded by FSDP2's ``fully_shard``); by class name,
+    as builds without ``torch.distributed`` have no DTensor to import."""
+    return any(type(t).__name__ == "DTensor" for t in tensors)
+
+
+def _release_after_backward(members: list[Member], cores: list[Core]) -> None:
+    """Take the cores back from the layers once the backward has computed their gradients (so a later call
+    without a plan, e.g. a reentrant checkpoint's recompute or a direct layer call, computes its own)."""
+    batched: dict[int, Tensor] = {}
+    for core in cores:
+        t = next((t for t in core if t.requires_grad), None)
+        if t is not None:
+            t = t._base if t._base is not None else t  # the batched tensor the per-layer slices are views of
+            batched.setdefault(id(t), t)
+    if not batched:
+        return
+
+    def release(*grads: Any) -> None:
+        for (layer, name, _), core in zip(members, cores):
+            if layer.planned.get(name) is core:
+                del layer.planned[name]
+
+    tensors = list(batched.values())
+    if len(tensors) == 1:
+        tensors[0].register_hook(release)
+    else:
+        torch.autograd.graph.register_multi_grad_hook(tensors, release, mode="all")

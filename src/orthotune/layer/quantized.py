@@ -1,0 +1,236 @@
+"""Frozen bitsandbytes bases: 4-bit (``Linear4bit``: NF4/FP4, double quantisation) and 8-bit (``Linear8bitLt``).
+
+The adapter wrapper (:mod:`orthotune.layer.adapter_layer`) calls into this module at four points, and nowhere
+else does it treat quantised layers differently:
+
+* :func:`dims`: the layer's (d_in, d_out) (the packed weight's shape is not the matrix's);
+* :func:`matmul`: the quantised product ``x W0^T`` without bias, so a rotation transforms the
+  input of the quantised matmul and an additive method adds to its output: the weight is never
+  dequantised as a whole in training;
+* :func:`dequantize`: one layer's (d_out, d_in) weight, for what needs it once (PiSSA's SVD,
+  PSOFT/LOFT principal supports, the init check, merging), freed by the caller;
+* :func:`requantize`: writing a merged weight back in the layer's own format, recording the
+  re-quantisation error (:func:`merge_errors`); or :func:`to_dense` for a plain float layer.
+
+bitsandbytes is imported only when a model already holds its layers, so nothing here needs it
+installed otherwise (``pip install orthotune[quant]``).
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+_ERROR_ATTR = "_orthotune_requantization_error"
+
+
+def _bnb() -> Any:
+    """bitsandbytes, if it has been imported (a bnb layer cannot exist before that)."""
+    return sys.modules.get("bitsandbytes")
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """True for a bitsandbytes ``Linear4bit`` or ``Linear8bitLt``."""
+    bnb = _bnb()
+    return bnb is not None and isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+
+
+def is_4bit(module: nn.Module) -> bool:
+    """True for a bitsandbytes ``Linear4bit`` (NF4 or FP4)."""
+    bnb = _bnb()
+    return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
+
+
+def dims(module: nn.Module) -> tuple[int, int]:
+    """(d_in, d_out) of a quantised linear layer."""
+    return module.in_features, module.out_features
+
+
+def quantized_param(p: Tensor) -> bool:
+    """True for a bitsandbytes quantised weight (``Params4bit``/``Int8Params``)."""
+    bnb = _bnb()
+    return bnb is not None and isinstance(p, (bnb.nn.Params4bit, bnb.nn.Int8Params))
+
+
+def compute_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype adapters cache their per-step cores in on a quantised layer: float32. The packed storage
+    keeps no record of the activations' dtype (float32 after prepare_model_for_kbit_training, else the
+    model's), and a core cached below the activations' precision would be rounded, one cast above is not."""
+    return torch.float32
+
+
+def unsupported_reason(module: nn.Module) -> str | None:
+    """Why a quantised layer cannot carry an adapter (with the fix), or None if it can."""
+    if module.weight.device.type == "meta":
+        return "has its weight on the meta device (not loaded yet); load the model's weights before adding adapters"
+    if is_4bit(module):
+        if getattr(module.weight, "quant_state", None) is None and getattr(module, "quant_state", None) is None:
+            return (
+                f"is a {type(module).__name__} whose weight is not quantised yet (no quant_state); move it to its "
+                "device (.to(device)) or load the model with a BitsAndBytesConfig before adding adapters"
+            )
+        return None
+    if module.state.has_fp16_weights:
+        return (
+            "is a Linear8bitLt with has_fp16_weights=True (its float weight trains in full); load it with "
+            "BitsAndBytesConfig(load_in_8bit=True), which freezes the int8 weight"
+        )
+    if _int8_stats(module)[0] is None:
+        return "is a Linear8bitLt whose weight is not quantised yet; move it to its device (.to(device)) first"
+    return None
+
+
+def _int8_stats(module: nn.Module) -> tuple[Tensor | None, Tensor | None]:
+    """(CB, SCB) of a Linear8bitLt: on its weight before the first forward, on its state after."""
+    w, state = module.weight, module.state
+    cb = w.CB if getattr(w, "CB", None) is not None else state.CB
+    scb = w.SCB if getattr(w, "SCB", None) is not None else state.SCB
+    if cb is None and w.dtype == torch.int8:
+        cb = w.data
+    return cb, scb
+
+
+def _quant_state(module: nn.Module) -> Any:
+    qs = getattr(module.weight, "quant_state", None)
+    return qs if qs is not None else module.quant_state
+
+
+@torch.no_grad()
+def dequantize(module: nn.Module) -> Tensor:
+    """One layer's weight as a float (d_out, d_in) matrix: 4-bit in its original dtype, 8-bit in float32."""
+    bnb = _bnb()
+    if is_4bit(module):
+        data, qs = module.weight.data, _quant_state(module)
+        if getattr(qs, "packing_format_for_cpu", False):  # bnb's AVX512 inference layout: unpack a copy
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            data, qs = _convert_weight_packed_for_cpu_inverse(data.clone(), qs)
+        return bnb.functional.dequantize_4bit(data, qs).reshape(module.out_features, module.in_features)
+    cb, scb = _int8_stats(module)
+    return bnb.functional.int8_vectorwise_dequant(cb, scb).reshape(module.out_features, module.in_features)
+
+
+def matmul(module: nn.Module, x: Tensor) -> Tensor:
+    """``x W0^T`` through bitsandbytes' own kernels (as the layer's forward, without its bias), in x's dtype."""
+    bnb = _bnb()
+    if is_4bit(module):
+        bnb.nn.modules.fix_4bit_weight_quant_state_from_module(module)
+        if not module.compute_type_is_set:
+            module.set_compute_type(x)
+            module.compute_type_is_set = True
+        z = x if module.compute_dtype is None else x.to(module.compute_dtype)
+        return bnb.matmul_4bit(z, module.weight, quant_state=module.weight.quant_state).to(x.dtype)
+    state = module.state
+    state.is_training = module.training
+    if module.weight.CB is not None:
+        module.init_8bit_state()
+    out = bnb.matmul(x, module.weight, state=state)
+    if state.CB is not None:
+        module.weight.data = state.CB
+    return out.to(x.dtype)
+
+
+@torch.no_grad()
+def requantize(module: nn.Module, W: Tensor) -> None:
+    """Write a float (d_out, d_in) weight into the layer in its own format (same quant type, block size,
+    double quantisation, storage), recording the relative error of the re-quantised weight."""
+    bnb = _bnb()
+    W = W.reshape(module.out_features, module.in_features)
+    if is_4bit(module):
+        old = module.weight
+        qs = _quant_state(module)
+        packed, state = bnb.functional.quantize_4bit(
+            W.to(qs.dtype).contiguous(),
+            blocksize=old.blocksize,
+            compress_statistics=old.compress_statistics,
+            quant_type=old.quant_type,
+            quant_storage=old.quant_storage,
+        )
+        module.weight = bnb.nn.Params4bit(
+            packed, requires_grad=False, quant_state=state, blocksize=old.blocksize,
+            compress_statistics=old.compress_statistics, quant_type=old.quant_type,
+            quant_storage=old.quant_storage, module=module, bnb_quantized=True,
+        )
+        module.quant_state = state
+    else:
+        cb, scb, _ = bnb.functional.int8_vectorwise_quant(W.to(torch.float16).contiguous())
+        module.weight = bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False, CB=cb, SCB=scb)
+        module.state.CB = module.state.SCB = None  # the next forward takes the new statistics
+    W = W.float()
+    error = float((dequantize(module).float() - W).norm() / W.norm().clamp_min(1e-30))
+    module.__dict__[_ERROR_ATTR] = error
+
+
+def merge_errors(modules: dict[str, nn.Module]) -> dict[str, float]:
+    """Relative Frobenius error ``|Q(W) - W| / |W|`` of each named layer re-quantised since the last call."""
+    return {name: m.__dict__.pop(_ERROR_ATTR) for name, m in modules.items() if _ERROR_ATTR in m.__dict__}
+
+
+def warn_requantized(errors: dict[str, float]) -> None:
+    """Say that merging re-quantised layers, and how much that rounding moved the merged weights."""
+    if errors:
+        worst = max(errors, key=errors.get)
+        warnings.warn(
+            f"merged into {len(errors)} quantised layer(s) by re-quantising them: relative weight error "
+            f"|Q(W)-W|/|W| mean {sum(errors.values()) / len(errors):.3g}, max {errors[worst]:.3g} ({worst!r}); the "
+            "adapter's update is partly rounded away. For the exact merged model use "
+            "merge_and_unload(dequantize=torch.bfloat16) (docs/quantized.md)",
+            stacklevel=3,
+        )
+
+
+@torch.no_grad()
+def to_dense(module: nn.Module, dtype: torch.dtype) -> nn.Linear:
+    """A plain frozen ``nn.Linear`` of ``dtype`` holding the layer's dequantised weight and its bias."""
+    W = dequantize(module)
+    dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device=W.device, dtype=dtype)
+    dense.weight.copy_(W)
+    if module.bias is not None:
+        dense.bias.copy_(module.bias)
+    dense.requires_grad_(False)
+    return dense
+
+
+def dequantize_adapted(layers: list[Any], dtype: torch.dtype) -> int:
+    """Replace the quantised base of each adapter layer by a dense one of ``dtype``, one layer at a time."""
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dequantize must be a floating-point torch.dtype such as torch.bfloat16, got {dtype!r}")
+    count = 0
+    for layer in layers:
+        if is_quantized(layer.base_layer):
+            layer.base_layer = to_dense(layer.base_layer, dtype)
+            count += 1
+    return count
+
+
+def prepare_model_for_kbit_training(
+    model: nn.Module,
+    use_gradient_checkpointing: bool = True,
+    gradient_checkpointing_kwargs: dict[str, Any] | None = None,
+) -> nn.Module:
+    """Ready a bitsandbytes-quantised model for adapter training, as peft's function of that name does:
+    freeze everything, hold every non-quantised float16/bfloat16 parameter (norms, embeddings, head) in
+    float32, so the residual stream and the normalisation statistics stay in float32 while the quantised
+    matmuls run in their compute dtype, and turn on activation checkpointing with input gradients, so that
+    checkpointed blocks still pass gradients to the adapters inside them."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+        if p.dtype in (torch.float16, torch.bfloat16) and not quantized_param(p):
+            p.data = p.data.float()
+    if use_gradient_checkpointing:
+        kwargs = gradient_checkpointing_kwargs or {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5's name
+            model.activation_checkpointing_enable(kwargs)
+        elif hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        else:
+            raise ValueError(
+                f"{type(model).__name__} has no activation_checkpointing_enable(); pass use_gradient_checkpointing=False"
+            )
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    return model

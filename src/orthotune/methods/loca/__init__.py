@@ -1,0 +1,1 @@
+"""LoCA: the method (:mod:`.loca`) and its location-learning schedule (:mod:`.schedule`)."""

@@ -1,0 +1,75 @@
+"""LOFT's task-aware supports from a weight's gradient: the statistic ``Skew(W0^T G)`` and the supports it ranks.
+
+For ``W = W0 exp(S)`` the loss gradient with respect to a skew generator ``S`` at ``S = 0`` is
+``Skew(W0^T G)`` (``G = dL/dW``); a support that holds its dominant directions buys the most
+first-order decrease. Everything here works on one layer's ``(W0, G)``; collecting ``G`` over a model
+is :func:`orthotune.training.support_selection.select_supports`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def skew_statistic(W0: Tensor, G: Tensor) -> tuple[Tensor, Tensor]:
+    """``(X, Y)`` with ``X Y^T = Skew(W0^T G) = (W0^T G - G^T W0) / 2`` (d_in x d_in), never formed.
+
+    For ``W = W0 exp(S)`` the loss gradient with respect to a skew generator ``S`` at ``S = 0`` is
+    ``Skew(W0^T G)`` (``G = dL/dW``): LOFT's first-order statistic for task-aware supports.
+    ``X = [W0^T, G^T]``, ``Y = [G^T, -W0^T] / 2``, both d_in x 2 d_out.
+    """
+    return torch.cat([W0.T, G.T], 1), 0.5 * torch.cat([G.T, -W0.T], 1)
+
+
+def gradient_basis(W0: Tensor, G: Tensor, r: int) -> Tensor:
+    """The ``r`` dominant directions of ``Skew(W0^T G)``: its top-``r`` singular vectors.
+
+    Among all r-dimensional supports these maximise ``||P^T Skew(W0^T G) P||_F``, the first-order
+    decrease a rotation inside the support can buy. A skew matrix's singular values come in equal
+    pairs (its invariant planes), so an even ``r`` takes whole planes. From the factors (two thin
+    QRs, O(d_in d_out^2)) when ``2 d_out < d_in``; otherwise from the eigenvectors of ``K^T K``,
+    which needs the dense d_in x d_in statistic of one layer at a time.
+    """
+    X, Y = skew_statistic(W0.double(), G.double())
+    if X.shape[1] < X.shape[0]:
+        Qx, Rx = torch.linalg.qr(X)
+        _, Ry = torch.linalg.qr(Y)
+        U = Qx @ torch.linalg.svd(Rx @ Ry.T).U
+    else:
+        K = X @ Y.T
+        U = torch.linalg.eigh(K.T @ K).eigenvectors.flip(-1)  # eigh sorts ascending
+    if U.shape[1] < r:  # the statistic has rank < r: complete the basis orthogonally
+        fill = torch.randn(U.shape[0], r - U.shape[1], dtype=U.dtype, device=U.device)
+        U = torch.linalg.qr(torch.cat([U, fill - U @ (U.T @ fill)], 1)).Q
+    return U[:, :r].to(W0.dtype)
+
+
+def gradient_coordinates(W0: Tensor, G: Tensor, r: int) -> Tensor:
+    """The ``r`` coordinates whose rows of ``Skew(W0^T G)`` carry the most first-order mass (sorted).
+
+    orthotune's coordinate variant of the gradient-informed support (a greedy stand-in for the
+    best coordinate block, which no closed form gives): row norms from the factors, O(d_in d_out^2).
+    """
+    X, Y = skew_statistic(W0.double(), G.double())
+    row_norms = ((X @ (Y.T @ Y)) * X).sum(1)
+    return torch.sort(torch.topk(row_norms, r).indices).values
+
+
+def captured_fraction(W0: Tensor, G: Tensor, P: Tensor) -> float:
+    """``||P^T K P||_F / ||K||_F`` for ``K = Skew(W0^T G)``: the share of the first-order signal a
+    support sees (about ``r/d`` for a random one, near 1 for a gradient-informed one)."""
+    X, Y = skew_statistic(W0.double(), G.double())
+    P = P.double()
+    total = ((X.T @ X) * (Y.T @ Y)).sum().clamp_min(0).sqrt()  # ||X Y^T||_F without the d x d product
+    inside = torch.linalg.matrix_norm((P.T @ X) @ (Y.T @ P))
+    return float(inside / total) if total > 0 else 0.0
+
+
+def second_moment_basis(M: Tensor, r: int) -> Tensor:
+    """The top-``r`` eigenvectors of ``M = sum_b K_b^T K_b`` (``K_b`` one batch's ``Skew(W0^T G_b)``).
+
+    The ``statistic="second_moment"`` support: directions where the per-batch first-order signal is
+    large, whether or not its sign agrees across batches (the mean gradient's signal can cancel).
+    """
+    return torch.linalg.eigh(M.double()).eigenvectors.flip(-1)[:, :r].contiguous()

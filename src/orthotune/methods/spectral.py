@@ -1,0 +1,80 @@
+"""The sparse 2-D spectrum update LoCA and FourierFT share: n coefficients at n cells of the weight's spectrum, ``dW = P^T diag(c) Q``."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops import spectral
+from .base import AdapterMethod, Base, Core
+from .config import AdapterConfig
+
+COMPUTE = ("auto", "lowrank", "dense")
+
+
+class SparseSpectrum(AdapterMethod):
+    """An additive update from n coefficients at n spectrum cells: ``dW = P^T diag(c) Q`` (LoCA, FourierFT).
+
+    Subclasses say which basis rows ``P``, ``Q`` and effective coefficients ``c`` a spectrum gives
+    (:meth:`factors`); applying, merging and the checks are shared.
+    """
+
+    label = ""
+    perturbed_std = 1.0  # std of the coefficients when init_identity is False
+
+    def __init__(self, config: AdapterConfig, d_in: int, d_out: int, weight: Tensor, cells: Tensor) -> None:
+        super().__init__(config, d_in, d_out, weight)
+        self.spectrum = nn.Parameter(self._param_like(cells.shape[1], weight=weight))
+        # Integer (row, col) cells: exact under .half()/.double(), saved with the adapter.
+        self.register_buffer("locations", cells.to(weight.device))
+        self.dropout: nn.Module = nn.Identity()
+        self.reset_parameters()
+
+    @classmethod
+    def check_layer(cls, config: AdapterConfig, d_in: int, d_out: int, name: str) -> None:
+        if config.n_frequency > d_in * d_out:
+            raise ValueError(
+                f"{cls.label} n_frequency={config.n_frequency} exceeds the {d_out}x{d_in}={d_in * d_out} cells of "
+                f"{name!r}'s spectrum; use n_frequency <= {d_in * d_out} or exclude the module"
+            )
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            if self.config.init_identity:
+                nn.init.zeros_(self.spectrum)  # dW = 0, while dL/dc = the spectrum of dL/dW at the cells != 0
+            else:
+                nn.init.normal_(self.spectrum, std=self.perturbed_std)
+
+    def factors(self, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # pragma: no cover - abstract
+        """``(P, Q, c_eff)`` for the spectrum ``c`` (already in the compute dtype and device)."""
+        raise NotImplementedError
+
+    def delta_weight(self, dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> Tensor:
+        """``dW`` (d_out x d_in): one (d_out x m)(m x d_in) product."""
+        return spectral.sparse_delta(*self.factors(self.spectrum.to(device=device, dtype=dtype)))
+
+    @classmethod
+    def cores(cls, modules: list[SparseSpectrum], dtype: torch.dtype | None = None) -> list[Core]:
+        """``(P, Q, c_eff)`` of :meth:`factors` per layer, from the spectrum in ``dtype``."""
+        return [m.factors(m.spectrum if dtype is None else m.spectrum.to(dtype)) for m in modules]
+
+    def forward(self, x: Tensor, base: Base, core: Core) -> Tensor:
+        P, Q, c = core
+        # Folding dW into the frozen weight needs that weight, and no dropout on the update's input.
+        W = base.weight if isinstance(self.dropout, nn.Identity) or not self.training else None
+        compute = self.config.compute
+        if compute == "auto":
+            grad = torch.is_grad_enabled() and c.requires_grad
+            tokens = x.numel() // max(x.shape[-1], 1)
+            dense = spectral.prefers_dense(tokens, c.shape[0], self.d_in, self.d_out, grad, merged=W is not None)
+            compute = "dense" if dense else "lowrank"
+        if compute == "dense" and W is not None:
+            return F.linear(x, spectral.add_sparse_delta(W, P, Q, c))
+        return base(x) + spectral.sparse_apply(self.dropout(x), P, Q, c, compute=compute)
+
+    def merged_weight(self, W: Tensor) -> Tensor:
+        return W + self.delta_weight(W.dtype, W.device)
+
+    def unmerged_weight(self, W: Tensor) -> Tensor:
+        return W - self.delta_weight(W.dtype, W.device)

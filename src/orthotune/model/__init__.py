@@ -1,0 +1,1 @@
+"""The model: targets found and wrapped, OrthoModel, adapter folders, the Hub, combining adapters."""

@@ -1,0 +1,201 @@
+"""LOFT's gradient-informed support selection on a whole model: ``select_supports(model, data)``.
+
+Accumulates each targeted layer's weight gradient over a few batches (the adapter bypassed) and fills
+every task-aware support from it with the math of :mod:`orthotune.methods.loft.selection`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..layer import quantized
+from ..methods.loft.selection import captured_fraction, gradient_basis, gradient_coordinates, second_moment_basis
+from ..methods.loft.supports import DenseSupport
+from ..model.adapter_model import AdapterModel
+
+LossFn = Callable[[nn.Module, Any], Tensor]
+STATISTICS = ("mean", "second_moment")
+
+
+def _default_loss(model: nn.Module, batch: Any) -> Tensor:
+    if not isinstance(batch, Mapping):
+        raise ValueError(
+            "batches that are not dicts need a loss_fn(model, batch) -> scalar loss; pass loss_fn= to select_supports"
+        )
+    out = model(**batch)
+    loss = out["loss"] if isinstance(out, Mapping) else getattr(out, "loss", None)
+    if loss is None:
+        raise ValueError("the model returned no loss for a batch (give it labels) or pass loss_fn= to select_supports")
+    return loss
+
+
+def _grad_matrix(layer: nn.Module) -> Tensor:
+    """The base weight's gradient as a (d_out, d_in) matrix, laid out as ``layer.weight_matrix()``;
+    zero for a layer the loss never reached (e.g. an unused pooler)."""
+    g = layer.base_layer.weight.grad
+    if g is None:
+        return torch.zeros_like(layer.weight_matrix())
+    if layer.kind == "conv1d":
+        return g.T
+    return g.reshape(g.shape[0], -1)
+
+
+def select_supports(
+    model: AdapterModel,
+    data: Iterable[Any],
+    num_batches: int = 8,
+    loss_fn: LossFn | None = None,
+    adapter_name: str | None = None,
+    progress: bool = True,
+    head_warmup_steps: int = 0,
+    head_lr: float = 1e-3,
+    statistic: str = "mean",
+) -> dict[str, dict[str, float]]:
+    """LOFT's gradient-informed support selection: fill every task-aware support of an adapter.
+
+    Accumulates ``G = dL/dW`` for the frozen weight of each targeted layer over ``num_batches``
+    batches of ``data`` (the adapter itself at the identity, i.e. bypassed; the model in eval mode),
+    then sets each support to the dominant directions of ``Skew(W0^T G)`` (``support="gradient"``)
+    or its heaviest coordinates (``support="gradient_coordinate"``). The support size ``r`` (the
+    parameter budget) comes from the config. Memory: one weight-sized gradient per targeted layer,
+    and, for one layer at a time, the d_in x d_in statistic when ``2 d_out >= d_in``.
+
+    Options for a freshly initialised head, whose gradient makes ``G`` point at random targets:
+    ``head_warmup_steps`` first trains the ``modules_to_save`` copies alone (AdamW at ``head_lr``,
+    adapter bypassed) on that many batches of ``data``, then takes the statistic on the following
+    batches; the warmed-up head is kept (it is what training starts from). ``statistic="second_moment"``
+    ranks directions by ``sum_b K_b^T K_b`` over batches (:func:`second_moment_basis`) instead of
+    the mean gradient's ``K``; it holds one d_in x d_in matrix per targeted layer.
+
+    The model is otherwise left as it was: requires_grad flags, gradients, train/eval modes and
+    active adapters are restored. Returns, per layer, the share of the mean first-order signal the
+    chosen support captures (:func:`captured_fraction`).
+    """
+    from tqdm.auto import tqdm
+
+    if not isinstance(num_batches, int) or num_batches < 1:
+        raise ValueError(f"num_batches must be a positive integer, got {num_batches!r}")
+    if not isinstance(head_warmup_steps, int) or head_warmup_steps < 0:
+        raise ValueError(f"head_warmup_steps must be a non-negative integer, got {head_warmup_steps!r}")
+    if statistic not in STATISTICS:
+        raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
+    name = adapter_name or model.active_adapter
+    if name not in model.configs:
+        raise ValueError(f"no adapter named {name!r}; adapters here: {sorted(model.configs)}")
+    targets = [
+        (lname, layer, layer.adapters[name].support)
+        for lname, layer in model.adapter_layers()
+        if name in layer.adapters and getattr(getattr(layer.adapters[name], "support", None), "task_aware", False)
+    ]
+    if not targets:
+        raise ValueError(
+            f"adapter {name!r} has no task-aware support to select; build it with "
+            "LOFTConfig(support='gradient') or support='gradient_coordinate'"
+        )
+    merged = [lname for lname, layer, _ in targets if layer.merged_adapters]
+    if merged:
+        raise ValueError(f"{merged[0]!r} has merged adapters; unmerge() before selecting supports")
+    quantised = [lname for lname, layer, _ in targets if quantized.is_quantized(layer.base_layer)]
+    if quantised:
+        raise ValueError(
+            f"{quantised[0]!r} is a quantised (bitsandbytes) layer: gradient supports need dL/dW of a float base "
+            "weight. Select them on the float model, save_adapter() and load the adapter onto the quantised "
+            "one, or use LOFTConfig(support='principal')"
+        )
+
+    head = [p for _, wrapper in model.saved_modules() for p in wrapper.parameters() if p.requires_grad]
+    if head_warmup_steps and not head:
+        raise ValueError("head_warmup_steps needs a trainable head: build the adapter with modules_to_save=[...]")
+    flags = {p: p.requires_grad for p in model.parameters()}
+    modes = {m: m.training for m in model.modules()}
+    weights = [layer.base_layer.weight for _, layer, _ in targets]
+    old_grads = [w.grad for w in weights]
+    active = {lname: list(layer.active_adapters) for lname, layer, _ in targets}
+    try:
+        for p in flags:
+            p.requires_grad_(False)
+        for _, layer, _ in targets:  # the adapter at the identity: take it out of the forward
+            layer.active_adapters = [n for n in layer.active_adapters if n != name]
+        model.eval()
+        batches = iter(data)
+        if head_warmup_steps:
+            warm_up_head(model, batches, head, head_warmup_steps, head_lr, loss_fn or _default_loss, progress)
+        for w in weights:
+            w.grad = None
+            w.requires_grad_(True)
+        sums = {lname: torch.zeros_like(layer.weight_matrix(), dtype=torch.float32) for lname, layer, _ in targets}
+        moments: dict[str, Tensor] = {}
+        seen = 0
+        with tqdm(total=num_batches, desc="LOFT support selection", disable=not progress) as bar:
+            for batch in batches:
+                loss = (loss_fn or _default_loss)(model, batch)
+                loss.backward()
+                with torch.no_grad():
+                    for lname, layer, _ in targets:
+                        G = _grad_matrix(layer).float()
+                        sums[lname] += G
+                        if statistic == "second_moment":
+                            K = layer.weight_matrix().float().T @ G
+                            K = (K - K.T) / 2
+                            moments[lname] = moments.get(lname, 0) + K.T @ K
+                        layer.base_layer.weight.grad = None
+                seen += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+                if seen == num_batches:
+                    break
+        if seen == 0:
+            raise ValueError("the data gave no batch; pass a non-empty iterable of batches")
+        report: dict[str, dict[str, float]] = {}
+        with torch.no_grad():
+            for lname, layer, support in targets:
+                W0 = layer.weight_matrix().float()
+                G = sums[lname] / seen
+                if isinstance(support, DenseSupport):
+                    P = gradient_basis(W0, G, support.dim) if statistic == "mean" else second_moment_basis(moments[lname], support.dim)
+                    support.assign(P.to(support.P.dtype))
+                elif statistic == "second_moment":
+                    idx = torch.sort(torch.topk(torch.diagonal(moments[lname]), support.dim).indices).values
+                    support.assign(idx.to(support.index.device))
+                    P = torch.eye(W0.shape[1], dtype=torch.float64)[:, idx.cpu()]
+                else:
+                    idx = gradient_coordinates(W0, G, support.dim)
+                    support.assign(idx.to(support.index.device))
+                    P = torch.eye(W0.shape[1], dtype=torch.float64)[:, idx.cpu()]
+                report[lname] = {"captured_fraction": captured_fraction(W0.cpu(), G.cpu(), P.cpu()), "batches": seen}
+    finally:
+        for w, g in zip(weights, old_grads):
+            w.grad = g
+        for p in head if head_warmup_steps else []:
+            p.grad = None
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        for m, mode in modes.items():
+            m.training = mode
+        for lname, layer, _ in targets:
+            layer.active_adapters = active[lname]
+    return report
+
+
+def warm_up_head(model: nn.Module, batches: Any, head: list[Tensor], steps: int, lr: float, loss_fn: LossFn,
+                  progress: bool) -> None:
+    """Train only the head (``modules_to_save``) for ``steps`` batches, so the statistic's gradient
+    flows through a classifier that already separates the classes rather than a random one."""
+    from tqdm.auto import tqdm
+
+    for p in head:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(head, lr=lr)
+    for _ in tqdm(range(steps), desc="LOFT head warm-up", disable=not progress):
+        batch = next(batches, None)
+        if batch is None:
+            raise ValueError(f"the data ran out during the {steps}-step head warm-up; pass more batches")
+        loss_fn(model, batch).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    for p in head:
+        p.requires_grad_(False)

@@ -1,0 +1,3 @@
+"""orthotune's version: adapter folders and model cards record it."""
+
+__version__ = "0.1.0"

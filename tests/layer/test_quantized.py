@@ -1,0 +1,235 @@
+"""Every method on a frozen bitsandbytes base (4-bit NF4/FP4 and 8-bit), on CPU: a tiny Llama saved
+in float32 and reloaded by transformers with a BitsAndBytesConfig, as users load one."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import pytest
+import torch
+
+import orthotune
+from orthotune.layer import quantized
+from orthotune.methods.registry import METHODS
+
+from ..method_cases import CASES, Case
+
+bnb = pytest.importorskip("bitsandbytes")
+transformers = pytest.importorskip("transformers")
+
+QUANT = {
+    "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16),
+    "nf4-fp32": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),
+    "fp4": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32),
+    "int8": dict(load_in_8bit=True),
+}
+TOKENS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny random Llama (2 layers, 64 wide, all 7 projections) saved in float32."""
+    cfg = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    )
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("llama")
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    return str(path)
+
+
+def load(path: str, quant: str | None) -> torch.nn.Module:
+    """The saved model, quantised as ``quant`` (a key of QUANT) or in float32 (None)."""
+    kwargs = {} if quant is None else {"quantization_config": transformers.BitsAndBytesConfig(**QUANT[quant])}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        transformers.logging.set_verbosity_error()
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+        return transformers.AutoModelForCausalLM.from_pretrained(path, device_map="cpu", **kwargs)
+
+
+def config(case: Case, **extra) -> orthotune.AdapterConfig:
+    return METHODS[case.method][0](target_modules="all-linear", **case.kwargs, **extra)
+
+
+def logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(TOKENS).logits.float()
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def packed(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The quantised storage of every bnb layer, to show training never writes it."""
+    return {n.replace(".base_layer", ""): m.weight.data.clone() for n, m in model.named_modules() if quantized.is_quantized(m)}
+
+
+CASE_IDS = [c.id for c in CASES]
+
+
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_every_method_trains_saves_and_loads(case: Case, quant: str, llama_dir: str, tmp_path) -> None:
+    base = load(llama_dir, quant)
+    targets = [n for n, m in base.named_modules() if quantized.is_quantized(m)]
+    assert len(targets) == 14  # 7 projections x 2 layers, all bitsandbytes layers
+    before, storage = logits(base), packed(base)
+    model = orthotune.get_model(base, config(case))
+    assert rel(logits(model), before) < 2e-3  # identity at init (adapters act in the compute dtype)
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert params and all(p.dtype == torch.float32 for p in params)
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    losses = []
+    for _ in range(3):
+        loss = model(TOKENS, labels=TOKENS).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    after = packed(base)
+    assert after.keys() == storage.keys() and all(torch.equal(storage[n], t) for n, t in after.items())  # the base is never written
+    trained = logits(model)
+    model.save_adapter(tmp_path / "a")
+    reloaded = orthotune.load_adapter(load(llama_dir, quant), tmp_path / "a")
+    assert rel(logits(reloaded), trained) < 1e-6
+
+
+def test_training_never_dequantises_a_whole_layer(llama_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rotations and additive updates act on activations: forward and backward call no dequantisation
+    of ours (bitsandbytes' backward dequantises one layer at a time inside its kernel, as for QLoRA)."""
+    first = {c.method: c for c in reversed(CASES)}  # one case per method
+    for case in [first[m] for m in ("loco", "oft", "hra", "loca", "lora", "loft")]:
+        model = orthotune.get_model(load(llama_dir, "nf4"), config(case))
+        calls = []
+        monkeypatch.setattr(quantized, "dequantize", lambda m: calls.append(m))
+        model(TOKENS, labels=TOKENS).loss.backward()
+        monkeypatch.undo()
+        assert not calls, case.id
+
+
+@pytest.mark.parametrize("quant,bound", [("nf4-fp32", 1e-5), ("fp4", 1e-5), ("int8", 5e-2)])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_merge_to_float_matches_unmerged(case: Case, quant: str, bound: float, llama_dir: str) -> None:
+    """``merge_and_unload(dequantize=float32)``: each adapted layer becomes a plain Linear holding
+    dequant(W0) merged exactly. 4-bit with float32 compute agrees to float rounding; LLM.int8() also
+    quantises the activations in its matmul (about 1% here), which the float model does not."""
+    model = orthotune.get_model(load(llama_dir, quant), config(case, init_identity=False))
+    unmerged = logits(model)
+    merged = model.merge_and_unload(dequantize=torch.float32)
+    assert not any(quantized.is_quantized(m) for m in merged.modules())
+    assert rel(logits(merged), unmerged) < bound
+
+
+@pytest.mark.parametrize("quant,bound", [("nf4", 0.12), ("int8", 0.01)])
+def test_merge_requantises_and_reports_the_error(quant: str, bound: float, llama_dir: str) -> None:
+    """The default merge re-quantises each layer in its own format and reports |Q(W)-W|/|W| per layer:
+    NF4 rounds a weight by about 10%, int8 (per-row absmax) by well under 1%."""
+    base = load(llama_dir, quant)
+    model = orthotune.get_model(base, orthotune.LoRAConfig(target_modules="all-linear", r=4, init_identity=False))
+    unmerged = logits(model)
+    with pytest.warns(UserWarning, match="re-quantising"):
+        merged = model.merge_and_unload()
+    errors = model.requantization_errors
+    assert len(errors) == 14 and all(0 < e < bound for e in errors.values())
+    layer = merged.model.layers[0].self_attn.q_proj
+    assert type(layer) is type(base.model.layers[1].mlp.up_proj) and quantized.is_quantized(layer)
+    if quant == "nf4":
+        assert layer.weight.quant_type == "nf4" and layer.weight.quant_state.nested  # format kept
+    assert rel(logits(merged), unmerged) < 3 * bound
+
+
+def test_pissa_dequantises_one_layer_for_its_svd(llama_dir: str) -> None:
+    """PiSSA's start is the SVD of the dequantised weight; the quantised base is kept, not replaced by a
+    re-quantised residual (peft refuses PiSSA on bnb layers), so the start is exactly the base model."""
+    base = load(llama_dir, "nf4-fp32")
+    q = base.model.layers[0].self_attn.q_proj
+    W = quantized.dequantize(q).float()
+    model = orthotune.get_model(base, orthotune.PiSSAConfig(target_modules="all-linear", r=4, lora_alpha=4))
+    pissa = model.base_model.model.layers[0].self_attn.q_proj.adapters["default"]
+    U, S, Vh = torch.linalg.svd(W)
+    torch.testing.assert_close(pissa.lora_B0 @ pissa.lora_A0, (U[:, :4] * S[:4]) @ Vh[:4], atol=1e-5, rtol=1e-4)
+
+
+def test_quantised_matmul_and_dequantise_match_bitsandbytes(llama_dir: str) -> None:
+    for quant in ("nf4", "fp4", "int8"):
+        layer = load(llama_dir, quant).model.layers[0].mlp.down_proj  # bias-free, as Llama's
+        x = torch.randn(3, layer.in_features)
+        ref = layer(x)
+        assert torch.equal(quantized.matmul(layer, x), ref)
+        dense = x @ quantized.dequantize(layer).float().T
+        assert rel(dense, ref) < (1e-2 if quant == "int8" else 5e-3), quant  # int8 also quantises x; bf16 compute
+
+
+@pytest.mark.parametrize("method,kwargs", [("lora", dict(r=4)), ("loco", dict(rank=2)), ("oft", dict(oft_block_size=4)), ("pissa", dict(r=4))])
+def test_adapters_cross_load_between_4bit_and_float_bases(method: str, kwargs: dict, llama_dir: str, tmp_path) -> None:
+    """An adapter trained on the 4-bit base loads onto the float base and back: the same parameters,
+    and outputs that differ only as much as the two bases do."""
+    cfg = METHODS[method][0](target_modules="all-linear", init_identity=False, **kwargs)
+    for src, dst in (("nf4-fp32", None), (None, "nf4-fp32")):
+        model = orthotune.get_model(load(llama_dir, src), cfg)
+        model.save_adapter(tmp_path / f"{src}")
+        moved = orthotune.load_adapter(load(llama_dir, dst), tmp_path / f"{src}")
+        ours = {k: v for k, v in model.state_dict().items() if ".adapters." in k}
+        theirs = {k: v for k, v in moved.state_dict().items() if ".adapters." in k}
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+        with moved.disable_adapter():
+            base_gap = rel(logits(moved), logits(load(llama_dir, src)))
+        assert 0 < rel(logits(moved), logits(model)) < 3 * base_gap + 1e-6
+
+
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_peft_qlora_folder_round_trip(quant: str, llama_dir: str, tmp_path) -> None:
+    """A LoRA folder peft saved on the same quantised model loads with from_peft and gives peft's outputs;
+    export_peft writes it back for peft."""
+    import peft
+
+    torch.manual_seed(1)
+    pm = peft.get_peft_model(load(llama_dir, quant), peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.05)
+    assert any("bnb" in type(m).__module__ for m in pm.modules())  # peft's own bnb LoRA layers
+    expected = logits(pm)
+    pm.save_pretrained(tmp_path / "peft")
+    ours = orthotune.from_peft(load(llama_dir, quant), tmp_path / "peft")
+    assert rel(logits(ours), expected) < 1e-5
+    ours.export_peft(tmp_path / "back")
+    back = peft.PeftModel.from_pretrained(load(llama_dir, quant), tmp_path / "back")
+    assert rel(logits(back), expected) < 1e-5
+
+
+def test_prepare_model_for_kbit_training(llama_dir: str) -> None:
+    base = load(llama_dir, "nf4")
+    for m in base.modules():
+        if "Norm" in type(m).__name__:
+            m.weight.data = m.weight.data.to(torch.bfloat16)
+    out = orthotune.prepare_model_for_kbit_training(base)
+    assert out is base and base.is_activation_checkpointing
+    norms = [m.weight for m in base.modules() if "Norm" in type(m).__name__]
+    assert norms and all(w.dtype == torch.float32 and not w.requires_grad for w in norms)
+    assert all(not quantized.quantized_param(p) or p.dtype == torch.uint8 for p in base.parameters())
+    model = orthotune.get_model(base, orthotune.OFTConfig(target_modules="all-linear", oft_block_size=4))
+    model.train()
+    model(TOKENS, labels=TOKENS).loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_clear_errors(llama_dir: str) -> None:
+    layer = bnb.nn.Linear8bitLt(16, 16, has_fp16_weights=True)
+    assert "has_fp16_weights=True" in quantized.unsupported_reason(layer)
+    layer4 = bnb.nn.Linear4bit(16, 16)  # never moved to a device: not quantised yet
+    assert "not quantised yet" in quantized.unsupported_reason(layer4)
+    net = torch.nn.Sequential(layer4)
+    with pytest.raises(ValueError, match="not quantised yet"):
+        orthotune.get_model(net, orthotune.LoRAConfig(target_modules=["0"]))
+    model = orthotune.get_model(load(llama_dir, "nf4"), orthotune.LOFTConfig(target_modules="all-linear", support="gradient", r=4))
+    with pytest.raises(ValueError, match="quantised"):
+        orthotune.select_supports(model, [dict(input_ids=TOKENS, labels=TOKENS)], num_batches=1)
+    with pytest.raises(ValueError, match="floating-point torch.dtype"):
+        model.merge_and_unload(dequantize="bf16")

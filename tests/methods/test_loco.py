@@ -1,0 +1,186 @@
+"""LoCO against closed forms and float64 references (docs/loco.md)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import orthotune
+from orthotune.methods.loco import LoCO, LoCOConfig, approximation_error
+from orthotune.ops import lowrank, skew
+
+from ..method_cases import run
+from ..oracles import sequential_apply_rows, skew_dense
+
+f64 = torch.float64
+
+
+def generators(k: int, d: int, r: int, scale: float, dtype=f64):
+    U = torch.randn(k, d, r, dtype=dtype) * scale / math.sqrt(d)
+    V = torch.randn(k, d, r, dtype=dtype) * scale / math.sqrt(d)
+    return U, V
+
+
+def dense_chain(U, V):
+    S = skew_dense(U, V)
+    R = torch.eye(U.shape[1], dtype=U.dtype)
+    for i in range(U.shape[0]):
+        R = R @ torch.linalg.matrix_exp(S[i])
+    return R
+
+
+@pytest.mark.parametrize("scale", [0.01, 0.5, 3.0, 20.0])
+def test_closed_form_exponential_matches_matrix_exp(scale: float) -> None:
+    U, V = generators(3, 40, 3, scale)
+    A, B, C = skew.skew_exp_factors(U, V)
+    S = skew_dense(U, V)
+    for i in range(3):
+        closed = torch.eye(40, dtype=f64) + A[i] @ C[i] @ B[i].T
+        assert (closed - torch.linalg.matrix_exp(S[i])).abs().max() < 1e-10 * max(1.0, scale)
+
+
+@pytest.mark.parametrize("k,d,r", [(1, 8, 1), (5, 64, 3), (4, 256, 4), (3, 33, 5)])
+def test_exact_chain_equals_product_of_exponentials(k: int, d: int, r: int) -> None:
+    U, V = generators(k, d, r, 2.0)
+    A, B, C = skew.skew_exp_factors(U, V)
+    ref = dense_chain(U, V)
+    Uc, Vc, M = skew.chain_core(A, B, C)
+    assert (lowrank.materialize(Uc, M, Vc) - ref).abs().max() < 1e-10
+    x = torch.randn(7, d, dtype=f64)
+    assert (sequential_apply_rows(x, A, B, C) - x @ ref.T).abs().max() < 1e-10
+    assert (lowrank.apply_rows(x, Uc, M, Vc) - x @ ref.T).abs().max() < 1e-10
+
+
+def test_phi_is_exact_for_large_generators() -> None:
+    Z = torch.randn(6, 6, dtype=f64) * 8.0  # a fixed 20-term Taylor series is off by ~1e-4 here
+    ref = torch.linalg.solve(Z, torch.linalg.matrix_exp(Z) - torch.eye(6, dtype=f64))
+    assert (skew.phi(Z) - ref).abs().max() / ref.abs().max() < 1e-11
+
+
+@pytest.mark.parametrize("scale", [0.05, 0.5, 2.0])
+def test_approximation_within_first_order_bound(scale: float) -> None:
+    U, V = generators(4, 64, 2, scale)
+    A, B, _ = skew.skew_exp_factors(U, V)
+    exact = dense_chain(U, V)
+    Ua, Va, Ma = skew.sum_exp_core(A, B)
+    approx = lowrank.materialize(Ua, Ma, Va)
+    assert (approx - torch.linalg.matrix_exp(skew_dense(U, V).sum(0))).abs().max() < 1e-10
+    gap = torch.linalg.matrix_norm(approx - exact, ord=2)
+    assert gap <= skew.trotter_bound(A, B) + 1e-12
+    assert gap > 0  # the approximation is an approximation
+    eye = torch.eye(64, dtype=f64)
+    assert (approx.T @ approx - eye).norm() / 8 < 1e-12
+
+
+def test_approximation_error_report_matches_dense() -> None:
+    module = LoCO(LoCOConfig(rank=2, chain_length=3, init_identity=False), 32, 32, torch.zeros(32, 32))
+    module.double()
+    report = approximation_error(module)
+    with torch.no_grad():
+        A, B, C = module.factors()
+        exact = lowrank.materialize(*_utm(skew.chain_core(A, B, C)))
+        approx = lowrank.materialize(*_utm(skew.sum_exp_core(A, B)))
+    assert report["approx_error_2norm"] == pytest.approx(float(torch.linalg.matrix_norm(exact - approx, ord=2)), rel=1e-9)
+    moved = (exact - torch.eye(32, dtype=f64)).norm()
+    assert report["approx_error_relative"] == pytest.approx(float((exact - approx).norm() / moved), rel=1e-9)
+    assert report["approx_error_2norm"] <= report["approx_error_bound"]
+
+
+def _utm(core):
+    U, V, M = core
+    return U, M, V
+
+
+def _layer_model(d: int, mode: str, **kw) -> tuple[nn.Module, orthotune.OrthoModel]:
+    base = nn.Sequential(nn.Linear(d, d))
+    cfg = LoCOConfig(target_modules=["0"], mode=mode, **kw)
+    return base, orthotune.get_model(base, cfg)
+
+
+@pytest.mark.parametrize("mode", ["exact", "sequential", "approx"])
+def test_orthogonality_float32_after_training(mode: str) -> None:
+    _, model = _layer_model(48, mode, rank=4, chain_length=4)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    x, t = torch.randn(64, 48), torch.randn(64, 48)
+    for _ in range(50):
+        loss = (model(x) - t).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    layer = dict(model.adapter_layers())["0"].adapters["default"]
+    R = layer.rotation()
+    assert layer.diagnostics()["orthogonality_error"] < 1e-5
+    assert (R.T @ R - torch.eye(48)).norm() / 48**0.5 < 1e-5
+    assert (R - torch.eye(48)).norm() > 0.1  # it really rotated
+
+
+def test_modes_agree_exactly_and_approx_reports_gap() -> None:
+    torch.manual_seed(3)
+    _, exact = _layer_model(24, "exact", rank=2, chain_length=3, init_identity=False)
+    seq_base, seq = _layer_model(24, "sequential", rank=2, chain_length=3)
+    seq.load_state_dict(exact.state_dict())
+    x = torch.randn(5, 24)
+    assert torch.allclose(exact(x), seq(x), atol=1e-5)
+    report = orthotune.loco_approximation_error(exact)
+    assert set(report) == {"0"} and 0 < report["0"]["approx_error_2norm"] <= report["0"]["approx_error_bound"]
+
+
+@pytest.mark.parametrize("mode", ["exact", "sequential", "approx"])
+def test_gradcheck_layer_float64(mode: str) -> None:
+    module = LoCO(LoCOConfig(rank=1, chain_length=3, mode=mode, init_identity=False), 6, 4, torch.zeros(4, 6)).double()
+    W = torch.randn(4, 6, dtype=f64)
+    x = torch.randn(3, 6, dtype=f64, requires_grad=True)
+
+    def f(U, V, x):
+        with torch.nn.utils.stateless._reparametrize_module(module, {"U": U, "V": V}):
+            return run(module, x, lambda z: z @ W.T)
+
+    U = module.U.detach().clone().requires_grad_()
+    V = module.V.detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(f, (U, V, x))
+    # the gradient at the identity (U = 0) is non-zero, and merging is differentiable too
+    U0 = torch.zeros_like(U, requires_grad=True)
+    f(U0, V, x).sum().backward()
+    assert U0.grad.abs().sum() > 0
+    merged = MergedView(module)
+    assert torch.autograd.gradcheck(lambda U, V: torch.func.functional_call(merged, {"m.U": U, "m.V": V}, (W,)), (U, V))
+
+
+class MergedView(nn.Module):
+    """Exposes ``merged_weight`` as forward, so functional_call can swap the parameters."""
+
+    def __init__(self, m: nn.Module) -> None:
+        super().__init__()
+        self.m = m
+
+    def forward(self, W: torch.Tensor) -> torch.Tensor:
+        return self.m.merged_weight(W)
+
+
+def test_training_path_never_forms_d_by_d() -> None:
+    d = 200_000  # a d x d float32 matrix would need 160 GB
+    module = LoCO(LoCOConfig(rank=2, chain_length=2, init_identity=False), d, 4, torch.zeros(4, d))
+    W = torch.randn(4, d) / d**0.5
+    x = torch.randn(3, d)
+    y = run(module, x, lambda z: z @ W.T)
+    y.sum().backward()
+    assert module.U.grad is not None and y.shape == (3, 4)
+    merged = module.merged_weight(W)  # merging goes through W U, also O(d)
+    assert merged.shape == W.shape
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ValueError, match="rank must be a positive integer"):
+        LoCOConfig(rank=0)
+    with pytest.raises(ValueError, match="chain_length"):
+        LoCOConfig(chain_length=-1)
+    with pytest.raises(ValueError, match="mode='fast' is not supported"):
+        LoCOConfig(mode="fast")
+    with pytest.raises(ValueError, match="init_std"):
+        LoCOConfig(init_std=0.0)
+    base = nn.Sequential(nn.Linear(6, 6))
+    with pytest.raises(ValueError, match="rank=4 is too large for '0'"):
+        orthotune.get_model(base, LoCOConfig(target_modules=["0"], rank=4))

@@ -1,0 +1,29 @@
+"""``benchmarks/compiled.py`` on the CPU: the harness the GPU run depends on (tiny model, dynamo's eager backend)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("peft")
+sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
+import compiled  # noqa: E402
+
+
+@pytest.mark.slow  # six rows, three traced (~1 min of CPU)
+def test_compiled_table_on_cpu(tmp_path) -> None:
+    res = compiled.main(["--device", "cpu", "--smoke", "--backend", "eager", "--sections", "train", "--only", "loco k3 r6 exact",
+                         "--out", str(tmp_path)])
+    rows = {r["name"]: r for r in res["train"]}
+    assert set(rows) == {f"{m}, {how}" for m in (compiled.FLOOR, compiled.LORA, "orthotune LoCO k3 r6 exact")
+                         for how in ("compiled", "eager")}
+    for name, r in rows.items():
+        assert r["median_ms"] > 0 and r["graph_breaks"] == 0 and r["recompiles"] == 0, (name, r)
+        assert r["graphs"] == (1 if name.endswith("compiled") else 0), (name, r["graphs"])
+    assert rows[f"{compiled.LORA}, compiled"]["x_lora_compiled"] == 1.0
+    assert rows[f"{compiled.LORA}, eager"]["x_lora_eager"] == 1.0
+    assert json.loads((tmp_path / "compiled.json").read_text())["train"][0]["name"] == f"{compiled.FLOOR}, compiled"
+    assert "| orthotune LoCO k3 r6 exact, compiled |" in (tmp_path / "compiled.md").read_text()

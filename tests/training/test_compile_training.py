@@ -1,0 +1,114 @@
+"""Compiled training for users: the recipes' loop, ``OrthoTrainer`` and the HF ``Trainer``.
+
+On the CPU ``aot_eager`` stands in for inductor (same traced forward and backward, no C++ build);
+the ``gpu`` tests run the real thing on the GPU machine (``pytest -m gpu``).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pytest
+import torch
+
+import orthotune
+from orthotune.recipes import loop
+from orthotune.recipes.finetune import finetune
+
+from ..recipes.test_recipes import text_config
+from .test_compile import _model_with_every_case
+from .test_transformers import TokenData, tiny_llama
+
+transformers = pytest.importorskip("transformers")
+
+
+def test_the_loop_compiles_where_the_setting_says() -> None:
+    model = torch.nn.Linear(4, 4)
+    assert loop.compiled_for_training(model, "auto", "cpu", 1) is model
+    assert loop.compiled_for_training(model, "auto", "cuda", 2) is model  # DDP/FSDP: eager unless asked
+    assert loop.compiled_for_training(model, False, "cuda", 1) is model
+    compiled = loop.compiled_for_training(model, True, "cpu", 1)
+    assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule) and compiled._orig_mod is model
+    assert isinstance(loop.compiled_for_training(model, "auto", "cuda", 1), torch._dynamo.eval_frame.OptimizedModule)
+
+
+def test_train_compile_setting_is_validated_and_the_cli_turns_it_off(tmp_path) -> None:
+    from orthotune.cli import _recipe, build_parser
+
+    with pytest.raises(ValueError, match="train.compile"):
+        text_config(tmp_path, "bad", **{"train.compile": "yes"})
+    assert text_config(tmp_path, "ok").train.compile == "auto"
+    args = build_parser().parse_args(["finetune", "--config", str(Path(__file__).parents[2] / "recipes" / "text_banking77.yaml"),
+                                      "--no-compile"])
+    assert _recipe(args).train.compile is False
+
+
+def _text_run(tmp_path: Path, name: str, compile: bool, device: str) -> dict:
+    config = text_config(tmp_path, name, method="loco", adapter={"rank": 2, "chain_length": 2},
+                         **{"model.head_init": "random", "data.train_size": 96, "data.eval_size": 64, "train.steps": 12,
+                            "train.batch_size": 16, "train.lr": 3e-2, "train.compile": compile, "device": device})
+    return finetune(config, progress=False)
+
+
+def _assert_same_training(eager: dict, compiled: dict, loss_rtol: float) -> None:
+    losses = [[loss for _, loss, _ in r["history"]["train"]] for r in (eager, compiled)]
+    assert len(losses[0]) == len(losses[1])
+    assert losses[1][-1] == pytest.approx(losses[0][-1], rel=loss_rtol), losses
+    assert abs(compiled["final"]["accuracy"] - eager["final"]["accuracy"]) <= 1.5 / 64, (eager["final"], compiled["final"])
+
+
+@pytest.mark.slow  # two text runs, one traced (~1 min of CPU)
+def test_compiled_text_recipe_trains_like_eager(tmp_path, monkeypatch) -> None:
+    """The loop under ``torch.compile`` (aot_eager on CPU) ends at the eager run's loss and accuracy."""
+    eager = _text_run(tmp_path, "eager", False, "cpu")
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    compiled = _text_run(tmp_path, "compiled", True, "cpu")
+    _assert_same_training(eager, compiled, loss_rtol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compiled_text_recipe_trains_like_eager_on_gpu(tmp_path) -> None:
+    """Inductor on the GPU (``train.compile: auto``) against the eager loop: same loss and accuracy within float32 noise."""
+    eager = _text_run(tmp_path, "eager", False, "cuda")
+    torch._dynamo.reset()
+    compiled = _text_run(tmp_path, "compiled", "auto", "cuda")
+    _assert_same_training(eager, compiled, loss_rtol=2e-2)
+
+
+def test_orthotrainer_compiles_on_request_without_touching_the_callers_arguments(tmp_path) -> None:
+    from orthotune.training.trainer import OrthoTrainer
+
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    model = orthotune.get_model(tiny_llama(), orthotune.LoRAConfig(target_modules=["q_proj"], r=2))
+    trainer = OrthoTrainer(model=model, args=args, compile=True)
+    assert trainer.args.torch_compile and trainer.args.torch_compile_backend == "inductor"
+    assert not args.torch_compile and args.torch_compile_backend is None, "the caller's arguments are left as given"
+    eager = OrthoTrainer(model=model, args=transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True),
+                         compile=None if not torch.cuda.is_available() else False)
+    assert not eager.args.torch_compile
+
+
+@pytest.mark.slow  # one trace of 23 adapters (~40 s of CPU)
+def test_hf_trainer_with_torch_compile_trains_every_method(tmp_path) -> None:
+    """``TrainingArguments(torch_compile=True)``: every registered method, active together, trains without a graph break."""
+    from torch._dynamo.utils import counters
+
+    model, names = _model_with_every_case()
+    before = {k: v.clone() for k, v in model.state_dict().items() if ".adapters." in k}
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2, report_to=[], use_cpu=True,
+        logging_strategy="no", save_strategy="no", seed=0, torch_compile=True, torch_compile_backend="aot_eager",
+    )  # fmt: skip
+    torch._dynamo.reset()
+    counters.clear()
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=TokenData(12))
+    out = trainer.train()
+    assert torch.isfinite(torch.tensor(out.training_loss))
+    assert counters["stats"]["unique_graphs"] >= 1, "the Trainer compiled the model"
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    after = model.state_dict()
+    moved = {k.split(".adapters.")[1].split(".")[0] for k, v in before.items() if not torch.equal(after[k], v)}
+    assert moved == set(names), f"adapters that did not train: {sorted(set(names) - moved)}"

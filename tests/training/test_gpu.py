@@ -1,0 +1,224 @@
+"""The GPU fast paths against their references (run on the GPU machine: ``pytest -m gpu``).
+
+bf16 activations against float64 references: relative errors between 1e-3 and 1e-2 are bf16
+rounding; float32 cores must match to float32 rounding. Inputs are fresh random draws.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import orthotune
+from orthotune.methods.loco import LoCO, LoCOConfig
+from orthotune.ops import lowrank, skew
+
+from ..conftest import eager_step
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+cuda = torch.device("cuda")
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm())
+
+
+def test_one_form_bf16_against_float64() -> None:
+    d, m, T = 2048, 32, 4096
+    x = torch.randn(T, d, device=cuda)
+    U, W = torch.randn(d, m, device=cuda) / d**0.5, torch.randn(m, d, device=cuda) / d**0.5
+    g = torch.randn(T, d, device=cuda)
+    xb, Ub, Wb = (t.bfloat16().requires_grad_() for t in (x, U, W))
+    out = lowrank.rotate_rows(xb, Ub, Wb)
+    out.backward(g.bfloat16())
+    x64, U64, W64 = (t.double().requires_grad_() for t in (x, U, W))
+    ref = x64 + (x64 @ W64.T) @ U64.T
+    ref.backward(g.double())
+    assert torch.isfinite(out).all()
+    assert rel(out, ref) < 1e-2
+    for a, b in ((xb, x64), (Ub, U64), (Wb, W64)):
+        assert rel(a.grad, b.grad) < 2e-2
+
+
+def test_batched_loco_cores_float32_on_gpu() -> None:
+    """One batched call for 56 layers of two widths equals the per-layer cores and the float64 chain,
+    and stays orthogonal, for large generators too (squarings: no fixed Taylor length would do)."""
+    cfg = LoCOConfig(rank=4, chain_length=4, init_identity=False)
+    mods = [LoCO(cfg, d, d, torch.empty(d, d, device=cuda)) for d in [256] * 48 + [704] * 8]
+    with torch.no_grad():
+        for i, mod in enumerate(mods):
+            mod.U.mul_(1 + i / 4)  # generator norms from ~1 to ~15
+    cores = LoCO.cores(mods)
+    for i in (0, 47, 48, 55):  # the first and last layer of each width
+        m, (U, MVt) = mods[i], cores[i]
+        Ui, MVti = m.core()
+        assert rel(U, Ui) < 1e-6 and rel(MVt, MVti) < 1e-5
+        assert float(lowrank.one_form_error(U, MVt)) < 1e-5
+        A, B, C = skew.skew_exp_factors(m.U.double().cpu(), m.V.double().cpu())
+        U64, V64, M64 = skew.chain_core(A, B, C)
+        assert rel(MVt.cpu(), M64 @ V64.T) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["loco", "lora", "loca", "oft", "hra"])
+def test_bf16_model_batched_against_float32_reference(name: str) -> None:
+    cfgs = {
+        "loco": orthotune.LoCOConfig(target_modules=["a", "b", "c"], rank=4, chain_length=4, init_identity=False),
+        "lora": orthotune.LoRAConfig(target_modules=["a", "b", "c"], r=16, init_identity=False),
+        "loca": orthotune.LoCAConfig(target_modules=["a", "b", "c"], n_frequency=500, init_identity=False),
+        "oft": orthotune.OFTConfig(target_modules=["a", "b", "c"], r=0, oft_block_size=32, init_identity=False),
+        "hra": orthotune.HRAConfig(target_modules=["a", "b", "c"], r=8, init_identity=False),
+    }
+    torch.manual_seed(0)
+    base = nn.ModuleDict(dict(a=nn.Linear(512, 512), b=nn.Linear(512, 512), c=nn.Linear(512, 1024)))
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = base["a"], base["b"], base["c"]
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+    ref = orthotune.get_model(Net().to(cuda), cfgs[name])
+    fast = copy.deepcopy(ref).to(torch.bfloat16)
+    for layer in fast.base_model.modules():
+        for p in getattr(layer, "adapters", nn.ModuleDict()).parameters():
+            p.data = p.data.float()  # adapter parameters float32 on a bf16 base (the default policy)
+    x = torch.randn(8, 256, 512, device=cuda)
+    y_ref = ref(x)
+    y = fast(x.bfloat16())
+    assert y.dtype == torch.bfloat16 and rel(y, y_ref) < 2e-2
+    y_ref.pow(2).mean().backward()
+    y.float().pow(2).mean().backward()
+    for (n, a), (_, b) in zip(fast.named_parameters(), ref.named_parameters()):
+        if a.requires_grad:
+            assert a.grad.dtype == torch.float32 and rel(a.grad, b.grad) < 5e-2, n
+    # LoCO, OFT, HRA: one call (one input width); LoRA: one per shape (a, b share one); LoCA: no per-step core
+    assert fast.plan.start(fast.base_model) == {"loco": 1, "lora": 2, "loca": 0, "oft": 1, "hra": 1}[name]
+
+
+# ------------------------------------------------------------------------------ GraphedStep (CUDA graphs)
+GRAPH_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+GRAPH_CONFIGS = {
+    "loco": lambda: orthotune.LoCOConfig(target_modules=GRAPH_TARGETS, rank=4, chain_length=3, init_identity=False),
+    "loco-approx": lambda: orthotune.LoCOConfig(target_modules=GRAPH_TARGETS, rank=4, chain_length=3, mode="approx"),
+    "lora": lambda: orthotune.LoRAConfig(target_modules=GRAPH_TARGETS, r=8, lora_alpha=16),
+    "oft": lambda: orthotune.OFTConfig(target_modules=GRAPH_TARGETS, r=0, oft_block_size=16),
+    "boft": lambda: orthotune.BOFTConfig(target_modules=GRAPH_TARGETS, boft_block_size=4, boft_n_butterfly_factor=2),
+    "hra": lambda: orthotune.HRAConfig(target_modules=GRAPH_TARGETS, r=4),
+    "goft": lambda: orthotune.GOFTConfig(target_modules=GRAPH_TARGETS),
+    "loft": lambda: orthotune.LOFTConfig(target_modules=GRAPH_TARGETS, support="principal", r=8),
+    "psoft": lambda: orthotune.PSOFTConfig(target_modules=GRAPH_TARGETS, r=8),
+    "loca": lambda: orthotune.LoCAConfig(target_modules=GRAPH_TARGETS, n_frequency=64),
+}
+
+
+def _graph_llama(config: orthotune.AdapterConfig) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    with torch.device(cuda):
+        model = LlamaForCausalLM(cfg)
+    return orthotune.get_model(model, config)
+
+
+def _graph_batches(n: int, seq: int = 32) -> list[dict]:
+    g = torch.Generator(device=cuda).manual_seed(1)
+    ids = [torch.randint(0, 128, (2, seq), device=cuda, generator=g) for _ in range(n)]
+    return [dict(input_ids=i, labels=i, use_cache=False) for i in ids]
+
+
+def _adamw(model: nn.Module) -> torch.optim.AdamW:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, capturable=True)
+
+
+@pytest.mark.parametrize("name", sorted(GRAPH_CONFIGS))
+def test_graphed_step_replays_the_eager_step(name: str) -> None:
+    """Warm-up, capture, replays: the same losses and parameters as eager steps on the same batches."""
+    model = _graph_llama(GRAPH_CONFIGS[name]())
+    ref = copy.deepcopy(model)
+    step, ref_opt = orthotune.GraphedStep(model, _adamw(model), warmup_steps=2), _adamw(ref)
+    for batch in _graph_batches(6):
+        loss = step(batch)
+        ref_loss = eager_step(ref, ref_opt, batch)
+        assert torch.allclose(loss, ref_loss, rtol=1e-4, atol=1e-6), (loss, ref_loss)
+    assert step.graphed and step.captures == 1
+    for (n, a), b in zip(model.named_parameters(), ref.parameters()):
+        assert rel(a, b) < 1e-4, n
+    with torch.no_grad():  # the evaluation after replays sees the replayed updates (no stale cached core)
+        x = _graph_batches(1)[0]
+        assert torch.allclose(model(**x).logits, ref(**x).logits, rtol=1e-3, atol=1e-4)
+
+
+def test_graphed_step_follows_the_schedule_and_recaptures_on_change() -> None:
+    model = _graph_llama(GRAPH_CONFIGS["loco"]())
+    ref = copy.deepcopy(model)
+    opt, ref_opt = _adamw(model), _adamw(ref)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t))
+    ref_sched = torch.optim.lr_scheduler.LambdaLR(ref_opt, lambda t: 1.0 / (1 + t))
+    step = orthotune.GraphedStep(model, opt, warmup_steps=1, max_grad_norm=0.1)
+    data = _graph_batches(7)
+    for i, batch in enumerate(data):
+        if i == 4:  # freeze one adapter parameter: the graph no longer fits, the step warms up and recaptures
+            for m in (model, ref):
+                next(p for p in m.parameters() if p.requires_grad).requires_grad_(False)
+        loss = step(batch)
+        ref_loss = eager_step(ref, ref_opt, batch, max_grad_norm=0.1)
+        sched.step()
+        ref_sched.step()
+        assert torch.allclose(loss, ref_loss, rtol=1e-4, atol=1e-6), (i, loss, ref_loss)
+    assert step.captures == 2
+    with pytest.raises(ValueError, match="pad every batch to one length"):
+        step(_graph_batches(1, seq=16)[0])
+    with pytest.raises(ValueError, match="non-tensor entries"):
+        step({**data[0], "use_cache": True})
+
+
+def test_graphed_step_frees_its_memory() -> None:
+    """A captured step and its model leave nothing allocated behind once dropped (also after a recapture).
+    The first lifecycle may leave process-wide state (cuBLAS workspaces of the warm-up and capture
+    streams); a second must add nothing, as it did when every warm-up made a new stream (+64 MiB each time)."""
+    import gc
+
+    def lifecycle() -> int:
+        gc.collect()
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        model = _graph_llama(GRAPH_CONFIGS["oft"]())
+        step = orthotune.GraphedStep(model, _adamw(model), warmup_steps=1)
+        for i, batch in enumerate(_graph_batches(4)):
+            if i == 2:
+                model.train(False)  # recapture
+            step(batch)
+        assert step.captures == 2
+        del model, step, batch
+        gc.collect()
+        torch.cuda.synchronize()
+        return torch.cuda.memory_allocated() - before
+
+    lifecycle()
+    assert lifecycle() < 2**20
+
+
+def test_graphed_step_names_a_host_read_when_capture_fails() -> None:
+    """Last in this file: after a failed capture PyTorch's CUDA RNG stays in capture mode for the process."""
+    model = _graph_llama(GRAPH_CONFIGS["lora"]())
+
+    def loss_fn(m: nn.Module, batch: dict) -> torch.Tensor:
+        loss = m(**batch).loss
+        return loss * 0 + float(loss)  # a host read: fine eagerly, impossible under capture
+
+    step = orthotune.GraphedStep(model, _adamw(model), loss_fn, warmup_steps=1)
+    data = _graph_batches(2)
+    step(data[0])
+    with pytest.raises(RuntimeError, match="reads a GPU value on the host"):
+        step(data[1])

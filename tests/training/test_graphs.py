@@ -1,0 +1,123 @@
+"""GraphedStep on the CPU: the eager path is the plain training loop, bad setups fail clearly, and every
+method's step is capture-safe (no host read of a GPU value). Replays themselves: tests/training/test_gpu.py."""
+
+from __future__ import annotations
+
+import copy
+import traceback
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import orthotune
+from orthotune import GraphedStep
+from orthotune.ops import skew
+from orthotune.methods.registry import METHODS
+
+from ..conftest import eager_step
+from ..method_cases import CASES, Case
+
+transformers = pytest.importorskip("transformers")
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def llama(config: orthotune.AdapterConfig | None = None) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    model = transformers.LlamaForCausalLM(cfg)
+    return orthotune.get_model(model, config) if config is not None else model
+
+
+def batches(n: int) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, 64, (2, 12), generator=g)
+        out.append(dict(input_ids=ids, labels=ids, use_cache=False))
+    return out
+
+
+def test_eager_path_is_the_plain_loop() -> None:
+    model = llama(orthotune.LoCOConfig(target_modules=TARGETS, rank=2, chain_length=2, init_identity=False))
+    ref = copy.deepcopy(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ref_opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-2)
+    step = GraphedStep(model, opt, max_grad_norm=0.5, enabled=False)
+    for batch in batches(4):
+        loss = step(batch)
+        assert torch.equal(loss, eager_step(ref, ref_opt, batch, max_grad_norm=0.5))
+    assert not step.graphed and step.captures == 0
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_custom_loss_fn_and_its_errors() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(8, 4)
+    step = GraphedStep(model, opt, loss_fn=lambda m, b: m(b["x"]).pow(2).mean(), enabled=False)
+    first = step(dict(x=x))
+    assert step(dict(x=x)) < first  # it trains
+    bad = GraphedStep(model, opt, loss_fn=lambda m, b: m(b["x"]), enabled=False)
+    with pytest.raises(ValueError, match="one-element tensor"):
+        bad(dict(x=x))
+    with pytest.raises(ValueError, match="no 'loss'.*labels"):
+        GraphedStep(llama(), opt, enabled=False)(dict(input_ids=batches(1)[0]["input_ids"], use_cache=False))
+
+
+def test_setups_that_cannot_be_captured_are_refused() -> None:
+    model = torch.nn.Linear(4, 4)
+    with pytest.raises(ValueError, match=r"capturable=False.*capturable=True"):
+        GraphedStep(model, torch.optim.AdamW(model.parameters()), enabled=True)
+    with pytest.raises(ValueError, match="SGD has no capturable mode"):
+        GraphedStep(model, torch.optim.SGD(model.parameters(), lr=0.1), enabled=True)
+    with pytest.raises(ValueError, match="warmup_steps=0"):
+        GraphedStep(model, torch.optim.SGD(model.parameters(), lr=0.1), warmup_steps=0, enabled=False)
+    with pytest.raises(ValueError, match="max_grad_norm=-1"):
+        GraphedStep(model, torch.optim.SGD(model.parameters(), lr=0.1), max_grad_norm=-1, enabled=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs a CUDA device"):
+            GraphedStep(model, torch.optim.AdamW(model.parameters(), capturable=True), enabled=True)
+
+
+class _HostReads(TorchDispatchMode):
+    """Records ops that read a tensor's value on the host or size an output by its data: under CUDA
+    graph capture each is an error. transformers' own packed-sequence check is exempt: it skips itself
+    while a stream is capturing."""
+
+    OPS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "lift_fresh"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        if func._schema.name.split("::")[-1] in self.OPS:
+            stack = traceback.extract_stack()
+            if not any("masking_utils" in f.filename for f in stack):
+                self.reads.append(f"{func._schema.name} at " + " <- ".join(f"{f.name}:{f.lineno}" for f in stack[-6:-1]))
+        return func(*args, **(kwargs or {}))
+
+
+#: Training-only randomness (block dropout) must be drawn on the device too.
+DROPOUT_CASES = [
+    Case("boft", dict(boft_block_size=2, boft_n_butterfly_factor=2, boft_dropout=0.5), lambda i, o: 0),
+    Case("oft", dict(oft_block_size=4, module_dropout=0.5), lambda i, o: 0),
+]
+
+
+@pytest.mark.parametrize("case", CASES + DROPOUT_CASES, ids=lambda c: c.id)
+def test_every_method_step_is_capture_safe(case, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    """Forward and backward of every configuration read nothing on the host once capture-mode paths are on
+    (``skew._capturing``: expm's fixed squarings), so ``GraphedStep`` can capture it."""
+    config_cls = METHODS[case.method][0]
+    model = llama(config_cls(target_modules=TARGETS, **case.kwargs))
+    monkeypatch.setattr(skew, "_capturing", lambda t: True)
+    batch = batches(1)[0]
+    for _ in range(2):  # the second forward also exercises the cached-core paths
+        reads = _HostReads()
+        with reads:
+            model(**batch).loss.backward()
+        assert not reads.reads, reads.reads
