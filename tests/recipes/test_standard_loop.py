@@ -27,16 +27,20 @@ def test_every_row_is_a_valid_config(row) -> None:
 
 def test_jobs_run_seed_by_seed_then_the_lr_grid() -> None:
     rows = [standard_loop.ROW_BY_NAME[n] for n in ("lora-r8", "loft-grad")]
-    jobs = standard_loop.jobs_in_order(rows, seeds=2, grid=True)
+    jobs = standard_loop.jobs_in_order(rows, seeds=2, grid=True, grid_seeds=2)
     assert [j[2] for j in jobs[:4]] == [0, 0, 1, 1]
     grid = jobs[4:]
-    assert {j[0] for j in grid} == {"loft-grad"} and len(grid) == len(standard_loop.GRID)
+    assert len(grid) == 2 * len(rows) * len(standard_loop.GRID)  # every row, every grid point, both seeds
+    assert sorted((j[0], round(j[1] / standard_loop.ROW_BY_NAME[j[0]].lr, 6)) for j in grid[: len(grid) // 2]) == sorted(
+        (r.name, round(f, 6)) for r in rows for f in standard_loop.GRID)
+    assert [j[2] for j in grid] == [0] * (len(grid) // 2) + [1] * (len(grid) // 2)
 
 
-def test_summary_takes_the_seed0_dev_best_lr_and_averages_its_seeds() -> None:
+def test_summary_takes_the_best_mean_dev_lr_and_averages_its_seeds() -> None:
     row = standard_loop.ROW_BY_NAME["loft-grad"]
     run = dict(row="loft-grad", adapter_params=10, train_s=1.0, select_s=0.5)
+    # mean dev: 1e-3 -> 0.895, 3e-3 -> 0.7 (seed 0 alone would pick 3e-3)
     results = [dict(run, lr=1e-3, seed=0, dev=0.8, test=0.7), dict(run, lr=3e-3, seed=0, dev=0.9, test=0.6),
                dict(run, lr=3e-3, seed=1, dev=0.5, test=0.8), dict(run, lr=1e-3, seed=1, dev=0.99, test=0.99)]
     (t,) = standard_loop.summarise(results, [row])
-    assert t["lr"] == 3e-3 and t["seeds"] == 2 and t["test_mean"] == pytest.approx(0.7) and t["lrs_tried"] == [1e-3, 3e-3]
+    assert t["lr"] == 1e-3 and t["seeds"] == 2 and t["test_mean"] == pytest.approx(0.845) and t["lrs_tried"] == [1e-3, 3e-3]
