@@ -113,7 +113,8 @@ def _methods(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    run_demo(out_dir=args.out, train_size=args.train_size, test_size=args.test_size, epochs=args.epochs, lr=args.lr, seed=args.seed, min_gain=args.min_gain)
+    run_demo(out_dir=args.out, train_size=args.train_size or None, test_size=args.test_size or None, epochs=args.epochs, lr=args.lr,
+             seed=args.seed, min_gain=args.min_gain, max_length=args.max_length)
 
 
 def _add_recipe_args(p: argparse.ArgumentParser, shortcuts: bool) -> None:
@@ -178,10 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="fine-tune all-MiniLM-L6-v2 on BANKING77 with LoCO on CPU, save, reload, merge")
     demo.add_argument("--out", default="runs/demo", help="output folder (adapter and results.json)")
-    demo.add_argument("--train-size", type=int, default=None, help="use a seeded subset of the training set")
-    demo.add_argument("--test-size", type=int, default=None, help="evaluate on a seeded subset of the test set")
+    demo.add_argument("--train-size", type=int, default=2310, help="a seeded random subset of the 9,003 training examples (0: all)")
+    demo.add_argument("--test-size", type=int, default=1540, help="a seeded random subset of the 3,080 test examples (0: all)")
+    demo.add_argument("--max-length", type=int, default=32, help="tokens per example (longer ones are truncated)")
     demo.add_argument("--epochs", type=int, default=1)
-    demo.add_argument("--lr", type=float, default=3e-3)
+    demo.add_argument("--lr", type=float, default=6e-3)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--min-gain", type=float, default=0.02, help="fail unless accuracy rises by this much")
     demo.set_defaults(func=_demo)
