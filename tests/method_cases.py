@@ -54,6 +54,7 @@ CASES: list[Case] = [
     Case("boft", dict(boft_block_size=2, boft_n_butterfly_factor=2), lambda i, o: 2 * (i // 2) * 4 + o, orthogonal=True),
     Case("hra", dict(r=2), lambda i, o: 2 * i, orthogonal=True),
     Case("psoft", dict(r=4), lambda i, o: 4 * 3 // 2 + 2 * 4),
+    Case("psoft", dict(r=4, psoft_svd="lowrank"), lambda i, o: 4 * 3 // 2 + 2 * 4),
     Case("goft", dict(), lambda i, o: i - 1, orthogonal=True),
 ]
 

@@ -132,15 +132,16 @@ def test_psoft_matches_peft(kwargs: dict) -> None:
     _assert_same(ours, theirs, x)
 
 
-def test_psoft_lowrank_svd_finds_peft_subspace() -> None:
-    """With ``psoft_svd="lowrank"`` both seed the same randomized SVD, so the support is peft's
-    ``A^T`` exactly. peft then pairs it with the randomized ``U S``, which differs from ``W0 A^T`` by
-    the SVD's error, so its update is not exactly a rotation of W0; orthotune keeps ``W0 R``."""
+def test_psoft_lowrank_svd_finds_peft_factors() -> None:
+    """With ``psoft_svd="lowrank"`` both seed the same randomized SVD, so the support is peft's ``A^T``
+    exactly and the output factor is peft's ``scaling * B`` (the randomized ``U S``, which differs from
+    ``W0 A^T`` by the SVD's error: orthotune computes peft's additive update on it, not ``W0 R``)."""
     cls, targets, _ = MODELS["mlp"]
     base = cls()
     kwargs = dict(r=4, psoft_svd="lowrank", psoft_svd_lowrank_niter=2, random_seed=3)
     ours = orthotune.get_model(copy.deepcopy(base), PSOFTConfig(target_modules=targets, **kwargs))
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.PsoftConfig(target_modules=targets, **kwargs))
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.PsoftConfig(target_modules=targets, psoft_alpha=4, **kwargs))
     for name, layer in ours.adapter_layers():
-        A, _ = theirs.base_model.model.get_submodule(name)._get_psoft_ab_cache_buffers("default")
+        A, B = theirs.base_model.model.get_submodule(name)._get_psoft_ab_cache_buffers("default")
         assert torch.equal(layer.adapters["default"].support.P, A.T)
+        assert torch.equal(layer.adapters["default"].output_factor, B)  # psoft_alpha = r: peft's scaling is 1

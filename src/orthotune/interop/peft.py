@@ -29,7 +29,7 @@ from ..methods.config import AdapterConfig
 from ..methods.fourierft import fourier_locations
 from ..methods.loft.supports import principal_basis
 from ..methods.pissa import principal_factors
-from ..methods.psoft import PSOFTConfig
+from ..methods.psoft import PSOFTConfig, lowrank_output_factor
 from ..methods.registry import METHODS
 from ..methods.task_type import TASK_HEADS, check_task_type, saved_patterns
 from ..model.inject import iter_named_layers
@@ -454,32 +454,35 @@ _PSOFT_FIELDS = (
     "cayley_neumann_eps", "psoft_dropout",
 )  # fmt: skip
 _PSOFT_VECTORS = ("vector_a", "vector_b")
-_LOWRANK_PSOFT = (
-    "with psoft_svd='lowrank' peft pairs the randomized subspace V with the randomized U S, which is not W0 V, so its "
-    "update is not a rotation of W0 and differs from orthotune's PSOFT by the SVD's error"
-)
+_PSOFT_SVD = ("psoft_svd", "psoft_svd_lowrank_niter", "random_seed")
 
 
 def _psoft_config_in(cfg: dict[str, Any]) -> dict[str, Any]:
-    read = {*_PSOFT_FIELDS, "psoft_alpha", "ab_svd_init", "psoft_svd", "psoft_svd_lowrank_niter", "random_seed"}
-    read.add("init_weights")
-    _check_options(cfg, read, ", ".join(_PSOFT_FIELDS) + " (psoft_alpha cancels out)")
+    read = {*_PSOFT_FIELDS, *_PSOFT_SVD, "psoft_alpha", "ab_svd_init", "init_weights"}
+    _check_options(cfg, read, ", ".join(_PSOFT_FIELDS + _PSOFT_SVD) + " (psoft_alpha cancels out)")
     if cfg.get("ab_svd_init", "psoft_init") != "psoft_init":
         raise ValueError(
             f"the peft PSOFT option ab_svd_init={cfg['ab_svd_init']!r} splits the singular values between A and B, so "
             "its update is not a map of W0 inside the principal subspace, which orthotune's PSOFT is; merge it in peft "
             "(merge_and_unload) or train with ab_svd_init='psoft_init'"
         )
-    if cfg.get("psoft_svd", "full") != "full":
-        raise ValueError(_LOWRANK_PSOFT + "; merge it in peft (merge_and_unload) or train with psoft_svd='full'")
     defaults = PSOFTConfig()
-    return {k: cfg.get(k, getattr(defaults, k)) for k in _PSOFT_FIELDS}
+    return {k: cfg.get(k, getattr(defaults, k)) for k in _PSOFT_FIELDS + _PSOFT_SVD}
+
+
+def _psoft_factors(config: AdapterConfig, layer: nn.Module) -> dict[str, Tensor]:
+    """The fixed factors peft recomputes from the base weights on loading, by its same SVD: the subspace ``A^T``
+    and, for ``psoft_svd="lowrank"``, the output factor ``scaling * B``."""
+    W = base_weight_matrix(layer)
+    c = config
+    out = {"support.P": principal_basis(W, c.r, c.psoft_svd, c.psoft_svd_lowrank_niter, c.random_seed)}
+    if c.psoft_svd == "lowrank":
+        out["output_factor"] = lowrank_output_factor(W, c)
+    return out
 
 
 def _psoft_tensors_in(config: AdapterConfig, layer: nn.Module, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    # peft recomputes its subspace A^T from the base weights on loading, by this same SVD
-    P = principal_basis(base_weight_matrix(layer), config.r)
-    state = {"support.P": P, "transform.weight": tensors["psoft_R.weight"]}
+    state = {**_psoft_factors(config, layer), "transform.weight": tensors["psoft_R.weight"]}
     for v in _PSOFT_VECTORS:
         if f"psoft_R.{v}" in tensors:
             state[f"transform.{v}"] = tensors[f"psoft_R.{v}"]
@@ -487,8 +490,6 @@ def _psoft_tensors_in(config: AdapterConfig, layer: nn.Module, tensors: dict[str
 
 
 def _psoft_config_out(config: AdapterConfig) -> dict[str, Any]:
-    if config.psoft_svd != "full":
-        raise ValueError(_LOWRANK_PSOFT + ": peft would load this adapter as another model; train with psoft_svd='full'")
     eps = config.cayley_neumann_eps
     if config.use_cayley_neumann and eps is not None and eps >= 1:
         raise ValueError(
@@ -497,24 +498,29 @@ def _psoft_config_out(config: AdapterConfig) -> dict[str, Any]:
         )
     return {
         "peft_type": "PSOFT",
-        **{k: getattr(config, k) for k in _PSOFT_FIELDS},
+        **{k: getattr(config, k) for k in _PSOFT_FIELDS + _PSOFT_SVD},
         "psoft_alpha": config.r,  # cancels out of the update; r makes peft's scaling exactly 1
         "ab_svd_init": "psoft_init",
-        "psoft_svd": "full",
         "init_weights": True,
     }
 
 
 def _psoft_tensors_out(method: AdapterMethod, layer: nn.Module) -> dict[str, Tensor]:
     _peft_kinds(layer, "PSOFT", ("linear",))
-    # peft recomputes the subspace from the base weights; T acts in its basis, which may differ from the stored one
+    # peft recomputes the factors from the base weights; T acts in its basis, which may differ from the stored one
     # by column signs D (another SVD backend): D T D then is the same map, and the skew weights change sign likewise
-    overlap = method.support.P.T.float() @ principal_basis(base_weight_matrix(layer), method.config.r)
+    theirs = _psoft_factors(method.config, layer)
+    overlap = method.support.P.T.float() @ theirs["support.P"]
     d = torch.sign(torch.diagonal(overlap))
-    if not torch.allclose(overlap, torch.diag(d), atol=1e-4):
+    same = torch.allclose(overlap, torch.diag(d), atol=1e-4)
+    if same and "output_factor" in theirs:  # and B's columns flip with A's rows
+        B = method.output_factor.float() * d
+        same = bool(torch.linalg.matrix_norm(B - theirs["output_factor"]) <= 1e-4 * torch.linalg.matrix_norm(B))
+    if not same:
         raise ValueError(
             "its principal subspace is not the one peft recomputes from this layer's weights (they changed since the "
-            "adapter was created, or it is merged): unmerge() first, or export with the base model it was created on"
+            "adapter was created, or it is merged, or its lowrank SVD ran on another device): unmerge() first, or "
+            "export with the base model it was created on, on that device"
         )
     tr = method.transform
     out = {f"psoft_R.{v}": getattr(tr, v) for v in _PSOFT_VECTORS if getattr(tr, v) is not None}

@@ -56,8 +56,9 @@ class AdapterMethod(nn.Module):
     """Base class of every method module; subclasses implement the three answers above."""
 
     config_class: ClassVar[type[AdapterConfig]]
-    #: True for methods whose weight map is multiplicative (rotations, scales): unmerging inverts it.
-    multiplicative: ClassVar[bool] = False
+    #: True for methods whose weight map is multiplicative (rotations, scales): unmerging inverts it. A class
+    #: default: an instance whose config makes its update additive sets False (PSOFT's psoft_svd="lowrank").
+    multiplicative: bool = False
 
     def __init__(self, config: AdapterConfig, d_in: int, d_out: int, weight: Tensor) -> None:
         super().__init__()

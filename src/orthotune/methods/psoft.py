@@ -7,19 +7,26 @@ peft writes the update as ``B (T - I) A`` with ``A = V_r^T``, ``B = U_r S_r``: s
 ``psoft_alpha`` cancels out of it. Magnitudes (peft's default) or ``psoft_orth=False`` make ``T``
 non-orthogonal; unmerging then inverts ``T`` (r x r). Only the PSOFT init (``ab_svd_init=
 "psoft_init"``) is a rotation of ``W0``; peft's ``"pissa_init"`` variant is not carried.
+
+With ``psoft_svd="lowrank"`` peft's randomized ``U_r S_r`` is not ``W0 V_r`` (``torch.svd_lowrank``'s
+error), so the update is no rotation of ``W0``: the layer keeps that output factor ``B = U_r S_r``
+(d_out x r, a persistent buffer, like the support, so that a saved adapter reloads the very factors it
+was trained with on any device) and computes peft's additive ``W0 + B (T - I) P^T`` (``"output_factor"`` path).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..ops import cayley
+from .base import Base, Core, cast_to
 from .config import AdapterConfig, check_choice, check_dropout, check_positive_int
 from .loft.rotation import SupportRotation
-from .loft.supports import DenseSupport, principal_basis
+from .loft.supports import DenseSupport, principal_basis, seeded_svd_lowrank
 from .loft.transforms import Mode, Transform, register_triu_indices, zero_or_normal, core_dtype
 
 
@@ -118,9 +125,50 @@ class PSOFTTransform(Transform):
 
 
 class PSOFT(SupportRotation):
-    """A rotation (with magnitudes, a general invertible map) inside W0's principal subspace."""
+    """A rotation (with magnitudes, a general invertible map) inside W0's principal subspace; with
+    ``psoft_svd="lowrank"``, peft's additive ``B (T - I) P^T`` on the randomized SVD's factors."""
 
     config_class = PSOFTConfig
+
+    def __init__(self, config: PSOFTConfig, d_in: int, d_out: int, weight: Tensor) -> None:
+        super().__init__(config, d_in, d_out, weight)
+        if config.psoft_svd == "lowrank":
+            self.register_buffer("output_factor", lowrank_output_factor(weight, config).to(self.support.P))
+            self.path = "output_factor"
+            self.multiplicative = False  # an update added to W0, merged and unmerged by adding and subtracting it
+
+    # ------------------------------------------------------------------ the "lowrank" path: y = W0 x + B (T - I) P^T x
+    def _output_factor(self, x: Tensor, base: Base, core: Core) -> Tensor:
+        P, B = cast_to(x, self.support.P, self.output_factor)
+        z = (x if self.path_dropout is None else self.path_dropout(x)) @ P
+        return base(x) + (self.transform.act(core, z, "forward") - z) @ B.mT
+
+    def _delta(self, W: Tensor) -> Tensor:
+        """``B (T - I) P^T`` in ``W``'s dtype (peft's get_delta_weight)."""
+        B, P = self.output_factor.to(W.dtype), self.support.P.to(W.dtype)
+        return (self.transform.act(self.core(), B, "merge") - B) @ P.mT
+
+    def merged_weight(self, W: Tensor) -> Tensor:
+        return W + self._delta(W) if self.path == "output_factor" else super().merged_weight(W)
+
+    def unmerged_weight(self, W: Tensor) -> Tensor:
+        return W - self._delta(W) if self.path == "output_factor" else super().unmerged_weight(W)
+
+    def rotation(self) -> Tensor:
+        if self.path == "output_factor":
+            raise ValueError(
+                "this PSOFT adapter (psoft_svd='lowrank') adds B (T - I) P^T to W0, with B the randomized SVD's U S, not "
+                "W0 P: it is no rotation of W0; read its update as merged_weight(zeros)"
+            )
+        return super().rotation()
+
+    def diagnostics(self) -> dict[str, Any]:
+        """As for every rotation; with ``psoft_svd="lowrank"`` the error is ``T``'s alone and ``rotation_of_base``
+        is False, since the update ``B (T - I) P^T`` is not ``W0 (R - I)``."""
+        out = super().diagnostics()
+        if self.path == "output_factor":
+            out["rotation_of_base"] = False
+        return out
 
     @staticmethod
     def build_dropout(config: PSOFTConfig) -> nn.Module | None:
@@ -139,3 +187,9 @@ class PSOFT(SupportRotation):
                 f"PSOFT r={config.r} exceeds min(d_in, d_out)={min(d_in, d_out)} of {name!r}: W0 has only that many "
                 f"principal directions; use r <= {min(d_in, d_out)}"
             )
+
+
+def lowrank_output_factor(weight: Tensor, config: PSOFTConfig) -> Tensor:
+    """peft's ``scaling * B = U_r S_r`` (d_out x r, float32) of ``psoft_svd="lowrank"`` from the layer's (d_out, d_in) weight."""
+    U, S, _ = seeded_svd_lowrank(weight, config.r, config.psoft_svd_lowrank_niter, config.random_seed)
+    return U * S

@@ -105,8 +105,15 @@ def principal_basis(W: Tensor, r: int, svd: str = "full", niter: int = 10, seed:
     W = W.detach().float()
     if svd == "full":
         return torch.linalg.svd(W, full_matrices=False).Vh[:r].T.contiguous()
+    return seeded_svd_lowrank(W, r, niter, seed)[2]
+
+
+def seeded_svd_lowrank(W: Tensor, r: int, niter: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``U_r, S_r, V_r`` of ``torch.svd_lowrank(W, q=r)`` (``W`` float32) under a forked RNG seeded with ``seed``,
+    on ``W``'s device: peft 0.21's PSOFT call, so both libraries draw the same random projection."""
+    W = W.detach().float()
     fork = {"devices": []} if W.device.type == "cpu" else {"devices": [W.device], "device_type": W.device.type}
     with torch.random.fork_rng(**fork):
         torch.manual_seed(seed)
-        _, _, V = torch.svd_lowrank(W, q=r, niter=niter)
-    return V[:, :r].contiguous()
+        U, S, V = torch.svd_lowrank(W, q=r, niter=niter)
+    return U[:, :r].contiguous(), S[:r].contiguous(), V[:, :r].contiguous()
