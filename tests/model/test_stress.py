@@ -111,7 +111,10 @@ def run_stress(blocks: int) -> dict[str, float]:
 
 
 def test_save_and_load_10000_adapted_modules() -> None:
-    small, big = run_stress(500), run_stress(5000)
+    # the small run before and after the big one: under xdist the other worker's load comes and goes,
+    # and a ratio against one quiet small run made this fail on a loaded machine (10.9x measured idle)
+    before, big, after = run_stress(500), run_stress(5000), run_stress(500)
+    small = {k: max(before[k], after[k]) for k in before}
     for r in (small, big):
         print(
             f"\n{r['modules']:.0f} LoRA modules (explicit target list): get_model {r['get_model_s']:.2f} s, save "
