@@ -220,12 +220,12 @@ def summarise(results: list[dict[str, Any]], rows: list[Row]) -> list[dict[str, 
         devs: dict[float, list[float]] = {}
         for x in mine:
             devs.setdefault(x["lr"], []).append(x["dev"])
-        dev0 = {lr_: statistics.mean(d) for lr_, d in devs.items()}
-        lr = max(dev0, key=dev0.get)
+        mean_dev = {lr_: statistics.mean(d) for lr_, d in devs.items()}
+        lr = max(mean_dev, key=mean_dev.get)
         at = [x for x in mine if x["lr"] == lr]
         tests = [x["test"] for x in at]
         table.append({"row": r.name, "method": r.method, "kwargs": r.kwargs, "select": r.select, "note": r.note, "lr": lr,
-                      "lrs_tried": sorted(dev0), "seeds": len(at), "test_mean": statistics.mean(tests),
+                      "lrs_tried": sorted(mean_dev), "seeds": len(at), "test_mean": statistics.mean(tests),
                       "test_std": statistics.stdev(tests) if len(tests) > 1 else 0.0,
                       "dev_mean": statistics.mean(x["dev"] for x in at), "adapter_params": at[0]["adapter_params"],
                       "train_s": statistics.mean(x["train_s"] for x in at), "select_s": statistics.mean(x["select_s"] for x in at),
