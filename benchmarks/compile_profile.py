@@ -12,6 +12,8 @@ ratios to peft LoRA r16 compiled. Variants of the per-step cores under compile:
   inside the graph.
 * ``eager plan``: the plan's hooks run eagerly, the base model's ``forward`` compiled: the batched
   cores are graph inputs.
+* ``unpadded`` (ablation): as ``plan``, with :func:`orthotune.ops.lowrank.pad_rank` switched off, so
+  LoCO's bf16 one form keeps its rank ``2kr`` (36 for k3 r6) instead of the 16-byte-aligned 40.
 
 The ``plan_fallbacks`` column counts per-layer ``core()`` calls after setup (a ``plan`` row of a
 batched method should show none).
@@ -41,6 +43,7 @@ import efficiency as eff  # noqa: E402
 
 import orthotune  # noqa: E402
 from orthotune.methods.base import AdapterMethod  # noqa: E402
+from orthotune.ops import lowrank  # noqa: E402
 
 LORA = "peft LoRA r16"
 FLOOR = "floor"
@@ -66,6 +69,18 @@ def counting_fallbacks():
         AdapterMethod.core = _OWN_CORE
 
 
+@contextlib.contextmanager
+def unpadded(active: bool):
+    """Switch the one form's rank padding off for the ``unpadded`` ablation (while its graph is traced)."""
+    own = lowrank.pad_rank
+    if active:
+        lowrank.pad_rank = lambda U, MVt: (U, MVt)
+    try:
+        yield
+    finally:
+        lowrank.pad_rank = own
+
+
 def apply_variant(model: nn.Module, variant: str, compile_kw: dict[str, Any]) -> Callable[..., Any]:
     """The callable a step runs for ``variant`` (model built)."""
     if variant == "eager":
@@ -83,7 +98,7 @@ def apply_variant(model: nn.Module, variant: str, compile_kw: dict[str, Any]) ->
 @dataclass
 class Row:
     spec: str
-    variant: str  # eager | plan | per-layer | eager plan
+    variant: str  # eager | plan | per-layer | eager plan | unpadded
     mode: str = "default"
 
     @property
@@ -100,6 +115,7 @@ SPECS: dict[str, eff.Builder | None] = {
     "orthotune LoRA r16": eff._ot("LoRAConfig", r=16, lora_alpha=32),
     "LoCO k3 r6 exact": eff._ot("LoCOConfig", chain_length=3, rank=6),
     "LoCO k3 r6 approx": eff._ot("LoCOConfig", chain_length=3, rank=6, mode="approx"),
+    "LoCO k4 r4 exact": eff._ot("LoCOConfig", chain_length=4, rank=4),
     "OFT b32": eff._ot("OFTConfig", r=0, oft_block_size=32),
     "HRA r8": eff._ot("HRAConfig", r=8),
 }
@@ -111,7 +127,7 @@ def rows_in_order() -> list[Row]:
     rows = [Row(LORA, "plan"), Row(FLOOR, "plan")]
     for s in ROTATIONS:
         rows += [Row(s, "plan"), Row(s, "per-layer"), Row(s, "eager plan")]
-    rows += [Row("orthotune LoRA r16", "plan")]
+    rows += [Row("orthotune LoRA r16", "plan"), Row("LoCO k3 r6 exact", "unpadded"), Row("LoCO k4 r4 exact", "plan")]
     rows += [Row(s, "eager") for s in SPECS]
     rows += [Row(s, "plan", "max-autotune-no-cudagraphs") for s in ("LoCO k3 r6 exact", "HRA r8")]
     rows += [Row(LORA, "plan", "max-autotune-no-cudagraphs")]
@@ -142,7 +158,7 @@ def run_row(row: Row, shape: eff.Shape, warmup: int, steps: int, device: str, ba
     from torch._dynamo.utils import counters
 
     counters.clear()
-    with counting_fallbacks():
+    with counting_fallbacks(), unpadded(row.variant == "unpadded"):
         step, params = make_step(row, shape, ids, device, backend)
         FALLBACKS[0] = 0  # get_model's finite-init probe calls each layer once, before any plan exists
         t0 = time.perf_counter()

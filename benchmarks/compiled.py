@@ -62,6 +62,8 @@ def specs() -> list[eff.Spec]:
         ("orthotune BOFT b8 m2", "BOFTConfig", dict(boft_block_size=8, boft_n_butterfly_factor=2), "boft"),
         ("orthotune HRA r8", "HRAConfig", dict(r=8), "hra"),
         ("orthotune GOFT", "GOFTConfig", {}, "goft"),
+        ("orthotune GOFT weight", "GOFTConfig", dict(compute="weight"), "goft"),
+        ("orthotune BOFT b8 m2 weight", "BOFTConfig", dict(boft_block_size=8, boft_n_butterfly_factor=2, compute="weight"), "boft"),
         ("orthotune PSOFT r32", "PSOFTConfig", dict(r=32), "psoft"),
         ("orthotune LOFT principal r16", "LOFTConfig", dict(support="principal", r=16), "loft"),
     ]

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import orthotune
+from orthotune.methods.base import Base
 from orthotune.methods.loco import LoCO, LoCOConfig, approximation_error
 from orthotune.ops import lowrank, skew
 
@@ -184,3 +185,30 @@ def test_config_validation() -> None:
     base = nn.Sequential(nn.Linear(6, 6))
     with pytest.raises(ValueError, match="rank=4 is too large for '0'"):
         orthotune.get_model(base, LoCOConfig(target_modules=["0"], rank=4))
+
+
+@pytest.mark.parametrize("mode", ["exact", "approx", "sequential"])
+def test_bf16_cores_pad_rank_to_aligned_width_with_same_output(mode: str) -> None:
+    """In 16-bit activations the one form's rank 2kr = 36 is zero-padded to 40 (GEMM alignment); same values."""
+    torch.manual_seed(0)
+    m = LoCO(LoCOConfig(target_modules=["x"], rank=3, chain_length=3, mode=mode), 64, 32, torch.zeros(32, 64))
+    with torch.no_grad():
+        m.U.normal_(std=0.1)
+    (U, MVt), = LoCO.cores([m], torch.bfloat16)
+    (U32, MVt32), = LoCO.cores([m], torch.float32)
+    assert U.shape[-1] % 8 == 0 and MVt.shape[-2] == U.shape[-1]
+    assert U32.shape[-1] == (6 if mode == "sequential" else 18)  # float32 cores are left as they are
+    x = torch.randn(5, 64)
+    want = m.forward(x, Base(lambda z: z), (U32, MVt32))
+    got = m.forward(x.bfloat16(), Base(lambda z: z), (U, MVt)).float()
+    torch.testing.assert_close(got, want, atol=3e-2, rtol=3e-2)
+    assert U[..., 18 if mode != "sequential" else 6:].abs().sum() == 0
+
+
+def test_pad_rank_appends_zeros_only() -> None:
+    U, MVt = torch.randn(3, 16, 6, dtype=torch.bfloat16), torch.randn(3, 6, 16, dtype=torch.bfloat16)
+    P, Q = lowrank.pad_rank(U, MVt)
+    assert P.shape == (3, 16, 8) and Q.shape == (3, 8, 16)
+    assert torch.equal(P[..., :6], U) and torch.equal(Q[..., :6, :], MVt)
+    assert torch.equal(P @ Q, U @ MVt)
+    assert lowrank.pad_rank(U.float(), MVt.float())[0].shape[-1] == 8  # float32: 4 per 16-byte word

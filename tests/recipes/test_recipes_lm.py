@@ -72,3 +72,47 @@ def test_answers_end_with_the_templates_end_of_turn_whatever_the_eos() -> None:
     assert end_of_turn_id(tok) == im_end
     tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # closes no turn: EOS it is
     assert end_of_turn_id(tok) == tok.eos_token_id
+
+
+
+@pytest.fixture(scope="module")
+def tiny_smollm(tmp_path_factory) -> str:
+    """A tiny random Llama with SmolLM2's tokenizer and chat template (fast enough to quantise on CPU)."""
+    from orthotune.recipes.assets import smollm2_path
+
+    tok = transformers.AutoTokenizer.from_pretrained(smollm2_path())
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-smollm")
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="pip install bitsandbytes")
+def test_lm_recipe_on_a_4bit_base_trains_and_merges_to_plain_float(tmp_path, tiny_smollm) -> None:
+    """``model.quantization: nf4``: the base is loaded as bitsandbytes NF4 (QLoRA), the adapter trains on it,
+    and merging writes a plain float folder (no quantisation config) with the adapted model's logits."""
+    cfg = RunConfig.from_dict({
+        "task": "causal_lm", "method": "loco", "adapter": {"rank": 2, "chain_length": 2},
+        "model": {"path": tiny_smollm, "max_new_tokens": 4, "max_length": 64, "quantization": "nf4", "compute_dtype": "float32",
+                  "gradient_checkpointing": True},
+        "data": {"options": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}, "train_size": 16, "eval_size": 8,
+                 "eval_split": "val"},
+        "train": {"steps": 4, "batch_size": 4, "lr": 2e-2, "warmup": 0.0}, "output_dir": str(tmp_path / "run"), "device": "cpu",
+    })
+    results = finetune(cfg, progress=False)
+    assert results["final"]["answer_nll"] < results["before"]["answer_nll"], results
+    task, adapted = load_trained(cfg, tmp_path / "run" / "adapter")
+    assert sum(type(m).__name__ == "Linear4bit" for m in adapted.modules()) == 14  # 2 layers x 7 projections
+    batch = task.collate(task.eval_encoded[:4])
+    batch.pop("labels")
+    with torch.no_grad():
+        reference = adapted(**batch).logits.float()
+    merged = merge_adapter(cfg, tmp_path / "run" / "adapter", tmp_path / "merged")
+    assert "quantization_config" not in json.loads((merged / "config.json").read_text())
+    plain = transformers.AutoModelForCausalLM.from_pretrained(merged).eval()  # no bitsandbytes layer, no orthotune
+    assert not any("4bit" in type(m).__name__ for m in plain.modules())
+    with torch.no_grad():
+        assert float((plain(**batch).logits.float() - reference).norm() / reference.norm()) < 1e-4

@@ -222,15 +222,19 @@ def prepare_model_for_kbit_training(
         if p.dtype in (torch.float16, torch.bfloat16) and not quantized_param(p):
             p.data = p.data.float()
     if use_gradient_checkpointing:
-        kwargs = gradient_checkpointing_kwargs or {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5's name
-            model.activation_checkpointing_enable(kwargs)
-        elif hasattr(model, "gradient_checkpointing_enable"):
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        else:
-            raise ValueError(
-                f"{type(model).__name__} has no activation_checkpointing_enable(); pass use_gradient_checkpointing=False"
-            )
-        if hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()
+        enable_activation_checkpointing(model, gradient_checkpointing_kwargs)
     return model
+
+
+def enable_activation_checkpointing(model: nn.Module, kwargs: dict[str, Any] | None = None) -> None:
+    """Turn on a transformers model's activation checkpointing (non-reentrant unless ``kwargs`` say otherwise)
+    with input gradients, so that checkpointed blocks of a frozen model still pass gradients to adapters."""
+    kwargs = kwargs or {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5's name
+        model.activation_checkpointing_enable(kwargs)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise ValueError(f"{type(model).__name__} has no activation_checkpointing_enable(); turn checkpointing off")
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()

@@ -120,6 +120,8 @@ class LoCO(AdapterMethod):
             stacks.append((both[: len(idx)], both[len(idx) :]))
         out: list[Core] = [()] * len(modules)
         for idx, stacked in zip(widths.values(), _chain_cores(modules[0].config.mode, stacks)):
+            if dtype is not None and dtype.itemsize < 4:  # 16-bit activations: align the rank for the GEMMs
+                stacked = lowrank.pad_rank(*(t.to(dtype) for t in stacked))
             for i, core in zip(idx, split(stacked, dtype)):
                 out[i] = core
         return out

@@ -27,12 +27,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..layer.quantized import enable_activation_checkpointing, prepare_model_for_kbit_training
 from ..methods.config import check_choice
 from .assets import reasoning_rows, smollm2_path
 from .task import Task, batch_indices
 from .userdata import RowAudit, empty_cells, read_table
 
 SPLIT_FILES = {"train": "train_file", "val": "validation_file", "test": "test_file"}
+#: ``model.quantization`` -> BitsAndBytesConfig arguments (QLoRA's NF4 with double quantisation, FP4, LLM.int8()).
+QUANTIZATION = {
+    "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True),
+    "fp4": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=True),
+    "int8": dict(load_in_8bit=True),
+}
 Row = dict[str, Any]  # {"messages": the prompt's chat turns, "answer": the completion text}
 
 
@@ -44,9 +51,25 @@ class LMModelSettings:
     prompt_suffix: str = " Give only the final answer."  # appended to generated questions (not to the user's prompts)
     eval_batch_size: int = 64
     max_new_tokens: int | None = None  # default: longest reference answer + 4
+    quantization: str | None = None  # nf4 | fp4 | int8: a frozen bitsandbytes base, as QLoRA (docs/quantized.md)
+    compute_dtype: str = "bfloat16"  # the quantised matmuls' dtype, and the merged model's
+    gradient_checkpointing: bool = False  # activation checkpointing (with input gradients, as peft's QLoRA set-up)
 
     def validate(self) -> None:
         check_choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        check_choice("model.compute_dtype", self.compute_dtype, ("float32", "bfloat16", "float16"))
+        if self.quantization is not None:
+            check_choice("model.quantization", self.quantization, tuple(QUANTIZATION))
+
+    def quantization_config(self) -> Any:
+        """transformers' ``BitsAndBytesConfig`` for ``quantization`` (NF4/FP4 with double quantisation, or 8-bit)."""
+        try:
+            from transformers import BitsAndBytesConfig
+            import bitsandbytes  # noqa: F401
+        except ImportError as err:
+            raise ImportError(f"model.quantization={self.quantization!r} needs bitsandbytes: pip install bitsandbytes") from err
+        return BitsAndBytesConfig(**QUANTIZATION[self.quantization], **(
+            {"bnb_4bit_compute_dtype": getattr(torch, self.compute_dtype)} if self.quantization != "int8" else {}))
 
 
 @dataclass
@@ -239,10 +262,25 @@ class CausalLMTask(Task):
     def build_model(self, fresh: bool = True) -> nn.Module:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(self.path, dtype=getattr(torch, self.model_settings.dtype))
+        m = self.model_settings
+        if m.quantization is None:
+            model = AutoModelForCausalLM.from_pretrained(self.path, dtype=getattr(torch, m.dtype)).to(self.device)
+            if m.gradient_checkpointing:
+                enable_activation_checkpointing(model)
+        else:  # quantised on load, on the device; norms and embeddings then held in float32
+            model = AutoModelForCausalLM.from_pretrained(self.path, dtype=getattr(torch, m.compute_dtype),
+                                                         quantization_config=m.quantization_config(),
+                                                         device_map={"": torch.device(self.device)})
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=m.gradient_checkpointing)
         model.generation_config.pad_token_id = self.tokenizer.pad_token_id
         model.generation_config.eos_token_id = self.end_id  # decoding stops where trained answers end
-        return model.to(self.device)
+        return model
+
+    def merge_options(self) -> dict[str, Any]:
+        """A quantised base merges into a plain ``compute_dtype`` model (exact merged weights, loadable without
+        bitsandbytes) rather than being re-quantised."""
+        q = self.model_settings.quantization
+        return {} if q is None else {"dequantize": getattr(torch, self.model_settings.compute_dtype)}
 
     def train_size(self) -> int:
         return len(self.train_encoded)
@@ -298,6 +336,9 @@ class CausalLMTask(Task):
         return [str(path)]
 
     def save_merged(self, model: nn.Module, directory: Path) -> None:
-        """A plain transformers folder: ``AutoModelForCausalLM.from_pretrained`` loads it."""
+        """A plain transformers folder: ``AutoModelForCausalLM.from_pretrained`` loads it (a quantised base's
+        layers without an adapter are dequantised too, so the folder needs no bitsandbytes)."""
+        if getattr(model, "hf_quantizer", None) is not None:
+            model = model.dequantize()
         model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)

@@ -264,7 +264,7 @@ def merge_adapter(config: RunConfig, adapter: Path, out: str | Path) -> Path:
     if out.exists():
         raise ValueError(f"{out} exists; choose a new folder for the merged model")
     task, model = load_trained(config, adapter)
-    plain = model.merge_and_unload(safe_merge=True) if isinstance(model, AdapterModel) else model
+    plain = model.merge_and_unload(safe_merge=True, **task.merge_options()) if isinstance(model, AdapterModel) else model
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

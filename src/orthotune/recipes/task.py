@@ -94,6 +94,10 @@ class Task:
         """Write a merged plain model (no orthotune layers) into the empty folder ``directory``."""
         raise NotImplementedError
 
+    def merge_options(self) -> dict[str, Any]:
+        """Keyword arguments of ``merge_and_unload`` for this task's base model (none by default)."""
+        return {}
+
     # ------------------------------------------------------------------ shared
     def batches_per_epoch(self, batch_size: int) -> int:
         return math.ceil(self.train_size() / batch_size)

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# GPU call of issue 21's quality check: the causal-LM recipe (SmolLM2-135M-Instruct, arithmetic) on a bf16
+# base and on a bitsandbytes NF4 base (bf16 compute), LoRA / LoCO / OFT at the table's budget, 3 seeds
+# each, every run in one call, from the repository root. ASSETS is a carried folder in the layout of
+# benchmarks/device_assets.py's b/ (the GGUF's second part, gguf.sha256, the gguf wheel, lm-data/ JSONL)
+# plus bnb/ (the bitsandbytes package with only its CPU and CUDA 13 libraries: the wheel is 42 MB);
+# the GGUF's first part must have been copied to /root by the call before, on the same warm machine.
+# Usage: bash benchmarks/device_lm_quant.sh ASSETS DEADLINE_SECONDS
+set -uo pipefail
+cd "$(dirname "$0")/.."
+assets=$1 deadline=$2
+python3 - /root/smollm2.gguf.xz.part1 "$assets" <<'PY' || exit 4
+import hashlib, lzma, sys
+data = lzma.decompress(open(sys.argv[1], "rb").read() + open(sys.argv[2] + "/smollm2.gguf.xz.part2", "rb").read())
+digest = hashlib.sha256(data).hexdigest()
+assert digest == open(sys.argv[2] + "/gguf.sha256").read().strip(), digest
+open("/root/SmolLM2-135M-Instruct.Q4_1.gguf", "wb").write(data)
+PY
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /root/site "$assets"/gguf-*.whl || exit 5
+export PYTHONPATH=$PWD/src:$assets/bnb:/root/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export ORTHOTUNE_CACHE=/root/ot-cache ORTHOTUNE_SMOLLM2_GGUF=/root/SmolLM2-135M-Instruct.Q4_1.gguf
+python3 -c "import bitsandbytes, torch; print('bitsandbytes', bitsandbytes.__version__, 'torch', torch.__version__)" || exit 6
+python3 -c "from orthotune.recipes.assets import smollm2_path; print('SmolLM2 folder', smollm2_path())" 2>&1 | grep -v "Loading weights" || exit 7
+d=$PWD/$assets/lm-data
+data=(--set "lm:data.train_file=$d/train.jsonl" --set "lm:data.validation_file=$d/val.jsonl" --set "lm:data.test_file=$d/test.jsonl")
+for base in bf16 nf4; do
+  if [ $base = bf16 ]; then model=(--set lm:model.dtype=bfloat16); else model=(--set lm:model.quantization=nf4 --set lm:model.compute_dtype=bfloat16); fi
+  timeout $((deadline + 40)) python3 benchmarks/quality.py --tasks lm --methods lora loco oft --no-sweep --workers 9 --threads 1 \
+    --set lm:train.compile=false \
+    --deadline "$deadline" --out "$OUT" --tag "lm_$base" --scratch "/root/bench_$base" "${data[@]}" "${model[@]}" 2>&1 \
+    | grep -v "Loading weights" > "$OUT/log_lm_$base.txt" &
+done
+wait
+tail -n 25 "$OUT"/log_lm_*.txt
