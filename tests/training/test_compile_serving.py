@@ -210,3 +210,20 @@ def test_grad_enabled_inference_computes_cores_in_the_graph(core_calls: list[str
     grads = torch.autograd.grad(compiled(x).square().sum(), params)
     assert set(core_calls) >= {"LoCO", "HRA"}
     assert all(torch.allclose(g, e, rtol=0, atol=1e-10) for g, e in zip(grads, eager))
+
+
+def test_eager_inference_uses_the_frozen_cores_until_an_edit() -> None:
+    """One set of inference cores: the eager memo is the frozen cores, checked by version counters."""
+    model = _model([MLP_CASES[0]])
+    model.eval()
+    layer = model.base_model[2]
+    core = layer.frozen["a0"][0]
+    with torch.no_grad():
+        assert model.plan.start(model.base_model) == 0  # current: nothing computed
+        assert layer.frozen["a0"][0] is core
+        model.plan.end()
+        layer.adapters["a0"].U.add_(0.1)
+        assert model.plan.start(model.base_model) == 1  # stale: frozen again, in one batched call
+        model.plan.end()
+    assert layer.frozen["a0"][0] is not core
+    assert torch.allclose(layer.frozen["a0"][1], layer.weight_matrix() @ layer.frozen["a0"][0][0], rtol=0, atol=1e-12)
