@@ -227,3 +227,22 @@ def test_eager_inference_uses_the_frozen_cores_until_an_edit() -> None:
         model.plan.end()
     assert layer.frozen["a0"][0] is not core
     assert torch.allclose(layer.frozen["a0"][1], layer.weight_matrix() @ layer.frozen["a0"][0][0], rtol=0, atol=1e-12)
+
+
+def test_training_in_eval_mode_drops_the_frozen_cores() -> None:
+    """A grad-enabled step without ``train()``: the optimizer changes the parameters, so the frozen cores go."""
+    model = _model([MLP_CASES[0]])
+    model.eval()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x = torch.randn(3, WIDTH, dtype=torch.float64)
+    with torch.no_grad():
+        before = compiled(x)
+    compiled(x).square().sum().backward()
+    opt.step()
+    assert not any(layer.frozen for _, layer in model.adapter_layers())
+    with torch.no_grad():
+        after = compiled(x)
+    reference = _fresh(model, x)
+    assert torch.allclose(after, reference, rtol=0, atol=1e-12) and not torch.allclose(after, before)
+    assert all(layer.frozen for _, layer in model.adapter_layers())  # model.eval() (here via plan.clear) freezes again

@@ -28,8 +28,9 @@ and by every call of its API that changes adapters in eval mode: ``set_adapter``
 ``.to()``) computes every adapter's core and its layer's inference fold (``W0 U``) and leaves them in
 :attr:`AdapterLayer.frozen`, which the graph reads as tensor inputs: a refresh replaces the tensors and
 recompiles nothing. A compiled no-grad forward of a layer in eval mode uses them and the plan computes
-no core there; with autograd on (e.g. attribution in eval mode) cores are computed in the graph as in
-training. The eager path keeps these same cores as its inference memo, so it still detects edits by
+no core there; with autograd on (e.g. attribution or training in eval mode) cores are computed in the
+graph as in training, and the forward drops the frozen cores of the adapters it computes (an optimizer
+step may follow): later compiled inference computes those in the graph until ``model.eval()``. The eager path keeps these same cores as its inference memo, so it still detects edits by
 their version counters (and freezes again). The rule: an edit of adapter parameters in eval mode outside
 orthotune's API (an optimizer step, ``.data`` or ``copy_`` on a parameter) reaches a compiled model
 after ``model.eval()`` or :func:`clear` (``train()`` drops the frozen cores).
@@ -126,6 +127,9 @@ class Plan:
                     continue  # FSDP: parameters are shards until each block's own forward; cores per layer there
                 training = any(lowrank.tracked(*p) for p in params)
                 stamp = tuple(s for p in params for s in _stamp(p))
+            if training and torch.is_grad_enabled():  # an optimizer step may follow (training in eval mode): compiled
+                for layer, name, _ in members:  # inference computes these cores until model.eval() freezes them again
+                    layer.frozen.pop(name, None)
             old = None if compiling else self._kept.get(group)  # a graph must not guard on the eager memo
             if not training and old is not None and old.stamp == stamp and _same(old.members, members):
                 cores = old.cores  # inference: parameters unchanged since these cores were computed
