@@ -172,6 +172,7 @@ def set_peft_model_state_dict(
         for k, target in to_copy.items():
             if k in given and k not in mismatched:
                 target.copy_(given[k])
+    ortho._refreeze()
     return LoadResult(sorted(set(own) - set(given)) + mismatched, sorted(set(given) - set(own)))
 
 

@@ -98,11 +98,14 @@ class AdapterLayer(nn.Module):
         self.planned: dict[str, Core] = {}
         #: adapter name -> (U, weight key, W0 U): the inference fold, valid while U and the base weight are unchanged
         self.folds: dict[str, tuple[Tensor, tuple[int, int, torch.dtype], Tensor]] = {}
+        #: adapter name -> (core, W0 U or None): inference cores computed outside any graph, which compiled
+        #: no-grad forwards in eval mode read as inputs (:meth:`orthotune.layer.plan.Plan.freeze`)
+        self.frozen: dict[str, tuple[Core, Tensor | None]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         """Copies and pickles carry no per-step cores (a training core is part of an autograd graph)."""
         state = dict(self.__dict__)
-        state["planned"], state["folds"] = {}, {}
+        state["planned"], state["folds"], state["frozen"] = {}, {}, {}
         return state
 
     # Attributes that transformers and user code read off a linear layer.
@@ -187,10 +190,18 @@ class AdapterLayer(nn.Module):
             for n in adapters:
                 W = self.adapters[n].merged_weight(W)
             return self._apply_weight(x, W.reshape(self.base_layer.weight.shape))
-        base: Base = FrozenBase(self, adapters[0])
+        serving = torch.compiler.is_compiling() and not torch.is_grad_enabled() and not self.training
+        return self._composed(x, adapters, self.frozen if serving else {})
+
+    def _composed(self, x: Tensor, adapters: list[str], frozen: dict[str, tuple[Core, Tensor | None]]) -> Tensor:
+        """The adapters composed on the frozen base, each with its ``frozen`` core if given, else the planned
+        one, else its own."""
+        first = frozen.get(adapters[0])
+        fold = None if first is None or first[1] is None or first[1].dtype != x.dtype else first[1]
+        base: Base = FrozenBase(self, adapters[0], fold)
         for n in adapters:
             method = self.adapters[n]
-            core = self.planned.get(n)
+            core = frozen[n][0] if n in frozen else self.planned.get(n)
             core = method.core(x.dtype) if core is None else cast(core, x.dtype)
             base = _compose(method, base, core)
         out = base(x)
@@ -212,10 +223,24 @@ class AdapterLayer(nn.Module):
             return None
         return self.weight_matrix()
 
+    @torch.no_grad()
+    def freeze(self, cores: dict[str, Core]) -> None:
+        """Keep ``cores`` (adapter name -> current inference core) in :attr:`frozen`, with the inference fold
+        of the adapter that meets the frozen weight first, which its method asks for in a one-row forward."""
+        names = self.forward_names()
+        fold, W0 = None, self.frozen_matrix()
+        if names and names[0] in cores and W0 is not None and not W0.is_meta:
+            self.folds.pop(names[0], None)
+            self._composed(W0.new_zeros(1, self.d_in, dtype=self.compute_dtype), names[:1], {names[0]: (cores[names[0]], None)})
+            memo = self.folds.get(names[0])
+            fold = None if memo is None else memo[2]
+        self.frozen = {n: (core, fold if n == names[0] else None) for n, core in cores.items()}
+
     def inference_fold(self, name: str, U: Tensor, *others: Tensor) -> Tensor | None:
         """``W0 U`` for adapter ``name`` applied directly on the frozen weight, memoised in :attr:`folds`
         while ``U`` is the same tensor (the plan reuses inference cores) and the weight is unchanged; None
-        under autograd or ``torch.compile`` (see :meth:`Base.fold`)."""
+        under autograd or ``torch.compile`` (see :meth:`Base.fold`; compiled inference reads the fold kept
+        in :attr:`frozen` instead)."""
         if torch.compiler.is_compiling() or lowrank.tracked(U, *others):  # training forwards stop here
             return None
         W0 = self.frozen_matrix()
@@ -287,9 +312,10 @@ class AdapterLayer(nn.Module):
 class FrozenBase(Base):
     """The layer's own frozen map without bias, as the first adapter ``name`` sees it: its weight and its fold."""
 
-    def __init__(self, layer: AdapterLayer, name: str) -> None:
+    def __init__(self, layer: AdapterLayer, name: str, frozen_fold: Tensor | None = None) -> None:
         self.layer = layer
         self.name = name
+        self.frozen_fold = frozen_fold  # W0 U of the frozen core the adapter runs with (compiled inference)
 
     def __call__(self, x: Tensor) -> Tensor:
         return self.layer._base_no_bias(x)
@@ -299,6 +325,8 @@ class FrozenBase(Base):
         return self.layer.frozen_matrix()
 
     def fold(self, U: Tensor, *others: Tensor) -> Tensor | None:
+        if self.frozen_fold is not None:
+            return self.frozen_fold
         return self.layer.inference_fold(self.name, U, *others)
 
 

@@ -21,6 +21,20 @@ How long a planned core lives:
   forward in between (as every training step has) replaces them anyway, else call :func:`clear`.
 * Under ``torch.compile`` the hooks trace into the graph and the plan ends with the forward.
 
+Serving (frozen cores). A compiled graph cannot read version counters, so for compiled inference the
+cores are computed once, eagerly, outside the graph: :meth:`Plan.freeze` (run by the model's ``eval()``
+and by every call of its API that changes adapters in eval mode: ``set_adapter``, ``add_adapter``,
+``load_adapter``, ``delete_adapter``, ``merge``/``unmerge``, enabling/disabling, ``load_state_dict``,
+``.to()``) computes every adapter's core and its layer's inference fold (``W0 U``) and leaves them in
+:attr:`AdapterLayer.frozen`, which the graph reads as tensor inputs: a refresh replaces the tensors and
+recompiles nothing. A compiled no-grad forward of a layer in eval mode uses them and the plan computes
+no core there; with autograd on (e.g. attribution or training in eval mode) cores are computed in the
+graph as in training, and the forward drops the frozen cores of the adapters it computes (an optimizer
+step may follow): later compiled inference computes those in the graph until ``model.eval()``. The eager path keeps these same cores as its inference memo, so it still detects edits by
+their version counters (and freezes again). The rule: an edit of adapter parameters in eval mode outside
+orthotune's API (an optimizer step, ``.data`` or ``copy_`` on a parameter) reaches a compiled model
+after ``model.eval()`` or :func:`clear` (``train()`` drops the frozen cores).
+
 Modules whose parameters are FSDP2 shards (DTensors) when the hook runs are left to their layers:
 FSDP gathers them only inside each block's own forward.
 """
@@ -59,10 +73,11 @@ class Plan:
         self._kept: dict[Hashable, _Kept] = {}  # inference cores, by group
         self._handed: list[tuple[AdapterLayer, str, Core, bool]] = []  # this forward's (layer, name, core, training)
         self._handles: list[Any] = []
+        self._frozen = False  # freeze() ran, thaw() not since: the layers hold frozen inference cores
 
     def __getstate__(self) -> dict[str, Any]:
         """Copies and pickles start with no cores (a training core is part of an autograd graph)."""
-        return {"_kept": {}, "_handed": [], "_handles": []}
+        return {"_kept": {}, "_handed": [], "_handles": [], "_frozen": False}
 
     def attach(self, model: nn.Module) -> None:
         """Run :meth:`start` before and :meth:`end` after every forward of ``model`` (once)."""
@@ -86,18 +101,23 @@ class Plan:
     def _post_hook(self, model: nn.Module, args: Any, output: Any) -> None:
         self.end()
 
-    def start(self, root: nn.Module) -> int | None:
+    def start(self, root: nn.Module, may_freeze: bool = True) -> int | None:
         """Compute and hand out the cores of every batchable method under ``root`` for the coming forward.
 
         Returns the number of batched ``cores()`` calls made, or None if ``root`` holds no adapter layer.
+        An eager inference forward of a frozen plan (``root`` in eval mode) that finds its kept cores stale
+        or missing freezes again first (``may_freeze``), so that compiled forwards see the change too.
         """
         layers = adapter_layers(root)
         if not layers:
             return None
         compiling = torch.compiler.is_compiling()
+        serving = compiling and not torch.is_grad_enabled()
         kept: dict[Hashable, _Kept] = {}
         calls = 0
         for group, members in _groups(layers).items():
+            if serving and all(not layer.training and name in layer.frozen for layer, name, _ in members):
+                continue  # compiled inference: the layers read their frozen cores, inputs of the graph
             cls, _, dtype = group
             methods = [m for _, _, m in members]
             training, stamp = True, ()
@@ -107,9 +127,14 @@ class Plan:
                     continue  # FSDP: parameters are shards until each block's own forward; cores per layer there
                 training = any(lowrank.tracked(*p) for p in params)
                 stamp = tuple(s for p in params for s in _stamp(p))
-            old = self._kept.get(group)
+            if training and torch.is_grad_enabled():  # an optimizer step may follow (training in eval mode): compiled
+                for layer, name, _ in members:  # inference computes these cores until model.eval() freezes them again
+                    layer.frozen.pop(name, None)
+            old = None if compiling else self._kept.get(group)  # a graph must not guard on the eager memo
             if not training and old is not None and old.stamp == stamp and _same(old.members, members):
                 cores = old.cores  # inference: parameters unchanged since these cores were computed
+            elif not training and not compiling and may_freeze and self._frozen and not root.training:
+                return self.freeze(root) + self.start(root, may_freeze=False)
             else:
                 cores = cls.cores(methods, dtype)
                 calls += 1
@@ -136,6 +161,39 @@ class Plan:
         """Forget the inference cores kept across forwards (after an edit that bumps no version counter)."""
         self._kept = {}
 
+    @torch.no_grad()
+    def freeze(self, root: nn.Module) -> int:
+        """Compute every active adapter's core under ``root`` now, eagerly, and leave it with its layer's
+        inference fold in :attr:`AdapterLayer.frozen` for compiled inference (see the module docstring); the
+        eager path keeps the same cores as its memo. Returns the number of batched ``cores()`` calls made."""
+        layers = adapter_layers(root)
+        kept: dict[Hashable, _Kept] = {}
+        for group, members in _groups(layers).items():
+            cls, _, dtype = group
+            methods = [m for _, _, m in members]
+            params = [_tensors(m) for m in methods]
+            if all(_computable(m, p) for m, p in zip(methods, params)):
+                kept[group] = _Kept(members, tuple(s for p in params for s in _stamp(p)), cls.cores(methods, dtype))
+        batched = {(id(layer), name): core for k in kept.values() for (layer, name, _), core in zip(k.members, k.cores)}
+        for layer in layers:
+            cores: dict[str, Core] = {}
+            for name in layer.forward_names() if layer.kind not in MERGED_KINDS else []:
+                core, method = batched.get((id(layer), name)), layer.adapters[name]
+                if core is None and method.core_key() is None and _computable(method, _tensors(method)):
+                    core = method.core(layer.compute_dtype)
+                if core is not None:
+                    cores[name] = core
+            layer.freeze(cores)
+        self._kept, self._frozen = kept, True
+        return len(kept)
+
+    def thaw(self, root: nn.Module) -> None:
+        """Drop the frozen inference cores under ``root`` (training mode: parameters change every step)."""
+        if self._frozen:
+            for layer in adapter_layers(root):
+                layer.frozen = {}
+            self._frozen = False
+
 
 def adapter_layers(root: nn.Module) -> list[AdapterLayer]:
     """Every adapter layer under ``root`` in module order (a plain walk: cheaper than ``modules()``)."""
@@ -150,15 +208,22 @@ def adapter_layers(root: nn.Module) -> list[AdapterLayer]:
 
 
 def clear(root: nn.Module) -> None:
-    """Drop every core and inference fold under ``root`` and in its plan (they are recomputed on demand)."""
+    """Drop every core and inference fold under ``root`` and in its plan (they are recomputed on demand); a
+    frozen plan freezes again, so compiled inference sees parameters edited outside orthotune's API."""
+    frozen = []
     for module in (root, getattr(root, "base_model", root)):  # the wrapped model, or the OrthoModel around it
         for fn in module._forward_pre_hooks.values():
             plan = getattr(fn, "__self__", None)
             if isinstance(plan, Plan):
                 plan.clear()
+                if plan._frozen:
+                    frozen.append(plan)
     for layer in adapter_layers(root):
         layer.planned.clear()
         layer.folds.clear()
+        layer.frozen = {}
+    for plan in frozen:
+        plan.freeze(root)
 
 
 def _groups(layers: list[AdapterLayer]) -> dict[Hashable, list[Member]]:
@@ -188,6 +253,12 @@ def _tensors(module: nn.Module) -> list[Tensor]:
         if child is not None:
             out += _tensors(child)
     return out
+
+
+def _computable(method: AdapterMethod, tensors: list[Tensor]) -> bool:
+    """Whether ``method``'s core can be computed now: not on FSDP shards or meta tensors (parameters still to
+    be loaded), and the method ready (e.g. a LOFT support selected)."""
+    return method.ready and not _sharded(tensors) and not any(t.is_meta for t in tensors)
 
 
 def _stamp(tensors: list[Tensor]) -> tuple[tuple[int, int], ...]:

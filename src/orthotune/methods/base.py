@@ -84,6 +84,11 @@ class AdapterMethod(nn.Module):
         """This layer's core: :meth:`cores` of one module, the same code path as a batched plan."""
         return type(self).cores([self], dtype)[0]
 
+    @property
+    def ready(self) -> bool:
+        """Whether :meth:`core` can run now (False while data-driven state is still to be set, e.g. a LOFT support)."""
+        return True
+
     def forward(self, x: Tensor, base: Base, core: Core) -> Tensor:  # pragma: no cover - abstract
         """The adapted layer on ``x`` from ``base`` and this step's ``core``."""
         raise NotImplementedError

@@ -96,6 +96,32 @@ class AdapterModel(nn.Module):
         """The wrapped model (still carrying adapter layers)."""
         return self.base_model
 
+    # ------------------------------------------------------------------ serving: frozen inference cores
+    def train(self, mode: bool = True) -> AdapterModel:
+        """``nn.Module.train``; in eval mode every adapter's inference core is computed now, outside any compiled
+        graph, for compiled forwards to read (:mod:`orthotune.layer.plan`); training mode drops them."""
+        super().train(mode)
+        self._refreeze()
+        return self
+
+    def _apply(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> AdapterModel:
+        """``.to()``, ``.cuda()``, ``.half()``...: the frozen cores follow the new device and dtype."""
+        super()._apply(fn, *args, **kwargs)
+        self._refreeze()
+        return self
+
+    def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        """``nn.Module.load_state_dict``, then the frozen cores of the loaded parameters."""
+        result = super().load_state_dict(*args, **kwargs)
+        self._refreeze()
+        return result
+
+    def _refreeze(self) -> None:
+        """After a change of adapters: compute the frozen inference cores again in eval mode, drop them in training mode."""
+        plan = self.__dict__.get("plan")  # None while __init__ adds the first adapter
+        if plan is not None:
+            plan.thaw(self.base_model) if self.training else plan.freeze(self.base_model)
+
     # ------------------------------------------------------------------ introspection
     def adapter_layers(self) -> Iterator[tuple[str, AdapterLayer]]:
         """(name, layer) for every adapted layer, names relative to the wrapped model."""
@@ -194,6 +220,7 @@ class AdapterModel(nn.Module):
             wrapper.active_adapters = list(self._active)
         self.configs[name] = config
         self._refresh_trainable()
+        self._refreeze()
 
     def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
         """Make these adapters active, in this composition order (first = innermost, see layer/adapter_layer.py).
@@ -216,6 +243,7 @@ class AdapterModel(nn.Module):
         for _, module in self._wrappers():
             module.active_adapters = list(names)
         self._refresh_trainable()
+        self._refreeze()
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter everywhere; refuses (changing nothing) while it is merged."""
@@ -247,6 +275,7 @@ class AdapterModel(nn.Module):
         for _, module in self._wrappers():
             module.active_adapters = list(self._active)
         self._refresh_trainable()
+        self._refreeze()
 
     def add_weighted_adapter(
         self, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str | None = None, **kwargs: Any
@@ -288,6 +317,7 @@ class AdapterModel(nn.Module):
                 m.disabled = state
             for name, layer in self.adapter_layers():
                 layer.merge(merged.get(name, []))
+            self._refreeze()
 
     # ------------------------------------------------------------------ merging
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
@@ -322,6 +352,7 @@ class AdapterModel(nn.Module):
         self._warn_if_tied([(n, layer) for n, layer in layers if any(a in layer.adapters for a in todo)])
         for _, layer in layers:
             layer.merge(todo)
+        self._refreeze()
         self.requantization_errors = quantized.merge_errors({n: layer.base_layer for n, layer in layers})
         quantized.warn_requantized(self.requantization_errors)
 
@@ -359,6 +390,7 @@ class AdapterModel(nn.Module):
         """Undo all merges (restores the base weights within float rounding)."""
         for _, layer in self.adapter_layers():
             layer.unmerge()
+        self._refreeze()
 
     @property
     def merged(self) -> bool:
@@ -427,12 +459,14 @@ class AdapterModel(nn.Module):
             layer.adapters.requires_grad_(False)
         for _, saved in self.saved_modules():
             saved.copies.requires_grad_(False)
+        self._refreeze()
 
     def enable_adapter_layers(self) -> None:
         """Undo :meth:`disable_adapter_layers`: the active adapters apply (and train) again."""
         for _, module in self._wrappers():
             module.disabled = False
         self._refresh_trainable()
+        self._refreeze()
 
     def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
         """Turn gradients of these adapters' parameters (and saved-module copies) on or off, as peft does."""
@@ -547,6 +581,7 @@ class AdapterModel(nn.Module):
                 layers[lname].adapters[name].load_state_dict(method.state_dict())
             for sname, state in saved_states.items():
                 self.base_model.get_submodule(sname).copies[name].load_state_dict(state)
+        self._refreeze()
 
     # ------------------------------------------------------------------ transformers integration
     def activation_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:

@@ -155,6 +155,10 @@ class SupportRotation(AdapterMethod):
         """Dropout on the rotation's path (``x + U M V^T dropout(x)``), or None."""
         return None
 
+    @property
+    def ready(self) -> bool:
+        return self.support.ready
+
     def _check_ready(self) -> None:
         if not self.support.ready:
             raise ValueError(
