@@ -194,6 +194,13 @@ class AdapterConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
+    def default_learning_rate(self) -> float:
+        """A starting learning rate for this method (AdamW, batch 32), and the centre of ``--lr auto``'s
+        candidates; each number's source is in :mod:`orthotune.methods.defaults`."""
+        from .defaults import default_lr
+
+        return default_lr(self)
+
 
 def pattern_key(table: dict[str, Any], name: str) -> str | None:
     """peft's ``get_pattern_key``: the first key (in order) that fully matches ``name`` or a dotted suffix of it

@@ -33,6 +33,7 @@ from ..version import __version__
 from .assets import offline
 from .checkpoint import latest_checkpoint, load_weights_inplace, save_weights
 from .loop import fit, resolve_device, seed_everything
+from .lr_search import AUTO, resolve_lr
 from .plots import training_curves
 from .runconfig import FULL, RunConfig, apply_overrides, read_mapping, write_config
 from .task import Task
@@ -129,6 +130,9 @@ def run(
         dist_run.init(resolve_device(config.device).type)
     main = dist_run.is_main_process()
     run_dir = Path(config.output_dir)
+    if strategy != "none" and config.train.lr == AUTO:
+        raise ValueError("train.lr=auto runs its range test in one process: run it without torchrun (or set train.lr)")
+    config, lr_search = resolve_lr(config, run_dir, resume, progress)
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if checkpoint is not None:
         saved = read_mapping(run_dir / "config.yaml")
@@ -165,7 +169,8 @@ def run(
         "higher_is_better": task.higher_is_better, "parameters": counts, "steps": fitted.steps_done,
         "total_steps": fitted.total_steps, "interrupted": fitted.interrupted,
         "train_seconds": fitted.train_seconds, "eval_seconds": fitted.eval_seconds,
-        "history": fitted.history, "selection": selection, "environment": environment(), "config": config.to_dict(),
+        "history": fitted.history, "selection": selection, "lr_search": lr_search, "environment": environment(),
+        "config": config.to_dict(),
         "distributed": {"strategy": strategy, "world_size": world}, "data": task.record,
     }
     evals = fitted.history["eval"]
