@@ -125,3 +125,16 @@ def test_mixed_support_refuses_a_bad_fraction() -> None:
     model = orthotune.get_model(Tiny(), LOFTConfig(target_modules=["a"], support="gradient", r=4))
     with pytest.raises(ValueError, match="gradient_fraction"):
         select_supports(model, iter(batches(2)), num_batches=1, progress=False, gradient_fraction=2)
+
+
+@pytest.mark.parametrize("support", ["gradient", "gradient_coordinate"])
+def test_a_pure_gradient_support_draws_no_random_numbers(support: str) -> None:
+    """gradient_fraction=1 (the default) leaves the global RNG where it was: runs stay reproducible as before."""
+    torch.manual_seed(0)
+    model = orthotune.get_model(Tiny(), LOFTConfig(target_modules=["a"], support=support, r=4))
+    model.eval()  # no dropout draws either
+    torch.manual_seed(5)
+    select_supports(model, iter(batches(2)), num_batches=2, progress=False)
+    after = torch.rand(1)
+    torch.manual_seed(5)
+    assert torch.equal(after, torch.rand(1))

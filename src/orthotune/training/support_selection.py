@@ -199,6 +199,8 @@ def select_supports(
 
 def _complete_coordinates(idx: Tensor, d: int, r: int) -> Tensor:
     """``idx`` followed by ``r - len(idx)`` other coordinates of ``range(d)`` drawn at random (global torch RNG)."""
+    if idx.numel() >= r:
+        return idx
     free = torch.ones(d, dtype=torch.bool)
     free[idx] = False
     rest = torch.nonzero(free).flatten()
