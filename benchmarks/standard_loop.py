@@ -10,7 +10,7 @@ the learning rate of a row is the one with the best dev accuracy of seed 0.
 
     python benchmarks/standard_loop.py --small --out /tmp/sl          # CPU check: 320 examples, 1 epoch
     python benchmarks/standard_loop.py --out $OUT --workers 6 --budget-s 420   # the GPU run
-    python benchmarks/standard_loop.py --out $OUT --workers 13 --budget-s 330 --preset issue22 --seeds 3 --grid --grid-seeds 3
+    python benchmarks/standard_loop.py --out $OUT --workers 14 --budget-s 330 --preset issue22 --seeds 3 --grid --grid-seeds 3
                                        # issue 22's second step: the rows of PRESETS["issue22"], the new ones gridded
 
 ``--model`` may name a MiniLM folder (e.g. the vocabulary-pruned float16 copy made by
@@ -49,6 +49,7 @@ class Row:
     select: dict[str, Any] | None = None  # select_supports keyword arguments (task-aware supports only)
     note: str = ""
     width_exponent: float | None = None  # LOFT: r per layer ~ d_in ** this, at the fixed-r budget (split_rank_by_width)
+    restage_after_epochs: int | None = None  # LOFT: after this many epochs, a second rotation stage from new gradients
 
 
 WARM = dict(num_batches=8, head_warmup_steps=100, head_lr=5e-3)  # the head warm-up of the issue's first step
@@ -81,14 +82,18 @@ ROWS = [
         dict(WARM, gradient_fraction=0.5), note="both: r ~ d_in, half of each support from the gradient", width_exponent=1.0),
     Row("loft-random-warm-width", "loft", dict(support="random", transform="cayley", r=112), 6e-3,
         dict(head_warmup_steps=100, head_lr=5e-3), note="control for the width split: random support", width_exponent=1.0),
+    Row("loft-grad-warm-restage", "loft", dict(support="gradient", transform="cayley", r=78), 2e-3, WARM,
+        note="r=78, then after epoch 1 a second r=78 stage from new gradients (add_rotation_stage; 2 x 3,003 = 6,006 "
+             "per layer against 6,216)", restage_after_epochs=1),
 ]
 ROW_BY_NAME = {r.name: r for r in ROWS}
 GRID = (1 / 3, 3.0)  # extra learning-rate multipliers (--grid), scored on dev
 # named sets of rows: (rows, rows that also get the --grid learning rates)
 PRESETS = {
     "issue22": (["loft-grad-warm-width", "loft-grad-warm-mix", "loft-grad-warm-mix-width", "loft-random-warm-width",
-                 "loft-grad-warm", "loft-random-warm", "oft-b32", "loco-k2r4", "lora-r8"],
-                ["loft-grad-warm-width", "loft-grad-warm-mix", "loft-grad-warm-mix-width", "loft-random-warm-width"]),
+                 "loft-grad-warm-restage", "loft-grad-warm", "loft-random-warm", "oft-b32", "loco-k2r4", "lora-r8"],
+                ["loft-grad-warm-width", "loft-grad-warm-mix", "loft-grad-warm-mix-width", "loft-random-warm-width",
+                 "loft-grad-warm-restage"]),
 }
 
 
@@ -186,7 +191,9 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     model.train()
     t1 = time.time()
     losses = []
-    for _ in range(s.epochs):
+    for epoch in range(s.epochs):
+        if row.restage_after_epochs is not None and epoch == row.restage_after_epochs:
+            params += restage(model, row, data["train"], s, gen, optim, sched)
         for b in batches(data["train"], s.batch_size, torch.randperm(len(data["train"]["labels"]), generator=gen), s.device):
             loss = model(**b).loss
             loss.backward()
@@ -207,6 +214,25 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         fr = [v["captured_fraction"] for v in report.values()]
         out["captured_fraction_mean"] = sum(fr) / len(fr)
     return out
+
+
+def restage(model, row: Row, train: dict, s: Settings, gen, optim, sched) -> list:
+    """A second LOFT stage (:func:`orthotune.training.reselect.add_rotation_stage`) selected from fresh batches, its
+    parameters added to the optimiser as a new group on the same schedule (the old rotation frozen)."""
+    import torch
+
+    from orthotune.training.reselect import add_rotation_stage
+
+    n = len(train["labels"])
+    stream = (b for _ in iter(int, 1) for b in batches(train, s.batch_size, torch.randperm(n, generator=gen), s.device))
+    num = min(row.select["num_batches"], s.max_select_steps or row.select["num_batches"])
+    new = add_rotation_stage(model, stream, "stage1", num_batches=num)
+    model.train()
+    optim.add_param_group({"params": new})
+    sched.base_lrs.append(sched.base_lrs[0])
+    sched.lr_lambdas.append(sched.lr_lambdas[0])
+    optim.param_groups[-1]["lr"] = sched.base_lrs[-1] * sched.lr_lambdas[-1](sched.last_epoch)
+    return new
 
 
 def environment(device: str) -> dict[str, Any]:
@@ -286,6 +312,7 @@ def main() -> None:
     parser.add_argument("--grid", action="store_true", help="also every row at lr x 1/3 and x 3 (dev-scored)")
     parser.add_argument("--grid-seeds", type=int, default=1, help="seeds run at each grid point (default 1: seed 0)")
     parser.add_argument("--small", action="store_true", help="CPU check: 320 train / 200 eval examples, 1 epoch, 3 selection batches")
+    parser.add_argument("--epochs", type=int, help="training epochs (default 3; --small: 1)")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--budget-s", type=float, default=float("inf"), help="submit no job after this many seconds")
     args = parser.parse_args()
@@ -298,6 +325,8 @@ def main() -> None:
     settings = Settings(model=args.model or str(minilm_path()), device=device)
     if args.small:
         settings.epochs, settings.n_train, settings.n_eval, settings.max_select_steps = 1, 320, 200, 3
+    if args.epochs:
+        settings.epochs = args.epochs
     names, grid_rows = PRESETS[args.preset] if args.preset else (args.rows, None)
     rows = [ROW_BY_NAME[n] for n in names]
     todo = jobs_in_order(rows, args.seeds, args.grid, args.grid_seeds, grid_rows)

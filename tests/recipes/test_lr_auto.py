@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from orthotune.cli import main
+from orthotune.recipes.finetune import trial
 from orthotune.recipes.lr_search import FACTORS, RECORD, TrainingSlice, resolve_lr
 from orthotune.recipes.runconfig import load_run_config
 from orthotune.recipes.task import Task, batch_indices
@@ -52,9 +53,9 @@ def test_the_slice_never_trains_on_its_held_out_batches() -> None:
 def test_resume_reads_the_recorded_choice(tmp_path) -> None:
     config = load_run_config(TEXT, ["train.lr=auto", f"output_dir={tmp_path}"])
     (tmp_path / RECORD).write_text(json.dumps({"chosen": 0.0042}))
-    resolved, record = resolve_lr(config, tmp_path, resume=True, progress=False)
+    resolved, record = resolve_lr(config, tmp_path, resume=True, progress=False, prepare=trial)
     assert resolved.train.lr == 0.0042 and record["chosen"] == 0.0042
-    same, none = resolve_lr(resolved, tmp_path, resume=False, progress=False)
+    same, none = resolve_lr(resolved, tmp_path, resume=False, progress=False, prepare=trial)
     assert same is resolved and none is None  # a number is kept as it is
 
 
@@ -79,7 +80,7 @@ def test_lr_auto_chooses_a_candidate_records_it_and_runs(tmp_path, capsys) -> No
 def test_lr_auto_refuses_full_fine_tuning(tmp_path) -> None:
     config = load_run_config(TEXT, ["train.lr=auto", "method=full", "adapter=null", f"output_dir={tmp_path}"])
     with pytest.raises(ValueError, match="full fine-tuning has none: set train.lr"):
-        resolve_lr(config, tmp_path, resume=False, progress=False)
+        resolve_lr(config, tmp_path, resume=False, progress=False, prepare=trial)
 
 
 def test_cli_refuses_a_bad_lr(capsys) -> None:

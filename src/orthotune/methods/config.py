@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from .defaults import default_lr
 from .task_type import check_task_type
 
 FORMAT_VERSION = 1
@@ -197,8 +198,6 @@ class AdapterConfig:
     def default_learning_rate(self) -> float:
         """A starting learning rate for this method (AdamW, batch 32), and the centre of ``--lr auto``'s
         candidates; each number's source is in :mod:`orthotune.methods.defaults`."""
-        from .defaults import default_lr
-
         return default_lr(self)
 
 

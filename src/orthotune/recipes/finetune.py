@@ -76,6 +76,16 @@ def select(model: AdapterModel, task: Task, config: RunConfig, progress: bool) -
     return select_supports(model, data, num_batches=n, loss_fn=lambda m, b: task.loss(m, b, -1), progress=progress)
 
 
+def trial(config: RunConfig, view_of: Any) -> tuple[Task, nn.Module]:
+    """A candidate of ``--lr auto``'s range test: a fresh model for ``config`` and ``view_of(task)`` (the training
+    batches it may see), its supports selected from the view (:func:`orthotune.recipes.lr_search.search_lr`)."""
+    task, model = build(config)
+    view = view_of(task)
+    if needs_selection(model):
+        select(model, view, config, False)
+    return view, model
+
+
 def parameter_counts(model: nn.Module) -> dict[str, Any]:
     """Exact counts: trainable (with modules_to_save), adapter-only, total, per adapted layer."""
     if isinstance(model, AdapterModel):
@@ -132,7 +142,7 @@ def run(
     run_dir = Path(config.output_dir)
     if strategy != "none" and config.train.lr == AUTO:
         raise ValueError("train.lr=auto runs its range test in one process: run it without torchrun (or set train.lr)")
-    config, lr_search = resolve_lr(config, run_dir, resume, progress)
+    config, lr_search = resolve_lr(config, run_dir, resume, progress, trial)
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if checkpoint is not None:
         saved = read_mapping(run_dir / "config.yaml")

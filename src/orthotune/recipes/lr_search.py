@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,10 +86,13 @@ def holdout_batches(per_epoch: int) -> int:
     return max(1, min(8, per_epoch // 10))
 
 
-def search_lr(config: RunConfig, progress: bool = False, factors: tuple[float, ...] = FACTORS) -> dict[str, Any]:
-    """Run the range test for ``config`` (whose ``train.lr`` is ``"auto"``); returns the record, ``chosen`` included."""
-    from .finetune import build, needs_selection, select
+#: ``prepare(config, view_of) -> (view, model)``: the run's model for ``config`` and ``view_of(task)``, its data-driven
+#: set-up (LOFT's support selection) done on the view's training batches (``finetune.trial``)
+Prepare = Callable[[RunConfig, Callable[[Task], "TrainingSlice"]], tuple["TrainingSlice", nn.Module]]
 
+
+def search_lr(config: RunConfig, prepare: Prepare, progress: bool = False, factors: tuple[float, ...] = FACTORS) -> dict[str, Any]:
+    """Run the range test for ``config`` (whose ``train.lr`` is ``"auto"``); returns the record, ``chosen`` included."""
     if config.method == FULL:
         raise ValueError("train.lr=auto centres its candidates on a method's default rate; full fine-tuning has none: set train.lr")
     centre = config.adapter_config().default_learning_rate()
@@ -105,10 +109,7 @@ def search_lr(config: RunConfig, progress: bool = False, factors: tuple[float, .
     with tempfile.TemporaryDirectory() as scratch:
         for factor in factors:
             lr = centre * factor
-            task, model = build(with_lr(config, lr))
-            view = TrainingSlice(task, settings.batch_size, holdout)
-            if needs_selection(model):
-                select(model, view, config, progress)
+            view, model = prepare(with_lr(config, lr), lambda task: TrainingSlice(task, settings.batch_size, holdout))
             try:
                 fitted = fit(model, view, dataclasses.replace(settings, lr=lr), Path(scratch), progress=progress)
                 score = fitted.history["eval"][-1][1][view.metric]
@@ -125,7 +126,8 @@ def search_lr(config: RunConfig, progress: bool = False, factors: tuple[float, .
             "seed": config.seed}
 
 
-def resolve_lr(config: RunConfig, run_dir: Path, resume: bool, progress: bool) -> tuple[RunConfig, dict[str, Any] | None]:
+def resolve_lr(config: RunConfig, run_dir: Path, resume: bool, progress: bool,
+               prepare: Prepare) -> tuple[RunConfig, dict[str, Any] | None]:
     """``config`` with ``train.lr`` a number: unchanged if it is one, else chosen by :func:`search_lr` (or, when
     resuming, read from the run folder's record) and the record written to ``run_dir/lr_search.json``."""
     if config.train.lr != AUTO:
@@ -134,7 +136,7 @@ def resolve_lr(config: RunConfig, run_dir: Path, resume: bool, progress: bool) -
     if resume and record_file.is_file():
         record = json.loads(record_file.read_text())
     else:
-        record = search_lr(config, progress)
+        record = search_lr(config, prepare, progress)
         run_dir.mkdir(parents=True, exist_ok=True)
         record_file.write_text(json.dumps(record, indent=1) + "\n")
     return with_lr(config, record["chosen"]), record
