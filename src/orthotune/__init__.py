@@ -51,6 +51,8 @@ from .model.adapter_model import AdapterModel
 from .model.io import read_adapter
 from .training.finite import check_finite, guard_finite
 from .training.graphs import GraphedStep
+from .training.rank_split import split_rank_by_width
+from .training.reselect import add_rotation_stage
 from .training.support_selection import select_supports
 from .version import __version__
 
@@ -152,6 +154,8 @@ __all__ = [
     "PSOFTConfig",
     "hra_orthogonality_loss",
     "select_supports",
+    "split_rank_by_width",
+    "add_rotation_stage",
     "LoCOConfig",
     "LoRAConfig",
     "OrthoModel",

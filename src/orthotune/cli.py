@@ -117,6 +117,16 @@ def _demo(args: argparse.Namespace) -> None:
              seed=args.seed, min_gain=args.min_gain, max_length=args.max_length)
 
 
+def _lr(text: str) -> float | str:
+    """``--lr``: a number or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+
+
 def _add_recipe_args(p: argparse.ArgumentParser, shortcuts: bool) -> None:
     p.add_argument("--config", help="recipe file (.yaml or .json); see recipes/")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -129,7 +139,8 @@ def _add_recipe_args(p: argparse.ArgumentParser, shortcuts: bool) -> None:
         p.add_argument("--seed", type=int)
         p.add_argument("--steps", type=int)
         p.add_argument("--epochs", type=float)
-        p.add_argument("--lr", type=float)
+        p.add_argument("--lr", type=_lr, help="peak learning rate, or 'auto': a short range test on held-out training "
+                       "batches around the method's default picks it (recorded in the run folder's lr_search.json)")
         p.add_argument("--batch-size", type=int)
         p.add_argument("--device", help="'auto', 'cpu', 'cuda', 'cuda:1', ...")
         p.add_argument("--no-compile", dest="compile", action="store_const", const="false",

@@ -44,3 +44,32 @@ def test_summary_takes_the_best_mean_dev_lr_and_averages_its_seeds() -> None:
                dict(run, lr=3e-3, seed=1, dev=0.5, test=0.8), dict(run, lr=1e-3, seed=1, dev=0.99, test=0.99)]
     (t,) = standard_loop.summarise(results, [row])
     assert t["lr"] == 1e-3 and t["seeds"] == 2 and t["test_mean"] == pytest.approx(0.845) and t["lrs_tried"] == [1e-3, 3e-3]
+
+
+def test_preset_rows_exist_and_only_the_named_rows_are_gridded() -> None:
+    for name, (rows, gridded) in standard_loop.PRESETS.items():
+        assert set(gridded) <= set(rows) <= set(standard_loop.ROW_BY_NAME), name
+    rows_, gridded = standard_loop.PRESETS["issue22"]
+    rows = [standard_loop.ROW_BY_NAME[n] for n in rows_]
+    jobs = standard_loop.jobs_in_order(rows, seeds=3, grid=True, grid_seeds=3, grid_rows=gridded)
+    assert len(jobs) == 3 * len(rows) + 3 * len(gridded) * len(standard_loop.GRID)
+    assert {j[0] for j in jobs[3 * len(rows):]} == set(gridded)
+
+
+def test_width_rows_split_r_at_the_fixed_budget() -> None:
+    """The width rows' configs on a weightless MiniLM-shaped model: no more adapter parameters than r = 112."""
+    transformers = pytest.importorskip("transformers")
+    import orthotune
+
+    bert = transformers.BertConfig(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=12,
+                                   vocab_size=64, num_labels=77)
+    for row in standard_loop.ROWS:
+        if row.width_exponent is None:
+            continue
+        model = transformers.BertForSequenceClassification(bert)
+        config = METHODS[row.method][0](target_modules=standard_loop.TARGETS, modules_to_save=["classifier"], **row.kwargs)
+        split = orthotune.split_rank_by_width(model, config, row.width_exponent)
+        assert sorted(set(split.rank_pattern.values())) == [60, 242], row.name
+        fixed = orthotune.get_model(transformers.BertForSequenceClassification(bert), config).trainable_parameters()
+        wide = orthotune.get_model(model, split).trainable_parameters()
+        assert wide["trainable"] <= fixed["trainable"], row.name

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from .defaults import default_lr
 from .task_type import check_task_type
 
 FORMAT_VERSION = 1
@@ -193,6 +194,11 @@ class AdapterConfig:
     def replace(self, **changes: Any) -> AdapterConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+    def default_learning_rate(self) -> float:
+        """A starting learning rate for this method (AdamW, batch 32), and the centre of ``--lr auto``'s
+        candidates; each number's source is in :mod:`orthotune.methods.defaults`."""
+        return default_lr(self)
 
 
 def pattern_key(table: dict[str, Any], name: str) -> str | None:

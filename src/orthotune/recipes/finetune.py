@@ -33,6 +33,7 @@ from ..version import __version__
 from .assets import offline
 from .checkpoint import latest_checkpoint, load_weights_inplace, save_weights
 from .loop import fit, resolve_device, seed_everything
+from .lr_search import AUTO, resolve_lr
 from .plots import training_curves
 from .runconfig import FULL, RunConfig, apply_overrides, read_mapping, write_config
 from .task import Task
@@ -73,6 +74,16 @@ def select(model: AdapterModel, task: Task, config: RunConfig, progress: bool) -
     per_epoch = task.batches_per_epoch(bs)
     data = (task.train_batch(*divmod(i, per_epoch), bs) for i in range(n))
     return select_supports(model, data, num_batches=n, loss_fn=lambda m, b: task.loss(m, b, -1), progress=progress)
+
+
+def trial(config: RunConfig, view_of: Any) -> tuple[Task, nn.Module]:
+    """A candidate of ``--lr auto``'s range test: a fresh model for ``config`` and ``view_of(task)`` (the training
+    batches it may see), its supports selected from the view (:func:`orthotune.recipes.lr_search.search_lr`)."""
+    task, model = build(config)
+    view = view_of(task)
+    if needs_selection(model):
+        select(model, view, config, False)
+    return view, model
 
 
 def parameter_counts(model: nn.Module) -> dict[str, Any]:
@@ -129,6 +140,9 @@ def run(
         dist_run.init(resolve_device(config.device).type)
     main = dist_run.is_main_process()
     run_dir = Path(config.output_dir)
+    if strategy != "none" and config.train.lr == AUTO:
+        raise ValueError("train.lr=auto runs its range test in one process: run it without torchrun (or set train.lr)")
+    config, lr_search = resolve_lr(config, run_dir, resume, progress, trial)
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if checkpoint is not None:
         saved = read_mapping(run_dir / "config.yaml")
@@ -165,7 +179,8 @@ def run(
         "higher_is_better": task.higher_is_better, "parameters": counts, "steps": fitted.steps_done,
         "total_steps": fitted.total_steps, "interrupted": fitted.interrupted,
         "train_seconds": fitted.train_seconds, "eval_seconds": fitted.eval_seconds,
-        "history": fitted.history, "selection": selection, "environment": environment(), "config": config.to_dict(),
+        "history": fitted.history, "selection": selection, "lr_search": lr_search, "environment": environment(),
+        "config": config.to_dict(),
         "distributed": {"strategy": strategy, "world_size": world}, "data": task.record,
     }
     evals = fitted.history["eval"]

@@ -20,7 +20,10 @@ class TrainSettings:
     steps: int | None = field(default=None, metadata={"help": "Optimiser steps; set this or epochs."})
     epochs: float | None = field(default=None, metadata={"help": "Passes over the training set (rounded up to whole steps)."})
     batch_size: int = field(default=32, metadata={"help": "Examples per optimiser step."})
-    lr: float = field(default=1e-3, metadata={"help": "Peak learning rate."})
+    lr: float | str = field(
+        default=1e-3, metadata={"help": "Peak learning rate, or 'auto': a short range test around the method's default "
+                                "rate on held-out training batches picks it (orthotune.recipes.lr_search)."}
+    )
     optimizer: str = field(default="adamw", metadata={"help": f"One of {list(OPTIMIZERS)}."})
     weight_decay: float = field(default=0.0, metadata={"help": "Decoupled weight decay (adamw) or L2 (adam, sgd)."})
     betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"help": "Adam betas."})
@@ -55,8 +58,8 @@ class TrainSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"train.{name} must be an integer >= 0, got {value!r}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"train.lr must be a positive finite number, got {self.lr!r}")
+        if self.lr != "auto" and not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"train.lr must be a positive finite number or 'auto', got {self.lr!r}")
         check_choice("train.optimizer", self.optimizer, OPTIMIZERS)
         check_choice("train.schedule", self.schedule, SCHEDULES)
         check_choice("train.autocast", self.autocast, AUTOCAST)

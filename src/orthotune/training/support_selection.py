@@ -13,7 +13,14 @@ import torch
 from torch import Tensor, nn
 
 from ..layer import quantized
-from ..methods.loft.selection import captured_fraction, gradient_basis, gradient_coordinates, second_moment_basis
+from ..methods.loft.selection import (
+    captured_fraction,
+    complete_basis,
+    gradient_basis,
+    gradient_coordinates,
+    gradient_dims,
+    second_moment_basis,
+)
 from ..methods.loft.supports import DenseSupport
 from ..model.adapter_model import AdapterModel
 
@@ -54,6 +61,7 @@ def select_supports(
     head_warmup_steps: int = 0,
     head_lr: float = 1e-3,
     statistic: str = "mean",
+    gradient_fraction: float = 1.0,
 ) -> dict[str, dict[str, float]]:
     """LOFT's gradient-informed support selection: fill every task-aware support of an adapter.
 
@@ -71,6 +79,11 @@ def select_supports(
     ranks directions by ``sum_b K_b^T K_b`` over batches (:func:`second_moment_basis`) instead of
     the mean gradient's ``K``; it holds one d_in x d_in matrix per targeted layer.
 
+    ``gradient_fraction < 1`` mixes: that share of each support (rounded to whole planes) is the
+    statistic's top directions, the rest random directions orthogonal to them (or random other
+    coordinates, for ``gradient_coordinate``): the rotation reaches where the first steps pay and also
+    spreads over directions later steps may need.
+
     The model is otherwise left as it was: requires_grad flags, gradients, train/eval modes and
     active adapters are restored. Returns, per layer, the share of the mean first-order signal the
     chosen support captures (:func:`captured_fraction`).
@@ -83,6 +96,7 @@ def select_supports(
         raise ValueError(f"head_warmup_steps must be a non-negative integer, got {head_warmup_steps!r}")
     if statistic not in STATISTICS:
         raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
+    gradient_dims(1, gradient_fraction)  # checks the fraction before any work
     name = adapter_name or model.active_adapter
     if name not in model.configs:
         raise ValueError(f"no adapter named {name!r}; adapters here: {sorted(model.configs)}")
@@ -155,17 +169,19 @@ def select_supports(
             for lname, layer, support in targets:
                 W0 = layer.weight_matrix().float()
                 G = sums[lname] / seen
+                k = gradient_dims(support.dim, gradient_fraction)
                 if isinstance(support, DenseSupport):
-                    P = gradient_basis(W0, G, support.dim) if statistic == "mean" else second_moment_basis(moments[lname], support.dim)
+                    P = gradient_basis(W0, G, k) if statistic == "mean" else second_moment_basis(moments[lname], k)
+                    P = complete_basis(P.to(W0.device, torch.float64), support.dim)
                     support.assign(P.to(support.P.dtype))
-                elif statistic == "second_moment":
-                    idx = torch.sort(torch.topk(torch.diagonal(moments[lname]), support.dim).indices).values
-                    support.assign(idx.to(support.index.device))
-                    P = torch.eye(W0.shape[1], dtype=torch.float64)[:, idx.cpu()]
                 else:
-                    idx = gradient_coordinates(W0, G, support.dim)
+                    if statistic == "second_moment":
+                        idx = torch.topk(torch.diagonal(moments[lname]), k).indices
+                    else:
+                        idx = gradient_coordinates(W0, G, k)
+                    idx = torch.sort(_complete_coordinates(idx.cpu(), W0.shape[1], support.dim)).values
                     support.assign(idx.to(support.index.device))
-                    P = torch.eye(W0.shape[1], dtype=torch.float64)[:, idx.cpu()]
+                    P = torch.eye(W0.shape[1], dtype=torch.float64)[:, idx]
                 report[lname] = {"captured_fraction": captured_fraction(W0.cpu(), G.cpu(), P.cpu()), "batches": seen}
     finally:
         for w, g in zip(weights, old_grads):
@@ -179,6 +195,16 @@ def select_supports(
         for lname, layer, _ in targets:
             layer.active_adapters = active[lname]
     return report
+
+
+def _complete_coordinates(idx: Tensor, d: int, r: int) -> Tensor:
+    """``idx`` followed by ``r - len(idx)`` other coordinates of ``range(d)`` drawn at random (global torch RNG)."""
+    if idx.numel() >= r:
+        return idx
+    free = torch.ones(d, dtype=torch.bool)
+    free[idx] = False
+    rest = torch.nonzero(free).flatten()
+    return torch.cat([idx, rest[torch.randperm(rest.numel())[: r - idx.numel()]]])
 
 
 def warm_up_head(model: nn.Module, batches: Any, head: list[Tensor], steps: int, lr: float, loss_fn: LossFn,

@@ -40,9 +40,35 @@ def gradient_basis(W0: Tensor, G: Tensor, r: int) -> Tensor:
         K = X @ Y.T
         U = torch.linalg.eigh(K.T @ K).eigenvectors.flip(-1)  # eigh sorts ascending
     if U.shape[1] < r:  # the statistic has rank < r: complete the basis orthogonally
-        fill = torch.randn(U.shape[0], r - U.shape[1], dtype=U.dtype, device=U.device)
-        U = torch.linalg.qr(torch.cat([U, fill - U @ (U.T @ fill)], 1)).Q
+        U = complete_basis(U, r)
     return U[:, :r].to(W0.dtype)
+
+
+def complete_basis(U: Tensor, r: int) -> Tensor:
+    """``U`` (d x k, orthonormal) followed by ``r - k`` Haar-random orthonormal directions orthogonal to it.
+
+    The first ``k`` columns are ``U``'s own (up to sign); the rest is a random basis of part of the
+    complement (global torch RNG, on the CPU in float64, so a seed fixes it on every device).
+    """
+    k = U.shape[1]
+    if r <= k:
+        return U[:, :r]
+    Ud = U.detach().to("cpu", torch.float64)
+    fill = torch.randn(Ud.shape[0], r - k, dtype=torch.float64)
+    fill = fill - Ud @ (Ud.T @ fill)
+    fill = fill - Ud @ (Ud.T @ fill)  # twice: orthogonal to U to rounding, whatever its conditioning
+    Q = torch.linalg.qr(fill).Q
+    return torch.cat([Ud, Q], 1).to(dtype=U.dtype, device=U.device)
+
+
+def gradient_dims(r: int, fraction: float) -> int:
+    """How many of ``r`` support directions a ``gradient_fraction`` takes from the statistic: ``fraction * r``
+    rounded to an even number (whole invariant planes of the skew statistic), at least 2 when ``fraction > 0``."""
+    if not (isinstance(fraction, (int, float)) and 0 <= fraction <= 1):
+        raise ValueError(f"gradient_fraction must be a number in [0, 1], got {fraction!r}")
+    if fraction in (0, 1):
+        return int(fraction * r)
+    return min(r, max(2, 2 * round(fraction * r / 2)))
 
 
 def gradient_coordinates(W0: Tensor, G: Tensor, r: int) -> Tensor:

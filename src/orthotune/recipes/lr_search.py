@@ -1,0 +1,142 @@
+"""``train.lr: auto`` (``orthotune finetune --lr auto``): a short, seeded learning-rate range test on the training data.
+
+Candidates are the method's default rate (:meth:`~orthotune.methods.config.AdapterConfig.default_learning_rate`)
+times :data:`FACTORS`. Each one trains a fresh copy of the run's model (same seed, same initialisation, same
+support selection) for a short run with the recipe's optimiser and schedule, on the first batches of the
+first epoch's order, and is scored by the mean training loss on the last few batches of that epoch, which
+it never trained on. The test split is never touched. The best (lowest held-out loss; a diverged trial
+scores infinity) becomes ``train.lr`` of the full run; everything is recorded in ``lr_search.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .loop import fit, resolve_device
+from .runconfig import FULL, RunConfig
+from .task import Task
+from .tasks import TASKS
+
+AUTO = "auto"
+FACTORS = (1 / 3, 1.0, 3.0)  # the grid the standard loop and the quality table sweep
+MAX_TRIAL_STEPS = 300
+RECORD = "lr_search.json"
+
+
+class TrainingSlice(Task):
+    """``task`` seen through epoch 0's first batches (to train on); its last ``holdout`` batches score."""
+
+    name = "lr-range-test"
+    metric = "heldout_loss"
+    higher_is_better = False
+
+    def __init__(self, task: Task, batch_size: int, holdout: int) -> None:  # noqa: D107 - no Task.__init__: a view
+        per_epoch = task.batches_per_epoch(batch_size)
+        if per_epoch <= holdout:
+            raise ValueError(f"train.lr=auto holds out {holdout} training batches to score the candidates, and the "
+                             f"training set has only {per_epoch} batches of {batch_size}: use more training data or set train.lr")
+        self.task, self.device, self.seed = task, task.device, task.seed
+        self.train_batches = per_epoch - holdout
+        self.heldout = [task.train_batch(0, i, batch_size) for i in range(self.train_batches, per_epoch)]
+        self.batch_size = batch_size
+
+    def batches_per_epoch(self, batch_size: int) -> int:
+        return self.train_batches
+
+    def train_size(self) -> int:
+        return self.train_batches * self.batch_size
+
+    def train_batch(self, epoch: int, index: int, batch_size: int) -> Any:
+        return self.task.train_batch(0, index, batch_size)  # always epoch 0's order: the held-out batches stay unseen
+
+    def loss(self, model: nn.Module, batch: Any, step: int) -> torch.Tensor:
+        return self.task.loss(model, batch, step)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Mean training loss over the held-out batches (fixed per-batch noise seeds, the same for every candidate)."""
+        was_training = model.training
+        model.eval()
+        losses = [float(self.task.loss(model, b, -1 - i)) for i, b in enumerate(self.heldout)]
+        model.train(was_training)
+        return {self.metric: sum(losses) / len(losses)}
+
+
+def with_lr(config: RunConfig, lr: float) -> RunConfig:
+    """``config`` with ``train.lr = lr``."""
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, lr=lr))
+
+
+def trial_steps(config: RunConfig, per_epoch: int) -> int:
+    """Steps of each candidate's run: a quarter of the full run, at most :data:`MAX_TRIAL_STEPS`."""
+    return max(1, min(MAX_TRIAL_STEPS, math.ceil(config.train.total_steps(per_epoch) / 4)))
+
+
+def holdout_batches(per_epoch: int) -> int:
+    """Training batches kept back to score: a tenth of an epoch, between 1 and 8."""
+    return max(1, min(8, per_epoch // 10))
+
+
+#: ``prepare(config, view_of) -> (view, model)``: the run's model for ``config`` and ``view_of(task)``, its data-driven
+#: set-up (LOFT's support selection) done on the view's training batches (``finetune.trial``)
+Prepare = Callable[[RunConfig, Callable[[Task], "TrainingSlice"]], tuple["TrainingSlice", nn.Module]]
+
+
+def search_lr(config: RunConfig, prepare: Prepare, progress: bool = False, factors: tuple[float, ...] = FACTORS) -> dict[str, Any]:
+    """Run the range test for ``config`` (whose ``train.lr`` is ``"auto"``); returns the record, ``chosen`` included."""
+    if config.method == FULL:
+        raise ValueError("train.lr=auto centres its candidates on a method's default rate; full fine-tuning has none: set train.lr")
+    centre = config.adapter_config().default_learning_rate()
+    per_epoch = TASKS[config.task](config.model, config.data, config.seed, resolve_device(config.device)).batches_per_epoch(
+        config.train.batch_size)
+    holdout = holdout_batches(per_epoch)
+    steps = trial_steps(config, per_epoch)
+    full_total = config.train.total_steps(per_epoch)
+    settings = dataclasses.replace(
+        config.train, lr=centre, steps=steps, epochs=None, eval_every=0, eval_before=False, save_every=0, compile=False,
+        warmup=config.train.warmup_steps(full_total) / full_total,
+    )
+    trials = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for factor in factors:
+            lr = centre * factor
+            view, model = prepare(with_lr(config, lr), lambda task: TrainingSlice(task, settings.batch_size, holdout))
+            try:
+                fitted = fit(model, view, dataclasses.replace(settings, lr=lr), Path(scratch), progress=progress)
+                score = fitted.history["eval"][-1][1][view.metric]
+            except FloatingPointError:  # a diverged candidate is a result, not a failure
+                score = math.inf
+            trials.append({"lr": lr, "factor": factor, "heldout_loss": score if math.isfinite(score) else None})
+            del model
+    finite = [t for t in trials if t["heldout_loss"] is not None]
+    if not finite:
+        raise ValueError(f"every learning rate of the range test diverged ({[t['lr'] for t in trials]}): set train.lr lower")
+    best = min(finite, key=lambda t: t["heldout_loss"])
+    return {"chosen": best["lr"], "centre": centre, "trials": trials, "steps_per_trial": steps, "train_batches": view.train_batches,
+            "heldout_batches": holdout, "batch_size": settings.batch_size, "score": "mean training loss on held-out training batches",
+            "seed": config.seed}
+
+
+def resolve_lr(config: RunConfig, run_dir: Path, resume: bool, progress: bool,
+               prepare: Prepare) -> tuple[RunConfig, dict[str, Any] | None]:
+    """``config`` with ``train.lr`` a number: unchanged if it is one, else chosen by :func:`search_lr` (or, when
+    resuming, read from the run folder's record) and the record written to ``run_dir/lr_search.json``."""
+    if config.train.lr != AUTO:
+        return config, None
+    record_file = run_dir / RECORD
+    if resume and record_file.is_file():
+        record = json.loads(record_file.read_text())
+    else:
+        record = search_lr(config, prepare, progress)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        record_file.write_text(json.dumps(record, indent=1) + "\n")
+    return with_lr(config, record["chosen"]), record

@@ -1,0 +1,89 @@
+"""``orthotune finetune --lr auto``: the range test on held-out training batches, its record, then the full run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from orthotune.cli import main
+from orthotune.recipes.finetune import trial
+from orthotune.recipes.lr_search import FACTORS, RECORD, TrainingSlice, resolve_lr
+from orthotune.recipes.runconfig import load_run_config
+from orthotune.recipes.task import Task, batch_indices
+
+pytest.importorskip("transformers")
+TEXT = Path(__file__).resolve().parents[2] / "recipes" / "text_banking77.yaml"
+
+
+class Numbers(Task):
+    """A task whose batches are their example indices: what a slice trains on and holds out is visible."""
+
+    name, metric = "numbers", "loss"
+
+    def __init__(self, n: int) -> None:
+        self.n, self.seed, self.device = n, 7, torch.device("cpu")
+
+    def train_size(self) -> int:
+        return self.n
+
+    def train_batch(self, epoch: int, index: int, batch_size: int) -> torch.Tensor:
+        return torch.tensor(batch_indices(self.n, batch_size, self.seed, epoch, index), dtype=torch.float32)
+
+    def loss(self, model, batch, step):
+        return model(batch[:, None]).pow(2).mean()
+
+
+def test_the_slice_never_trains_on_its_held_out_batches() -> None:
+    view = TrainingSlice(Numbers(50), batch_size=8, holdout=2)  # 7 batches: 5 to train on, 2 held out
+    assert view.batches_per_epoch(8) == 5
+    trained = {int(i) for epoch in range(4) for index in range(5) for i in view.train_batch(epoch, index, 8)}
+    held = {int(i) for b in view.heldout for i in b}
+    assert len(held) == 50 - 40 and not trained & held and trained | held == set(range(50))
+    model = torch.nn.Linear(1, 1)
+    with torch.no_grad():
+        expected = float(sum(model(b[:, None]).pow(2).mean() for b in view.heldout) / 2)
+    assert view.evaluate(model)["heldout_loss"] == pytest.approx(expected)
+    with pytest.raises(ValueError, match="holds out 7 training batches .* only 7 batches"):
+        TrainingSlice(Numbers(50), batch_size=8, holdout=7)
+
+
+def test_resume_reads_the_recorded_choice(tmp_path) -> None:
+    config = load_run_config(TEXT, ["train.lr=auto", f"output_dir={tmp_path}"])
+    (tmp_path / RECORD).write_text(json.dumps({"chosen": 0.0042}))
+    resolved, record = resolve_lr(config, tmp_path, resume=True, progress=False, prepare=trial)
+    assert resolved.train.lr == 0.0042 and record["chosen"] == 0.0042
+    same, none = resolve_lr(resolved, tmp_path, resume=False, progress=False, prepare=trial)
+    assert same is resolved and none is None  # a number is kept as it is
+
+
+def test_lr_auto_chooses_a_candidate_records_it_and_runs(tmp_path, capsys) -> None:
+    out = tmp_path / "auto"
+    main(["finetune", "--config", str(TEXT), "--quiet", "--device", "cpu", "--output-dir", str(out), "--steps", "8",
+          "--lr", "auto", "--seed", "1", "--set", "data.train_size=48", "--set", "data.eval_size=40",
+          "--set", "train.batch_size=8", "--set", "train.eval_every=0", "--set", "model.max_length=32"])
+    assert "text_classification / loco (seed 1): accuracy" in capsys.readouterr().out
+    record = json.loads((out / RECORD).read_text())
+    centre = 9e-3  # LoCO's default (orthotune.methods.defaults)
+    assert record["centre"] == centre and [t["lr"] for t in record["trials"]] == pytest.approx([centre * f for f in FACTORS])
+    assert record["chosen"] in [t["lr"] for t in record["trials"]]
+    scores = {t["lr"]: t["heldout_loss"] for t in record["trials"]}
+    assert scores[record["chosen"]] == min(s for s in scores.values() if s is not None)
+    assert record["steps_per_trial"] == 2 and record["heldout_batches"] == 1 and record["train_batches"] == 5
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["train"]["lr"] == record["chosen"] and results["lr_search"] == record
+    assert results["steps"] == 8 and (out / "adapter").is_dir()
+
+
+def test_lr_auto_refuses_full_fine_tuning(tmp_path) -> None:
+    config = load_run_config(TEXT, ["train.lr=auto", "method=full", "adapter=null", f"output_dir={tmp_path}"])
+    with pytest.raises(ValueError, match="full fine-tuning has none: set train.lr"):
+        resolve_lr(config, tmp_path, resume=False, progress=False, prepare=trial)
+
+
+def test_cli_refuses_a_bad_lr(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["finetune", "--config", str(TEXT), "--lr", "fast"])
+    assert "expected a number or 'auto'" in capsys.readouterr().err
