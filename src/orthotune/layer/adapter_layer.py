@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..methods.base import AdapterMethod, Base, Core, cast
 from ..ops import lowrank
-from . import quantized
+from . import quantized, residual
 from .merge_precision import in_float64, merge_dtype
 from .mixed import BASE, MixedBatch, grouped
 from .offload import offload_hook, onloaded, write_back
@@ -98,6 +98,8 @@ class AdapterLayer(nn.Module):
         self.planned: dict[str, Core] = {}
         #: adapter name -> (U, weight key, W0 U): the inference fold, valid while U and the base weight are unchanged
         self.folds: dict[str, tuple[Tensor, tuple[int, int, torch.dtype], Tensor]] = {}
+        #: the adapter whose principal part the base weight lacks (PiSSA residual_base, layer/residual.py), or None
+        self.residual: str | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         """Copies and pickles carry no per-step cores (a training core is part of an autograd graph)."""
@@ -174,6 +176,8 @@ class AdapterLayer(nn.Module):
     def _run(self, x: Tensor, adapters: list[str], *args: Any, **kwargs: Any) -> Tensor:
         """The layer with the named ``adapters`` composed in order on the frozen base."""
         if not adapters:
+            if self.residual is not None and self.residual not in self.merged_adapters:  # W0 x = (W0 - P) x + P x
+                return residual.add_principal(self, self.base_layer(x, *args, **kwargs), x)
             return self.base_layer(x, *args, **kwargs)
         if offload_hook(self.base_layer) is not None:
             with onloaded(self.base_layer):
