@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..methods.base import AdapterMethod, Base, Core, cast
 from ..ops import lowrank
-from . import quantized, residual
+from . import quantized
 from .merge_precision import in_float64, merge_dtype
 from .mixed import BASE, MixedBatch, grouped
 from .offload import offload_hook, onloaded, write_back
@@ -177,12 +177,17 @@ class AdapterLayer(nn.Module):
         """The layer with the named ``adapters`` composed in order on the frozen base."""
         if not adapters:
             if self.residual is not None and self.residual not in self.merged_adapters:  # W0 x = (W0 - P) x + P x
-                return residual.add_principal(self, self.base_layer(x, *args, **kwargs), x)
+                return self._add_principal(self.base_layer(x, *args, **kwargs), x)
             return self.base_layer(x, *args, **kwargs)
         if offload_hook(self.base_layer) is not None:
             with onloaded(self.base_layer):
                 return self._adapted_forward(x, adapters)
         return self._adapted_forward(x, adapters)
+
+    def _add_principal(self, out: Tensor, x: Tensor) -> Tensor:
+        """``out + s B0 A0 x`` of the residual adapter: the residual base's output made ``W0 x`` again (rank r)."""
+        A0, B0, s = self.adapters[self.residual].principal()
+        return lowrank.add_lowrank(out, x, A0.to(x.dtype), (s * B0).to(x.dtype))
 
     def _adapted_forward(self, x: Tensor, adapters: list[str]) -> Tensor:
         if self.kind in MERGED_KINDS:

@@ -5,7 +5,7 @@ An adapter whose method has ``residual = True`` declares a low-rank principal pa
 (computed in float64, rounded once to the base dtype) and records the adapter in
 :attr:`~orthotune.layer.adapter_layer.AdapterLayer.residual`; the adapter then runs plain LoRA on it.
 While the adapter is not applied (disabled, inactive, a mixed batch's base rows) the layer adds ``P x``
-back, so it computes ``W0 x`` to the rounding of the stored residual; :func:`restore` writes ``W0`` back
+back (``AdapterLayer._add_principal``), so it computes ``W0 x`` to the rounding of the stored residual; :func:`restore` writes ``W0`` back
 (unload, delete). A layer with a residual base carries that adapter only: the base another adapter
 composes on would be the residual, which is neither model, so :func:`check` refuses the combination.
 ``A0, B0`` are the method's saved buffers, so they define ``P``; :func:`kept` rebases the weight when a
@@ -16,18 +16,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from ..ops import lowrank
 from . import quantized
+from .adapter_layer import AdapterLayer, layer_kind
 from .merge_precision import merge_dtype
 from .offload import onloaded
-
-if TYPE_CHECKING:
-    from .adapter_layer import AdapterLayer
 
 
 def is_residual(method: nn.Module) -> bool:
@@ -38,8 +34,6 @@ def is_residual(method: nn.Module) -> bool:
 def check(module: nn.Module, method: nn.Module, layer_name: str, adapter_name: str) -> None:
     """Raise ValueError (naming the fix) if ``method`` cannot be attached as ``adapter_name`` to the module now
     at ``layer_name`` (a plain layer or an AdapterLayer) because of a residual base, its own or one there."""
-    from .adapter_layer import AdapterLayer, layer_kind
-
     held = [n for n in module.adapters if n != adapter_name] if isinstance(module, AdapterLayer) else []
     there = module.residual if isinstance(module, AdapterLayer) else None
     if there is not None and held:
@@ -80,12 +74,6 @@ def restore(layer: AdapterLayer) -> None:
         return
     _shift(layer, layer.adapters[name].principal(), None)
     layer.residual = None
-
-
-def add_principal(layer: AdapterLayer, out: Tensor, x: Tensor) -> Tensor:
-    """``out + P x``: the residual base's output made the original ``W0 x`` again (a rank-r pass)."""
-    A0, B0, s = layer.adapters[layer.residual].principal()
-    return lowrank.add_lowrank(out, x, A0.to(x.dtype), (s * B0).to(x.dtype))
 
 
 @contextlib.contextmanager

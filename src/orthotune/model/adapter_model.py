@@ -483,7 +483,8 @@ class AdapterModel(nn.Module):
         if path_initial_model_for_weight_conversion is not None:
             raise ValueError(
                 "path_initial_model_for_weight_conversion is for peft's PiSSA/OLoRA, whose base weights change; "
-                "orthotune's adapters never change the base model, so save without it"
+                "orthotune's folders store A0, B0 (also with residual_base=True, where loading reapplies the "
+                "residual to the untouched base), so save without it; export_peft() writes the plain LoRA it makes"
             )
         unknown_kwargs = sorted(set(kwargs) - {"state_dict"})
         if unknown_kwargs:
