@@ -104,7 +104,8 @@ def test_inactive_and_mixed_batch_rows_compute_w0() -> None:
 
 
 @pytest.mark.parametrize("niter", [None, 1])
-def test_folder_reloads_onto_an_untouched_base(tmp_path, niter: int | None) -> None:
+@pytest.mark.parametrize("low_cpu_mem_usage", [False, True])
+def test_folder_reloads_onto_an_untouched_base(tmp_path, niter: int | None, low_cpu_mem_usage: bool) -> None:
     """save_pretrained stores A0, B0: loading reapplies that residual (not a new SVD, which for a random sketch
     differs), so the reloaded model is bit-identical; delete_adapter writes W0 back."""
     cls, targets, make_x = MODELS["mlp"]
@@ -114,7 +115,7 @@ def test_folder_reloads_onto_an_untouched_base(tmp_path, niter: int | None) -> N
     _perturb(ours)
     ours.save_pretrained(tmp_path / "a")
     torch.manual_seed(99)  # another sketch for svd_niter
-    loaded = orthotune.load_adapter(copy.deepcopy(base), tmp_path / "a")
+    loaded = orthotune.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a", low_cpu_mem_usage=low_cpu_mem_usage)
     assert loaded.configs["default"].residual_base
     x = make_x()
     assert torch.equal(loaded(x), ours(x))
@@ -126,7 +127,7 @@ def test_folder_reloads_onto_an_untouched_base(tmp_path, niter: int | None) -> N
         assert torch.allclose(loaded.base_model.get_submodule(name).weight, base.get_submodule(name).weight, atol=1e-6)
 
 
-@pytest.mark.parametrize("how", ["load_adapter_weights", "set_peft_model_state_dict"])
+@pytest.mark.parametrize("how", ["load_adapter_weights", "set_peft_model_state_dict", "low_cpu_mem_usage"])
 def test_loading_other_principal_factors_in_place_moves_the_residual(tmp_path, how: str) -> None:
     """A load that replaces A0, B0 of a live residual adapter (another sketch) rebases the weight with them."""
     cls, targets, make_x = MODELS["mlp"]
@@ -141,10 +142,15 @@ def test_loading_other_principal_factors_in_place_moves_the_residual(tmp_path, h
     if how == "load_adapter_weights":
         saved.save_pretrained(tmp_path / "a")
         resumed.load_adapter_weights(tmp_path / "a")
-    else:
+    else:  # peft's API, copying in place or (low_cpu_mem_usage) assigning to an adapter added on the meta device
         from orthotune.interop.peft_api import get_peft_model_state_dict, set_peft_model_state_dict
 
-        set_peft_model_state_dict(resumed, get_peft_model_state_dict(saved))
+        if how == "low_cpu_mem_usage":
+            resumed = orthotune.OrthoModel(copy.deepcopy(base))
+            resumed.add_adapter("default", copy.deepcopy(config), low_cpu_mem_usage=True)
+            resumed.set_adapter("default")
+        low = how == "low_cpu_mem_usage"
+        set_peft_model_state_dict(resumed, get_peft_model_state_dict(saved), low_cpu_mem_usage=low)
     x = make_x()
     assert torch.allclose(resumed(x), saved(x), atol=1e-6)
     with resumed.disable_adapter():
