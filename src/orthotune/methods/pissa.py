@@ -3,8 +3,8 @@
 With ``W0 = U S V^T``: ``A0 = sqrt(S_r / s) V_r^T``, ``B0 = U_r sqrt(S_r / s)`` (``s`` the LoRA
 scale, so ``s B0 A0`` is the rank-r principal part of ``W0``), exactly as peft 0.21's
 ``init_lora_weights="pissa"`` (full SVD) and ``"pissa_niter_K"`` (``torch.svd_lowrank``, K
-subspace iterations). The paper trains ``A, B`` on top of the residual ``W0 - s B0 A0``; here the
-base weight is never modified: ``A0, B0`` are kept as buffers and the layer computes
+subspace iterations). The paper trains ``A, B`` on top of the residual ``W0 - s B0 A0``; by default
+the base weight is never modified: ``A0, B0`` are kept as buffers and the layer computes
 
     ``y = W0 x + s (B A - B0 A0) x = W0 x + s [B, B - B0] [A - A0; A0] x``,
 
@@ -104,7 +104,7 @@ def principal_factors(
 
 
 class PiSSA(AdapterMethod):
-    """Additive update ``s (B A - B0 A0)`` on activations, ``A, B`` trained from ``A0, B0``."""
+    """Additive update ``s (B A - B0 A0)`` (``s B A`` on a residual base), ``A, B`` trained from ``A0, B0``."""
 
     config_class = PiSSAConfig
 
