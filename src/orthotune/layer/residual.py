@@ -5,8 +5,8 @@ An adapter whose method has ``residual = True`` declares a low-rank principal pa
 (computed in float64, rounded once to the base dtype) and records the adapter in
 :attr:`~orthotune.layer.adapter_layer.AdapterLayer.residual`; the adapter then runs plain LoRA on it.
 While the adapter is not applied (disabled, inactive, a mixed batch's base rows) the layer adds ``P x``
-back (``AdapterLayer._add_principal``), so it computes ``W0 x`` to the rounding of the stored residual; :func:`restore` writes ``W0`` back
-(unload, delete). A layer with a residual base carries that adapter only: the base another adapter
+back (``AdapterLayer._add_principal``), so it computes ``W0 x`` to the rounding of the stored residual;
+:func:`restore` writes ``W0`` back (unload, delete). A layer with a residual base carries that adapter only: the base another adapter
 composes on would be the residual, which is neither model, so :func:`check` refuses the combination.
 ``A0, B0`` are the method's saved buffers, so they define ``P``; :func:`kept` rebases the weight when a
 load replaces them in place.
