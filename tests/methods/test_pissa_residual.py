@@ -2,7 +2,8 @@
 
 Compared with peft 0.21's PiSSA (the same residual weight, model and dropout: test_pissa.py's tests with
 ``residual_base``), with the default difference form (the same model, merged weights and export), and
-checked for what the rewrite implies: the disabled or unloaded model is ``W0`` again, folders reload onto an untouched base, and a residual layer holds one adapter only.
+checked for what the rewrite implies: the disabled or unloaded model is ``W0`` again, folders reload
+onto an untouched base, and a residual layer holds one adapter only.
 """
 
 from __future__ import annotations
