@@ -54,6 +54,7 @@ def specs() -> list[eff.Spec]:
     ot = [
         ("orthotune LoRA r16", "LoRAConfig", dict(r=16, lora_alpha=32), None),
         ("orthotune PiSSA r16", "PiSSAConfig", dict(r=16, lora_alpha=16), "pissa"),
+        ("orthotune PiSSA r16 residual", "PiSSAConfig", dict(r=16, lora_alpha=16, residual_base=True), "pissa"),
         ("orthotune LoCA n1000", "LoCAConfig", dict(n_frequency=1000), "loca"),
         ("orthotune FourierFT n1000", "FourierFTConfig", dict(n_frequency=1000), "fourierft"),
         ("orthotune LoCO k3 r6 exact", "LoCOConfig", dict(chain_length=3, rank=6), "loco"),

@@ -62,3 +62,22 @@ CASES: list[Case] = [
 def run(method: nn.Module, x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """One method on its own: ``forward(x, base, core)`` with ``base = fn`` and the method's own core."""
     return method(x, Base(fn), method.core(x.dtype))
+
+
+def adapter_per_case(base: nn.Module, cases: list[Case], slots: list[str]) -> tuple[Any, list[str]]:
+    """``base`` carrying each case as its own adapter ``a{i}_{method}`` on ``slots[i % len(slots)]``, all active
+    (perturbed starts): the compiled-model tests' one model for many methods."""
+    import orthotune
+    from orthotune.methods.registry import METHODS
+
+    model, names = None, []
+    for i, case in enumerate(cases):
+        config = METHODS[case.method][0](target_modules=[slots[i % len(slots)]], init_identity=False, **case.kwargs)
+        name = f"a{i}_{case.method}"
+        if model is None:
+            model = orthotune.get_model(base, config, adapter_name=name)
+        else:
+            model.add_adapter(name, config)
+        names.append(name)
+    model.set_adapter(names)
+    return model, names

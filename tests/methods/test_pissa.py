@@ -9,6 +9,7 @@ import torch
 
 import orthotune
 from orthotune import PiSSAConfig
+from orthotune.layer import residual as residual_base
 
 from ..conftest import MODELS
 
@@ -33,23 +34,34 @@ def _peft_pissa(base, targets, r, alpha, rslora, init):
 @pytest.mark.parametrize("model_name", ["mlp", "conv1d"])
 @pytest.mark.parametrize("init,niter", [("pissa", None), ("pissa_niter_2", 2)])
 @pytest.mark.parametrize("rslora", [False, True])
-def test_pissa_matches_peft(model_name: str, init: str, niter: int | None, rslora: bool) -> None:
+@pytest.mark.parametrize("residual", [False, True], ids=["difference", "residual_base"])
+def test_pissa_matches_peft(model_name: str, init: str, niter: int | None, rslora: bool, residual: bool) -> None:
+    """Either form is peft's model; residual_base also holds peft's residual weight W0 - s B0 A0 (the default form
+    keeps W0). Disabled, peft computes its residual, orthotune the base model."""
     cls, targets, make_x = MODELS[model_name]
     base = cls()
     theirs, initial = _peft_pissa(base, targets, r=3, alpha=5, rslora=rslora, init=init)
-    ours = orthotune.get_model(copy.deepcopy(base), PiSSAConfig(target_modules=targets, r=3, lora_alpha=5, use_rslora=rslora, svd_niter=niter))
+    config = PiSSAConfig(target_modules=targets, r=3, lora_alpha=5, use_rslora=rslora, svd_niter=niter, residual_base=residual)
+    ours = orthotune.get_model(copy.deepcopy(base), config)
     x = make_x()
     assert torch.allclose(theirs(x), base(x), atol=1e-5), "peft's PiSSA starts at the base model"
-    assert torch.equal(ours(x), base(x)), "orthotune's PiSSA starts exactly at the base model"
+    if residual:  # W0 - s B0 A0 + s B0 A0, each rounded in float32
+        assert torch.allclose(ours(x), base(x), atol=1e-5)
+    else:
+        assert torch.equal(ours(x), base(x)), "orthotune's PiSSA starts exactly at the base model"
 
     torch.manual_seed(1)
-    for name, layer in ours.adapter_layers():
+    layers = dict(ours.adapter_layers())
+    for name, layer in layers.items():
         pl = theirs.base_model.model.get_submodule(name)
         A0, B0 = initial[name]
         method = layer.adapters["default"]
-        if niter is None:  # the exact SVD is deterministic: the same principal factors as peft
+        if niter is None:  # the exact SVD is deterministic: the same principal factors (and residual) as peft
             assert torch.allclose(method.lora_A0, A0, atol=1e-5) and torch.allclose(method.lora_B0, B0, atol=1e-5)
-        with torch.no_grad():  # "training": move peft's factors, then copy everything across
+            if residual:
+                assert torch.allclose(layer.weight, pl.base_layer.weight, atol=1e-6), "peft's residual weight"
+        # "training": move peft's factors, then copy everything across (a residual base moves with A0, B0)
+        with torch.no_grad(), residual_base.kept(list(layers.values()), "default"):
             pl.lora_A["default"].weight.add_(0.05 * torch.randn_like(A0))
             pl.lora_B["default"].weight.add_(0.05 * torch.randn_like(B0))
             method.lora_A0.copy_(A0)
@@ -59,8 +71,9 @@ def test_pissa_matches_peft(model_name: str, init: str, niter: int | None, rslor
 
     assert not torch.allclose(theirs(x), base(x), atol=1e-3)
     assert torch.allclose(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
-    with ours.disable_adapter():  # peft's disabled model is the residual; ours is the true base
-        assert torch.equal(ours(x), base(x))
+    with ours.disable_adapter(), theirs.disable_adapter():  # peft's disabled model is the residual; ours is the base
+        assert torch.allclose(ours(x), base(x), atol=1e-6) if residual else torch.equal(ours(x), base(x))
+        assert not torch.allclose(theirs(x), base(x), atol=1e-3)
     merged_ours = ours.merge_and_unload().state_dict()
     merged_theirs = theirs.merge_and_unload().state_dict()
     assert merged_ours.keys() == merged_theirs.keys()
@@ -98,14 +111,17 @@ def test_update_is_exactly_zero_in_half_precision(dtype: torch.dtype, autocast: 
     assert plain.abs().max() > 0, "the plain rank-2r form would not start at the identity"
 
 
-def test_dropout_matches_peft_in_training() -> None:
-    """peft drops the input of the whole B A path; the principal part kept in W0 is dropped the same way."""
+@pytest.mark.parametrize("residual", [False, True], ids=["difference", "residual_base"])
+def test_dropout_matches_peft_in_training(residual: bool) -> None:
+    """peft drops the input of the whole B A path; the principal part kept in W0 is dropped the same way (on the
+    residual base that is plain LoRA's dropout, peft's own form)."""
     cls, targets, make_x = MODELS["mlp"]
     base = cls()
     theirs = peft.get_peft_model(
         copy.deepcopy(base), peft.LoraConfig(target_modules=["lin1"], r=3, lora_alpha=6, lora_dropout=0.5, init_lora_weights="pissa")
     )
-    ours = orthotune.get_model(copy.deepcopy(base), PiSSAConfig(target_modules=["lin1"], r=3, lora_alpha=6, lora_dropout=0.5))
+    config = PiSSAConfig(target_modules=["lin1"], r=3, lora_alpha=6, lora_dropout=0.5, residual_base=residual)
+    ours = orthotune.get_model(copy.deepcopy(base), config)
     theirs.train()
     ours.train()
     x = make_x()

@@ -17,7 +17,7 @@ import orthotune
 from orthotune.methods.base import AdapterMethod
 from orthotune.methods.registry import METHODS
 
-from ..method_cases import CASES
+from ..method_cases import CASES, adapter_per_case
 
 transformers = pytest.importorskip("transformers")
 
@@ -35,18 +35,7 @@ def _model_with_every_case() -> tuple[orthotune.OrthoModel, list[str]]:
         num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )  # fmt: skip
     base = transformers.LlamaForCausalLM(cfg)
-    cases = [c for c in CASES if "mlp" in c.models]
-    model, names = None, []
-    for i, case in enumerate(cases):
-        config = METHODS[case.method][0](target_modules=[SLOTS[i % len(SLOTS)]], init_identity=False, **case.kwargs)
-        name = f"a{i}_{case.method}"
-        if model is None:
-            model = orthotune.get_model(base, config, adapter_name=name)
-        else:
-            model.add_adapter(name, config)
-        names.append(name)
-    model.set_adapter(names)
-    return model, names
+    return adapter_per_case(base, [c for c in CASES if "mlp" in c.models], SLOTS)
 
 
 @pytest.mark.slow  # ~70 s of CPU: two traces (forward and backward, then evaluation) of 23 adapters

@@ -231,7 +231,7 @@ def _lora_tensors_out(method: AdapterMethod, layer: nn.Module) -> dict[str, Tens
 
 
 def _pissa_tensors_out(method: AdapterMethod, layer: nn.Module) -> dict[str, Tensor]:
-    left, right = method.factors()  # [A - A0; A0], [B, B - B0]: no cancellation when read in half precision
+    left, right = method.difference_factors()  # the update on W0 in either form; no cancellation in half precision
     return _peft_lora_shapes(left, right, layer)
 
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Literal, NamedTuple
 import torch
 from torch import nn
 
+from ..layer import residual
 from ..model.adapter_model import AdapterModel
 from ..model.io import adapter_state_dict, adapter_state_in
 from ..model.meta_init import materialize
@@ -165,7 +166,8 @@ def set_peft_model_state_dict(
         )
     if mismatched:
         warnings.warn(f"skipped {len(mismatched)} tensors of mismatched shape: {mismatched[:5]}", stacklevel=2)
-    with torch.no_grad():
+    layers = [layer for _, layer in ortho.adapter_layers()]
+    with torch.no_grad(), residual.kept(layers, adapter_name):  # new A0, B0 move a residual base with them
         to_copy = own
         if low_cpu_mem_usage:
             to_copy = _assign_layers(ortho, adapter_name, {k: v for k, v in given.items() if k not in mismatched}, own)

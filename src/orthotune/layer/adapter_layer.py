@@ -101,6 +101,8 @@ class AdapterLayer(nn.Module):
         #: adapter name -> (core, W0 U or None): inference cores computed outside any graph, which compiled
         #: no-grad forwards in eval mode read as inputs (:meth:`orthotune.layer.plan.Plan.freeze`)
         self.frozen: dict[str, tuple[Core, Tensor | None]] = {}
+        #: the adapter whose principal part the base weight lacks (PiSSA residual_base, layer/residual.py), or None
+        self.residual: str | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         """Copies and pickles carry no per-step cores (a training core is part of an autograd graph)."""
@@ -177,11 +179,18 @@ class AdapterLayer(nn.Module):
     def _run(self, x: Tensor, adapters: list[str], *args: Any, **kwargs: Any) -> Tensor:
         """The layer with the named ``adapters`` composed in order on the frozen base."""
         if not adapters:
+            if self.residual is not None and self.residual not in self.merged_adapters:  # W0 x = (W0 - P) x + P x
+                return self._add_principal(self.base_layer(x, *args, **kwargs), x)
             return self.base_layer(x, *args, **kwargs)
         if offload_hook(self.base_layer) is not None:
             with onloaded(self.base_layer):
                 return self._adapted_forward(x, adapters)
         return self._adapted_forward(x, adapters)
+
+    def _add_principal(self, out: Tensor, x: Tensor) -> Tensor:
+        """``out + s B0 A0 x`` of the residual adapter: the residual base's output made ``W0 x`` again (rank r)."""
+        A0, B0, s = self.adapters[self.residual].principal()
+        return lowrank.add_lowrank(out, x, A0.to(x.dtype), (s * B0).to(x.dtype))
 
     def _adapted_forward(self, x: Tensor, adapters: list[str]) -> Tensor:
         if self.kind in MERGED_KINDS:

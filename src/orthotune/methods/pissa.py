@@ -3,8 +3,8 @@
 With ``W0 = U S V^T``: ``A0 = sqrt(S_r / s) V_r^T``, ``B0 = U_r sqrt(S_r / s)`` (``s`` the LoRA
 scale, so ``s B0 A0`` is the rank-r principal part of ``W0``), exactly as peft 0.21's
 ``init_lora_weights="pissa"`` (full SVD) and ``"pissa_niter_K"`` (``torch.svd_lowrank``, K
-subspace iterations). The paper trains ``A, B`` on top of the residual ``W0 - s B0 A0``; here the
-base weight is never modified: ``A0, B0`` are kept as buffers and the layer computes
+subspace iterations). The paper trains ``A, B`` on top of the residual ``W0 - s B0 A0``; by default
+the base weight is never modified: ``A0, B0`` are kept as buffers and the layer computes
 
     ``y = W0 x + s (B A - B0 A0) x = W0 x + s [B, B - B0] [A - A0; A0] x``,
 
@@ -13,6 +13,12 @@ differences are exact zeros), keeps ``disable_adapter`` returning the true base 
 adapter folder self-contained. The difference form is one rank-2r pass like the plain
 ``[B, -B0][A; A0]``, but it never subtracts two large principal terms, so no precision is lost
 to cancellation in bf16/fp16 activations.
+
+``residual_base=True`` is peft's own form: the layer rewrites its frozen weight once to the residual
+``W0 - s B0 A0`` and the adapter is a plain rank-r LoRA ``s B A`` on it (LoRA's speed; the difference form
+costs a rank-2r pass). ``A0, B0`` stay saved, so a folder still loads onto an untouched base (the residual
+is reapplied there); the layer adds ``s B0 A0 x`` back whenever the adapter is off, and ``unload`` /
+``delete_adapter`` write ``W0`` back (see :mod:`orthotune.layer.residual`).
 
 ``factorization="qr"`` is OLoRA (peft's ``init_lora_weights="olora"``): the same residual start from
 ``W0 = Q R`` with ``A0 = R[:r]``, ``B0 = Q[:, :r]``.
@@ -25,9 +31,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ..ops import lowrank
 from .base import AdapterMethod, Base, Core, cast_to, each
 from .config import check_choice
-from .lora import LoRAConfig
+from .lora import LoRA, LoRAConfig
 
 
 @dataclass
@@ -52,8 +59,24 @@ class PiSSAConfig(LoRAConfig):
         },
     )
 
+    residual_base: bool = field(
+        default=False,
+        metadata={
+            "help": "True: peft's PiSSA form. The frozen base weight is rewritten in place, once at injection, to the "
+            "residual W0 - s B0 A0 (computed in float64, rounded once to the base dtype, so a bf16 base carries one "
+            "bf16 rounding of the residual), and the adapter computes plain rank-r LoRA s B A on it: LoRA's speed, "
+            "where the default difference form runs rank 2r. disable_adapter() and inactive adapters add s B0 A0 x "
+            "back (the original W0 to that rounding); unload() and delete_adapter() write W0 back into the weight. "
+            "The layer cannot carry any other adapter. save_pretrained stores A0, B0 with A, B, and loading reapplies "
+            "the residual to an untouched base; the base weight itself is never saved. Linear and GPT-2 Conv1D "
+            "layers in float weights only. False (default): W0 is never modified, y = W0 x + s (B A - B0 A0) x."
+        },
+    )
+
     def validate(self) -> None:
         super().validate()
+        if not isinstance(self.residual_base, bool):
+            raise ValueError(f"residual_base must be True or False, got {self.residual_base!r}")
         check_choice("factorization", self.factorization, ("svd", "qr"))
         if self.factorization == "qr" and self.svd_niter is not None:
             raise ValueError("svd_niter applies to factorization='svd'; leave it unset with factorization='qr' (OLoRA)")
@@ -81,13 +104,15 @@ def principal_factors(
 
 
 class PiSSA(AdapterMethod):
-    """Additive update ``s (B A - B0 A0)`` on activations, ``A, B`` trained from ``A0, B0``."""
+    """Additive update ``s (B A - B0 A0)`` (``s B A`` on a residual base), ``A, B`` trained from ``A0, B0``."""
 
     config_class = PiSSAConfig
 
     def __init__(self, config: PiSSAConfig, d_in: int, d_out: int, weight: Tensor) -> None:
         super().__init__(config, d_in, d_out, weight)
         self.scaling = config.scaling
+        #: the layer's weight holds W0 - s B0 A0 and this adapter is plain LoRA on it (``residual_base``)
+        self.residual = config.residual_base
         A0, B0 = principal_factors(weight, config.r, self.scaling, config.svd_niter, config.factorization)
         like = self._param_like(0, weight=weight)
         self.register_buffer("lora_A0", A0.to(like))
@@ -113,11 +138,27 @@ class PiSSA(AdapterMethod):
             if not self.config.init_identity:
                 self.lora_B.add_(torch.randn_like(self.lora_B), alpha=0.1)
 
-    def factors(self) -> tuple[Tensor, Tensor]:
-        """``(left, right)`` with ``B A - B0 A0 = right @ left``: ``[A - A0; A0]`` and ``[B, B - B0]``."""
+    def difference_factors(self) -> tuple[Tensor, Tensor]:
+        """``(left, right)`` with ``B A - B0 A0 = right @ left``: ``[A - A0; A0]`` and ``[B, B - B0]``
+        (the update on the untouched W0, in either form: what a plain LoRA export stores)."""
         left = torch.cat([self.lora_A - self.lora_A0, self.lora_A0], dim=0)
         right = torch.cat([self.lora_B, self.lora_B - self.lora_B0], dim=1)
         return left, right
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """``(left, right)`` of the update on the layer's weight: ``(A, B)`` on the residual base, else
+        :meth:`difference_factors`."""
+        return (self.lora_A, self.lora_B) if self.residual else self.difference_factors()
+
+    def principal(self) -> tuple[Tensor, Tensor, float]:
+        """``(A0, B0, s)``: the principal part ``s B0 A0`` that ``residual_base`` keeps in the layer's weight."""
+        return self.lora_A0, self.lora_B0, self.scaling
+
+    def core_key(self) -> tuple | None:
+        """On the residual base the cores are LoRA's, batched as LoRA batches them; else per layer."""
+        if not self.residual:
+            return None
+        return ("residual", self.config.r, self.d_in, self.d_out, self.scaling, self.lora_A.dtype, self.lora_A.device)
 
     def delta_weight(self) -> Tensor:
         left, right = self.factors()
@@ -126,10 +167,16 @@ class PiSSA(AdapterMethod):
 
     @classmethod
     def cores(cls, modules: list[PiSSA], dtype: torch.dtype | None = None) -> list[Core]:
-        """``(left, right)`` of :meth:`factors` per layer."""
-        return each(modules, dtype, lambda m: m.factors())
+        """``(A, s B)`` per layer as LoRA's on the residual base (one :meth:`core_key` group is all of one
+        form), else ``(left, right)`` of :meth:`difference_factors`."""
+        if modules[0].residual:
+            return LoRA.cores(modules, dtype)
+        return each(modules, dtype, lambda m: m.difference_factors())
 
     def forward(self, x: Tensor, base: Base, core: Core) -> Tensor:
+        if self.residual:  # peft's PiSSA: plain LoRA on W0 - s B0 A0, dropout on the input of the B A path
+            A, B = core
+            return lowrank.add_lowrank(base(x), x if self.config.lora_dropout == 0 else self.dropout(x), A, B)
         left, right = core
         xd = self.dropout(x)
         out = base(x) + self.scaling * ((xd @ left.T) @ right.T)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..layer import quantized
+from ..layer import quantized, residual
 from ..layer.adapter_layer import AdapterLayer, ModulesToSave, base_weight_matrix
 from ..layer.offload import onloaded
 from ..layer.plan import Plan
@@ -210,10 +210,14 @@ class AdapterModel(nn.Module):
 
     def _attach(self, name: str, config: AdapterConfig, modules: dict[str, nn.Module], saved: list[str]) -> None:
         """Wire built method modules (and saved-module copies) into the model under ``name``."""
+        for lname, method in modules.items():  # a residual base (PiSSA residual_base) holds one adapter only
+            residual.check(self.base_model.get_submodule(lname), method, lname, name)
         for lname, method in modules.items():
             layer = wrap(self.base_model, lname, AdapterLayer)
             layer.adapters[name] = method
             layer.active_adapters = list(self._active)
+            if residual.is_residual(method):
+                residual.subtract(layer, name)
         for sname in saved:
             wrapper = wrap(self.base_model, sname, ModulesToSave)
             wrapper.add(name)
@@ -253,6 +257,8 @@ class AdapterModel(nn.Module):
             raise ValueError(f"adapter {adapter_name!r} is merged; unmerge() before deleting it")
         was_active = list(self._active)
         for _, layer in list(self.adapter_layers()):
+            if layer.residual == adapter_name:
+                residual.restore(layer)
             if adapter_name in layer.adapters:
                 del layer.adapters[adapter_name]
         for _, saved in self.saved_modules():
@@ -413,12 +419,16 @@ class AdapterModel(nn.Module):
             quantized.dequantize_adapted([layer for _, layer in self.adapter_layers()], dequantize)
         if self._active or adapter_names:
             self.merge(adapter_names, safe_merge=safe_merge)
+        for _, layer in self.adapter_layers():  # a residual base not merged into is W0 again
+            residual.restore(layer)
         unwrap_all(self.base_model)
         return self.base_model
 
     def unload(self) -> nn.Module:
         """Remove every adapter without merging: returns the original model."""
         self.unmerge()
+        for _, layer in self.adapter_layers():
+            residual.restore(layer)
         for _, saved in self.saved_modules():
             saved.disabled = True
         unwrap_all(self.base_model)
@@ -507,7 +517,8 @@ class AdapterModel(nn.Module):
         if path_initial_model_for_weight_conversion is not None:
             raise ValueError(
                 "path_initial_model_for_weight_conversion is for peft's PiSSA/OLoRA, whose base weights change; "
-                "orthotune's adapters never change the base model, so save without it"
+                "orthotune's folders store A0, B0 (also with residual_base=True, where loading reapplies the "
+                "residual to the untouched base), so save without it; export_peft() writes the plain LoRA it makes"
             )
         unknown_kwargs = sorted(set(kwargs) - {"state_dict"})
         if unknown_kwargs:
@@ -576,7 +587,7 @@ class AdapterModel(nn.Module):
         layers = {lname: layer for lname, layer in self.adapter_layers() if name in layer.adapters}
         if set(modules) != set(layers):
             raise ValueError(f"{directory} adapts other modules than adapter {name!r}: load it with load_adapter() instead")
-        with torch.no_grad():
+        with torch.no_grad(), residual.kept(list(layers.values()), name):
             for lname, method in modules.items():
                 layers[lname].adapters[name].load_state_dict(method.state_dict())
             for sname, state in saved_states.items():
