@@ -308,3 +308,33 @@ def test_a_layer_alone_computes_the_same_core_as_the_plan() -> None:
     own = layer.adapters["default"].core(f64)
     assert all(torch.equal(a, b) for a, b in zip(planned, own))
     y.sum().backward()
+
+
+@pytest.mark.parametrize("name", ["lora", "loco", "oft", "loft"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_training_leaves_no_hook_on_parameters_and_frees_deleted_models(name: str, dtype: torch.dtype) -> None:
+    """A training forward's cores are released without keeping anything alive: no hook stays on a parameter
+    (LoRA's float32 cores *are* its parameters) and a deleted model is collected, also after a forward whose
+    backward never ran."""
+    import gc
+    import weakref
+
+    from orthotune.layer.adapter_layer import AdapterLayer
+
+    configs = {"lora": orthotune.LoRAConfig(target_modules=TARGETS, r=2),
+               "loco": orthotune.LoCOConfig(target_modules=TARGETS, rank=2, chain_length=2),
+               "oft": orthotune.OFTConfig(target_modules=TARGETS, r=0, oft_block_size=4),
+               "loft": orthotune.LOFTConfig(target_modules=TARGETS, support="random", r=4)}
+    torch.manual_seed(0)
+    model = orthotune.get_model(Stack().to(dtype), configs[name])
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x = torch.randn(3, 12, dtype=dtype)
+    for _ in range(3):
+        model(x).float().sum().backward()
+        opt.step()
+    model(x)  # no backward follows
+    assert all(not p._backward_hooks for p in model.parameters())
+    layers = [weakref.ref(m) for m in model.modules() if isinstance(m, AdapterLayer)]
+    del model, opt
+    gc.collect()
+    assert layers and all(ref() is None for ref in layers)

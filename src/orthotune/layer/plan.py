@@ -41,6 +41,7 @@ FSDP gathers them only inside each block's own forward.
 
 from __future__ import annotations
 
+import weakref
 from collections import defaultdict
 from collections.abc import Hashable
 from dataclasses import dataclass
@@ -138,13 +139,12 @@ class Plan:
             else:
                 cores = cls.cores(methods, dtype)
                 calls += 1
-                if training and not compiling:
-                    _release_after_backward(members, cores)
+            released = _release_after_backward(members, cores) if training and not compiling else set()
             if not training:
                 kept[group] = _Kept(members, stamp, cores)
-            for (layer, name, _), core in zip(members, cores):
+            for i, ((layer, name, _), core) in enumerate(zip(members, cores)):
                 layer.planned[name] = core
-                self._handed.append((layer, name, core, training and not compiling))
+                self._handed.append((layer, name, core, i in released))
         if not compiling:
             self._kept = kept
         return calls
@@ -271,21 +271,31 @@ def _sharded(tensors: list[Tensor]) -> bool:
     return any(type(t).__name__ == "DTensor" for t in tensors)
 
 
-def _release_after_backward(members: list[Member], cores: list[Core]) -> None:
+def _release_after_backward(members: list[Member], cores: list[Core]) -> set[int]:
     """Take the cores back from the layers once the backward has computed their gradients (so a later call
-    without a plan, e.g. a reentrant checkpoint's recompute or a direct layer call, computes its own)."""
+    without a plan, e.g. a reentrant checkpoint's recompute or a direct layer call, computes its own).
+
+    Returns the indices of the members whose cores the backward releases: those computed from the
+    parameters. A core that *is* a parameter (LoRA's float32 factors) has no graph to wait for and is
+    released after the forward instead: a hook on a leaf would outlive every backward. The hook holds the
+    layers and cores by weak reference only, so an autograd graph never keeps a deleted model alive."""
     batched: dict[int, Tensor] = {}
-    for core in cores:
-        t = next((t for t in core if t.requires_grad), None)
+    released: set[int] = set()
+    for i, core in enumerate(cores):
+        t = next((t for t in core if t.requires_grad and not t.is_leaf), None)
         if t is not None:
             t = t._base if t._base is not None else t  # the batched tensor the per-layer slices are views of
             batched.setdefault(id(t), t)
+            released.add(i)
     if not batched:
-        return
+        return released
+    owners = [(weakref.ref(layer), name, weakref.ref(cores[i][0])) for i, (layer, name, _) in enumerate(members) if i in released]
 
     def release(*grads: Any) -> None:
-        for (layer, name, _), core in zip(members, cores):
-            if layer.planned.get(name) is core:
+        for layer_ref, name, first in owners:
+            layer = layer_ref()
+            core = None if layer is None else layer.planned.get(name)
+            if core is not None and core[0] is first():
                 del layer.planned[name]
 
     tensors = list(batched.values())
@@ -293,3 +303,4 @@ def _release_after_backward(members: list[Member], cores: list[Core]) -> None:
         tensors[0].register_hook(release)
     else:
         torch.autograd.graph.register_multi_grad_hook(tensors, release, mode="all")
+    return released
