@@ -3,7 +3,9 @@
 # base and on a bitsandbytes NF4 base (bf16 compute), LoRA / LoCO / OFT at the table's budget, 3 seeds
 # each, every run in one call, from the repository root. ASSETS is a carried folder in the layout of
 # benchmarks/device_assets.py's b/ (the GGUF's second part, gguf.sha256, the gguf wheel, lm-data/ JSONL)
-# plus bnb/ (the bitsandbytes package with only its CPU and CUDA 13 libraries: the wheel is 42 MB);
+# plus bnb/ (the bitsandbytes package with only its CPU and CUDA 13 libraries: the wheel is 42 MB) and
+# wheels/ (datasets, dill, multiprocess: the recipe reads JSON lines through datasets, which the GPU
+# image lacks; pyarrow, xxhash and fsspec are there);
 # the GGUF's first part must have been copied to /root by the call before, on the same warm machine.
 # Usage: bash benchmarks/device_lm_quant.sh ASSETS DEADLINE_SECONDS
 set -uo pipefail
@@ -16,7 +18,7 @@ digest = hashlib.sha256(data).hexdigest()
 assert digest == open(sys.argv[2] + "/gguf.sha256").read().strip(), digest
 open("/root/SmolLM2-135M-Instruct.Q4_1.gguf", "wb").write(data)
 PY
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /root/site "$assets"/gguf-*.whl || exit 5
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /root/site "$assets"/gguf-*.whl "$assets"/wheels/*.whl || exit 5
 export PYTHONPATH=$PWD/src:$assets/bnb:/root/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export ORTHOTUNE_CACHE=/root/ot-cache ORTHOTUNE_SMOLLM2_GGUF=/root/SmolLM2-135M-Instruct.Q4_1.gguf
 python3 -c "import bitsandbytes, torch; print('bitsandbytes', bitsandbytes.__version__, 'torch', torch.__version__)" || exit 6
