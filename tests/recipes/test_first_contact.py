@@ -168,3 +168,22 @@ def test_demo_says_what_the_approximation_gap_means() -> None:
     assert "\n" not in line and "0.79" in line and "1.64" in line
     assert "mode 'approx'" in line and "exact chain" in line and "costs it nothing" in line and "at most 2" in line
     assert "costs it nothing" not in gap_line(0.786, 1.643, "approx")
+
+
+@pytest.mark.parametrize("task", ["text_classification", "causal_lm"])
+@pytest.mark.parametrize("kind", ["missing", "no config"])
+def test_a_model_path_that_is_no_model_folder_is_named_with_the_fix(tmp_path, task, kind) -> None:
+    """A wrong ``model.path`` is refused before anything loads, by name and with the fix (transformers' own
+    error speaks of hub repo ids), and leaves no run folder behind."""
+    from orthotune.recipes.finetune import finetune
+    from orthotune.recipes.runconfig import RunConfig
+
+    path = tmp_path / "Meta-Llama-3-8B"
+    if kind == "no config":
+        path.mkdir()
+    cfg = RunConfig.from_dict({"task": task, "method": "lora", "model": {"path": str(path)}, "output_dir": str(tmp_path / "run"), "train": {"steps": 1},
+                               "device": "cpu"})
+    what = "does not exist" if kind == "missing" else "has no config.json"
+    with pytest.raises(FileNotFoundError, match=f"model.path=.*{what}: give a local transformers model folder"):
+        finetune(cfg, progress=False)
+    assert not (tmp_path / "run").exists()

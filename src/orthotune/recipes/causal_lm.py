@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from ..layer.quantized import enable_activation_checkpointing, prepare_model_for_kbit_training
 from ..methods.config import check_choice
-from .assets import reasoning_rows, smollm2_path
+from .assets import model_folder, reasoning_rows, smollm2_path
 from .task import Task, batch_indices
 from .userdata import RowAudit, empty_cells, read_table
 
@@ -213,7 +213,7 @@ class CausalLMTask(Task):
         super().__init__(model, data, seed, device)
         from transformers import AutoTokenizer
 
-        self.path = Path(self.model_settings.path) if self.model_settings.path else smollm2_path()
+        self.path = model_folder(self.model_settings.path, smollm2_path)
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         self.end_id = end_of_turn_id(self.tokenizer)
         if self.tokenizer.pad_token_id is None:

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..methods.config import check_choice
-from .assets import INTENT_SETS, TextDataset, load_intents, minilm_path
+from .assets import INTENT_SETS, TextDataset, load_intents, minilm_path, model_folder
 from .task import Task, accuracy, batch_indices, classifier_head, init_head_from_class_means
 from .userdata import RowAudit, empty_cells, label_key, label_values, progress_over, read_table, require_columns, \
     sorted_labels, unknown_labels
@@ -144,7 +144,7 @@ class TextClassificationTask(Task):
         super().__init__(model, data, seed, device)
         from transformers import AutoTokenizer
 
-        self.path = Path(self.model_settings.path) if self.model_settings.path else minilm_path()
+        self.path = model_folder(self.model_settings.path, minilm_path)
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         self.dropped: list[dict[str, Any]] = []
         self._checked_splits: dict[str, Any] = {}
