@@ -313,9 +313,9 @@ def test_a_layer_alone_computes_the_same_core_as_the_plan() -> None:
 @pytest.mark.parametrize("name", ["lora", "loco", "oft", "loft"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_training_leaves_no_hook_on_parameters_and_frees_deleted_models(name: str, dtype: torch.dtype) -> None:
-    """A training forward's cores are released without keeping anything alive: no hook stays on a parameter
-    (LoRA's float32 cores *are* its parameters) and a deleted model is collected, also after a forward whose
-    backward never ran."""
+    """A training forward's cores are released without keeping anything alive: no hook stays on a parameter,
+    and a deleted model is collected, also after a forward whose backward never ran (the release hook lives
+    in autograd's C++ hook table, where a strong reference to the layers was never collected)."""
     import gc
     import weakref
 

@@ -275,10 +275,12 @@ def _release_after_backward(members: list[Member], cores: list[Core]) -> set[int
     """Take the cores back from the layers once the backward has computed their gradients (so a later call
     without a plan, e.g. a reentrant checkpoint's recompute or a direct layer call, computes its own).
 
-    Returns the indices of the members whose cores the backward releases: those computed from the
-    parameters. A core that *is* a parameter (LoRA's float32 factors) has no graph to wait for and is
-    released after the forward instead: a hook on a leaf would outlive every backward. The hook holds the
-    layers and cores by weak reference only, so an autograd graph never keeps a deleted model alive."""
+    Returns the indices of the members whose cores the backward releases: those with a tensor computed
+    from trainable parameters. Any other core (nothing trainable in it, or a core that is a parameter
+    itself, where a hook would outlive every backward) is released after the forward instead. The hook
+    holds the layers and cores by weak reference only: it lives in the batched tensor's C++ hook table,
+    which Python's cycle collector cannot see, so a strong reference there (tensor -> hook -> core ->
+    tensor, and -> layer) kept every model that had trained alive."""
     batched: dict[int, Tensor] = {}
     released: set[int] = set()
     for i, core in enumerate(cores):

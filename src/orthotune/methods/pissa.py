@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..ops import lowrank
 from .base import AdapterMethod, Base, Core, cast_to, each
 from .config import check_choice
 from .lora import LoRA, LoRAConfig
@@ -174,9 +173,8 @@ class PiSSA(AdapterMethod):
         return each(modules, dtype, lambda m: m.difference_factors())
 
     def forward(self, x: Tensor, base: Base, core: Core) -> Tensor:
-        if self.residual:  # peft's PiSSA: plain LoRA on W0 - s B0 A0, dropout on the input of the B A path
-            A, B = core
-            return lowrank.add_lowrank(base(x), x if self.config.lora_dropout == 0 else self.dropout(x), A, B)
+        if self.residual:  # peft's PiSSA: plain LoRA on W0 - s B0 A0 (its cores are LoRA's, see cores())
+            return LoRA.forward(self, x, base, core)
         left, right = core
         xd = self.dropout(x)
         out = base(x) + self.scaling * ((xd @ left.T) @ right.T)
