@@ -25,7 +25,7 @@ def test_loft_default_follows_the_support() -> None:
 
 
 def test_the_measured_defaults_are_the_standard_loop_grid_choices() -> None:
-    assert {m: METHODS[m][0]().default_learning_rate() for m in ("lora", "oft", "loco")} == {"lora": 2e-3, "oft": 2e-3, "loco": 9e-3}
+    assert {m: METHODS[m][0]().default_learning_rate() for m in ("lora", "oft", "loco")} == {"lora": 2e-3, "oft": 2e-3, "loco": 3e-3}
 
 
 def test_a_method_without_a_default_says_so() -> None:

@@ -66,7 +66,7 @@ def test_lr_auto_chooses_a_candidate_records_it_and_runs(tmp_path, capsys) -> No
           "--set", "train.batch_size=8", "--set", "train.eval_every=0", "--set", "model.max_length=32"])
     assert "text_classification / loco (seed 1): accuracy" in capsys.readouterr().out
     record = json.loads((out / RECORD).read_text())
-    centre = 9e-3  # LoCO's default (orthotune.methods.defaults)
+    centre = 3e-3  # LoCO's default (orthotune.methods.defaults)
     assert record["centre"] == centre and [t["lr"] for t in record["trials"]] == pytest.approx([centre * f for f in FACTORS])
     assert record["chosen"] in [t["lr"] for t in record["trials"]]
     scores = {t["lr"]: t["heldout_loss"] for t in record["trials"]}
