@@ -27,3 +27,13 @@ def test_compiled_table_on_cpu(tmp_path) -> None:
     assert rows[f"{compiled.LORA}, eager"]["x_lora_eager"] == 1.0
     assert json.loads((tmp_path / "compiled.json").read_text())["train"][0]["name"] == f"{compiled.FLOOR}, compiled"
     assert "| orthotune LoCO k3 r6 exact, compiled |" in (tmp_path / "compiled.md").read_text()
+
+
+def test_modes_without_default_run_only_the_yardstick_in_default_mode() -> None:
+    chosen = [s for s in compiled.specs() if s.name in (compiled.FLOOR, compiled.LORA, "orthotune LoCO k3 r6 exact")]
+    rows = compiled.rows_in_order(chosen, ["default", "reduce-overhead"], graphed=False, every_default=False)
+    default = {r.spec.name for r in rows if r.how == "default"}
+    assert default == {compiled.FLOOR, compiled.LORA}
+    assert {r.spec.name for r in rows if r.how == "reduce-overhead"} == {s.name for s in chosen}
+    every = compiled.rows_in_order(chosen, ["default", "reduce-overhead"], graphed=False)
+    assert {r.spec.name for r in every if r.how == "default"} == {s.name for s in chosen}
