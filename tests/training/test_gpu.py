@@ -139,14 +139,15 @@ def _adamw(model: nn.Module) -> torch.optim.AdamW:
 @pytest.mark.parametrize("name", sorted(GRAPH_CONFIGS))
 def test_graphed_step_trains_like_eager(name: str, dtype: torch.dtype) -> None:
     """Six steps through ``torch.compile(mode="reduce-overhead")`` with clipping: the eager loop's losses and
-    parameters (inductor's fused kernels round differently: float32 to ~1e-5, a bf16 base to bf16 rounding),
-    the gradient norm clipped to ``max_grad_norm`` (AdamW alone would not show it: its update is scale-free), and
-    an evaluation afterwards."""
+    parameters, the gradient norm clipped to ``max_grad_norm`` (AdamW alone would not show it: its update is
+    scale-free), and an evaluation afterwards. Inductor's fused kernels round differently: float32 agrees to
+    ~1e-5; on a bf16 base the losses agree to ~3e-4, but AdamW's scale-free update turns bf16 rounding of the
+    small gradients into ~1% parameter and ~2% logit differences after six steps (inductor on the CPU, lr 3e-3)."""
     model = _graph_llama(GRAPH_CONFIGS[name](), dtype)
     ref = copy.deepcopy(model)
     torch._dynamo.reset()
     step, ref_opt = orthotune.GraphedStep(model, _adamw(model), max_grad_norm=0.01), _adamw(ref)
-    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-2)
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-3, atol=1e-3)
     for batch in _graph_batches(6):
         loss = step(batch)
         ref_loss = eager_step(ref, ref_opt, batch, max_grad_norm=0.01)
@@ -154,7 +155,7 @@ def test_graphed_step_trains_like_eager(name: str, dtype: torch.dtype) -> None:
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         assert float(torch.nn.utils.get_total_norm(grads)) == pytest.approx(0.01, rel=1e-3), "clipped to max_grad_norm"
     for (n, a), b in zip(model.named_parameters(), ref.parameters()):
-        assert rel(a, b) < (1e-4 if dtype == torch.float32 else 1e-2), n
+        assert rel(a, b) < (1e-4 if dtype == torch.float32 else 5e-2), n
     with torch.no_grad():  # an eager evaluation after the compiled steps sees the trained adapters
         x = _graph_batches(1)[0]
-        assert rel(model(**x).logits, ref(**x).logits) < (1e-4 if dtype == torch.float32 else 2e-2)
+        assert rel(model(**x).logits, ref(**x).logits) < (1e-4 if dtype == torch.float32 else 5e-2)

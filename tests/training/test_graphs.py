@@ -84,6 +84,23 @@ def test_compiled_steps_equal_the_eager_loop(name: str) -> None:
     assert moved == sum(p.requires_grad for p in model.parameters()), "every trainable parameter has this step's gradient"
 
 
+def test_no_stale_inference_core_after_a_fused_optimizer_step() -> None:
+    """A fused AdamW step bumps no parameter version, so the plan's kept inference cores would look current;
+    the step drops them, and a no-grad forward afterwards sees the updated adapters."""
+    model = llama(CONFIGS["loco"]())
+    x = batches(1)[0]
+    with torch.no_grad():
+        before = model(**x).logits  # keeps the inference cores, stamped with the parameters' versions
+    torch._dynamo.reset()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, fused=True)
+    GraphedStep(model, opt, enabled=True, backend="aot_eager")(x)
+    with torch.no_grad():
+        after = model(**x).logits
+        orthotune.layer.plan.clear(model)
+        torch.testing.assert_close(after, model(**x).logits)
+    assert not torch.allclose(after, before)
+
+
 def test_it_asks_torch_compile_for_reduce_overhead(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
     monkeypatch.setattr(torch, "compile", lambda model, **kw: calls.append(kw) or model)
