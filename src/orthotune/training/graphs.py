@@ -12,7 +12,7 @@ from CUDA graphs (cudagraph trees), so the step costs about its GPU time::
 
 Gradient clipping and the optimiser step run eagerly after the graphed backward. This class once
 captured the whole eager step (optimiser included) in one hand-made CUDA graph; on an H200
-(``docs/speed.md``) ``reduce-overhead`` was faster for every measured method, since it replays
+(``docs/speed.md``) ``reduce-overhead`` was faster on every measured row, since it replays
 inductor's fused kernels rather than eager ones. Without CUDA (or ``enabled=False``) every call is
 the same step, eager.
 """
