@@ -33,12 +33,28 @@ def test_the_loop_compiles_where_the_setting_says() -> None:
     assert isinstance(loop.compiled_for_training(model, "auto", "cuda", 1), torch._dynamo.eval_frame.OptimizedModule)
 
 
+def test_the_loop_compiles_in_the_mode_the_setting_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``auto``/``true``: torch.compile's default mode; a mode name: that mode, on any device (asked for by name)."""
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: modes.append(kw["mode"]) or model)
+    model = torch.nn.Linear(4, 4)
+    for setting in ("auto", True, "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune", "default"):
+        loop.compiled_for_training(model, setting, "cuda", 1)
+    loop.compiled_for_training(model, "reduce-overhead", "cpu", 2)
+    loop.compiled_for_training(model, "auto", "cpu", 1)  # not compiled
+    assert modes == ["default", "default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune", "default",
+                     "reduce-overhead"]
+
+
 def test_train_compile_setting_is_validated_and_the_cli_turns_it_off(tmp_path) -> None:
     from orthotune.cli import _recipe, build_parser
 
-    with pytest.raises(ValueError, match="train.compile"):
+    with pytest.raises(ValueError, match=r"train.compile must be one of \['auto', True, False, 'default', 'reduce-overhead'"):
         text_config(tmp_path, "bad", **{"train.compile": "yes"})
+    with pytest.raises(ValueError, match="train.compile"):
+        text_config(tmp_path, "one", **{"train.compile": 1})
     assert text_config(tmp_path, "ok").train.compile == "auto"
+    assert text_config(tmp_path, "ro", **{"train.compile": "reduce-overhead"}).train.compile == "reduce-overhead"
     args = build_parser().parse_args(["finetune", "--config", str(Path(__file__).parents[2] / "recipes" / "text_banking77.yaml"),
                                       "--no-compile"])
     assert _recipe(args).train.compile is False
@@ -89,6 +105,23 @@ def test_orthotrainer_compiles_on_request_without_touching_the_callers_arguments
     eager = OrthoTrainer(model=model, args=transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True),
                          compile=None if not torch.cuda.is_available() else False)
     assert not eager.args.torch_compile
+
+
+def test_orthotrainer_compiles_in_a_named_mode(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``compile="reduce-overhead"`` sets ``torch_compile_mode``, which reaches ``torch.compile`` when the Trainer
+    prepares the model (accelerate's ``prepare_model``); an unknown name is refused with the choices."""
+    from orthotune.training.trainer import OrthoTrainer
+
+    model = orthotune.get_model(tiny_llama(), orthotune.LoRAConfig(target_modules=["q_proj"], r=2))
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    trainer = OrthoTrainer(model=model, args=args, compile="reduce-overhead")
+    assert trainer.args.torch_compile and trainer.args.torch_compile_mode == "reduce-overhead"
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: calls.append(kw) or m)
+    trainer.accelerator.prepare_model(model)
+    assert calls == [dict(backend="inductor", mode="reduce-overhead")]
+    with pytest.raises(ValueError, match=r"compile='fast'.*'reduce-overhead'"):
+        OrthoTrainer(model=model, args=args, compile="fast")
 
 
 @pytest.mark.slow  # one trace of 23 adapters (~40 s of CPU)

@@ -104,30 +104,24 @@ def test_bf16_model_batched_against_float32_reference(name: str) -> None:
     assert fast.plan.start(fast.base_model) == {"loco": 1, "lora": 2, "loca": 0, "oft": 1, "hra": 1}[name]
 
 
-# ------------------------------------------------------------------------------ GraphedStep (CUDA graphs)
+# ------------------------------------------------------------------------ GraphedStep (reduce-overhead)
 GRAPH_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GRAPH_CONFIGS = {
     "loco": lambda: orthotune.LoCOConfig(target_modules=GRAPH_TARGETS, rank=4, chain_length=3, init_identity=False),
-    "loco-approx": lambda: orthotune.LoCOConfig(target_modules=GRAPH_TARGETS, rank=4, chain_length=3, mode="approx"),
-    "lora": lambda: orthotune.LoRAConfig(target_modules=GRAPH_TARGETS, r=8, lora_alpha=16),
-    "oft": lambda: orthotune.OFTConfig(target_modules=GRAPH_TARGETS, r=0, oft_block_size=16),
-    "boft": lambda: orthotune.BOFTConfig(target_modules=GRAPH_TARGETS, boft_block_size=4, boft_n_butterfly_factor=2),
-    "hra": lambda: orthotune.HRAConfig(target_modules=GRAPH_TARGETS, r=4),
-    "goft": lambda: orthotune.GOFTConfig(target_modules=GRAPH_TARGETS),
-    "loft": lambda: orthotune.LOFTConfig(target_modules=GRAPH_TARGETS, support="principal", r=8),
-    "psoft": lambda: orthotune.PSOFTConfig(target_modules=GRAPH_TARGETS, r=8),
-    "loca": lambda: orthotune.LoCAConfig(target_modules=GRAPH_TARGETS, n_frequency=64),
+    "lora": lambda: orthotune.LoRAConfig(target_modules=GRAPH_TARGETS, r=8, lora_alpha=16, init_identity=False),
+    "oft": lambda: orthotune.OFTConfig(target_modules=GRAPH_TARGETS, r=0, oft_block_size=16, init_identity=False),
+    "hra": lambda: orthotune.HRAConfig(target_modules=GRAPH_TARGETS, r=4, init_identity=False),
 }
 
 
-def _graph_llama(config: orthotune.AdapterConfig) -> nn.Module:
+def _graph_llama(config: orthotune.AdapterConfig, dtype: torch.dtype = torch.float32) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
     with torch.device(cuda):
-        model = LlamaForCausalLM(cfg)
+        model = LlamaForCausalLM(cfg).to(dtype)
     return orthotune.get_model(model, config)
 
 
@@ -138,87 +132,30 @@ def _graph_batches(n: int, seq: int = 32) -> list[dict]:
 
 
 def _adamw(model: nn.Module) -> torch.optim.AdamW:
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, capturable=True)
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bf16"])
 @pytest.mark.parametrize("name", sorted(GRAPH_CONFIGS))
-def test_graphed_step_replays_the_eager_step(name: str) -> None:
-    """Warm-up, capture, replays: the same losses and parameters as eager steps on the same batches."""
-    model = _graph_llama(GRAPH_CONFIGS[name]())
+def test_graphed_step_trains_like_eager(name: str, dtype: torch.dtype) -> None:
+    """Six steps through ``torch.compile(mode="reduce-overhead")`` with clipping: the eager loop's losses and
+    parameters, the gradient norm clipped to ``max_grad_norm`` (AdamW alone would not show it: its update is
+    scale-free), and an evaluation afterwards. Inductor's fused kernels round differently: float32 agrees to
+    ~1e-5; on a bf16 base the losses agree to ~3e-4, but AdamW's scale-free update turns bf16 rounding of the
+    small gradients into ~1% parameter and ~2% logit differences after six steps (inductor on the CPU, lr 3e-3)."""
+    model = _graph_llama(GRAPH_CONFIGS[name](), dtype)
     ref = copy.deepcopy(model)
-    step, ref_opt = orthotune.GraphedStep(model, _adamw(model), warmup_steps=2), _adamw(ref)
+    torch._dynamo.reset()
+    step, ref_opt = orthotune.GraphedStep(model, _adamw(model), max_grad_norm=0.01), _adamw(ref)
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-3, atol=1e-3)
     for batch in _graph_batches(6):
         loss = step(batch)
-        ref_loss = eager_step(ref, ref_opt, batch)
-        assert torch.allclose(loss, ref_loss, rtol=1e-4, atol=1e-6), (loss, ref_loss)
-    assert step.graphed and step.captures == 1
+        ref_loss = eager_step(ref, ref_opt, batch, max_grad_norm=0.01)
+        torch.testing.assert_close(loss, ref_loss, **tol)
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        assert float(torch.nn.utils.get_total_norm(grads)) == pytest.approx(0.01, rel=1e-3), "clipped to max_grad_norm"
     for (n, a), b in zip(model.named_parameters(), ref.parameters()):
-        assert rel(a, b) < 1e-4, n
-    with torch.no_grad():  # the evaluation after replays sees the replayed updates (no stale cached core)
+        assert rel(a, b) < (1e-4 if dtype == torch.float32 else 5e-2), n
+    with torch.no_grad():  # an eager evaluation after the compiled steps sees the trained adapters
         x = _graph_batches(1)[0]
-        assert torch.allclose(model(**x).logits, ref(**x).logits, rtol=1e-3, atol=1e-4)
-
-
-def test_graphed_step_follows_the_schedule_and_recaptures_on_change() -> None:
-    model = _graph_llama(GRAPH_CONFIGS["loco"]())
-    ref = copy.deepcopy(model)
-    opt, ref_opt = _adamw(model), _adamw(ref)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t))
-    ref_sched = torch.optim.lr_scheduler.LambdaLR(ref_opt, lambda t: 1.0 / (1 + t))
-    step = orthotune.GraphedStep(model, opt, warmup_steps=1, max_grad_norm=0.1)
-    data = _graph_batches(7)
-    for i, batch in enumerate(data):
-        if i == 4:  # freeze one adapter parameter: the graph no longer fits, the step warms up and recaptures
-            for m in (model, ref):
-                next(p for p in m.parameters() if p.requires_grad).requires_grad_(False)
-        loss = step(batch)
-        ref_loss = eager_step(ref, ref_opt, batch, max_grad_norm=0.1)
-        sched.step()
-        ref_sched.step()
-        assert torch.allclose(loss, ref_loss, rtol=1e-4, atol=1e-6), (i, loss, ref_loss)
-    assert step.captures == 2
-    with pytest.raises(ValueError, match="pad every batch to one length"):
-        step(_graph_batches(1, seq=16)[0])
-    with pytest.raises(ValueError, match="non-tensor entries"):
-        step({**data[0], "use_cache": True})
-
-
-def test_graphed_step_frees_its_memory() -> None:
-    """A captured step and its model leave nothing allocated behind once dropped (also after a recapture).
-    The first lifecycle may leave process-wide state (cuBLAS workspaces of the warm-up and capture
-    streams); a second must add nothing, as it did when every warm-up made a new stream (+64 MiB each time)."""
-    import gc
-
-    def lifecycle() -> int:
-        gc.collect()
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        model = _graph_llama(GRAPH_CONFIGS["oft"]())
-        step = orthotune.GraphedStep(model, _adamw(model), warmup_steps=1)
-        for i, batch in enumerate(_graph_batches(4)):
-            if i == 2:
-                model.train(False)  # recapture
-            step(batch)
-        assert step.captures == 2
-        del model, step, batch
-        gc.collect()
-        torch.cuda.synchronize()
-        return torch.cuda.memory_allocated() - before
-
-    lifecycle()
-    assert lifecycle() < 2**20
-
-
-def test_graphed_step_names_a_host_read_when_capture_fails() -> None:
-    """Last in this file: after a failed capture PyTorch's CUDA RNG stays in capture mode for the process."""
-    model = _graph_llama(GRAPH_CONFIGS["lora"]())
-
-    def loss_fn(m: nn.Module, batch: dict) -> torch.Tensor:
-        loss = m(**batch).loss
-        return loss * 0 + float(loss)  # a host read: fine eagerly, impossible under capture
-
-    step = orthotune.GraphedStep(model, _adamw(model), loss_fn, warmup_steps=1)
-    data = _graph_batches(2)
-    step(data[0])
-    with pytest.raises(RuntimeError, match="reads a GPU value on the host"):
-        step(data[1])
+        assert rel(model(**x).logits, ref(**x).logits) < (1e-4 if dtype == torch.float32 else 5e-2)

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from ..methods.loca.loca import LoCA
 from ..methods.loca.schedule import LocationLearner
 from ..training import distributed
+from ..training.graphs import COMPILE_MODES
 from .checkpoint import load_trainer_state, load_weights_inplace, rng_state, save_checkpoint, set_rng_state
 from .settings import TrainSettings
 from .task import Task
@@ -70,11 +71,12 @@ class Schedule:
 
 
 def compiled_for_training(model: nn.Module, setting: bool | str, device_type: str, world: int) -> nn.Module:
-    """What the loop's steps call: ``torch.compile(model)`` (sharing its parameters) when ``train.compile`` says
-    so (``auto``: on CUDA in one process, where the step is host-bound), else ``model``. Evaluation stays eager."""
-    if setting is True or (setting == "auto" and device_type == "cuda" and world == 1):
-        return torch.compile(model)
-    return model
+    """What the loop's steps call: ``torch.compile(model, mode=...)`` (sharing its parameters) when ``train.compile``
+    says so (``auto``: on CUDA in one process, where the step is host-bound; ``auto`` and ``true`` in the default
+    mode, a mode name in that mode), else ``model``. Evaluation stays eager."""
+    if setting is False or (setting == "auto" and (device_type != "cuda" or world != 1)):
+        return model
+    return torch.compile(model, mode=setting if setting in COMPILE_MODES else "default")
 
 
 def _location_learner(model: nn.Module, total: int, start: int) -> Any:

@@ -6,11 +6,12 @@ import math
 from dataclasses import dataclass, field
 
 from ..methods.config import check_choice
+from ..training.graphs import COMPILE_MODES
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("cosine", "linear", "constant")
 AUTOCAST = (None, "bf16", "fp16")
-COMPILE = ("auto", True, False)
+COMPILE = ("auto", True, False, *COMPILE_MODES)
 
 
 @dataclass
@@ -40,7 +41,9 @@ class TrainSettings:
     )
     autocast: str | None = field(default=None, metadata={"help": "Mixed precision on a GPU: null, 'bf16' or 'fp16'."})
     compile: bool | str = field(
-        default="auto", metadata={"help": "torch.compile the training forward: 'auto' (on CUDA, one process), true or false."}
+        default="auto", metadata={"help": "torch.compile the training forward: 'auto' (on CUDA, one process), true or "
+                                  "false (both in torch.compile's default mode), or a mode: " + ", ".join(COMPILE_MODES[1:])
+                                  + " ('reduce-overhead': CUDA graphs, the faster choice for fixed-shape batches)."}
     )
 
     def validate(self) -> None:
@@ -63,8 +66,9 @@ class TrainSettings:
         check_choice("train.optimizer", self.optimizer, OPTIMIZERS)
         check_choice("train.schedule", self.schedule, SCHEDULES)
         check_choice("train.autocast", self.autocast, AUTOCAST)
-        if self.compile not in COMPILE or not isinstance(self.compile, (bool, str)):
-            raise ValueError(f"train.compile must be one of {list(COMPILE)}, got {self.compile!r}")
+        if not isinstance(self.compile, (bool, str)) or self.compile not in COMPILE:
+            raise ValueError(f"train.compile must be one of {list(COMPILE)} (auto, true or false, or a torch.compile "
+                             f"mode), got {self.compile!r}")
         if not (isinstance(self.warmup, (int, float)) and self.warmup >= 0):
             raise ValueError(f"train.warmup must be >= 0 (a fraction < 1 or a step count), got {self.warmup!r}")
         if self.grad_clip is not None and not (self.grad_clip > 0):

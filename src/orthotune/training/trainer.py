@@ -12,7 +12,9 @@ writes and reads adapter folders instead (``AdapterModel.save_pretrained`` layou
 
 On CUDA it trains the model under ``torch.compile`` by default (``compile=None``: the ``Trainer``'s own
 ``torch_compile`` switched on, a host-bound adapter step is the case it speeds up); ``compile=False``
-leaves ``TrainingArguments`` as given. The plain ``Trainer`` with ``torch_compile=True`` works the same.
+leaves ``TrainingArguments`` as given; a mode name (``compile="reduce-overhead"``, CUDA graphs: the faster
+choice for fixed-shape batches) compiles in that mode (``torch_compile_mode``). The plain ``Trainer`` with
+``torch_compile=True`` works the same.
 """
 
 from __future__ import annotations
@@ -27,15 +29,19 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from ..model.adapter_model import AdapterModel, adapter_folder
+from .graphs import COMPILE_MODES
 
 
 class OrthoTrainer(Trainer):
     """``transformers.Trainer`` that saves and loads orthotune adapters at checkpoints (other models: unchanged)."""
 
-    def __init__(self, model: nn.Module | None = None, args: TrainingArguments | None = None, *rest, compile: bool | None = None,
-                 **kwargs) -> None:  # noqa: A002 (torch.compile's name)
+    def __init__(self, model: nn.Module | None = None, args: TrainingArguments | None = None, *rest,
+                 compile: bool | str | None = None, **kwargs) -> None:  # noqa: A002 (torch.compile's name)
+        if isinstance(compile, str) and compile not in COMPILE_MODES:
+            raise ValueError(f"OrthoTrainer(compile={compile!r}): give True, False, None (compile on CUDA) or one of "
+                             f"torch.compile's modes {list(COMPILE_MODES)}")
         if compile if compile is not None else torch.cuda.is_available():
-            args = compiled_arguments(args)
+            args = compiled_arguments(args, compile if isinstance(compile, str) else None)
         super().__init__(model, args, *rest, **kwargs)
 
     def _ortho_model(self, model: nn.Module | None = None) -> AdapterModel | None:
@@ -79,9 +85,12 @@ def restore_adapters(model: AdapterModel, directory: str | Path) -> None:
             model.load_adapter_weights(folder, name)
 
 
-def compiled_arguments(args: TrainingArguments | None) -> TrainingArguments:
-    """A copy of ``args`` (the ``Trainer``'s defaults if None) with ``torch_compile`` on and a backend set."""
+def compiled_arguments(args: TrainingArguments | None, mode: str | None = None) -> TrainingArguments:
+    """A copy of ``args`` (the ``Trainer``'s defaults if None) with ``torch_compile`` on, a backend set and ``mode``
+    (if given) as ``torch_compile_mode``."""
     args = copy.copy(args) if args is not None else TrainingArguments(output_dir="tmp_trainer")
     args.torch_compile = True
     args.torch_compile_backend = args.torch_compile_backend or "inductor"
+    if mode is not None:
+        args.torch_compile_mode = mode
     return args
