@@ -14,9 +14,9 @@ afresh after ``torch._dynamo.reset()``; its first step's seconds (compilation in
 counters (graphs, graph breaks, recompilations) are recorded. Ratios are to **peft LoRA r16 compiled
 (default mode)** of the same run; eager rows also to peft LoRA eager; peak memory to peft LoRA compiled.
 
-``--graphed`` adds ``orthotune.GraphedStep`` rows (the eager model's whole step, optimiser included,
-captured in one CUDA graph) next to ``reduce-overhead`` (inductor's CUDA graphs of forward and backward,
-the optimiser step outside): the measurement that decides whether ``GraphedStep`` stays.
+``mode="reduce-overhead"`` rows are also what ``orthotune.GraphedStep`` runs: its former hand-made capture of the
+eager step (optimiser included) lost to them on every row (``results/compiled/call6_modes/``, measured with the
+``--graphed`` rows this script had then), so it now wraps that mode.
 
 Sections: ``train`` (the table above) and ``infer`` (no grad, eval mode, compiled: prefill of batch x seq,
 and the cost per decoded token with a static KV cache, for the base, merged and unmerged adapters;
@@ -79,7 +79,7 @@ def specs() -> list[eff.Spec]:
 @dataclasses.dataclass
 class Row:
     spec: eff.Spec
-    how: str  # "eager", "graphed" (orthotune.GraphedStep) or a torch.compile mode ("default", ...)
+    how: str  # "eager" or a torch.compile mode ("default", "reduce-overhead", ...)
 
     @property
     def name(self) -> str:
@@ -88,10 +88,10 @@ class Row:
 
     @property
     def compiled(self) -> bool:
-        return self.how not in ("eager", "graphed")
+        return self.how != "eager"
 
 
-def rows_in_order(chosen: list[eff.Spec], modes: list[str], graphed: bool, every_default: bool = True) -> list[Row]:
+def rows_in_order(chosen: list[eff.Spec], modes: list[str], every_default: bool = True) -> list[Row]:
     """The yardstick first, then every compiled row, then the other modes, then eager rows: a run cut short
     by its budget keeps the rows that decide. ``every_default=False``: only the yardstick and the floor run in
     the default mode (``--modes`` named other modes only)."""
@@ -99,8 +99,6 @@ def rows_in_order(chosen: list[eff.Spec], modes: list[str], graphed: bool, every
     rest = [s for s in chosen if s not in first]
     rows = [Row(s, modes[0]) for s in first + (rest if every_default else [])]
     rows += [Row(s, m) for m in modes[1:] for s in first + rest]
-    if graphed:
-        rows += [Row(s, "graphed") for s in first + rest if s.library != "peft" or s.name == LORA]
     rows += [Row(s, "eager") for s in first + rest]
     return rows
 
@@ -129,15 +127,12 @@ def train_row(row: Row, shape: eff.Shape, args: argparse.Namespace) -> dict[str,
     eff._reset(device)
     resident = torch.cuda.memory_allocated() if device == "cuda" else 0
     ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq), device=device, generator=torch.Generator(device).manual_seed(1))
-    spec = dataclasses.replace(row.spec, graphed=row.how == "graphed")
-    if spec.graphed:
-        params, step = eff.training(spec, shape, device, ids, args.warmup)
-    else:
-        model = eff.build(spec, shape, device, ids)
-        model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        call = _compile(model, row.how, args.backend, args.fullgraph) if row.compiled else model
-        step = eff.eager_step(call, model.get_input_embeddings(), ids, params, floor=spec.build is None)
+    spec = row.spec
+    model = eff.build(spec, shape, device, ids)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    call = _compile(model, row.how, args.backend, args.fullgraph) if row.compiled else model
+    step = eff.eager_step(call, model.get_input_embeddings(), ids, params, floor=spec.build is None)
     timer = eff.Timer(device)
     t0 = time.perf_counter()
     step()
@@ -290,7 +285,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--modes", default="default", help="comma-separated torch.compile modes for the compiled rows "
                     "(default, max-autotune-no-cudagraphs, reduce-overhead); the yardstick is default: without it in the list "
                     "only peft LoRA and the floor run in the default mode")
-    ap.add_argument("--graphed", action="store_true", help="add orthotune.GraphedStep rows (CUDA only)")
     ap.add_argument("--no-eager", dest="eager", action="store_false", help="leave out the eager rows")
     ap.add_argument("--no-fullgraph", dest="fullgraph", action="store_false", help="allow graph breaks (counted)")
     ap.add_argument("--only", default="", help="comma-separated substrings of method names (the floor and peft LoRA always run)")
@@ -318,8 +312,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         shape = eff.Shape(layers=args.layers, batch=args.batch, seq=args.seq)
     if args.device != "cuda" and "reduce-overhead" in modes:
         raise SystemExit("mode reduce-overhead needs CUDA (it records CUDA graphs); leave it out on the CPU")
-    if args.graphed and args.device != "cuda":
-        raise SystemExit("--graphed needs CUDA (orthotune.GraphedStep captures a CUDA graph)")
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     env = eff.environment(args.device)
@@ -357,7 +349,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             save()
 
     if "train" in sections:
-        rows = [r for r in rows_in_order(chosen, modes, args.graphed, every_default) if args.eager or r.how != "eager"]
+        rows = [r for r in rows_in_order(chosen, modes, every_default) if args.eager or r.how != "eager"]
         run(rows, lambda r: r.name, lambda r: train_row(r, shape, args), "train",
             lambda r: dict(name=r.name, method=r.spec.name, library=r.spec.library, how=r.how), ratios)
     if "infer" in sections:

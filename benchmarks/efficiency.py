@@ -222,16 +222,16 @@ def build(spec: Spec, shape: Shape, device: str, ids: torch.Tensor) -> nn.Module
     return model
 
 
-def training(spec: Spec, shape: Shape, device: str, ids: torch.Tensor, warmup: int = 3) -> tuple[list[nn.Parameter], Callable[[], None]]:
+def training(spec: Spec, shape: Shape, device: str, ids: torch.Tensor) -> tuple[list[nn.Parameter], Callable[[], None]]:
     """A freshly built model's trainable parameters and one training step (forward, backward, AdamW).
 
-    Graphed specs capture the step on call ``warmup`` (after ``warmup - 1`` eager ones), so every timed call is a replay."""
+    Graphed specs step through ``orthotune.GraphedStep`` (the untimed warm-up calls compile and record its graphs)."""
     model = build(spec, shape, device, ids)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     emb = model.get_input_embeddings()
     if spec.graphed:
-        return params, _graphed_step(spec, model, params, emb, ids, warmup)
+        return params, _graphed_step(spec, model, params, emb, ids)
     return params, eager_step(model, emb, ids, params, floor=spec.build is None)
 
 
@@ -253,10 +253,11 @@ def eager_step(call: Callable[..., Any], emb: nn.Module, ids: torch.Tensor, para
     return step
 
 
-def _graphed_step(spec: Spec, model: nn.Module, params: list[nn.Parameter], emb: nn.Module, ids: torch.Tensor,
-                  warmup: int) -> Callable[[], None]:
-    """The same step as :func:`training`'s, through ``orthotune.GraphedStep`` (AdamW with ``capturable=True``).
-    The floor has no trainable parameter: a scalar multiplier on its loss gives the optimiser one."""
+def _graphed_step(spec: Spec, model: nn.Module, params: list[nn.Parameter], emb: nn.Module,
+                  ids: torch.Tensor) -> Callable[[], None]:
+    """The same step as :func:`training`'s, through ``orthotune.GraphedStep`` (``torch.compile(mode="reduce-overhead")``:
+    compiled forward and backward replayed from CUDA graphs, AdamW eager). The floor has no trainable parameter: a
+    scalar multiplier on its loss gives the optimiser one."""
     if spec.build is None:
         scale = nn.Parameter(torch.ones((), device=ids.device))
         params = [scale]
@@ -266,8 +267,8 @@ def _graphed_step(spec: Spec, model: nn.Module, params: list[nn.Parameter], emb:
             return m(inputs_embeds=x, labels=batch["labels"], use_cache=False).loss * scale
     else:
         loss_fn = orthotune.training.graphs.model_loss
-    opt = torch.optim.AdamW(params, lr=1e-5, capturable=True)
-    graphed = orthotune.GraphedStep(model, opt, loss_fn, warmup_steps=max(1, warmup - 1))
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    graphed = orthotune.GraphedStep(model, opt, loss_fn)
     batch = dict(input_ids=ids, labels=ids, use_cache=False)
 
     def step() -> None:
@@ -281,7 +282,7 @@ def train_run(spec: Spec, shape: Shape, device: str, warmup: int, steps: int) ->
     _reset(device)
     resident = torch.cuda.memory_allocated() if device == "cuda" else 0  # left by earlier rows: not this row's
     ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq), device=device, generator=torch.Generator(device).manual_seed(1))
-    params, step = training(spec, shape, device, ids, warmup)
+    params, step = training(spec, shape, device, ids)
     timer = Timer(device)
     times = [timer(step) for _ in range(warmup + steps)][warmup:]
     peak = (torch.cuda.max_memory_allocated() - resident) / 2**30 if device == "cuda" else float("nan")

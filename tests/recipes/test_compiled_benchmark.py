@@ -31,9 +31,9 @@ def test_compiled_table_on_cpu(tmp_path) -> None:
 
 def test_modes_without_default_run_only_the_yardstick_in_default_mode() -> None:
     chosen = [s for s in compiled.specs() if s.name in (compiled.FLOOR, compiled.LORA, "orthotune LoCO k3 r6 exact")]
-    rows = compiled.rows_in_order(chosen, ["default", "reduce-overhead"], graphed=False, every_default=False)
+    rows = compiled.rows_in_order(chosen, ["default", "reduce-overhead"], every_default=False)
     default = {r.spec.name for r in rows if r.how == "default"}
     assert default == {compiled.FLOOR, compiled.LORA}
     assert {r.spec.name for r in rows if r.how == "reduce-overhead"} == {s.name for s in chosen}
-    every = compiled.rows_in_order(chosen, ["default", "reduce-overhead"], graphed=False)
+    every = compiled.rows_in_order(chosen, ["default", "reduce-overhead"])
     assert {r.spec.name for r in every if r.how == "default"} == {s.name for s in chosen}
