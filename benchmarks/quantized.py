@@ -35,6 +35,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch._dynamo.utils import counters
 
 import orthotune
 
@@ -147,7 +148,10 @@ def run(shape: Shape, label: str, build: Callable[[nn.Module], nn.Module], batch
     t0 = time.perf_counter()
     model = build(make_model(shape, device))
     model.train()
-    if compiled:
+    if compiled:  # a fresh compiler cache per run, as a user's process has: graphs of earlier runs would make
+        # dynamo recompile this one with dynamic shapes, and past its recompile limit run it eagerly
+        torch._dynamo.reset()
+        counters.clear()
         for layer in model.get_base_model().model.layers:
             layer.compile()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -176,6 +180,8 @@ def run(shape: Shape, label: str, build: Callable[[nn.Module], nn.Module], batch
         "step_ms": 1000 * statistics.median(times), "build_s": build_s, "loss_first": losses[0], "loss_last": losses[-1],
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None, "model_gib": model_gib,
     }
+    if compiled:  # what dynamo compiled over all steps: one graph for every layer, no break, is the expected
+        row.update(graphs=counters["stats"]["unique_graphs"], graph_breaks=sum(counters["graph_break"].values()))
     del model, opt, params
     return row
 

@@ -153,7 +153,8 @@ class Plan:
         """After the forward: take back the cores that must not outlive it (all but training cores, which
         their backward releases)."""
         for layer, name, core, training in self._handed:
-            if not training and layer.planned.get(name) is core:
+            mine = layer.planned.get(name)  # still this forward's core (compared by its first tensor: dynamo traces no tuple identity)
+            if not training and mine is not None and mine[0] is core[0]:
                 del layer.planned[name]
         self._handed = []
 
