@@ -169,9 +169,7 @@ def run_row(row: Row, shape: eff.Shape, warmup: int, steps: int, device: str, ba
         timer = eff.Timer(device)
         times = [timer(step) for _ in range(warmup + steps)][warmup:]
         peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
-        info = dict(graphs=counters["stats"].get("unique_graphs", 0), graph_breaks=sum(counters["graph_break"].values()),
-                    recompiles=sum(counters["recompiles"].values()) if "recompiles" in counters else 0,
-                    plan_fallbacks=FALLBACKS[0])
+        info = dict(eff.dynamo_counts(), plan_fallbacks=FALLBACKS[0])
         result = dict(name=row.name, spec=row.spec, variant=row.variant, mode=row.mode, step_ms=times,
                       median_ms=statistics.median(times), peak_gib=peak, first_step_s=first_s, **info)
         result["_step"] = step

@@ -103,13 +103,6 @@ def rows_in_order(chosen: list[eff.Spec], modes: list[str], every_default: bool 
     return rows
 
 
-def _dynamo_counts() -> dict[str, int]:
-    from torch._dynamo.utils import counters
-
-    return dict(graphs=counters["stats"].get("unique_graphs", 0), graph_breaks=sum(counters["graph_break"].values()),
-                recompiles=sum(counters["recompiles"].values()))
-
-
 def _compile(model: nn.Module, mode: str, backend: str, fullgraph: bool) -> Callable[..., Any]:
     kw: dict[str, Any] = dict(backend=backend, fullgraph=fullgraph)
     if mode != "default":
@@ -127,12 +120,11 @@ def train_row(row: Row, shape: eff.Shape, args: argparse.Namespace) -> dict[str,
     eff._reset(device)
     resident = torch.cuda.memory_allocated() if device == "cuda" else 0
     ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq), device=device, generator=torch.Generator(device).manual_seed(1))
-    spec = row.spec
-    model = eff.build(spec, shape, device, ids)
+    model = eff.build(row.spec, shape, device, ids)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     call = _compile(model, row.how, args.backend, args.fullgraph) if row.compiled else model
-    step = eff.eager_step(call, model.get_input_embeddings(), ids, params, floor=spec.build is None)
+    step = eff.eager_step(call, model.get_input_embeddings(), ids, params, floor=row.spec.build is None)
     timer = eff.Timer(device)
     t0 = time.perf_counter()
     step()
@@ -144,7 +136,7 @@ def train_row(row: Row, shape: eff.Shape, args: argparse.Namespace) -> dict[str,
     median = statistics.median(times)
     out = dict(name=row.name, method=row.spec.name, library=row.spec.library, how=row.how, step_ms=times, median_ms=median,
                peak_gib=peak, trainable=sum(p.numel() for p in params), first_step_s=first_s,
-               compile_s=max(0.0, first_s - median / 1e3) if row.compiled else None, **_dynamo_counts())
+               compile_s=max(0.0, first_s - median / 1e3) if row.compiled else None, **eff.dynamo_counts())
     del params, step
     eff._reset(device)
     return out
@@ -222,7 +214,7 @@ def infer_row(name: str, make: Callable[[], nn.Module], shape: eff.Shape, args: 
 
     decode_ms = [timer(decode) / tokens for _ in range(args.warmup + 3)][args.warmup:]
     out = dict(name=name, prefill_ms=prefill, prefill_median_ms=statistics.median(prefill), decode_ms=decode_ms,
-               decode_median_ms=statistics.median(decode_ms), first_call_s=first_s, **_dynamo_counts())
+               decode_median_ms=statistics.median(decode_ms), first_call_s=first_s, **eff.dynamo_counts())
     del model, compiled, cache
     eff._reset(device)
     return out

@@ -185,6 +185,14 @@ def graphed_specs(specs: list[Spec]) -> list[Spec]:
 
 
 # ---------------------------------------------------------------------------------------------- timing
+def dynamo_counts() -> dict[str, int]:
+    """What dynamo compiled since its counters were last cleared: graphs, graph breaks, recompilations."""
+    from torch._dynamo.utils import counters
+
+    return dict(graphs=counters["stats"].get("unique_graphs", 0), graph_breaks=sum(counters["graph_break"].values()),
+                recompiles=sum(counters["recompiles"].values()))
+
+
 def _reset(device: str) -> None:
     gc.collect()
     if device == "cuda":

@@ -27,6 +27,7 @@ import gc
 import json
 import platform
 import statistics
+import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass, replace
@@ -37,7 +38,10 @@ import torch
 from torch import nn
 from torch._dynamo.utils import counters
 
-import orthotune
+sys.path.insert(0, str(Path(__file__).parent))
+import efficiency as eff  # noqa: E402
+
+import orthotune  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -181,7 +185,7 @@ def run(shape: Shape, label: str, build: Callable[[nn.Module], nn.Module], batch
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None, "model_gib": model_gib,
     }
     if compiled:  # what dynamo compiled over all steps: one graph for every layer, no break, is the expected
-        row.update(graphs=counters["stats"]["unique_graphs"], graph_breaks=sum(counters["graph_break"].values()))
+        row.update(eff.dynamo_counts())
     del model, opt, params
     return row
 
