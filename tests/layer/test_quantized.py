@@ -54,8 +54,15 @@ def config(case: Case, **extra) -> orthotune.AdapterConfig:
 
 
 def logits(model: torch.nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        return model(TOKENS).logits.float()
+    """The logits without grad, in train mode (these models have no dropout): an eval-mode forward of a
+    bnb 4-bit layer on an AVX512-BF16 CPU repacks its weight for bnb's inference kernel, whose numerics
+    differ from the standard layout's by ~0.5% (test_cpu_inference_layout covers that path)."""
+    training = model.training
+    try:
+        with torch.no_grad():
+            return model.train()(TOKENS).logits.float()
+    finally:
+        model.train(training)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -158,10 +165,55 @@ def test_quantised_matmul_and_dequantise_match_bitsandbytes(llama_dir: str) -> N
     for quant in ("nf4", "fp4", "int8"):
         layer = load(llama_dir, quant).model.layers[0].mlp.down_proj  # bias-free, as Llama's
         x = torch.randn(3, layer.in_features)
-        ref = layer(x)
+        ref = layer.train()(x)  # train mode: bnb's standard layout on any CPU (see logits)
         assert torch.equal(quantized.matmul(layer, x), ref)
         dense = x @ quantized.dequantize(layer).float().T
         assert rel(dense, ref) < (1e-2 if quant == "int8" else 5e-3), quant  # int8 also quantises x; bf16 compute
+
+
+def test_cpu_inference_layout(llama_dir: str) -> None:
+    """A 4-bit base that served inference on an AVX512-BF16 CPU before it was adapted holds bnb's repacked
+    inference layout (made here by bnb's own converter, on any CPU): dequantise and the adapter's matmul
+    unpack it (the repack rounded absmax to bf16) and adapters train on it."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    base = load(llama_dir, "nf4")
+    layer = base.model.layers[0].mlp.down_proj
+    x = torch.randn(3, layer.in_features)
+    W, ref = quantized.dequantize(layer).float(), quantized.matmul(layer, x)
+    for m in base.modules():
+        if quantized.is_4bit(m):
+            m.weight.data, m.weight.quant_state = _convert_weight_packed_for_cpu(m.weight.data, m.weight.quant_state)
+    assert layer.weight.quant_state.packing_format_for_cpu
+    assert 0 < rel(quantized.dequantize(layer).float(), W) < 1e-2
+    assert not layer.weight.quant_state.packing_format_for_cpu
+    assert rel(quantized.matmul(layer, x), ref) < 1e-2
+    model = orthotune.get_model(base, orthotune.LoCOConfig(target_modules="all-linear", rank=2, init_identity=False))
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in model.modules() if quantized.is_4bit(m))
+    loss = model(input_ids=TOKENS, labels=TOKENS).loss
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_an_evaluation_does_not_stop_gradients_through_frozen_4bit_layers(llama_dir: str) -> None:
+    """Adapters on q/v only: an eval-mode forward (as a recipe's evaluation before training) must not leave
+    the untargeted 4-bit layers (o_proj, the MLP) in bnb's AVX512-BF16 inference layout, whose kernel has no
+    backward: that silently cut every gradient below them (packed here by bnb's own converter, on any CPU)."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    base = load(llama_dir, "nf4")
+    for m in base.modules():
+        if quantized.is_4bit(m):
+            m.weight.data, m.weight.quant_state = _convert_weight_packed_for_cpu(m.weight.data, m.weight.quant_state)
+    model = orthotune.get_model(base, orthotune.LoRAConfig(target_modules=["q_proj", "v_proj"], r=4))
+    frozen = [m for m in model.modules() if quantized.is_4bit(m)]
+    assert len(frozen) == 14 and not any(m.weight.quant_state.packing_format_for_cpu or m.support_avx512bf16_for_cpu for m in frozen)
+    with torch.no_grad():
+        model.eval()(TOKENS)
+    model.train()(input_ids=TOKENS, labels=TOKENS).loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if n.endswith("lora_B")}
+    assert len(grads) == 4 and all(g is not None and g.abs().sum() > 0 for g in grads.values())
 
 
 @pytest.mark.parametrize("method,kwargs", [("lora", dict(r=4)), ("loco", dict(rank=2)), ("oft", dict(oft_block_size=4)), ("pissa", dict(r=4))])

@@ -100,16 +100,42 @@ def _quant_state(module: nn.Module) -> Any:
 
 
 @torch.no_grad()
+def unpack_cpu_layout(module: nn.Module) -> None:
+    """Return a 4-bit layer to bitsandbytes' standard layout if its own eval-mode forward on an AVX512-BF16
+    CPU repacked it (``packing_format_for_cpu``): that layout serves only bnb's inference kernel, which
+    has no backward, and ``dequantize_4bit`` misreads it. A no-op on every other layer."""
+    if not is_4bit(module) or not getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+        return
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    # the inverse rewrites the quant_state it is given: hand it the module's own, then store both back
+    module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+        module.weight.data, module.weight.quant_state
+    )
+
+
+def keep_training_layout(model: nn.Module) -> None:
+    """Keep every 4-bit layer of ``model`` in bnb's standard layout from now on: an eval-mode no-grad forward
+    of a ``Linear4bit`` on an AVX512-BF16 CPU repacks its weight for an inference kernel without a backward,
+    and the layer keeps that layout in train mode, so a later training step passes no gradient through it
+    (bitsandbytes 0.50: an adapter before a frozen 4-bit layer silently stops learning after an evaluation).
+    Such layers run bnb's standard CPU kernel instead, in both modes."""
+    for module in model.modules():
+        if is_4bit(module):
+            unpack_cpu_layout(module)
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+
+
+@torch.no_grad()
 def dequantize(module: nn.Module) -> Tensor:
     """One layer's weight as a float (d_out, d_in) matrix: 4-bit in its original dtype, 8-bit in float32."""
     bnb = _bnb()
     if is_4bit(module):
-        data, qs = module.weight.data, _quant_state(module)
-        if getattr(qs, "packing_format_for_cpu", False):  # bnb's AVX512 inference layout: unpack a copy
-            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-            data, qs = _convert_weight_packed_for_cpu_inverse(data.clone(), qs)
-        return bnb.functional.dequantize_4bit(data, qs).reshape(module.out_features, module.in_features)
+        unpack_cpu_layout(module)
+        return bnb.functional.dequantize_4bit(module.weight.data, _quant_state(module)).reshape(
+            module.out_features, module.in_features
+        )
     cb, scb = _int8_stats(module)
     return bnb.functional.int8_vectorwise_dequant(cb, scb).reshape(module.out_features, module.in_features)
 
@@ -119,6 +145,7 @@ def matmul(module: nn.Module, x: Tensor) -> Tensor:
     bnb = _bnb()
     if is_4bit(module):
         bnb.nn.modules.fix_4bit_weight_quant_state_from_module(module)
+        unpack_cpu_layout(module)
         if not module.compute_type_is_set:
             module.set_compute_type(x)
             module.compute_type_is_set = True
@@ -217,6 +244,7 @@ def prepare_model_for_kbit_training(
     float32, so the residual stream and the normalisation statistics stay in float32 while the quantised
     matmuls run in their compute dtype, and turn on activation checkpointing with input gradients, so that
     checkpointed blocks still pass gradients to the adapters inside them."""
+    keep_training_layout(model)
     for p in model.parameters():
         p.requires_grad_(False)
         if p.dtype in (torch.float16, torch.bfloat16) and not quantized_param(p):

@@ -186,6 +186,7 @@ class AdapterModel(nn.Module):
         if not isinstance(config, AdapterConfig):
             raise ValueError(f"config must be an orthotune AdapterConfig (e.g. LoCOConfig), got {type(config).__name__}")
         self._check_new_name(adapter_name)
+        quantized.keep_training_layout(self.base_model)
         targets = find_targets(self.base_model, config)
         saved = find_modules_to_save(self.base_model, *saved_patterns(config))
         for sname, _ in saved:
