@@ -15,6 +15,33 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity, capped by a cgroup CPU quota (v2 or v1)."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    for path, period_path in (("/sys/fs/cgroup/cpu.max", None),
+                              ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us")):
+        try:
+            with open(path) as f:
+                fields = f.read().split()
+            if period_path is not None:
+                with open(period_path) as f:
+                    fields.append(f.read().strip())
+            quota, period = fields[0], fields[-1]
+            if quota not in ("max", "-1"):
+                n = min(n, max(1, int(quota) // int(period)))
+        except (OSError, ValueError, IndexError):
+            continue
+    return max(1, n)
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto`` (README's test command): one worker per usable core. xdist's own count asks psutil for the
+    host's physical cores, which in a container limited to 2 cores can be dozens of workers, each importing
+    torch and transformers, on 2 cores and 24 GiB. ``PYTEST_XDIST_AUTO_NUM_WORKERS`` still overrides it."""
+    env = os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS")
+    return int(env) if env and env.isdigit() else usable_cores()
+
+
 class MLP(nn.Module):
     """Linear layers of different widths, a bias-free one, and a head."""
 
