@@ -17,6 +17,7 @@ from orthotune.methods.loca.loca import LoCA
 from orthotune.ops import spectral
 
 from ..conftest import MODELS
+from ..processes import spawn_two
 
 
 def _loca_modules(model) -> list[LoCA]:
@@ -248,7 +249,7 @@ def _distributed_worker(rank: int, world: int, init_file: str, out_dir: str) -> 
 
 
 def test_location_gradients_are_averaged_across_ranks(tmp_path) -> None:
-    torch.multiprocessing.spawn(_distributed_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    spawn_two(_distributed_worker, (2, str(tmp_path / "init"), str(tmp_path)))
     a, b = torch.load(tmp_path / "0.pt"), torch.load(tmp_path / "1.pt")
     assert a[-1] > 0.1  # locations moved, and identically on both ranks despite different data
     assert all(torch.equal(u, v) for u, v in zip(a, b))

@@ -25,6 +25,8 @@ import torch.multiprocessing as mp
 import orthotune
 from orthotune.training import distributed
 
+from ..processes import spawn_two
+
 transformers = pytest.importorskip("transformers")
 pytestmark = [
     pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"),
@@ -128,7 +130,7 @@ def reference() -> tuple[dict, torch.Tensor]:
 def spawned(tmp_path_factory) -> Path:
     """Both strategies trained, saved and reloaded by two gloo processes."""
     out = tmp_path_factory.mktemp("spawned")
-    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    spawn_two(_worker, (2, _free_port(), str(out)))
     return out
 
 
@@ -276,7 +278,7 @@ def test_fsdp_run_resumes_bit_identically(tmp_path) -> None:
     """The runner's FSDP checkpoints (gathered adapter, full optimiser state dict) resume to the uninterrupted run."""
     from safetensors.torch import load_file
 
-    mp.spawn(_resume_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn_two(_resume_worker, (_free_port(), str(tmp_path)))
     full, cut = (load_file(str(tmp_path / n / "adapter" / "adapter_model.safetensors")) for n in ("full", "cut"))
     assert all(torch.equal(full[k], cut[k]) for k in full)
     results = [json.loads((tmp_path / n / "results.json").read_text()) for n in ("full", "cut")]

@@ -1,0 +1,21 @@
+"""Spawning test processes without letting a hang outlive the test."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+import torch.multiprocessing as mp
+
+
+def spawn_two(fn: Any, args: tuple, seconds: float = 600) -> None:
+    """``mp.spawn`` of two processes with a deadline: a hung collective kills both and fails the test by name
+    instead of holding the test run (and its cores) until CI's limit."""
+    ctx = mp.spawn(fn, args=args, nprocs=2, join=False)
+    deadline = time.monotonic() + seconds
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{fn.__name__}: the two processes did not finish within {seconds:.0f} s (killed)")
