@@ -44,9 +44,9 @@ def summary(folder: Path) -> dict[str, object]:
     if results.exists():
         r = json.loads(results.read_text())
         train = r["history"]["train"]
-        sixth = max(1, len(train) // 6)
+        cuts = [round(i * len(train) / 6) for i in range(7)]  # six near-equal spans whatever the step count
         row.update(lr=r["config"]["train"]["lr"], steps=r["steps"], final=r["final"], before=r["before"],
-                   train_loss_by_sixth=[statistics.fmean(x[1] for x in train[i : i + sixth]) for i in range(0, len(train), sixth)])
+                   train_loss_by_sixth=[statistics.fmean(x[1] for x in train[a:b]) for a, b in zip(cuts, cuts[1:]) if b > a])
     return row
 
 

@@ -41,3 +41,18 @@ def test_a_folder_without_loco_is_refused(tmp_path) -> None:
     model.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="no LoCO generators"):
         loco_angles.generator_norms(tmp_path)
+
+
+@pytest.mark.parametrize("steps,spans", [(20, 6), (61, 6), (4, 4)])
+def test_summary_splits_the_training_curve_into_sixths(tmp_path, steps: int, spans: int) -> None:
+    """A run folder's train loss is averaged over six near-equal spans (fewer only when there are fewer steps)."""
+    import json
+
+    model = orthotune.get_model(nn.Sequential(nn.Linear(6, 6)), orthotune.LoCOConfig(target_modules=["0"], rank=1, chain_length=1))
+    model.save_pretrained(tmp_path)
+    train = [[i + 1, float(i), 1e-3] for i in range(steps)]
+    (tmp_path / "results.json").write_text(json.dumps({"history": {"train": train}, "config": {"train": {"lr": 1e-3}},
+                                                       "steps": steps, "final": {}, "before": {}}))
+    sixths = loco_angles.summary(tmp_path)["train_loss_by_sixth"]
+    assert len(sixths) == spans and sixths == sorted(sixths)
+    assert sixths[0] == pytest.approx(sum(range(round(steps / 6) or 1)) / (round(steps / 6) or 1))
