@@ -120,3 +120,21 @@ def eager_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict, 
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
     optimizer.step()
     return loss.detach()
+
+
+SLOW_REPORT_S = 200.0  # the slowest test takes about 130 s on 2 CPU cores
+_CONFIG: pytest.Config | None = None  # the session's config, for its terminal reporter
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _CONFIG
+    _CONFIG = config
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Name any test phase slower than ``SLOW_REPORT_S`` as it ends (on the xdist controller too), so that a run
+    cut off by CI's time limit still shows in its log what took the time."""
+    if report.duration > SLOW_REPORT_S and _CONFIG is not None:
+        reporter = _CONFIG.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"\n[slow] {report.nodeid} ({report.when}): {report.duration:.0f} s")
