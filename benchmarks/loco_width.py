@@ -72,7 +72,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--table-only", action="store_true", help="rewrite README.md from the saved JSON, run nothing")
     args = ap.parse_args(argv)
+    if args.table_only:
+        write_table(args.out)
+        return
     default_lr = orthotune.LoCOConfig().default_learning_rate()
     rows = []
     for setting in args.settings.split(","):
@@ -89,12 +93,23 @@ def main(argv: list[str] | None = None) -> None:
     meta = dict(date=datetime.date.today().isoformat(), torch=torch.__version__, python=platform.python_version(),
                 device="cpu", steps=args.steps, batch=args.batch, seed=args.seed, angles=ANGLES, rates=RATES)
     (args.out / "loco_width.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    lines = [f"LoCO's best Adam rate by width and rank (benchmarks/loco_width.py; CPU, {meta['date']}, torch {meta['torch']}, "
-             f"{args.steps} steps of {args.batch}, seed {args.seed})", "",
-             "| d | rank | chain | best lr | left at best | left at default " + f"{default_lr:.0e} |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['d']} | {r['rank']} | {r['chain_length']} | {r['best_lr']:.0e} | {r['best_left']:.3f} | {r['default_left']:.3f} |"
-              for r in rows]
-    (args.out / "README.md").write_text("\n".join(lines) + "\n")
+    write_table(args.out)
+
+
+def write_table(out: Path) -> None:
+    """``out/README.md`` from ``out/loco_width.json``: best rate per row and the whole grid of scores."""
+    res = json.loads((out / "loco_width.json").read_text())
+    meta, rows = res["meta"], res["rows"]
+    default_lr = rows[0]["default_lr"]
+    lines = [f"LoCO's best Adam rate by width and rank (`benchmarks/loco_width.py`; CPU, {meta['date']}, torch {meta['torch']}, "
+             f"{meta['steps']} steps of {meta['batch']}, seed {meta['seed']}). Score: the part of the needed update left "
+             "(1 = none learned, 0 = the teacher's rotation exactly).", "",
+             "| d | rank | chain | best lr | left at best | left at default " + f"{default_lr:.0e} | "
+             + " | ".join(f"{float(lr):.0e}" for lr in meta["rates"]) + " |",
+             "|" + "---|" * (6 + len(meta["rates"]))]
+    lines += [f"| {r['d']} | {r['rank']} | {r['chain_length']} | {r['best_lr']:.0e} | {r['best_left']:.3f} | {r['default_left']:.3f} | "
+              + " | ".join(f"{r['scores'][str(lr)]:.3f}" for lr in meta["rates"]) + " |" for r in rows]
+    (out / "README.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -29,7 +29,9 @@ DEFAULT_LR: dict[str, tuple[float, str]] = {
                    "over 3 seeds on bf16 and NF4 bases, benchmarks/results/quantized/quality_lm/); elsewhere 9e-3 was "
                    "better: standard loop 0.913 vs 0.910 at 3e-3 (3 seeds), text 0.928 vs 0.917, ViT 0.897 vs 0.863, DiT "
                    "loss 0.0277 vs 0.0289 (seed 0 sweeps, benchmarks/results/session1/); no fixed rate lands within 1 "
-                   "point of every task's best, --lr auto (3e-3 x 1/3, 1, 3) reaches both"),
+                   "point of every task's best, --lr auto (3e-3 x 1/3, 1, 3) reaches both. Measured where d_in*r*k is about 3,500; the best "
+                   "rate falls like 1/sqrt(d_in*r*k) (benchmarks/results/loco_width/, a controlled task), so for much wider "
+                   "layers or larger ranks start at 3e-3*sqrt(3456/(d_in*r*k)) (docs/loco.md, 'Width and rank')"),
     "loca": (3e-3, "quality: sweep centre (not measured in the standard loop)"),
     "fourierft": (3e-2, "quality: sweep centre with scaling=150 (not measured in the standard loop)"),
     "oft": (2e-3, "standard loop: dev choice of 6.7e-4 / 2e-3 / 6e-3 for block size 32; quality's centre is 2e-3"),
