@@ -34,6 +34,7 @@ def usable_cores() -> int:
     return max(1, n)
 
 
+@pytest.hookimpl(optionalhook=True)  # xdist's hook: a run without pytest-xdist ignores it
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """``-n auto`` (README's test command): one worker per usable core. xdist's own count asks psutil for the
     host's physical cores, which in a container limited to 2 cores can be dozens of workers, each importing
