@@ -18,4 +18,5 @@ def spawn_two(fn: Any, args: tuple, seconds: float = 600) -> None:
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 p.kill()
+                p.join()
             pytest.fail(f"{fn.__name__}: the two processes did not finish within {seconds:.0f} s (killed)")

@@ -171,19 +171,25 @@ def test_quantised_matmul_and_dequantise_match_bitsandbytes(llama_dir: str) -> N
         assert rel(dense, ref) < (1e-2 if quant == "int8" else 5e-3), quant  # int8 also quantises x; bf16 compute
 
 
+def pack_for_cpu_inference(model: torch.nn.Module) -> None:
+    """Every 4-bit layer in bnb's AVX512-BF16 inference layout, as its eval-mode forward leaves it on such a CPU,
+    made by bnb's own converter (pure torch, so on any CPU)."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    for m in model.modules():
+        if quantized.is_4bit(m):
+            m.weight.data, m.weight.quant_state = _convert_weight_packed_for_cpu(m.weight.data, m.weight.quant_state)
+
+
 def test_cpu_inference_layout(llama_dir: str) -> None:
     """A 4-bit base that served inference on an AVX512-BF16 CPU before it was adapted holds bnb's repacked
     inference layout (made here by bnb's own converter, on any CPU): dequantise and the adapter's matmul
     unpack it (the repack rounded absmax to bf16) and adapters train on it."""
-    from bitsandbytes.functional import _convert_weight_packed_for_cpu
-
     base = load(llama_dir, "nf4")
     layer = base.model.layers[0].mlp.down_proj
     x = torch.randn(3, layer.in_features)
     W, ref = quantized.dequantize(layer).float(), quantized.matmul(layer, x)
-    for m in base.modules():
-        if quantized.is_4bit(m):
-            m.weight.data, m.weight.quant_state = _convert_weight_packed_for_cpu(m.weight.data, m.weight.quant_state)
+    pack_for_cpu_inference(base)
     assert layer.weight.quant_state.packing_format_for_cpu
     assert 0 < rel(quantized.dequantize(layer).float(), W) < 1e-2
     assert not layer.weight.quant_state.packing_format_for_cpu
@@ -200,12 +206,8 @@ def test_an_evaluation_does_not_stop_gradients_through_frozen_4bit_layers(llama_
     """Adapters on q/v only: an eval-mode forward (as a recipe's evaluation before training) must not leave
     the untargeted 4-bit layers (o_proj, the MLP) in bnb's AVX512-BF16 inference layout, whose kernel has no
     backward: that silently cut every gradient below them (packed here by bnb's own converter, on any CPU)."""
-    from bitsandbytes.functional import _convert_weight_packed_for_cpu
-
     base = load(llama_dir, "nf4")
-    for m in base.modules():
-        if quantized.is_4bit(m):
-            m.weight.data, m.weight.quant_state = _convert_weight_packed_for_cpu(m.weight.data, m.weight.quant_state)
+    pack_for_cpu_inference(base)
     model = orthotune.get_model(base, orthotune.LoRAConfig(target_modules=["q_proj", "v_proj"], r=4))
     frozen = [m for m in model.modules() if quantized.is_4bit(m)]
     assert len(frozen) == 14 and not any(m.weight.quant_state.packing_format_for_cpu or m.support_avx512bf16_for_cpu for m in frozen)

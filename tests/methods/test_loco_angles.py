@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -46,8 +47,6 @@ def test_a_folder_without_loco_is_refused(tmp_path) -> None:
 @pytest.mark.parametrize("steps,spans", [(20, 6), (61, 6), (4, 4)])
 def test_summary_splits_the_training_curve_into_sixths(tmp_path, steps: int, spans: int) -> None:
     """A run folder's train loss is averaged over six near-equal spans (fewer only when there are fewer steps)."""
-    import json
-
     model = orthotune.get_model(nn.Sequential(nn.Linear(6, 6)), orthotune.LoCOConfig(target_modules=["0"], rank=1, chain_length=1))
     model.save_pretrained(tmp_path)
     train = [[i + 1, float(i), 1e-3] for i in range(steps)]
