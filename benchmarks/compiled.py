@@ -45,6 +45,7 @@ import efficiency as eff  # noqa: E402
 
 import orthotune  # noqa: E402
 from orthotune.methods.registry import METHODS  # noqa: E402
+from orthotune.ops import skew  # noqa: E402
 
 LORA, FLOOR = "peft LoRA r16", "floor (frozen base, input grads)"
 
@@ -80,11 +81,13 @@ def specs() -> list[eff.Spec]:
 class Row:
     spec: eff.Spec
     how: str  # "eager" or a torch.compile mode ("default", "reduce-overhead", ...)
+    squarings: int | None = None  # LoCO's fixed squarings under CUDA-graph capture (None: the library's)
 
     @property
     def name(self) -> str:
         return f"{self.spec.name}, {'compiled' if self.compiled else self.how}" + (
-            f" [{self.how}]" if self.compiled and self.how != "default" else "")
+            f" [{self.how}]" if self.compiled and self.how != "default" else "") + (
+            f" [squarings {self.squarings}]" if self.squarings is not None else "")
 
     @property
     def compiled(self) -> bool:
@@ -114,6 +117,12 @@ def train_row(row: Row, shape: eff.Shape, args: argparse.Namespace) -> dict[str,
     """One row: a freshly built model, its first step timed (compilation included), then the median step."""
     from torch._dynamo.utils import counters
 
+    if row.squarings is not None:  # the bound is read while the graphs are recorded, in the first steps
+        previous, skew.CAPTURED_SQUARINGS = skew.CAPTURED_SQUARINGS, row.squarings
+        try:
+            return dict(train_row(dataclasses.replace(row, squarings=None), shape, args), name=row.name, squarings=row.squarings)
+        finally:
+            skew.CAPTURED_SQUARINGS = previous
     device = args.device
     torch._dynamo.reset()
     counters.clear()
@@ -288,6 +297,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--infer-mode", default="default", help="torch.compile mode of the inference rows")
     ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--captured-squarings", default="", help="comma-separated bounds: extra reduce-overhead rows of LoCO "
+                    f"exact with orthotune.ops.skew.CAPTURED_SQUARINGS set to each (the library's: {skew.CAPTURED_SQUARINGS})")
     ap.add_argument("--budget", type=float, default=420.0, help="seconds: no new row starts after this (it is listed as not run)")
     ap.add_argument("--smoke", action="store_true", help="a tiny model, 1 warm-up and 2 steps (CPU check of the harness)")
     args = ap.parse_args(argv)
@@ -302,8 +313,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         shape = dataclasses.replace(eff.Shape.scaled(args.hidden, args.layers), batch=args.batch, seq=args.seq)
     else:
         shape = eff.Shape(layers=args.layers, batch=args.batch, seq=args.seq)
-    if args.device != "cuda" and "reduce-overhead" in modes:
-        raise SystemExit("mode reduce-overhead needs CUDA (it records CUDA graphs); leave it out on the CPU")
+    if args.device != "cuda" and ("reduce-overhead" in modes or args.captured_squarings):
+        raise SystemExit("mode reduce-overhead (and --captured-squarings) needs CUDA (it records CUDA graphs); leave it out on the CPU")
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     env = eff.environment(args.device)
@@ -342,6 +353,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     if "train" in sections:
         rows = [r for r in rows_in_order(chosen, modes, every_default) if args.eager or r.how != "eager"]
+        loco = [s for s in specs() if s.name == "orthotune LoCO k3 r6 exact"]
+        extra = [Row(s, "reduce-overhead", int(n)) for n in args.captured_squarings.split(",") if n.strip() for s in loco]
+        rows = rows[:2] + extra + rows[2:]  # after the yardstick and the floor
         run(rows, lambda r: r.name, lambda r: train_row(r, shape, args), "train",
             lambda r: dict(name=r.name, method=r.spec.name, library=r.spec.library, how=r.how), ratios)
     if "infer" in sections:

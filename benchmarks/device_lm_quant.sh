@@ -7,10 +7,13 @@
 # wheels/ (datasets, dill, multiprocess: the recipe reads JSON lines through datasets, which the GPU
 # image lacks; pyarrow, xxhash and fsspec are there);
 # the GGUF's first part must have been copied to /root by the call before, on the same warm machine.
-# Usage: bash benchmarks/device_lm_quant.sh ASSETS DEADLINE_SECONDS
+# Usage: bash benchmarks/device_lm_quant.sh ASSETS DEADLINE_SECONDS [METHODS [QUALITY_ARGS...]]
+# e.g. bash benchmarks/device_lm_quant.sh .carry/lmq/b 200 loco --lr loco=3e-3   (METHODS: "lora loco oft" by default)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 assets=$1 deadline=$2
+read -r -a methods <<< "${3:-lora loco oft}"
+extra=("${@:4}")
 python3 - /root/smollm2.gguf.xz.part1 "$assets" <<'PY' || exit 4
 import hashlib, lzma, sys
 data = lzma.decompress(open(sys.argv[1], "rb").read() + open(sys.argv[2] + "/smollm2.gguf.xz.part2", "rb").read())
@@ -27,7 +30,7 @@ d=$PWD/$assets/lm-data
 data=(--set "lm:data.train_file=$d/train.jsonl" --set "lm:data.validation_file=$d/val.jsonl" --set "lm:data.test_file=$d/test.jsonl")
 for base in bf16 nf4; do
   if [ $base = bf16 ]; then model=(--set lm:model.dtype=bfloat16); else model=(--set lm:model.quantization=nf4 --set lm:model.compute_dtype=bfloat16); fi
-  timeout $((deadline + 40)) python3 benchmarks/quality.py --tasks lm --methods lora loco oft --no-sweep --workers 9 --threads 1 \
+  timeout $((deadline + 40)) python3 benchmarks/quality.py --tasks lm --methods "${methods[@]}" --no-sweep "${extra[@]}" --workers 9 --threads 1 \
     --set lm:train.compile=false \
     --deadline "$deadline" --out "$OUT" --tag "lm_$base" --scratch "/root/bench_$base" "${data[@]}" "${model[@]}" 2>&1 \
     | grep -v "Loading weights" > "$OUT/log_lm_$base.txt" &

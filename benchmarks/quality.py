@@ -265,6 +265,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=len(SEEDS))
     parser.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True, help="tune the learning rate on validation")
     parser.add_argument("--lr-from", help="an earlier session's JSON: scale each method's base lr by what its sweeps chose there")
+    parser.add_argument("--lr", action="append", default=[], metavar="METHOD=LR",
+                        help="a method's base learning rate instead of the table's (e.g. loco=3e-3; with --no-sweep, the rate run)")
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     parser.add_argument("--threads", type=int, default=2, help="CPU threads per worker")
     parser.add_argument("--deadline", type=float, default=None, help="seconds from start after which no run may still be going")
@@ -296,6 +298,8 @@ def run_session(args: argparse.Namespace) -> None:
     jobs: dict[str, dict[str, Any]] = {}
     budgets: dict[str, dict[str, Any]] = {}
     multipliers = lr_multipliers(Path(args.lr_from)) if args.lr_from else {}
+    base_lrs = parse_base_lrs(args.lr, args.methods)
+    session["base_lrs"] = base_lrs or None
     session["lr_from"] = {"file": args.lr_from, "multipliers": multipliers} if args.lr_from else None
     rank = {m: i for i, m in enumerate(args.methods)}  # the order given is the order of priority
     tasks_rank = {t: i for i, t in enumerate(args.tasks)}
@@ -317,7 +321,7 @@ def run_session(args: argparse.Namespace) -> None:
         for m in args.methods:
             if "error" in budgets[task][m]:
                 continue
-            base = (bench.full_lr if METHODS[m].method == "full" else METHODS[m].lr) * multipliers.get(m, 1.0)
+            base = base_lrs.get(m, bench.full_lr if METHODS[m].method == "full" else METHODS[m].lr) * multipliers.get(m, 1.0)
             lrs = [base * f for f in SWEEP] if args.sweep else [base]
             for lr in lrs if args.sweep else []:
                 key = f"sweep:{task}:{m}:{lr:.3g}"
@@ -414,6 +418,22 @@ def lr_multipliers(path: Path) -> dict[str, float]:
             if len(chosen) == 1:
                 found.setdefault(m, []).append(chosen.pop() / base)
     return {m: statistics.median_low(v) for m, v in found.items()}
+
+
+def parse_base_lrs(items: list[str], methods: list[str]) -> dict[str, float]:
+    """``--lr METHOD=LR`` items as {method: lr}; a method not run, or a rate that is not a positive number, stops the session."""
+    out: dict[str, float] = {}
+    for item in items:
+        method, sep, value = item.partition("=")
+        if not sep or method not in methods:
+            raise SystemExit(f"--lr {item!r}: expected METHOD=LR with METHOD one of the methods run ({', '.join(methods)})")
+        try:
+            out[method] = float(value)
+        except ValueError:
+            raise SystemExit(f"--lr {item!r}: {value!r} is not a number") from None
+        if not out[method] > 0:
+            raise SystemExit(f"--lr {item!r}: the rate must be positive")
+    return out
 
 
 def task_overrides(items: list[str], task: str) -> list[str]:

@@ -7,6 +7,7 @@ own ``core()``, for every method that batches; the plan must never serve stale c
 from __future__ import annotations
 
 import copy
+import gc
 import pickle
 
 import pytest
@@ -190,6 +191,20 @@ def test_expm_with_fixed_squarings_as_under_graph_capture() -> None:
     assert ((out[:3] - ref).abs().amax((-1, -2)) / ref.abs().amax((-1, -2))).max() < 1e-12
     assert out[3].isnan().all()  # 1-norm ~ 1e3 * 7 needs 13 squarings: flagged, not truncated
     assert torch.equal(skew.expm(X[:3], max_squarings=skew.CAPTURED_SQUARINGS), skew.expm(X[:3]))  # masked: bit-identical
+
+
+def test_the_loco_math_keeps_no_tensor_after_it_returns() -> None:
+    """What ``orthotune.ops.skew`` makes in a call dies with the call: a cached constant first made while a CUDA-graph
+    tree warms up lives in that graph's pool untracked and breaks the capture (``benchmarks/results/compiled/README.md``,
+    calls 7 and 8: a fresh process's first LoCO step under ``reduce-overhead`` failed so)."""
+    U, V = torch.randn(2, 3, 17, 5, dtype=f64).unbind(0)
+    X = torch.randn(4, 11, 11, dtype=f64)
+    gc.collect()
+    before = {id(o) for o in gc.get_objects() if isinstance(o, torch.Tensor)}
+    out = [skew.expm(X), skew.phi(X), skew.chain_core(*skew.skew_factors(U, V), skew.phi(torch.randn(3, 10, 10, dtype=f64)))]
+    del out
+    gc.collect()
+    assert [tuple(o.shape) for o in gc.get_objects() if isinstance(o, torch.Tensor) and id(o) not in before] == []
 
 
 def test_disabled_merged_and_unloaded_models() -> None:

@@ -37,3 +37,25 @@ def test_modes_without_default_run_only_the_yardstick_in_default_mode() -> None:
     assert {r.spec.name for r in rows if r.how == "reduce-overhead"} == {s.name for s in chosen}
     every = compiled.rows_in_order(chosen, ["default", "reduce-overhead"])
     assert {r.spec.name for r in every if r.how == "default"} == {s.name for s in chosen}
+
+
+def test_a_captured_squarings_row_sets_the_bound_for_its_row_only(monkeypatch) -> None:
+    import argparse
+
+    from orthotune.ops import skew
+
+    library = skew.CAPTURED_SQUARINGS
+    seen = []
+
+    def build(*args, **kwargs):
+        seen.append(skew.CAPTURED_SQUARINGS)
+        raise RuntimeError("built")
+
+    monkeypatch.setattr(compiled.eff, "build", build)
+    spec = next(s for s in compiled.specs() if s.name == "orthotune LoCO k3 r6 exact")
+    row = compiled.Row(spec, "reduce-overhead", 7)
+    shape = compiled.eff.Shape(hidden=64, intermediate=128, layers=1, heads=4, vocab=128, batch=2, seq=16)
+    with pytest.raises(RuntimeError, match="built"):
+        compiled.train_row(row, shape, argparse.Namespace(device="cpu"))
+    assert seen == [7] and skew.CAPTURED_SQUARINGS == library
+    assert row.name == "orthotune LoCO k3 r6 exact, compiled [reduce-overhead] [squarings 7]"

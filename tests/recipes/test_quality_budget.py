@@ -88,3 +88,11 @@ def test_the_report_fills_missing_seeds_from_older_sessions_of_the_same_setup() 
     dit_old = _session("2026-01-01", "dit", {"lora": [_run(1, 0.2)]})
     dit_new = _session("2026-01-02", "dit", {"lora": [_run(0, 0.5)]})
     assert quality.merge_tasks([dit_old, dit_new])["dit"]["runs"]["lora"] == [{**_run(0, 0.5), "swept": True}]  # backbones differ per session
+
+
+def test_base_learning_rates_from_the_command_line() -> None:
+    assert quality.parse_base_lrs(["loco=3e-3", "lora=1e-2"], ["lora", "loco"]) == {"loco": 3e-3, "lora": 1e-2}
+    for bad, says in (("loco3e-3", "METHOD=LR"), ("oft=1e-3", "one of the methods run"), ("loco=fast", "not a number"),
+                      ("loco=0", "positive")):
+        with pytest.raises(SystemExit, match=says):
+            quality.parse_base_lrs([bad], ["lora", "loco"])

@@ -6,11 +6,13 @@ A generator ``S = U V^T - V U^T`` (``U, V`` of shape (d, r)) factors as ``S = A 
 exactly, ``I + A M B^T`` with stacked factors and ``M = C (I - G C)^{-1}`` (see :func:`chain_core`).
 
 Shapes: factor stacks are (..., k, d, m); cores are (..., m, m); leading dims batch layers.
+
+Small constants (identities, the chain's block mask) are built in every call, never cached: a cached
+tensor first made while ``torch.compile(mode="reduce-overhead")`` warms a CUDA graph up lives in that
+graph's memory pool untracked, and the capture fails (``benchmarks/results/compiled/call7_ro_all``).
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 from torch import Tensor
@@ -95,12 +97,14 @@ def taylor_expm(X: Tensor, max_squarings: int | None = None) -> Tensor:
     else:
         squarings = int(s.max()) if s.numel() else 0
     Y = batch * torch.exp2(-s)[:, None, None]
-    eye = _cached(_eye, n, X.dtype, X.device).expand_as(Y)
+    eye = torch.eye(n, dtype=X.dtype, device=X.device).expand_as(Y)
     P = torch.baddbmm(eye, Y, eye, alpha=1.0 / degree)
     for j in range(degree - 1, 0, -1):
         P = torch.baddbmm(eye, Y, P, alpha=1.0 / j)  # I + Y P / j
-    for i in range(squarings):
-        P = torch.where((s > i)[:, None, None], P @ P, P)
+    if squarings:
+        active = (s[:, None] > torch.arange(squarings, device=s.device, dtype=s.dtype))[..., None, None]  # one kernel
+        for i in range(squarings):
+            P = torch.where(active[:, i], P @ P, P)
     if max_squarings is not None:
         P = P.masked_fill(too_large[:, None, None], float("nan"))
     return P.reshape(X.shape)
@@ -122,19 +126,8 @@ def phi(Z: Tensor) -> Tensor:
     so there is no truncated series to go wrong for large generators).
     """
     n = Z.shape[-1]
-    aug = torch.nn.functional.pad(torch.cat([Z, _cached(_eye, n, Z.dtype, Z.device).expand_as(Z)], -1), (0, 0, 0, n))
+    aug = torch.nn.functional.pad(torch.cat([Z, torch.eye(n, dtype=Z.dtype, device=Z.device).expand_as(Z)], -1), (0, 0, 0, n))
     return expm(aug)[..., :n, n:]
-
-
-@functools.lru_cache(maxsize=64)
-def _eye(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    return torch.eye(n, dtype=dtype, device=device)
-
-
-def _cached(fn, *args):
-    """``fn(*args)`` through its ``functools.lru_cache`` in eager code; under compile the graph builds the
-    tensor itself (dynamo bypasses the cache and warns about it)."""
-    return fn.__wrapped__(*args) if torch.compiler.is_compiling() else fn(*args)
 
 
 def skew_factors(U: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
@@ -160,7 +153,6 @@ def _block_diag(C: Tensor) -> Tensor:
     return torch.diag_embed(C.movedim(-3, -1), dim1=-4, dim2=-2).reshape(*lead, k * m, k * m)
 
 
-@functools.lru_cache(maxsize=64)
 def _strict_block_upper_mask(k: int, m: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     blocks = torch.ones(k, k, dtype=dtype, device=device).triu(1)
     return blocks.repeat_interleave(m, 0).repeat_interleave(m, 1)
@@ -182,8 +174,8 @@ def chain_from_gram(gram: Tensor, C: Tensor) -> Tensor:
     """
     k, m = C.shape[-3], C.shape[-1]
     Cb = _block_diag(C)
-    N = (gram * _cached(_strict_block_upper_mask, k, m, gram.dtype, gram.device)) @ Cb
-    eye = _cached(_eye, k * m, gram.dtype, gram.device)
+    N = (gram * _strict_block_upper_mask(k, m, gram.dtype, gram.device)) @ Cb
+    eye = torch.eye(k * m, dtype=gram.dtype, device=gram.device)
     S = eye + N
     for _ in range(k - 2):
         S = eye + N @ S
