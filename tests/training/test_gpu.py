@@ -167,11 +167,14 @@ from transformers import LlamaConfig, LlamaForCausalLM
 torch.manual_seed(0)
 cfg = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=4, max_position_embeddings=64)
-with torch.device("cuda"):
-    model = LlamaForCausalLM(cfg)
-config = orthotune.LoCOConfig(target_modules=["q_proj", "v_proj", "down_proj"], rank=4, chain_length=3, mode=sys.argv[1],
-                              init_identity=False)
-model = orthotune.get_model(model, config)
+targets = ["q_proj", "v_proj", "down_proj"]
+if sys.argv[1] == "loca-moved":  # adapted on the CPU, then moved: LoCA's DCT tables for CUDA are first made in the graph
+    model = orthotune.get_model(LlamaForCausalLM(cfg), orthotune.LoCAConfig(target_modules=targets, n_frequency=64)).cuda()
+else:
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg)
+    config = orthotune.LoCOConfig(target_modules=targets, rank=4, chain_length=3, mode=sys.argv[1], init_identity=False)
+    model = orthotune.get_model(model, config)
 step = orthotune.GraphedStep(model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3))
 ids = torch.randint(0, 128, (2, 32), device="cuda")
 losses = [float(step(dict(input_ids=ids, labels=ids, use_cache=False))) for _ in range(4)]
@@ -180,12 +183,14 @@ print("losses", losses)
 """
 
 
-@pytest.mark.parametrize("mode", ["exact", "approx"])
+@pytest.mark.parametrize("mode", ["exact", "approx", "loca-moved"])
 def test_graphed_loco_as_the_first_rotation_of_a_fresh_process(mode: str) -> None:
     """The first LoCO step of a process under ``reduce-overhead``: nothing the cores compute may outlive the call.
     A cached identity, first made during the CUDA-graph tree's warm-up, sat in the graph's pool untracked and the
     capture failed ("tensor(s) in the cudagraph pool not tracked as outputs"; ``results/compiled/call7_ro_all``);
-    in one pytest process an earlier test had always filled that cache first, so only a fresh process shows it."""
+    in one pytest process an earlier test had always filled that cache first, so only a fresh process shows it.
+    ``loca-moved``: LoCA's DCT tables (a cache kept on purpose: one d x d table per width and device) made for the
+    first time inside the compiled graph, as for a model adapted on the CPU and then moved (not yet run on a GPU)."""
     import subprocess
     import sys
 
