@@ -264,6 +264,23 @@ def test_lm_formats_train_on_the_completion_only(tiny_llama, tmp_path, kind) -> 
         assert "system : be brief" in task.tokenizer.decode(batch["input_ids"][0])
 
 
+def test_lm_batches_padded_to_a_multiple_have_the_same_loss(tiny_llama, tmp_path) -> None:
+    """``model.pad_to_multiple_of`` for the causal-LM recipe: lengths rounded up, padding masked out of the loss."""
+    from orthotune.recipes.causal_lm import CausalLMTask
+
+    path = write_jsonl(tmp_path / "train.jsonl", lm_rows("prompt_completion"))
+    base = lm_config(tiny_llama, tmp_path / "a", path, path)
+    plain = CausalLMTask(base.model, base.data, 0, torch.device("cpu"))
+    cfg = RunConfig.from_dict({**lm_config(tiny_llama, tmp_path / "b", path, path).to_dict(),
+                               "model": {"path": str(tiny_llama), "max_length": 64, "pad_to_multiple_of": 16}})
+    padded = CausalLMTask(cfg.model, cfg.data, 0, torch.device("cpu"))
+    a, b = plain.collate(plain.train_encoded[:3]), padded.collate(padded.train_encoded[:3])
+    assert b["input_ids"].shape[1] % 16 == 0 and b["input_ids"].shape[1] > a["input_ids"].shape[1]
+    model = plain.build_model().eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**b).loss, model(**a).loss, rtol=1e-5, atol=1e-6)
+
+
 def test_lm_bad_rows_are_refused_and_the_merged_folder_loads_in_plain_transformers(tiny_llama, tmp_path) -> None:
     rows = lm_rows("messages")
     bad = rows[:4] + [{"messages": [{"role": "user", "content": "no answer"}]}]
@@ -419,3 +436,36 @@ def test_minilm_on_a_users_sentiment_csv_beats_step_0_and_merges(tmp_path, capsy
         "print(hits / len(rows))\n",
         str(tmp_path / "M"), str(tmp_path / "E.csv"))
     assert abs(float(printed.splitlines()[-1]) - results["final"]["accuracy"]) <= 0.005
+
+
+def test_pad_to_multiple_of_rounds_batch_lengths_up_and_changes_no_prediction(tiny_bert, tmp_path) -> None:
+    """``model.pad_to_multiple_of`` (transformers' collator argument): a few batch shapes for CUDA-graph capture,
+    the same logits (the padding is masked)."""
+    from orthotune.recipes.text import TextClassificationTask
+
+    path = write_csv(tmp_path / "d.csv", ROWS)
+    plain, padded = (TextClassificationTask(cfg.model, cfg.data, 0, torch.device("cpu")) for cfg in (
+        text_config(tiny_bert, tmp_path / "a", path, path),
+        RunConfig.from_dict({**text_config(tiny_bert, tmp_path / "b", path, path).to_dict(),
+                             "model": {"path": str(tiny_bert), "max_length": 16, "pad_to_multiple_of": 8}})))
+    for task in (plain, padded):
+        task.check_data()
+    widths = {padded.train_batch(0, i, 8)["input_ids"].shape[1] for i in range(3)}
+    assert widths and all(w % 8 == 0 for w in widths), widths
+    a, b = plain.train_batch(0, 0, 8), padded.train_batch(0, 0, 8)
+    assert b["input_ids"].shape[1] > a["input_ids"].shape[1] or a["input_ids"].shape[1] % 8 == 0
+    model = plain.build_model().eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**{k: v for k, v in b.items() if k != "labels"}).logits,
+                                   model(**{k: v for k, v in a.items() if k != "labels"}).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("value", [0, -8, 2.5, True, "64"])
+def test_pad_to_multiple_of_must_be_a_positive_integer(tiny_bert, tmp_path, value) -> None:
+    path = write_csv(tmp_path / "d.csv", ROWS)
+    with pytest.raises(ValueError, match="model.pad_to_multiple_of must be a positive integer"):
+        cfg = RunConfig.from_dict({**text_config(tiny_bert, tmp_path / "a", path, path).to_dict(),
+                                   "model": {"path": str(tiny_bert), "pad_to_multiple_of": value}})
+        from orthotune.recipes.text import TextClassificationTask
+
+        TextClassificationTask(cfg.model, cfg.data, 0, torch.device("cpu"))

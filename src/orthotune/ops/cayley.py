@@ -37,9 +37,11 @@ def skew_from_square(X: Tensor) -> Tensor:
 def cayley(Q: Tensor) -> Tensor:
     """Exact ``(I + Q)(I - Q)^{-1}`` for a batch of skew matrices (one LU solve each).
 
-    Under ``torch.compile`` it is the custom op ``orthotune::cayley`` (:func:`cayley_op`).
+    With autograd it is the custom op ``orthotune::cayley`` (:func:`cayley_op`), eager and compiled alike: its
+    backward keeps only the result (plain autograd through the solve keeps ``I - Q``, ``I + Q``, the LU factors
+    and the result until the backward, and solves again there).
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and Q.requires_grad):
         return cayley_op(Q)
     return _solve_cayley(Q)
 

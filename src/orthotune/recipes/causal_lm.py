@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from ..layer.quantized import enable_activation_checkpointing, prepare_model_for_kbit_training
 from ..methods.config import check_choice
 from .assets import model_folder, reasoning_rows, smollm2_path
-from .task import Task, batch_indices
+from .task import Task, batch_indices, check_pad_to_multiple_of
 from .userdata import RowAudit, empty_cells, read_table
 
 SPLIT_FILES = {"train": "train_file", "val": "validation_file", "test": "test_file"}
@@ -48,6 +48,7 @@ class LMModelSettings:
     path: str | None = None  # a local causal-LM folder; default SmolLM2-135M-Instruct
     dtype: str = "float32"
     max_length: int = 256
+    pad_to_multiple_of: int | None = None  # round each batch's length up to this (a few shapes for reduce-overhead)
     prompt_suffix: str = " Give only the final answer."  # appended to generated questions (not to the user's prompts)
     eval_batch_size: int = 64
     max_new_tokens: int | None = None  # default: longest reference answer + 4
@@ -60,6 +61,7 @@ class LMModelSettings:
         check_choice("model.compute_dtype", self.compute_dtype, ("float32", "bfloat16", "float16"))
         if self.quantization is not None:
             check_choice("model.quantization", self.quantization, tuple(QUANTIZATION))
+        check_pad_to_multiple_of(self.pad_to_multiple_of)
 
     def quantization_config(self) -> Any:
         """transformers' ``BitsAndBytesConfig`` for ``quantization`` (NF4/FP4 with double quantisation, or 8-bit)."""
@@ -253,6 +255,8 @@ class CausalLMTask(Task):
         seqs = [(p + a)[-limit:] for p, a in items]
         labels = [([-100] * len(p) + a)[-limit:] for p, a in items]
         width = max(len(s) for s in seqs)
+        if self.model_settings.pad_to_multiple_of:
+            width = -(-width // self.model_settings.pad_to_multiple_of) * self.model_settings.pad_to_multiple_of
         pad = self.tokenizer.pad_token_id
         ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
         mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])

