@@ -31,22 +31,13 @@ import quantized  # noqa: E402  (the 8B table's method list and LoCO's matched r
 
 import orthotune  # noqa: E402
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PROBED = ("peft LoRA r16", "LoRA r16", "LoCO", "OFT b32", "HRA r8")  # label prefixes of quantized.methods()
 DETAIL = ("ACTIVATION", "AUTOGRAD_DETAIL", "TEMPORARY", "unknown")
 
 
 def methods(shape: quantized.Shape) -> dict[str, Callable[[nn.Module], nn.Module]]:
-    """peft LoRA r16 and orthotune's LoRA r16, LoCO (LoRA r16's parameters), OFT b32, HRA r8, as in the 8B table."""
-    import peft
-
-    rank = quantized.loco_rank_matched(shape)
-    return {
-        "peft LoRA r16": lambda m: peft.get_peft_model(m, peft.LoraConfig(r=16, lora_alpha=16, target_modules=TARGETS)),
-        "LoRA r16": lambda m: orthotune.get_model(m, orthotune.LoRAConfig(r=16, lora_alpha=16, target_modules=TARGETS)),
-        f"LoCO r{rank}": lambda m: orthotune.get_model(m, orthotune.LoCOConfig(rank=rank, target_modules=TARGETS)),
-        "OFT b32": lambda m: orthotune.get_model(m, orthotune.OFTConfig(oft_block_size=32, target_modules=TARGETS)),
-        "HRA r8": lambda m: orthotune.get_model(m, orthotune.HRAConfig(r=8, target_modules=TARGETS)),
-    }
+    """The 8B table's methods (``quantized.methods``: same configurations, all 7 projections) but peft OFT and LoCA."""
+    return {label: build for label, build in quantized.methods(shape).items() if label.startswith(PROBED)}
 
 
 def base_model(shape: quantized.Shape) -> nn.Module:
