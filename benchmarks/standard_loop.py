@@ -86,6 +86,15 @@ ROWS = [
         note="r=78, then after epoch 1 a second r=78 stage from new gradients (add_rotation_stage; 2 x 3,003 = 6,006 "
              "per layer against 6,216)", restage_after_epochs=1),
 ]
+# issue 22, third step: where the gradient support beats a random one, by support size (both with the head warm-up)
+for _r in (16, 32, 56):
+    ROWS += [Row(f"loft-grad-warm-r{_r}", "loft", dict(support="gradient", transform="cayley", r=_r), 2e-3, WARM,
+                 note=f"r={_r}"),
+             Row(f"loft-random-warm-r{_r}", "loft", dict(support="random", transform="cayley", r=_r), 6e-3,
+                 dict(head_warmup_steps=100, head_lr=5e-3), note=f"control at r={_r}")]
+ROWS += [Row(f"loft-whitened-warm-r{_r}", "loft", dict(support="gradient", transform="cayley", r=_r), 6e-3,
+             dict(WARM, statistic="whitened"), note=f"r={_r}, first-order gain per unit of input energy (C^-1/2 K C^-1/2)")
+         for _r in (32, 112)]
 ROW_BY_NAME = {r.name: r for r in ROWS}
 GRID = (1 / 3, 3.0)  # extra learning-rate multipliers (--grid), scored on dev
 # named sets of rows: (rows, rows that also get the --grid learning rates)
@@ -94,6 +103,8 @@ PRESETS = {
                  "loft-grad-warm-restage", "loft-grad-warm", "loft-random-warm", "oft-b32", "loco-k2r4", "lora-r8"],
                 ["loft-grad-warm-width", "loft-grad-warm-mix", "loft-grad-warm-mix-width", "loft-random-warm-width",
                  "loft-grad-warm-restage"]),
+    "issue22_r": ([f"loft-{s}-warm-r{r}" for r in (16, 32, 56) for s in ("grad", "random")]
+                  + ["loft-whitened-warm-r32", "loft-whitened-warm-r112"],) * 2,  # every row gridded
 }
 
 
@@ -183,6 +194,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
                 p.requires_grad_(True)
                 p.grad = None
     select_s = time.time() - t0
+    energy = support_energy(model, data["train"], s) if row.method == "loft" else None
     params = [p for p in model.parameters() if p.requires_grad]
     head_params = sum(p.numel() for _, w in model.saved_modules() for p in w.parameters() if p.requires_grad)
     steps = s.epochs * -(-len(data["train"]["labels"]) // s.batch_size)
@@ -210,10 +222,52 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         "adapter_params": sum(p.numel() for p in params) - head_params, "head_params": head_params,
         "final_loss": float(torch.stack(losses[-20:]).mean()), "steps": steps, "select_s": select_s, "train_s": train_s,
     }
+    if energy is not None:
+        out["support_energy"] = energy
     if report:
         fr = [v["captured_fraction"] for v in report.values()]
         out["captured_fraction_mean"] = sum(fr) / len(fr)
     return out
+
+
+def support_energy(model, train: dict, s: Settings, num_batches: int = 4) -> dict[str, float]:
+    """Mean input energy along each LOFT support relative to the layer's mean, ``(tr(P^T C P) / r) / (tr(C) / d)``
+    (``C`` the second moment of the layer's inputs on a few training batches): 1 for a random support; a
+    rotation moves the output in proportion to it. By layer kind (the name's last two parts)."""
+    import torch
+
+    layers = [(n, layer) for n, layer in model.adapter_layers()
+              if any(hasattr(getattr(layer.adapters["default"], "support", None), a) for a in ("P", "index"))]
+    moments: dict[str, Any] = {}
+
+    def hook(name):
+        def record(module, args, out):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            moments[name] = moments.get(name, 0) + x.T @ x
+        return record
+
+    handles = [layer.register_forward_hook(hook(n)) for n, layer in layers]
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            order = torch.arange(len(train["labels"]))[: num_batches * s.batch_size]
+            for b in batches(train, s.batch_size, order, s.device):
+                b.pop("labels")
+                model(**b)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+    ratios: dict[str, list[float]] = {}
+    for n, layer in layers:
+        support = layer.adapters["default"].support
+        C = moments[n]
+        d = C.shape[0]
+        P = support.P.double() if hasattr(support, "P") else torch.eye(d, dtype=torch.float64, device=C.device)[:, support.index]
+        r = P.shape[1]
+        ratios.setdefault(".".join(n.split(".")[-2:]), []).append(float((torch.trace(P.T @ C @ P) / r) / (torch.trace(C) / d)))
+    return {k: sum(v) / len(v) for k, v in ratios.items()}
 
 
 def restage(model, row: Row, train: dict, s: Settings, gen, optim, sched) -> list:
@@ -280,7 +334,7 @@ def summarise(results: list[dict[str, Any]], rows: list[Row]) -> list[dict[str, 
                       "test_std": statistics.stdev(tests) if len(tests) > 1 else 0.0,
                       "dev_mean": statistics.mean(x["dev"] for x in at), "adapter_params": at[0]["adapter_params"],
                       "train_s": statistics.mean(x["train_s"] for x in at), "select_s": statistics.mean(x["select_s"] for x in at),
-                      "captured_fraction": at[0].get("captured_fraction_mean")})
+                      "captured_fraction": at[0].get("captured_fraction_mean"), "support_energy": at[0].get("support_energy")})
     return table
 
 
@@ -289,13 +343,15 @@ def markdown(env: dict[str, Any], settings: Settings, table: list[dict[str, Any]
              f"{env.get('gpu', env['device'])}; torch {env['torch']}, transformers {env['transformers']}; "
              f"{settings.epochs} epochs, batch {settings.batch_size}, AdamW, linear schedule, {settings.warmup:.0%} warm-up"
              + (f"; subset {settings.n_train} train / {settings.n_eval} eval" if settings.n_train else ""), "",
-             "| row | adapter params | lr (dev-chosen of) | seeds | test acc | dev acc | captured | select s | train s | note |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| row | adapter params | lr (dev-chosen of) | seeds | test acc | dev acc | captured | input energy | select s | train s | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for t in table:
         cap = f"{t['captured_fraction']:.2f}" if t["captured_fraction"] is not None else "-"
+        e = t.get("support_energy")
+        energy = "/".join(f"{v:.1f}" for v in e.values()) if e else "-"
         lrs = "/".join(f"{x:.2g}" for x in t["lrs_tried"])
         lines.append(f"| {t['row']} | {t['adapter_params']:,} | {t['lr']:.2g} ({lrs}) | {t['seeds']} | "
-                     f"{t['test_mean']:.4f} ± {t['test_std']:.4f} | {t['dev_mean']:.4f} | {cap} | {t['select_s']:.1f} | "
+                     f"{t['test_mean']:.4f} ± {t['test_std']:.4f} | {t['dev_mean']:.4f} | {cap} | {energy} | {t['select_s']:.1f} | "
                      f"{t['train_s']:.1f} | {t['note']} |")
     if skipped:
         lines += ["", f"Not run (time budget): {len(skipped)} jobs: " + ", ".join(f"{r}@{lr:.2g}/s{s}" for r, lr, s in skipped)]

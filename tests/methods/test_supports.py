@@ -220,6 +220,34 @@ def test_second_moment_statistic_matches_its_definition() -> None:
     assert torch.allclose(projector(P), projector(top), atol=1e-4)
 
 
+def test_whitened_statistic_matches_its_definition() -> None:
+    """statistic="whitened": the span of M U, U the top singular vectors of M K M, M = (C + 0.1 tr(C)/d I)^-1/2,
+    with C the second moment of the layer's inputs over the same batches."""
+    torch.manual_seed(0)
+    base = Tiny()
+    data = batches(3)
+    W0, G = manual_gradient(copy.deepcopy(base), data, "a")
+    X = torch.cat([b["x"] for b in data]).double()
+    C = X.T @ X / X.shape[0]
+    evals, evecs = torch.linalg.eigh(C + 0.1 * torch.trace(C) / 12 * torch.eye(12, dtype=f64))
+    M = evecs @ torch.diag(evals.rsqrt()) @ evecs.T
+    Kw = M @ dense_skew(W0.double(), G.double()) @ M
+    U = torch.linalg.svd(Kw).U[:, :4]
+    ref = torch.linalg.qr(M @ U).Q
+    model = orthotune.get_model(base, LOFTConfig(target_modules=["a"], support="gradient", r=4))
+    select_supports(model, data, num_batches=3, statistic="whitened", progress=False)
+    P = dict(model.adapter_layers())["a"].adapters["default"].support.P.double()
+    assert torch.allclose(P.T @ P, torch.eye(4, dtype=f64), atol=1e-5)
+    assert torch.allclose(projector(P), projector(ref), atol=1e-4)
+    assert not dict(model.adapter_layers())["a"]._forward_hooks  # its input hooks are gone
+
+
+def test_whitened_statistic_refuses_coordinate_supports() -> None:
+    model = orthotune.get_model(Tiny(), LOFTConfig(target_modules=["a"], support="gradient_coordinate", r=4))
+    with pytest.raises(ValueError, match="gradient_coordinate"):
+        select_supports(model, batches(2), statistic="whitened", progress=False)
+
+
 def test_selection_options_refuse_bad_values() -> None:
     model = orthotune.get_model(Tiny(), LOFTConfig(target_modules=["a"], support="gradient", r=2))
     with pytest.raises(ValueError, match="modules_to_save"):

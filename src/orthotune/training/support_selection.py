@@ -20,12 +20,13 @@ from ..methods.loft.selection import (
     gradient_coordinates,
     gradient_dims,
     second_moment_basis,
+    whitened_basis,
 )
 from ..methods.loft.supports import DenseSupport
 from ..model.adapter_model import AdapterModel
 
 LossFn = Callable[[nn.Module, Any], Tensor]
-STATISTICS = ("mean", "second_moment")
+STATISTICS = ("mean", "second_moment", "whitened")
 
 
 def _default_loss(model: nn.Module, batch: Any) -> Tensor:
@@ -77,7 +78,9 @@ def select_supports(
     adapter bypassed) on that many batches of ``data``, then takes the statistic on the following
     batches; the warmed-up head is kept (it is what training starts from). ``statistic="second_moment"``
     ranks directions by ``sum_b K_b^T K_b`` over batches (:func:`second_moment_basis`) instead of
-    the mean gradient's ``K``; it holds one d_in x d_in matrix per targeted layer.
+    the mean gradient's ``K``; it holds one d_in x d_in matrix per targeted layer. ``statistic="whitened"``
+    ranks them by first-order gain per unit of the layer's input energy (:func:`whitened_basis`), from
+    the input second moment of the same batches (one d_in x d_in matrix per layer; dense supports only).
 
     ``gradient_fraction < 1`` mixes: that share of each support (rounded to whole planes) is the
     statistic's top directions, the rest random directions orthogonal to them (or random other
@@ -110,6 +113,14 @@ def select_supports(
             f"adapter {name!r} has no task-aware support to select; build it with "
             "LOFTConfig(support='gradient') or support='gradient_coordinate'"
         )
+    if statistic == "whitened":
+        if any(not isinstance(support, DenseSupport) for _, _, support in targets):
+            raise ValueError("statistic='whitened' ranks dense directions; use it with support='gradient', "
+                             "not 'gradient_coordinate'")
+        other = [(lname, layer.kind) for lname, layer, _ in targets if layer.kind not in ("linear", "conv1d")]
+        if other:
+            raise ValueError(f"statistic='whitened' reads inputs as (..., d_in) rows; {other[0][0]!r} is a "
+                             f"{other[0][1]} layer: use statistic='mean' there")
     merged = [lname for lname, layer, _ in targets if layer.merged_adapters]
     if merged:
         raise ValueError(f"{merged[0]!r} has merged adapters; unmerge() before selecting supports")
@@ -129,6 +140,7 @@ def select_supports(
     weights = [layer.base_layer.weight for _, layer, _ in targets]
     old_grads = [w.grad for w in weights]
     active = {lname: list(layer.active_adapters) for lname, layer, _ in targets}
+    hooks: list[torch.utils.hooks.RemovableHandle] = []
     try:
         for p in flags:
             p.requires_grad_(False)
@@ -143,6 +155,17 @@ def select_supports(
             w.requires_grad_(True)
         sums = {lname: torch.zeros_like(layer.weight_matrix(), dtype=torch.float32) for lname, layer, _ in targets}
         moments: dict[str, Tensor] = {}
+        if statistic == "whitened":  # each layer's input second moment E[x x^T] over the statistic's batches
+            tokens = {lname: 0 for lname, _, _ in targets}
+
+            def record(lname: str) -> Callable[..., None]:
+                def hook(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+                    x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+                    moments[lname] = moments.get(lname, 0) + x.T @ x
+                    tokens[lname] += x.shape[0]
+                return hook
+
+            hooks += [layer.register_forward_hook(record(lname)) for lname, layer, _ in targets]
         seen = 0
         with tqdm(total=num_batches, desc="LOFT support selection", disable=not progress) as bar:
             for batch in batches:
@@ -171,7 +194,12 @@ def select_supports(
                 G = sums[lname] / seen
                 k = gradient_dims(support.dim, gradient_fraction)
                 if isinstance(support, DenseSupport):
-                    P = gradient_basis(W0, G, k) if statistic == "mean" else second_moment_basis(moments[lname], k)
+                    if statistic == "mean":
+                        P = gradient_basis(W0, G, k)
+                    elif statistic == "whitened":
+                        P = whitened_basis(W0, G, moments[lname] / max(tokens[lname], 1), k)
+                    else:
+                        P = second_moment_basis(moments[lname], k)
                     P = complete_basis(P.to(W0.device, torch.float64), support.dim)
                     support.assign(P.to(support.P.dtype))
                 else:
@@ -184,6 +212,8 @@ def select_supports(
                     P = torch.eye(W0.shape[1], dtype=torch.float64)[:, idx]
                 report[lname] = {"captured_fraction": captured_fraction(W0.cpu(), G.cpu(), P.cpu()), "batches": seen}
     finally:
+        for h in hooks:
+            h.remove()
         for w, g in zip(weights, old_grads):
             w.grad = g
         for p in head if head_warmup_steps else []:

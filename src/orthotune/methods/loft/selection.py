@@ -99,3 +99,26 @@ def second_moment_basis(M: Tensor, r: int) -> Tensor:
     large, whether or not its sign agrees across batches (the mean gradient's signal can cancel).
     """
     return torch.linalg.eigh(M.double()).eigenvectors.flip(-1)[:, :r].contiguous()
+
+
+def whitened_basis(W0: Tensor, G: Tensor, C: Tensor, r: int, ridge: float = 0.1) -> Tensor:
+    """A support of ``r`` orthonormal directions ranked by first-order gain per unit of input energy.
+
+    A rotation in the plane of two input directions moves the output in proportion to the inputs'
+    energy along them (``C = E[x x^T]``, the layer's input second moment), so the plain statistic's
+    top directions, which lie where inputs are large, are also where the loss curves most. This takes
+    the top-``r`` singular subspace of ``M Skew(W0^T G) M`` with ``M = (C + ridge * tr(C)/d I)^(-1/2)``
+    (the statistic in whitened input coordinates; ``ridge`` bounds the weight of near-silent
+    directions), maps it back by ``M`` and orthonormalises it. Float64; needs the dense d_in x d_in
+    statistic.
+    """
+    X, Y = skew_statistic(W0.double(), G.double())
+    K = X @ Y.T
+    C = C.double()
+    d = C.shape[0]
+    evals, evecs = torch.linalg.eigh(C + ridge * torch.trace(C) / d * torch.eye(d, dtype=C.dtype, device=C.device))
+    M = (evecs * evals.clamp_min(torch.finfo(C.dtype).tiny).rsqrt()) @ evecs.T
+    Kw = M @ K @ M
+    U = torch.linalg.eigh(Kw.T @ Kw).eigenvectors.flip(-1)[:, :r]
+    return torch.linalg.qr(M @ U).Q.to(W0.dtype)
+
