@@ -95,6 +95,18 @@ for _r in (16, 32, 56):
 ROWS += [Row(f"loft-whitened-warm-r{_r}", "loft", dict(support="gradient", transform="cayley", r=_r), 6e-3,
              dict(WARM, statistic="whitened"), note=f"r={_r}, first-order gain per unit of input energy (C^-1/2 K C^-1/2)")
          for _r in (32, 112)]
+# issue 22, fourth step: the whitening ridge (0.1 above) and the width split with the whitened statistic
+ROWS += [Row(f"loft-whitened-warm-r112-ridge{_l:g}", "loft", dict(support="gradient", transform="cayley", r=112), 6e-3,
+             dict(WARM, statistic="whitened", whitening_ridge=_l), note=f"whitened, ridge {_l:g} x mean input energy")
+         for _l in (0.3, 1.0, 3.0)]
+ROWS += [Row(f"loft-whitened-warm-width{'' if _l == 0.1 else f'-ridge{_l:g}'}", "loft",
+             dict(support="gradient", transform="cayley", r=112), 6e-3, dict(WARM, statistic="whitened", whitening_ridge=_l),
+             note=f"whitened (ridge {_l:g}), r ~ d_in at the r=112 budget", width_exponent=1.0)
+         for _l in (0.1, 1.0)]
+ROWS += [Row(f"loft-whitened-warm-mix{_w}", "loft", dict(support="gradient", transform="cayley", r=112), 6e-3,
+             dict(WARM, statistic="whitened", gradient_fraction=0.5), width_exponent=1.0 if _w else None,
+             note="56 whitened directions + 56 random ones orthogonal to them" + (", r ~ d_in" if _w else ""))
+         for _w in ("", "-width")]
 ROW_BY_NAME = {r.name: r for r in ROWS}
 GRID = (1 / 3, 3.0)  # extra learning-rate multipliers (--grid), scored on dev
 # named sets of rows: (rows, rows that also get the --grid learning rates)
@@ -105,6 +117,9 @@ PRESETS = {
                  "loft-grad-warm-restage"]),
     "issue22_r": ([f"loft-{s}-warm-r{r}" for r in (16, 32, 56) for s in ("grad", "random")]
                   + ["loft-whitened-warm-r32", "loft-whitened-warm-r112"],) * 2,  # every row gridded
+    "issue22_w": ([f"loft-whitened-warm-r112-ridge{_l:g}" for _l in (0.3, 1.0, 3.0)]
+                  + ["loft-whitened-warm-width", "loft-whitened-warm-width-ridge1", "loft-random-warm-width"],) * 2,
+    "issue22_m": (["loft-whitened-warm-mix", "loft-whitened-warm-mix-width"],) * 2,
 }
 
 
@@ -236,33 +251,24 @@ def support_energy(model, train: dict, s: Settings, num_batches: int = 4) -> dic
     rotation moves the output in proportion to it. By layer kind (the name's last two parts)."""
     import torch
 
+    from orthotune.training.support_selection import InputMoments
+
     layers = [(n, layer) for n, layer in model.adapter_layers()
               if any(hasattr(getattr(layer.adapters["default"], "support", None), a) for a in ("P", "index"))]
-    moments: dict[str, Any] = {}
-
-    def hook(name):
-        def record(module, args, out):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            moments[name] = moments.get(name, 0) + x.T @ x
-        return record
-
-    handles = [layer.register_forward_hook(hook(n)) for n, layer in layers]
     was = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), InputMoments(layers, torch.float64) as moments:
             order = torch.arange(len(train["labels"]))[: num_batches * s.batch_size]
             for b in batches(train, s.batch_size, order, s.device):
                 b.pop("labels")
                 model(**b)
     finally:
-        for h in handles:
-            h.remove()
         model.train(was)
     ratios: dict[str, list[float]] = {}
     for n, layer in layers:
         support = layer.adapters["default"].support
-        C = moments[n]
+        C = moments.mean(n)
         d = C.shape[0]
         P = support.P.double() if hasattr(support, "P") else torch.eye(d, dtype=torch.float64, device=C.device)[:, support.index]
         r = P.shape[1]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from orthotune.ops import spectral
 from orthotune.ops.spectral import dct_basis, dft_factors, sparse_delta
 
 
@@ -35,10 +34,6 @@ def idct2_sparse(coeffs: Tensor, rows: Tensor, cols: Tensor, shape: tuple[int, i
 
 def idft2_real_sparse(coeffs: Tensor, rows: Tensor, cols: Tensor, shape: tuple[int, int]) -> Tensor:
     """``Re(ifft2(C))`` of the sparse spectrum (numpy/torch normalisation ``1/(d_out d_in)``), dense."""
-    P, Q = dft_factors(rows, cols, shape, coeffs.dtype, coeffs.device)
+    P, Q = dft_factors(rows, cols, shape, coeffs.dtype)
     return sparse_delta(P, Q, torch.cat([coeffs, -coeffs])) / (shape[0] * shape[1])
 
-
-def clear_basis_cache() -> None:
-    """Drop every cached DCT/DFT basis (the library rebuilds them on demand)."""
-    spectral._CACHE.clear()

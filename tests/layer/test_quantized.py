@@ -105,6 +105,27 @@ def test_every_method_trains_saves_and_loads(case: Case, quant: str, llama_dir: 
     assert rel(logits(reloaded), trained) < 1e-6
 
 
+@pytest.mark.parametrize("method", ["loca", "fourierft"])
+def test_spectral_updates_run_in_the_base_matmuls_dtype(method: str, llama_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After prepare_model_for_kbit_training the activations are float32 while a bf16-compute NF4 matmul runs
+    in bf16: the rank-n spectral update (a third of that matmul's FLOPs at n=1000) runs in bf16 too and is added
+    back in float32; on a float32 base it stays float32. Its parameters and gradients stay float32."""
+    from orthotune.ops import spectral
+
+    seen: list[torch.dtype] = []
+    inner = spectral.sparse_apply
+    monkeypatch.setattr(spectral, "sparse_apply", lambda x, *a, **k: (seen.append(x.dtype), inner(x, *a, **k))[1])
+    cfg = METHODS[method][0](target_modules="all-linear", n_frequency=16, init_identity=False)
+    for quant, want in (("nf4", torch.bfloat16), (None, torch.float32)):
+        model = orthotune.get_model(orthotune.prepare_model_for_kbit_training(load(llama_dir, quant)), cfg)
+        seen.clear()  # get_model's finite-init probe runs each method on a plain float32 base
+        out = model(TOKENS, labels=TOKENS)
+        out.loss.backward()
+        assert out.logits.dtype == torch.float32 and seen and set(seen) == {want}, (quant, set(seen))
+        spectra = [p for p in model.parameters() if p.requires_grad]
+        assert all(p.dtype == torch.float32 and p.grad is not None and p.grad.abs().sum() > 0 for p in spectra)
+
+
 def test_training_never_dequantises_a_whole_layer(llama_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Rotations and additive updates act on activations: forward and backward call no dequantisation
     of ours (bitsandbytes' backward dequantises one layer at a time inside its kernel, as for QLoRA)."""

@@ -11,7 +11,7 @@ from torch import nn
 import orthotune
 from orthotune import LOFTConfig
 from orthotune.methods.loft.selection import captured_fraction, gradient_basis, gradient_coordinates, skew_statistic
-from orthotune.training.support_selection import select_supports
+from orthotune.training.support_selection import InputMoments, select_supports
 from orthotune.methods.loft.supports import principal_basis, random_basis
 
 f64 = torch.float64
@@ -220,8 +220,9 @@ def test_second_moment_statistic_matches_its_definition() -> None:
     assert torch.allclose(projector(P), projector(top), atol=1e-4)
 
 
-def test_whitened_statistic_matches_its_definition() -> None:
-    """statistic="whitened": the span of M U, U the top singular vectors of M K M, M = (C + 0.1 tr(C)/d I)^-1/2,
+@pytest.mark.parametrize("ridge", [0.1, 3.0])
+def test_whitened_statistic_matches_its_definition(ridge: float) -> None:
+    """statistic="whitened": the span of M U, U the top singular vectors of M K M, M = (C + ridge tr(C)/d I)^-1/2,
     with C the second moment of the layer's inputs over the same batches."""
     torch.manual_seed(0)
     base = Tiny()
@@ -229,17 +230,31 @@ def test_whitened_statistic_matches_its_definition() -> None:
     W0, G = manual_gradient(copy.deepcopy(base), data, "a")
     X = torch.cat([b["x"] for b in data]).double()
     C = X.T @ X / X.shape[0]
-    evals, evecs = torch.linalg.eigh(C + 0.1 * torch.trace(C) / 12 * torch.eye(12, dtype=f64))
+    evals, evecs = torch.linalg.eigh(C + ridge * torch.trace(C) / 12 * torch.eye(12, dtype=f64))
     M = evecs @ torch.diag(evals.rsqrt()) @ evecs.T
     Kw = M @ dense_skew(W0.double(), G.double()) @ M
     U = torch.linalg.svd(Kw).U[:, :4]
     ref = torch.linalg.qr(M @ U).Q
     model = orthotune.get_model(base, LOFTConfig(target_modules=["a"], support="gradient", r=4))
-    select_supports(model, data, num_batches=3, statistic="whitened", progress=False)
+    select_supports(model, data, num_batches=3, statistic="whitened", whitening_ridge=ridge, progress=False)
     P = dict(model.adapter_layers())["a"].adapters["default"].support.P.double()
     assert torch.allclose(P.T @ P, torch.eye(4, dtype=f64), atol=1e-5)
     assert torch.allclose(projector(P), projector(ref), atol=1e-4)
     assert not dict(model.adapter_layers())["a"]._forward_hooks  # its input hooks are gone
+
+
+def test_input_moments_record_the_second_moment_only_while_active() -> None:
+    layer = nn.Linear(5, 3)
+    X = [torch.randn(4, 2, 5, dtype=torch.float64) for _ in range(3)]
+    recorder = InputMoments([("l", layer.double())], torch.float64)
+    with pytest.raises(ValueError, match="no input of layer 'l'"):
+        recorder.mean("l")
+    with recorder:
+        layer(X[0])
+        layer(X[1])
+    layer(X[2])  # after exit: not recorded, and no hook is left
+    rows = torch.cat(X[:2]).reshape(-1, 5)
+    assert torch.allclose(recorder.mean("l"), rows.T @ rows / 16) and not layer._forward_hooks
 
 
 def test_whitened_statistic_refuses_coordinate_supports() -> None:
@@ -256,6 +271,9 @@ def test_selection_options_refuse_bad_values() -> None:
         select_supports(model, batches(4), statistic="median", progress=False)
     with pytest.raises(ValueError, match="head_warmup_steps"):
         select_supports(model, batches(4), head_warmup_steps=-1, progress=False)
+    for ridge in (0, -1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="whitening_ridge"):
+            select_supports(model, batches(4), statistic="whitened", whitening_ridge=ridge, progress=False)
     headed = orthotune.get_model(Tiny(), LOFTConfig(target_modules=["a"], support="gradient", r=2, modules_to_save=["b"]))
     with pytest.raises(ValueError, match="ran out during the 5-step head warm-up"):
         select_supports(headed, batches(3), head_warmup_steps=5, progress=False)

@@ -23,7 +23,6 @@ import orthotune
 from orthotune.methods.registry import METHODS
 
 from ..method_cases import CASES
-from ..oracles import clear_basis_cache
 
 WIDTH = 24  # the width of the contract MLP's lin1: every case that runs on "mlp" fits it
 
@@ -130,7 +129,7 @@ def test_save_and_load_10000_adapted_modules() -> None:
 
 
 def test_loading_two_adapters_into_two_models_in_threads(tmp_path) -> None:
-    """Shared state (the spectral basis cache, the wrapper-class cache) stays safe under threads."""
+    """Shared state (the wrapper-class cache) stays safe under threads."""
     specs = {"loca": dict(n_frequency=64), "fourierft": dict(n_frequency=64), "loco": dict(rank=2, chain_length=2)}
     folders = {}
     for method, kwargs in specs.items():
@@ -146,7 +145,6 @@ def test_loading_two_adapters_into_two_models_in_threads(tmp_path) -> None:
     expected = {m: load(m, deep(4, seed=1)) for m in specs}
     pairs = [("loca", "fourierft"), ("loca", "loco"), ("fourierft", "loco"), ("loca", "loca")] * 3
     for a, b in pairs:
-        clear_basis_cache()  # both threads race to build the same bases
         barrier = threading.Barrier(2)
         results: dict[int, torch.Tensor | BaseException] = {}
 

@@ -9,7 +9,7 @@ import torch
 
 from orthotune.ops import spectral
 
-from ..oracles import clear_basis_cache, idct2_sparse, idft2_real_sparse
+from ..oracles import idct2_sparse, idft2_real_sparse
 
 
 def _sparse(shape: tuple[int, int], n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray]:
@@ -44,12 +44,25 @@ def test_idft2_real_matches_numpy_ifft2() -> None:
     assert np.abs(ours.numpy() - np.fft.ifft2(dense).real).max() < 1e-15
 
 
-def test_bases_are_cached_per_size_dtype_device() -> None:
-    a = spectral.dct_basis(12, torch.float32)
-    assert spectral.dct_basis(12, torch.float32, "cpu") is a
-    assert spectral.dct_basis(12, torch.float64) is not a
-    clear_basis_cache()
-    assert spectral.dct_basis(12, torch.float32) is not a
+def test_rows_are_the_rows_of_the_full_basis_in_any_dtype_and_order() -> None:
+    index = torch.tensor([5, 0, 11, 5])
+    assert torch.equal(spectral.dct_rows(12, index, torch.float64), spectral.dct_basis(12, torch.float64)[index])
+    dft = np.fft.fft(np.eye(10))  # row k = exp(-2 pi i k j / n): cos and -sin
+    got = spectral.dft_rows(10, torch.tensor([3, 7]), torch.float64).numpy()
+    assert np.abs(got[:2] - dft[[3, 7]].real).max() < 1e-14 and np.abs(got[2:] + dft[[3, 7]].imag).max() < 1e-14
+    assert spectral.dct_rows(12, index, torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_rows_of_a_wide_basis_are_correctly_rounded_in_every_dtype() -> None:
+    """Exact integer phase reduction and a float64 table: rows of a 14336-wide basis in float32 and bf16 are the
+    float64 rows rounded once (an angle left unreduced, up to pi n, would be off by about 1e-3 of the row's scale)."""
+    n, index = 14336, torch.tensor([0, 1, 7000, 14334, 14335])
+    for rows in (spectral.dct_rows, spectral.dft_rows):
+        ref = rows(n, index, torch.float64)
+        for dtype in (torch.float32, torch.bfloat16):
+            assert torch.equal(rows(n, index, dtype), ref.to(dtype))
+    D = spectral.dct_rows(n, index, torch.float64)
+    assert torch.allclose(D @ D.T, torch.eye(len(index), dtype=torch.float64), atol=1e-12)
 
 
 @pytest.mark.parametrize("compute", ["lowrank", "dense", "auto"])
@@ -109,8 +122,8 @@ class _Loss:
 def _fd_gradient(rows, cols, c, loss: _Loss, clip=None) -> torch.Tensor:
     d_out, d_in = loss.shape
     pos = torch.stack([rows, cols]).double().requires_grad_()
-    P = spectral.located_rows(spectral.dct_basis(d_out, torch.float64), pos[0], clip)
-    Q = spectral.located_rows(spectral.dct_basis(d_in, torch.float64), pos[1], clip)
+    P = spectral.located_dct_rows(d_out, pos[0], torch.float64, clip)
+    Q = spectral.located_dct_rows(d_in, pos[1], torch.float64, clip)
     loss(spectral.sparse_delta(P, Q, c)).backward()
     return pos.grad
 
@@ -172,5 +185,5 @@ def test_fd_location_gradient_is_clamped_and_integer_positions_are_plain_gathers
     loss = _Loss(lambda dW: 1e3 * dW.pow(2).sum() + 1e3 * dW.sum(), shape)
     grad = _fd_gradient(rows, cols, 10 * c, loss, clip=1.0)
     assert grad.abs().max() <= 1.0 and (grad.abs() == 1.0).any()
-    D = spectral.dct_basis(8, torch.float64)
-    assert not spectral.located_rows(D, rows.double(), 1.0).requires_grad
+    plain = spectral.located_dct_rows(8, rows.double(), torch.float64, 1.0)
+    assert not plain.requires_grad and torch.equal(plain, spectral.dct_basis(8, torch.float64)[rows])

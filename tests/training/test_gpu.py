@@ -168,7 +168,7 @@ torch.manual_seed(0)
 cfg = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=4, max_position_embeddings=64)
 targets = ["q_proj", "v_proj", "down_proj"]
-if sys.argv[1] == "loca-moved":  # adapted on the CPU, then moved: LoCA's DCT tables for CUDA are first made in the graph
+if sys.argv[1] == "loca-moved":  # adapted on the CPU, then moved: its DCT rows for CUDA are made in the graph
     model = orthotune.get_model(LlamaForCausalLM(cfg), orthotune.LoCAConfig(target_modules=targets, n_frequency=64)).cuda()
 else:
     with torch.device("cuda"):
@@ -189,8 +189,8 @@ def test_graphed_loco_as_the_first_rotation_of_a_fresh_process(mode: str) -> Non
     A cached identity, first made during the CUDA-graph tree's warm-up, sat in the graph's pool untracked and the
     capture failed ("tensor(s) in the cudagraph pool not tracked as outputs"; ``results/compiled/call7_ro_all``);
     in one pytest process an earlier test had always filled that cache first, so only a fresh process shows it.
-    ``loca-moved``: LoCA's DCT tables (a cache kept on purpose: one d x d table per width and device) made for the
-    first time inside the compiled graph, as for a model adapted on the CPU and then moved (not yet run on a GPU)."""
+    ``loca-moved``: LoCA adapted on the CPU and then moved; its DCT rows (computed per call from the cells, no
+    cache) are made inside the compiled graph."""
     import subprocess
     import sys
 

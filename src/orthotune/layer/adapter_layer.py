@@ -333,6 +333,11 @@ class FrozenBase(Base):
     def weight(self) -> Tensor | None:  # type: ignore[override]
         return self.layer.frozen_matrix()
 
+    @property
+    def matmul_dtype(self) -> torch.dtype | None:  # type: ignore[override]
+        base = self.layer.base_layer
+        return quantized.matmul_dtype(base) if quantized.is_quantized(base) else None
+
     def fold(self, U: Tensor, *others: Tensor) -> Tensor | None:
         if self.frozen_fold is not None:
             return self.frozen_fold

@@ -63,6 +63,12 @@ def compute_dtype(module: nn.Module) -> torch.dtype:
     return torch.float32
 
 
+def matmul_dtype(module: nn.Module) -> torch.dtype | None:
+    """The float dtype bitsandbytes' matmul computes in: a 4-bit layer's ``compute_dtype`` (None until set),
+    float16 for int8 (its kernels quantise float16 inputs)."""
+    return module.compute_dtype if is_4bit(module) else torch.float16
+
+
 def unsupported_reason(module: nn.Module) -> str | None:
     """Why a quantised layer cannot carry an adapter (with the fix), or None if it can."""
     if module.weight.device.type == "meta":

@@ -35,10 +35,13 @@ class Base:
 
     ``weight`` is the frozen (d_out, d_in) weight when ``base`` is the layer's own plain frozen map
     (so an additive update may be folded into it), else None; :meth:`fold` is the layer's memoised
-    ``W0 U`` for inference (None where it does not apply). A plain ``Base(fn)`` has neither.
+    ``W0 U`` for inference (None where it does not apply). ``matmul_dtype`` is the dtype the frozen
+    matmul itself computes in where that is below the activations' (a quantised layer's compute dtype),
+    else None: an update as costly as that matmul may run at its precision. A plain ``Base(fn)`` has none.
     """
 
     weight: Tensor | None = None
+    matmul_dtype: torch.dtype | None = None
 
     def __init__(self, fn: Callable[[Tensor], Tensor]) -> None:
         self.fn = fn

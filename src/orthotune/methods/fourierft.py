@@ -72,5 +72,5 @@ class FourierFT(SparseSpectrum):
     def factors(self, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Cosine and sine rows, and ``[c, -c] s / (d_out d_in)``: ``Re(e^{i(a+b)}) = cos a cos b - sin a sin b``."""
         rows, cols = self.locations
-        P, Q = spectral.dft_factors(rows, cols, (self.d_out, self.d_in), c.dtype, c.device)
+        P, Q = spectral.dft_factors(rows, cols, (self.d_out, self.d_in), c.dtype)
         return P, Q, torch.cat([c, -c]) * (self.config.scaling / (self.d_out * self.d_in))

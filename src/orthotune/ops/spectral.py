@@ -9,98 +9,96 @@ a rank-n product: applied to activations it costs ``n (d_in + d_out)`` per token
 ``C`` or ``dW`` (:func:`sparse_apply`). With the orthonormal DCT-II matrix ``D`` as the basis this
 is the 2-D inverse DCT ``D_out^T C D_in`` (``scipy.fft.idctn(C, norm="ortho")``); the real part of
 the 2-D inverse DFT is the same product with a rank-2n basis of cosines and sines, since
-``cos(a + b) = cos a cos b - sin a sin b`` (:func:`dft_basis`).
+``cos(a + b) = cos a cos b - sin a sin b`` (:func:`dft_rows`).
 
-Bases are cached once per (size, dtype, device), shared by every layer. :func:`located_rows`
-gathers basis rows at discrete locations and gives those locations a gradient by central finite
-differences on the spectrum (LoCA, Du et al., ICLR 2025, arXiv:2502.06820).
+Basis rows are made, only those a layer uses, at each call (from a table of the 4n distinct values): a
+14336-wide layer with n=1000 needs 1000 rows, not the 14336 x 14336 table (411 MB in bf16) a
+shared cache would hold, and the rows are a pure function of (size, locations, dtype), so forward
+reads no hidden state and a compiled graph builds them like any other op. :func:`located_dct_rows`
+gives the locations a gradient by central finite differences on the spectrum (LoCA, Du et al.,
+ICLR 2025, arXiv:2502.06820).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
 from torch import Tensor
 
-_CACHE: dict[tuple[str, int, torch.dtype, torch.device], Tensor] = {}
+
+def _phase_dtype(n: int) -> torch.dtype:
+    """int32 holds every product ``(2j + 1) k < 2 n^2`` up to n = 32767; int64 beyond."""
+    return torch.int32 if 2 * n * n < 2**31 else torch.int64
 
 
-def _cached(kind: str, n: int, dtype: torch.dtype, device: torch.device | str | None, build: Callable[[int], Tensor]) -> Tensor:
-    device = torch.device(device or "cpu")
-    key = (kind, n, dtype, device)
-    table = _CACHE.get(key)
-    if table is None:
-        # Built in float64 with exact integer phase reduction, then rounded once to the target dtype.
-        # setdefault: threads that build the same table at once all get the one that went in first
-        table = _CACHE.setdefault(key, build(n).to(device=device, dtype=dtype))
-    return table
+def dct_rows(n: int, index: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Rows ``index`` of the orthonormal DCT-II matrix ``D`` (len(index) x n) on ``index``'s device.
+
+    ``D[k, j] = sqrt(2/n) cos(pi (2j + 1) k / 2n)`` (row 0 times ``1/sqrt 2``) takes only 4n values: the
+    phase ``(2j + 1) k`` is reduced exactly in integers mod ``4n`` and indexes a table of those values made
+    in float64 and rounded once (one more entry, ``sqrt(1/n)``, for row 0). Every entry is the correctly
+    rounded value in any dtype, and a row costs one integer product, one remainder and one gather.
+    """
+    phases = _phase_dtype(n)
+    table = torch.cos(torch.arange(4 * n, dtype=torch.float64, device=index.device) * (math.pi / (2 * n)))
+    table = torch.cat([table * math.sqrt(2.0 / n), table.new_full((1,), math.sqrt(1.0 / n))]).to(dtype)
+    k = index.to(phases).unsqueeze(-1)
+    j = torch.arange(n, dtype=phases, device=index.device)
+    phase = ((2 * j + 1) * k).remainder(4 * n) + torch.where(k == 0, 4 * n, 0).to(phases)
+    return table[phase]
 
 
-def _dct(n: int) -> Tensor:
-    k = torch.arange(n, dtype=torch.int64).unsqueeze(1)
-    j = torch.arange(n, dtype=torch.int64).unsqueeze(0)
-    phase = ((2 * j + 1) * k) % (4 * n)  # cos(pi (2j+1) k / 2n) has period 4n in (2j+1) k
-    D = torch.cos(phase.double() * (math.pi / (2 * n))) * math.sqrt(2.0 / n)
-    D[0] /= math.sqrt(2.0)
-    return D
-
-
-def _dft(n: int) -> Tensor:
-    k = torch.arange(n, dtype=torch.int64).unsqueeze(1)
-    j = torch.arange(n, dtype=torch.int64).unsqueeze(0)
-    angle = ((k * j) % n).double() * (2 * math.pi / n)
-    return torch.cat([torch.cos(angle), torch.sin(angle)], 0)
+def dft_rows(n: int, index: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``[cos(2 pi k j / n); sin(2 pi k j / n)]`` for k in ``index`` (2 len(index) x n): the phase ``k j`` is
+    reduced mod n in integers and indexes tables of the n values, made in float64 and rounded once."""
+    angle = torch.arange(n, dtype=torch.float64, device=index.device) * (2 * math.pi / n)
+    k = index.to(_phase_dtype(n)).unsqueeze(-1)
+    phase = (k * torch.arange(n, dtype=k.dtype, device=index.device)).remainder(n)
+    return torch.cat([torch.cos(angle).to(dtype)[phase], torch.sin(angle).to(dtype)[phase]], 0)
 
 
 def dct_basis(n: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> Tensor:
-    """The orthonormal DCT-II matrix ``D`` (n x n, row k = frequency k): ``dct(x) = D x``, ``D^T D = I``."""
-    return _cached("dct", n, dtype, device, _dct)
+    """The full orthonormal DCT-II matrix ``D`` (n x n, row k = frequency k): ``dct(x) = D x``, ``D^T D = I``."""
+    return dct_rows(n, torch.arange(n, device=device), dtype)
 
 
-def dft_basis(n: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> Tensor:
-    """``[cos(2 pi k j / n); sin(2 pi k j / n)]`` stacked (2n x n): rows k and n + k belong to frequency k."""
-    return _cached("dft", n, dtype, device, _dft)
-
-
-class _LocatedRows(torch.autograd.Function):
-    """``basis[round(positions)]`` with the LoCA finite-difference gradient for ``positions``."""
+class _LocatedDCTRows(torch.autograd.Function):
+    """``D[round(positions)]`` with the LoCA finite-difference gradient for ``positions``."""
 
     @staticmethod
-    def forward(ctx, basis: Tensor, positions: Tensor, clip: float | None) -> Tensor:  # type: ignore[override]
+    def forward(ctx, n: int, positions: Tensor, dtype: torch.dtype, clip: float | None) -> Tensor:  # type: ignore[override]
         idx = positions.detach().round().long()
-        ctx.save_for_backward(basis, idx)
-        ctx.clip = clip
-        ctx.pos_dtype = positions.dtype
-        return basis.index_select(0, idx)
+        ctx.save_for_backward(idx)
+        ctx.n, ctx.clip, ctx.pos_dtype = n, clip, positions.dtype
+        return dct_rows(n, idx, dtype)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[None, Tensor, None]:  # type: ignore[override]
-        basis, idx = ctx.saved_tensors
-        last = basis.shape[0] - 1
-        up = basis.index_select(0, (idx + 1).clamp(max=last)).float()
-        down = basis.index_select(0, (idx - 1).clamp(min=0)).float()
-        # dL/dB[k] . B[r+1] is the loss slope of moving entry k to row r+1: a central difference.
-        fd = 0.5 * (grad.float() * (up - down)).sum(-1)
+    def backward(ctx, grad: Tensor) -> tuple[None, Tensor, None, None]:  # type: ignore[override]
+        (idx,) = ctx.saved_tensors
+        n = ctx.n
+        up = dct_rows(n, (idx + 1).clamp(max=n - 1), torch.float32 if grad.dtype != torch.float64 else grad.dtype)
+        down = dct_rows(n, (idx - 1).clamp(min=0), up.dtype)
+        # dL/dD[k] . D[r+1] is the loss slope of moving entry k to row r+1: a central difference.
+        fd = 0.5 * (grad.to(up.dtype) * (up - down)).sum(-1)
         if ctx.clip is not None:
             fd = fd.clamp(-ctx.clip, ctx.clip)
-        return None, fd.to(ctx.pos_dtype), None
+        return None, fd.to(ctx.pos_dtype), None, None
 
 
-def located_rows(basis: Tensor, positions: Tensor, clip: float | None = 1.0) -> Tensor:
-    """Rows of ``basis`` at ``positions`` (rounded), differentiable in the positions by finite differences.
+def located_dct_rows(n: int, positions: Tensor, dtype: torch.dtype = torch.float32, clip: float | None = 1.0) -> Tensor:
+    """Rows of the n x n DCT at ``positions`` (rounded), differentiable in the positions by finite differences.
 
-    Backward returns, for entry k at row ``r``, ``(1/2) <dL/dP_k, B[r+1] - B[r-1]>`` (one-sided
+    Backward returns, for entry k at row ``r``, ``(1/2) <dL/dP_k, D[r+1] - D[r-1]>`` (one-sided
     rows repeat at the edges), clamped to ``[-clip, clip]``: the central difference of the loss
     when entry k moves one row, to first order. The coefficient ``c_k`` that multiplies ``P_k``
-    downstream is in ``dL/dP_k``, so for the DCT this is LoCA's estimator
+    downstream is in ``dL/dP_k``, so this is LoCA's estimator
     ``(c_k / 2) (K[r+1, s] - K[r-1, s])`` with ``K = D_out (dL/dW) D_in^T``.
-    Integer (or non-differentiable) positions give a plain gather.
+    Integer (or non-differentiable) positions give the plain rows.
     """
     if positions.requires_grad and torch.is_grad_enabled():
-        return _LocatedRows.apply(basis, positions, clip)
-    return basis.index_select(0, positions.detach().round().long())
+        return _LocatedDCTRows.apply(n, positions, dtype, clip)
+    return dct_rows(n, positions.detach().round().long(), dtype)
 
 
 def sparse_delta(P: Tensor, Q: Tensor, c: Tensor) -> Tensor:
@@ -154,12 +152,10 @@ def sparse_apply(x: Tensor, P: Tensor, Q: Tensor, c: Tensor, compute: str = "aut
     return ((x @ Q.transpose(0, 1)) * c) @ P
 
 
-def dft_factors(rows: Tensor, cols: Tensor, shape: tuple[int, int], dtype: torch.dtype, device) -> tuple[Tensor, Tensor]:
+def dft_factors(rows: Tensor, cols: Tensor, shape: tuple[int, int], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """``(P, Q)`` (2n x d_out, 2n x d_in) with ``Re(iDFT2)`` of a sparse spectrum ``= P^T diag([c, -c]) Q * 1/(d_out d_in)``."""
     d_out, d_in = shape
-    P = dft_basis(d_out, dtype, device).index_select(0, torch.cat([rows, rows + d_out]))
-    Q = dft_basis(d_in, dtype, device).index_select(0, torch.cat([cols, cols + d_in]))
-    return P, Q
+    return dft_rows(d_out, rows, dtype), dft_rows(d_in, cols, dtype)
 
 
 def distinct_cells(total: int, n: int, generator: torch.Generator | None = None) -> Tensor:

@@ -6,6 +6,7 @@ every task-aware support from it with the math of :mod:`orthotune.methods.loft.s
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -52,6 +53,49 @@ def _grad_matrix(layer: nn.Module) -> Tensor:
     return g.reshape(g.shape[0], -1)
 
 
+class InputMoments:
+    """Each layer's input second moment ``E[x x^T]`` over the forwards run while recording (inputs read as
+    (..., d_in) rows): ``with InputMoments(layers): model(...)``, then :meth:`mean`. Forward hooks, removed on exit."""
+
+    def __init__(self, layers: Iterable[tuple[str, nn.Module]], dtype: torch.dtype = torch.float32) -> None:
+        self.layers = list(layers)
+        self.dtype = dtype
+        self.sums: dict[str, Tensor] = {}
+        self.tokens = {name: 0 for name, _ in self.layers}
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+
+    def _hook(self, name: str) -> Callable[..., None]:
+        def record(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(self.dtype)
+            self.sums[name] = self.sums[name] + x.T @ x if name in self.sums else x.T @ x
+            self.tokens[name] += x.shape[0]
+        return record
+
+    def start(self) -> None:
+        """Register the hooks (once)."""
+        if not self._hooks:
+            self._hooks = [layer.register_forward_hook(self._hook(name)) for name, layer in self.layers]
+
+    def stop(self) -> None:
+        """Remove the hooks; what was recorded stays."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def __enter__(self) -> InputMoments:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def mean(self, name: str) -> Tensor:
+        """``E[x x^T]`` of layer ``name``'s inputs (d_in x d_in); an error if it saw none."""
+        if not self.tokens.get(name):
+            raise ValueError(f"no input of layer {name!r} was recorded: run forwards through it while recording")
+        return self.sums[name] / self.tokens[name]
+
+
 def select_supports(
     model: AdapterModel,
     data: Iterable[Any],
@@ -63,6 +107,7 @@ def select_supports(
     head_lr: float = 1e-3,
     statistic: str = "mean",
     gradient_fraction: float = 1.0,
+    whitening_ridge: float = 0.1,
 ) -> dict[str, dict[str, float]]:
     """LOFT's gradient-informed support selection: fill every task-aware support of an adapter.
 
@@ -80,7 +125,9 @@ def select_supports(
     ranks directions by ``sum_b K_b^T K_b`` over batches (:func:`second_moment_basis`) instead of
     the mean gradient's ``K``; it holds one d_in x d_in matrix per targeted layer. ``statistic="whitened"``
     ranks them by first-order gain per unit of the layer's input energy (:func:`whitened_basis`), from
-    the input second moment of the same batches (one d_in x d_in matrix per layer; dense supports only).
+    the input second moment of the same batches (one d_in x d_in matrix per layer; dense supports only);
+    ``whitening_ridge`` adds that multiple of the mean input energy to every direction before whitening
+    (small: near-silent directions weigh more; large: the ranking tends to ``statistic="mean"``).
 
     ``gradient_fraction < 1`` mixes: that share of each support (rounded to whole planes) is the
     statistic's top directions, the rest random directions orthogonal to them (or random other
@@ -100,6 +147,8 @@ def select_supports(
     if statistic not in STATISTICS:
         raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
     gradient_dims(1, gradient_fraction)  # checks the fraction before any work
+    if isinstance(whitening_ridge, bool) or not isinstance(whitening_ridge, (int, float)) or not 0 < whitening_ridge < math.inf:
+        raise ValueError(f"whitening_ridge must be a positive finite number, got {whitening_ridge!r}")
     name = adapter_name or model.active_adapter
     if name not in model.configs:
         raise ValueError(f"no adapter named {name!r}; adapters here: {sorted(model.configs)}")
@@ -140,7 +189,7 @@ def select_supports(
     weights = [layer.base_layer.weight for _, layer, _ in targets]
     old_grads = [w.grad for w in weights]
     active = {lname: list(layer.active_adapters) for lname, layer, _ in targets}
-    hooks: list[torch.utils.hooks.RemovableHandle] = []
+    inputs = InputMoments([(lname, layer) for lname, layer, _ in targets])
     try:
         for p in flags:
             p.requires_grad_(False)
@@ -156,16 +205,7 @@ def select_supports(
         sums = {lname: torch.zeros_like(layer.weight_matrix(), dtype=torch.float32) for lname, layer, _ in targets}
         moments: dict[str, Tensor] = {}
         if statistic == "whitened":  # each layer's input second moment E[x x^T] over the statistic's batches
-            tokens = {lname: 0 for lname, _, _ in targets}
-
-            def record(lname: str) -> Callable[..., None]:
-                def hook(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
-                    x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-                    moments[lname] = moments.get(lname, 0) + x.T @ x
-                    tokens[lname] += x.shape[0]
-                return hook
-
-            hooks += [layer.register_forward_hook(record(lname)) for lname, layer, _ in targets]
+            inputs.start()
         seen = 0
         with tqdm(total=num_batches, desc="LOFT support selection", disable=not progress) as bar:
             for batch in batches:
@@ -197,7 +237,7 @@ def select_supports(
                     if statistic == "mean":
                         P = gradient_basis(W0, G, k)
                     elif statistic == "whitened":
-                        P = whitened_basis(W0, G, moments[lname] / max(tokens[lname], 1), k)
+                        P = whitened_basis(W0, G, inputs.mean(lname), k, whitening_ridge)
                     else:
                         P = second_moment_basis(moments[lname], k)
                     P = complete_basis(P.to(W0.device, torch.float64), support.dim)
@@ -212,8 +252,7 @@ def select_supports(
                     P = torch.eye(W0.shape[1], dtype=torch.float64)[:, idx]
                 report[lname] = {"captured_fraction": captured_fraction(W0.cpu(), G.cpu(), P.cpu()), "batches": seen}
     finally:
-        for h in hooks:
-            h.remove()
+        inputs.stop()
         for w, g in zip(weights, old_grads):
             w.grad = g
         for p in head if head_warmup_steps else []:

@@ -6,7 +6,7 @@ at n discrete cells of the (d_out x d_in) DCT spectrum. Only n cells are non-zer
 to activations (or formed once when that is cheaper), never a dense spectrum or a full transform.
 
 The cells are learned: their gradient is estimated by central finite differences on the spectrum
-(:func:`orthotune.ops.spectral.located_rows`) while :class:`orthotune.methods.loca.schedule.LocationLearner`
+(:func:`orthotune.ops.spectral.located_dct_rows`) while :class:`orthotune.methods.loca.schedule.LocationLearner`
 (or its Trainer callback) alternates coefficient and location phases, then freezes the locations.
 Without a learner, LoCA trains its coefficients at fixed random cells.
 """
@@ -109,16 +109,15 @@ class LoCA(SparseSpectrum):
         return torch.tensor([[self.d_out - 1], [self.d_in - 1]], dtype=torch.float32, device=self.locations.device)
 
     def factors(self, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``(D_out[rows], D_in[cols], alpha c)`` from the shared basis cache."""
-        D_out = spectral.dct_basis(self.d_out, c.dtype, c.device)
-        D_in = spectral.dct_basis(self.d_in, c.dtype, c.device)
+        """``(D_out[rows], D_in[cols], alpha c)``: only the DCT rows at this layer's cells, computed here."""
         relaxed = self.relaxed_locations
         if relaxed is None:
             rows, cols = self.locations
-            return D_out.index_select(0, rows), D_in.index_select(0, cols), self.config.scale * c
+            return spectral.dct_rows(self.d_out, rows, c.dtype), spectral.dct_rows(self.d_in, cols, c.dtype), self.config.scale * c
         pos = relaxed * self.extent()
         clip = self.config.location_grad_clip
-        P, Q = spectral.located_rows(D_out, pos[0], clip), spectral.located_rows(D_in, pos[1], clip)
+        P = spectral.located_dct_rows(self.d_out, pos[0], c.dtype, clip)
+        Q = spectral.located_dct_rows(self.d_in, pos[1], c.dtype, clip)
         return P, Q, self.config.scale * c
 
     @torch.no_grad()
