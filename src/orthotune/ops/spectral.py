@@ -77,7 +77,7 @@ class _LocatedDCTRows(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[None, Tensor, None, None]:  # type: ignore[override]
         (idx,) = ctx.saved_tensors
         n = ctx.n
-        up = dct_rows(n, (idx + 1).clamp(max=n - 1), torch.float32 if grad.dtype != torch.float64 else grad.dtype)
+        up = dct_rows(n, (idx + 1).clamp(max=n - 1), torch.promote_types(grad.dtype, torch.float32))
         down = dct_rows(n, (idx - 1).clamp(min=0), up.dtype)
         # dL/dD[k] . D[r+1] is the loss slope of moving entry k to row r+1: a central difference.
         fd = 0.5 * (grad.to(up.dtype) * (up - down)).sum(-1)
