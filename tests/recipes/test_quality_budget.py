@@ -96,3 +96,75 @@ def test_base_learning_rates_from_the_command_line() -> None:
                       ("loco=0", "positive")):
         with pytest.raises(SystemExit, match=says):
             quality.parse_base_lrs([bad], ["lora", "loco"])
+
+
+def test_every_row_sweeps_around_its_configs_default_rate() -> None:
+    from orthotune.methods.defaults import DEFAULT_LR, LOFT_LR
+
+    assert quality.base_lr("lora", "lm") == DEFAULT_LR["lora"][0]
+    assert quality.base_lr("loco-parallel", "vit") == DEFAULT_LR["loco"][0]
+    assert quality.base_lr("loft-grad", "dit") == LOFT_LR["gradient"][0]
+    assert quality.base_lr("loft-random", "dit") == LOFT_LR["random"][0]
+    assert quality.base_lr("full", "lm") == quality.BENCHES["lm"].full_lr
+    assert all(quality.base_lr(m, "text") > 0 for m in quality.METHODS)
+
+
+def _table_job(seed: int, lr: float) -> dict:
+    lrs = [1e-3, 3e-3, 9e-3]
+    return {"task": "lm", "seed": seed, "lr": lr, "sweep_lrs": lrs, "sweep_keys": [f"sweep:lm:lora:{x:.3g}" for x in lrs]}
+
+
+def test_seed_zero_of_the_table_is_the_chosen_sweep_run_scored_on_test() -> None:
+    sweep = {"value": 0.5, "test_eval": {"exact_match": 0.6, "answer_nll": 0.4}, "parameters": {"adapter": 10},
+             "train_seconds": 3.0}
+    results = {"sweep:lm:lora:0.003": sweep}
+    record = quality.seed_zero_from_sweep(_table_job(0, 3e-3), results)
+    assert record["value"] == 0.6 and record["final"] == sweep["test_eval"] and record["from_sweep"] == "sweep:lm:lora:0.003"
+    assert quality.seed_zero_from_sweep(_table_job(1, 3e-3), results) is None  # other seeds train their own run
+    assert quality.seed_zero_from_sweep(_table_job(0, 9e-3), results) is None  # that sweep run did not finish
+    assert quality.seed_zero_from_sweep({**_table_job(0, 5e-3), "sweep_lrs": [], "sweep_keys": []}, results) is None  # no sweep
+
+
+def test_resume_keeps_finished_runs_and_refuses_another_setup(tmp_path) -> None:
+    import json
+
+    budgets = {"lora": {"kwargs": {"r": 8}, "params": 10, "budget": 10}}
+    session = {"tasks": {"lm": {"overrides": [], "budgets": budgets, "base_lrs": {"lora": 3e-3}}}}
+    keys = [f"sweep:lm:lora:{x:.3g}" for x in (1e-3, 3e-3, 9e-3)]
+    jobs = {k: {"kind": "run"} for k in keys}
+    jobs.update({f"table:lm:lora:{s}": {"kind": "run", "sweep_keys": keys} for s in (0, 1)})
+    old_runs = {"sweeps": {"lora": [{"key": keys[0], "value": 0.1}, {"key": keys[1], "value": 0.2},
+                                    {"key": keys[2], "error": "skipped: not enough time left before the deadline"}]},
+                "runs": {"lora": [{"key": "table:lm:lora:0", "value": 0.3}]}}
+    path = tmp_path / "quality_old.json"
+    path.write_text(json.dumps({"tasks": {"lm": {**session["tasks"]["lm"], **old_runs}}}))
+    # the table run was chosen from an incomplete sweep: it runs again, the finished sweep runs are kept
+    assert set(quality.resumed_runs(path, session, jobs)) == set(keys[:2])
+    old_runs["sweeps"]["lora"][2] = {"key": keys[2], "value": 0.05}
+    path.write_text(json.dumps({"tasks": {"lm": {**session["tasks"]["lm"], **old_runs}}}))
+    assert set(quality.resumed_runs(path, session, jobs)) == set(keys) | {"table:lm:lora:0"}
+    other = {"tasks": {"lm": {**session["tasks"]["lm"], "base_lrs": {"lora": 1e-2}}}}
+    with pytest.raises(SystemExit, match="other base_lrs of lora"):
+        quality.resumed_runs(path, other, jobs)
+    vit = {"tasks": {"vit": {"overrides": [], "budgets": budgets, "base_lrs": {"lora": 3e-3}}}}
+    path.write_text(json.dumps({"tasks": {"vit": {**vit["tasks"]["vit"], **old_runs}}}))
+    assert quality.resumed_runs(path, vit, jobs) == {}  # a pretrained backbone differs per session: nothing kept
+
+
+def test_the_report_compares_the_default_rate_with_the_swept_best() -> None:
+    table = {"base_lrs": {"lora": 2e-3}, "sweeps": {"lora": [{"lr": 2e-3 / 3, "value": 0.80}, {"lr": 2e-3, "value": 0.85},
+                                                            {"lr": 6e-3, "value": 0.87}]}}
+    assert quality.default_vs_best(table, "lora", pct=True) == "85.0 / 87.0 (x3)"
+    loss = {"base_lrs": {"lora": 2e-3}, "sweeps": {"lora": [{"lr": 2e-3, "value": 0.03}, {"lr": 6e-3, "error": "x"}]}}
+    assert quality.default_vs_best(loss, "lora", pct=False) == "0.0300 / 0.0300 (x1)"
+    assert quality.default_vs_best({}, "lora", pct=True) == "-"  # a session without sweeps
+
+
+def test_merged_tables_keep_the_sweep_that_chose_each_rows_rate() -> None:
+    old = _session("2026-01-01", "lm", {"lora": [_run(0, 0.1)], "oft": [_run(0, 0.3)]})
+    old["tasks"]["lm"].update(base_lrs={"lora": 0.1, "oft": 0.1}, sweeps={"lora": [{"lr": 0.1, "value": 0.2}], "oft": [{"lr": 0.1, "value": 0.4}]})
+    new = _session("2026-01-02", "lm", {"lora": [_run(1, 0.5)]})
+    new["tasks"]["lm"].update(base_lrs={"lora": 0.1}, sweeps={"lora": [{"lr": 0.1, "value": 0.6}]})
+    table = quality.merge_tasks([old, new])["lm"]
+    assert table["sweeps"] == {"lora": [{"lr": 0.1, "value": 0.6}], "oft": [{"lr": 0.1, "value": 0.4}]}
+    assert table["base_lrs"] == {"lora": 0.1, "oft": 0.1}

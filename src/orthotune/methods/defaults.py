@@ -10,8 +10,11 @@ Measured means: the rate the learning-rate grid chose on dev. Two sources, in th
 * ``quality``: the sweep centre of ``benchmarks/quality.py`` (the recipes' table: base x 1/3, 1, 3 on each
   task's validation split), itself moved 3x where the first session's sweeps chose the top of the grid.
 
-No number here has been shown to land within 1 point of every task's swept best (issue 22, item 3);
-where it does not, ``--lr auto`` is the fallback.
+These are the centres of the uniformly swept evaluation table (``benchmarks/results/quality_uniform/``:
+every row at its default x 1/3, 1, 3 on the ViT, DiT and LM recipes). No number here lands within 1 point of
+the swept best on every task (issue 22, item 3): the vision recipes choose 3x the default for nearly every
+method, while on the LM the rotations collapse at 3x and LOFT / PSOFT choose 1/3 of it (that README has the
+per-method gaps). On a new task ``--lr auto`` is the fallback.
 """
 
 from __future__ import annotations

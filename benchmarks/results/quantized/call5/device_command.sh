@@ -1,0 +1,3 @@
+# issue 21, sixth session: LoCA's rows gathered from the 4n-entry table (main since a89bfc5) against peft LoRA r16,
+# one H200 call that also left the SmolLM2 GGUF's middle part on the machine for the evaluation table's LM call.
+bash benchmarks/device_stash.sh .carry/recipes/b; export PYTHONPATH=$PWD/src:$PWD/.carry/s22/bnb PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error; timeout 200 python3 benchmarks/quantized.py --sections main --only "peft LoRA r16,LoCA" --compiled-methods "peft LoRA r16,LoCA" --batches 1x2048,4x1024 --modes eager,compiled --warmup 2 --steps 3 --deadline 170 --out $OUT 2>&1 | grep -v "^{" | tail -40
