@@ -283,7 +283,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", nargs="+", default=list(BENCHES), choices=list(BENCHES))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--seeds", type=int, default=len(SEEDS))
+    parser.add_argument("--seeds", type=int, default=len(SEEDS), help="seeds 0..N-1 per table row (3: the table's protocol)")
     parser.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True, help="tune the learning rate on validation")
     parser.add_argument("--lr-from", help="an earlier session's JSON: scale each method's base lr by what its sweeps chose there")
     parser.add_argument("--lr", action="append", default=[], metavar="METHOD=LR",
@@ -316,7 +316,9 @@ def run_session(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     scratch = Path(args.scratch)
-    seeds = SEEDS[: args.seeds]
+    if args.seeds < 1:
+        raise SystemExit(f"--seeds must be at least 1, got {args.seeds}")
+    seeds = tuple(range(args.seeds))
     session: dict[str, Any] = {"environment": environment(args), "tasks": {}}
     jobs: dict[str, dict[str, Any]] = {}
     budgets: dict[str, dict[str, Any]] = {}

@@ -125,6 +125,30 @@ def test_resume_is_bit_identical(tmp_path, method, adapter) -> None:
     assert resumed["selection"] == straight["selection"]
 
 
+def test_recipes_choose_the_gradient_supports_statistic(tmp_path) -> None:
+    from orthotune.recipes.finetune import build, select
+    from orthotune.training.support_selection import select_supports
+
+    adapter = {"support": "gradient", "transform": "cayley", "r": 8}
+    bases = {}
+    for statistic in ("mean", "whitened"):
+        config = text_config(tmp_path, statistic, method="loft", adapter=adapter,
+                             **{"train.selection_statistic": statistic, "train.selection_batches": 2})
+        task, model = build(config)
+        select(model, task, config, False)
+        bases[statistic] = [layer.adapters["default"].support.P.clone() for _, layer in model.adapter_layers()]
+    # the recipe's choice is select_supports' statistic: the same batches give the same whitened bases directly
+    task, model = build(config)
+    bs = config.train.batch_size
+    select_supports(model, (task.train_batch(0, i, bs) for i in range(2)), num_batches=2, loss_fn=lambda m, b: task.loss(m, b, -1),
+                    progress=False, statistic="whitened")
+    assert all(torch.equal(a, layer.adapters["default"].support.P) for a, (_, layer) in zip(bases["whitened"], model.adapter_layers()))
+    # and it differs from the mean statistic's: the option reaches the selection
+    assert any((a - b).abs().max() > 1e-3 for a, b in zip(bases["mean"], bases["whitened"]))
+    with pytest.raises(ValueError, match="train.selection_statistic"):
+        text_config(tmp_path, "bad", **{"train.selection_statistic": "median"})
+
+
 def test_loca_locations_move_in_the_loop(tmp_path) -> None:
     from orthotune.recipes.finetune import build
 

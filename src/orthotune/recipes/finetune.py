@@ -73,7 +73,8 @@ def select(model: AdapterModel, task: Task, config: RunConfig, progress: bool) -
     bs = config.train.batch_size
     per_epoch = task.batches_per_epoch(bs)
     data = (task.train_batch(*divmod(i, per_epoch), bs) for i in range(n))
-    return select_supports(model, data, num_batches=n, loss_fn=lambda m, b: task.loss(m, b, -1), progress=progress)
+    return select_supports(model, data, num_batches=n, loss_fn=lambda m, b: task.loss(m, b, -1), progress=progress,
+                           statistic=config.train.selection_statistic)
 
 
 def trial(config: RunConfig, view_of: Any) -> tuple[Task, nn.Module]:

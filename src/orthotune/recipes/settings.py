@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from ..methods.config import check_choice
 from ..training.graphs import COMPILE_MODES
+from ..training.support_selection import STATISTICS
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -39,6 +40,11 @@ class TrainSettings:
     selection_batches: int = field(
         default=8, metadata={"help": "Batches for data-driven adapter set-up (LOFT's gradient-informed supports)."}
     )
+    selection_statistic: str = field(
+        default="mean", metadata={"help": "How LOFT's gradient supports rank directions: 'mean' (the mean gradient's "
+                                  "first-order signal), 'second_moment' or 'whitened' (gain per unit of input energy; "
+                                  "see orthotune.training.select_supports)."}
+    )
     autocast: str | None = field(default=None, metadata={"help": "Mixed precision on a GPU: null, 'bf16' or 'fp16'."})
     compile: bool | str = field(
         default="auto", metadata={"help": "torch.compile the training forward: 'auto' (on CUDA, one process), true or "
@@ -66,6 +72,7 @@ class TrainSettings:
             raise ValueError(f"train.lr must be a positive finite number or 'auto', got {self.lr!r}")
         check_choice("train.optimizer", self.optimizer, OPTIMIZERS)
         check_choice("train.schedule", self.schedule, SCHEDULES)
+        check_choice("train.selection_statistic", self.selection_statistic, STATISTICS)
         check_choice("train.autocast", self.autocast, AUTOCAST)
         if not isinstance(self.compile, (bool, str)) or self.compile not in COMPILE:
             raise ValueError(f"train.compile must be one of {list(COMPILE)} (auto, true or false, or a torch.compile "
