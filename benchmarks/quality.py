@@ -469,12 +469,14 @@ def resumed_runs(path: Path, session: dict[str, Any], jobs: dict[str, dict[str, 
 
 
 def lr_multipliers(path: Path) -> dict[str, float]:
-    """Per method, the median (over the tasks of an earlier session) of tuned lr / base lr."""
+    """Per method, the median (over the tasks of an earlier session) of tuned lr / that session's base lr."""
     session = json.loads(path.read_text())
     found: dict[str, list[float]] = {}
     for task, t in session["tasks"].items():
         for m, runs in t["runs"].items():
-            base = base_lr(m, task)
+            base = (t.get("base_lrs") or {}).get(m)
+            if base is None:  # sessions before the base rates were recorded: their centres are unknown here
+                continue
             chosen = {r["lr"] for r in runs if "value" in r}
             if len(chosen) == 1:
                 found.setdefault(m, []).append(chosen.pop() / base)

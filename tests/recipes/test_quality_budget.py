@@ -168,3 +168,15 @@ def test_merged_tables_keep_the_sweep_that_chose_each_rows_rate() -> None:
     table = quality.merge_tasks([old, new])["lm"]
     assert table["sweeps"] == {"lora": [{"lr": 0.1, "value": 0.6}], "oft": [{"lr": 0.1, "value": 0.4}]}
     assert table["base_lrs"] == {"lora": 0.1, "oft": 0.1}
+
+
+def test_lr_multipliers_scale_against_the_earlier_sessions_own_centres(tmp_path) -> None:
+    import json
+
+    with_centres = _session("2026-01-01", "lm", {"lora": [_run(0, 0.5), _run(1, 0.6)], "oft": [_run(0, 0.3)]})
+    with_centres["tasks"]["lm"]["base_lrs"] = {"lora": 0.05, "oft": 0.3}
+    path = tmp_path / "quality_a.json"
+    path.write_text(json.dumps(with_centres))
+    assert quality.lr_multipliers(path) == {"lora": 2.0, "oft": pytest.approx(1 / 3)}  # runs at lr 0.1
+    path.write_text(json.dumps(_session("2026-01-01", "lm", {"lora": [_run(0, 0.5)]})))
+    assert quality.lr_multipliers(path) == {}  # no recorded centres: nothing to scale by
