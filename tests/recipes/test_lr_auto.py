@@ -10,7 +10,8 @@ import torch
 
 from orthotune.cli import main
 from orthotune.recipes.finetune import trial
-from orthotune.recipes.lr_search import FACTORS, RECORD, TrainingSlice, resolve_lr
+from orthotune.recipes import lr_search
+from orthotune.recipes.lr_search import FACTORS, MAX_EXTENSIONS, RECORD, TrainingSlice, next_factor, resolve_lr
 from orthotune.recipes.runconfig import load_run_config
 from orthotune.recipes.task import Task, batch_indices
 
@@ -67,8 +68,12 @@ def test_lr_auto_chooses_a_candidate_records_it_and_runs(tmp_path, capsys) -> No
     assert "text_classification / loco (seed 1): accuracy" in capsys.readouterr().out
     record = json.loads((out / RECORD).read_text())
     centre = 3e-3  # LoCO's default (orthotune.methods.defaults)
-    assert record["centre"] == centre and [t["lr"] for t in record["trials"]] == pytest.approx([centre * f for f in FACTORS])
-    assert record["chosen"] in [t["lr"] for t in record["trials"]]
+    tried = [t["lr"] for t in record["trials"]]
+    assert record["centre"] == centre and tried[:3] == pytest.approx([centre * f for f in FACTORS])
+    assert record["extensions"] == len(tried) - 3 <= MAX_EXTENSIONS  # each one a factor 3 beyond the edge then best
+    for i in range(3, len(tried)):
+        assert tried[i] == pytest.approx(max(tried[:i]) * 3) or tried[i] == pytest.approx(min(tried[:i]) / 3)
+    assert record["chosen"] in tried
     scores = {t["lr"]: t["heldout_loss"] for t in record["trials"]}
     assert scores[record["chosen"]] == min(s for s in scores.values() if s is not None)
     assert record["steps_per_trial"] == 2 and record["heldout_batches"] == 1 and record["train_batches"] == 5
@@ -87,3 +92,33 @@ def test_cli_refuses_a_bad_lr(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["finetune", "--config", str(TEXT), "--lr", "fast"])
     assert "expected a number or 'auto'" in capsys.readouterr().err
+
+
+def _trials(scores: dict[float, float | None]) -> list[dict]:
+    return [{"factor": f, "lr": f, "heldout_loss": v} for f, v in scores.items()]
+
+
+def test_the_grid_grows_past_an_edge_that_wins() -> None:
+    assert next_factor(_trials({1 / 3: 2.0, 1.0: 1.0, 3.0: 1.5})) is None  # an interior best: done
+    assert next_factor(_trials({1 / 3: 2.0, 1.0: 1.5, 3.0: 1.0})) == pytest.approx(9.0)
+    assert next_factor(_trials({1 / 3: 1.0, 1.0: 1.5, 3.0: None})) == pytest.approx(1 / 9)
+    assert next_factor(_trials({1 / 3: 2.0, 1.0: 1.5, 3.0: 1.0, 9.0: None})) is None  # the step beyond diverged
+    assert next_factor(_trials({1 / 3: None, 1.0: None, 3.0: None})) is None
+
+
+@pytest.mark.parametrize("best, expected", [(9.0, [1 / 3, 1, 3, 9, 27]), (81.0, [1 / 3, 1, 3, 9, 27]), (1 / 9, [1 / 3, 1, 3, 1 / 9, 1 / 27]),
+                                            (1.0, [1 / 3, 1, 3])])
+def test_the_range_test_finds_a_rate_beyond_the_default_grid(tmp_path, monkeypatch, best, expected) -> None:
+    """A held-out loss that is lowest at ``best`` x the default: the search walks to it, at most two steps past the grid."""
+    import math
+    from types import SimpleNamespace
+
+    config = load_run_config(TEXT, ["train.lr=auto", f"output_dir={tmp_path}", "data.train_size=48", "train.batch_size=8"])
+    centre = config.adapter_config().default_learning_rate()
+    view = SimpleNamespace(metric="heldout_loss", train_batches=5)
+    monkeypatch.setattr(lr_search, "fit", lambda model, task, settings, *a, **k: SimpleNamespace(
+        history={"eval": [(1, {"heldout_loss": math.log(settings.lr / (centre * best)) ** 2})]}))
+    record = lr_search.search_lr(config, lambda cfg, view_of: (view, None))
+    assert [t["factor"] for t in record["trials"]] == pytest.approx(expected)
+    assert record["chosen"] == pytest.approx(centre * min(expected, key=lambda f: abs(math.log(f / best))))
+

@@ -1,7 +1,9 @@
 """``train.lr: auto`` (``orthotune finetune --lr auto``): a short, seeded learning-rate range test on the training data.
 
 Candidates are the method's default rate (:meth:`~orthotune.methods.config.AdapterConfig.default_learning_rate`)
-times :data:`FACTORS`. Each one trains a fresh copy of the run's model (same seed, same initialisation, same
+times :data:`FACTORS`; while the best one is the highest (lowest) tried, the grid grows by another factor of 3
+upwards (downwards), at most :data:`MAX_EXTENSIONS` times: the evaluation table found best rates from 1/3x
+(LOFT, PSOFT on the LM) to 9x (LoCO on a ViT transfer) the defaults. Each one trains a fresh copy of the run's model (same seed, same initialisation, same
 support selection) for a short run with the recipe's optimiser and schedule, on the first batches of the
 first epoch's order, and is scored by the mean training loss on the last few batches of that epoch, which
 it never trained on. The test split is never touched. The best (lowest held-out loss; a diverged trial
@@ -28,6 +30,8 @@ from .tasks import TASKS
 
 AUTO = "auto"
 FACTORS = (1 / 3, 1.0, 3.0)  # the grid the standard loop and the quality table sweep
+STEP = 3.0  # an extension's factor beyond the grid's edge
+MAX_EXTENSIONS = 2
 MAX_TRIAL_STEPS = 300
 RECORD = "lr_search.json"
 
@@ -91,7 +95,22 @@ def holdout_batches(per_epoch: int) -> int:
 Prepare = Callable[[RunConfig, Callable[[Task], "TrainingSlice"]], tuple["TrainingSlice", nn.Module]]
 
 
-def search_lr(config: RunConfig, prepare: Prepare, progress: bool = False, factors: tuple[float, ...] = FACTORS) -> dict[str, Any]:
+def next_factor(trials: list[dict[str, Any]]) -> float | None:
+    """The factor to try next: one :data:`STEP` beyond the grid's edge when the best finite trial lies on it, else None."""
+    finite = [t for t in trials if t["heldout_loss"] is not None]
+    if not finite:
+        return None
+    best = min(finite, key=lambda t: t["heldout_loss"])["factor"]
+    factors = [t["factor"] for t in trials]
+    if best == max(factors):
+        return best * STEP
+    if best == min(factors):
+        return best / STEP
+    return None
+
+
+def search_lr(config: RunConfig, prepare: Prepare, progress: bool = False, factors: tuple[float, ...] = FACTORS,
+              max_extensions: int = MAX_EXTENSIONS) -> dict[str, Any]:
     """Run the range test for ``config`` (whose ``train.lr`` is ``"auto"``); returns the record, ``chosen`` included."""
     if config.method == FULL:
         raise ValueError("train.lr=auto centres its candidates on a method's default rate; full fine-tuning has none: set train.lr")
@@ -105,9 +124,11 @@ def search_lr(config: RunConfig, prepare: Prepare, progress: bool = False, facto
         config.train, lr=centre, steps=steps, epochs=None, eval_every=0, eval_before=False, save_every=0, compile=False,
         warmup=config.train.warmup_steps(full_total) / full_total,
     )
-    trials = []
+    trials: list[dict[str, Any]] = []
+    queue = list(factors)
     with tempfile.TemporaryDirectory() as scratch:
-        for factor in factors:
+        while queue:
+            factor = queue.pop(0)
             lr = centre * factor
             view, model = prepare(with_lr(config, lr), lambda task: TrainingSlice(task, settings.batch_size, holdout))
             try:
@@ -117,11 +138,14 @@ def search_lr(config: RunConfig, prepare: Prepare, progress: bool = False, facto
                 score = math.inf
             trials.append({"lr": lr, "factor": factor, "heldout_loss": score if math.isfinite(score) else None})
             del model
+            extensions = len(trials) - len(factors)
+            if not queue and extensions < max_extensions and (beyond := next_factor(trials)) is not None:
+                queue.append(beyond)
     finite = [t for t in trials if t["heldout_loss"] is not None]
     if not finite:
         raise ValueError(f"every learning rate of the range test diverged ({[t['lr'] for t in trials]}): set train.lr lower")
     best = min(finite, key=lambda t: t["heldout_loss"])
-    return {"chosen": best["lr"], "centre": centre, "trials": trials, "steps_per_trial": steps, "train_batches": view.train_batches,
+    return {"chosen": best["lr"], "centre": centre, "trials": trials, "extensions": len(trials) - len(factors), "steps_per_trial": steps, "train_batches": view.train_batches,
             "heldout_batches": holdout, "batch_size": settings.batch_size, "score": "mean training loss on held-out training batches",
             "seed": config.seed}
 
