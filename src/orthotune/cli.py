@@ -139,8 +139,8 @@ def _add_recipe_args(p: argparse.ArgumentParser, shortcuts: bool) -> None:
         p.add_argument("--seed", type=int)
         p.add_argument("--steps", type=int)
         p.add_argument("--epochs", type=float)
-        p.add_argument("--lr", type=_lr, help="peak learning rate, or 'auto': a short range test on held-out training "
-                       "batches around the method's default picks it (recorded in the run folder's lr_search.json)")
+        p.add_argument("--lr", type=_lr, help="peak learning rate, or 'auto': a short range test around the method's default, scored on "
+                       "the validation split (held-out training batches without one), picks it (recorded in lr_search.json)")
         p.add_argument("--batch-size", type=int)
         p.add_argument("--device", help="'auto', 'cpu', 'cuda', 'cuda:1', ...")
         p.add_argument("--no-compile", dest="compile", action="store_const", const="false",

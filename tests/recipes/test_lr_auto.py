@@ -11,7 +11,7 @@ import torch
 from orthotune.cli import main
 from orthotune.recipes.finetune import trial
 from orthotune.recipes import lr_search
-from orthotune.recipes.lr_search import FACTORS, MAX_EXTENSIONS, RECORD, TrainingSlice, next_factor, resolve_lr
+from orthotune.recipes.lr_search import FACTORS, MAX_EXTENSIONS, RECORD, TrainingSlice, next_factor, resolve_lr, validation_data
 from orthotune.recipes.runconfig import load_run_config
 from orthotune.recipes.task import Task, batch_indices
 
@@ -74,9 +74,10 @@ def test_lr_auto_chooses_a_candidate_records_it_and_runs(tmp_path, capsys) -> No
     for i in range(3, len(tried)):
         assert tried[i] == pytest.approx(max(tried[:i]) * 3) or tried[i] == pytest.approx(min(tried[:i]) / 3)
     assert record["chosen"] in tried
-    scores = {t["lr"]: t["heldout_loss"] for t in record["trials"]}
+    scores = {t["lr"]: t["score"] for t in record["trials"]}
     assert scores[record["chosen"]] == min(s for s in scores.values() if s is not None)
-    assert record["steps_per_trial"] == 2 and record["heldout_batches"] == 1 and record["train_batches"] == 5
+    assert all(t["score"] == -t["accuracy"] for t in record["trials"] if t["score"] is not None)  # higher accuracy wins
+    assert record["score"] == "accuracy on the validation split (dev)" and record["steps_per_trial"] == 2
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["train"]["lr"] == record["chosen"] and results["lr_search"] == record
     assert results["steps"] == 8 and (out / "adapter").is_dir()
@@ -95,7 +96,7 @@ def test_cli_refuses_a_bad_lr(capsys) -> None:
 
 
 def _trials(scores: dict[float, float | None]) -> list[dict]:
-    return [{"factor": f, "lr": f, "heldout_loss": v} for f, v in scores.items()]
+    return [{"factor": f, "lr": f, "score": v} for f, v in scores.items()]
 
 
 def test_the_grid_grows_past_an_edge_that_wins() -> None:
@@ -115,10 +116,40 @@ def test_the_range_test_finds_a_rate_beyond_the_default_grid(tmp_path, monkeypat
 
     config = load_run_config(TEXT, ["train.lr=auto", f"output_dir={tmp_path}", "data.train_size=48", "train.batch_size=8"])
     centre = config.adapter_config().default_learning_rate()
-    view = SimpleNamespace(metric="heldout_loss", train_batches=5)
+    view = SimpleNamespace(metric="heldout_loss", higher_is_better=False, train_batches=5)
     monkeypatch.setattr(lr_search, "fit", lambda model, task, settings, *a, **k: SimpleNamespace(
         history={"eval": [(1, {"heldout_loss": math.log(settings.lr / (centre * best)) ** 2})]}))
     record = lr_search.search_lr(config, lambda cfg, view_of: (view, None))
     assert [t["factor"] for t in record["trials"]] == pytest.approx(expected)
     assert record["chosen"] == pytest.approx(centre * min(expected, key=lambda f: abs(math.log(f / best))))
 
+
+def test_trials_are_scored_on_the_validation_split_where_the_data_has_one(tmp_path) -> None:
+    text = load_run_config(TEXT, ["train.lr=auto"])
+    assert validation_data(text)["eval_split"] == "dev"  # BANKING77's dev split
+    vit = load_run_config(TEXT.parent / "vit_digits.yaml", ["train.lr=auto"])
+    assert validation_data(vit)["eval_split"] == "val"  # the recipe's held-out tuning images
+    rows = "text,label\n" + "".join(f"example {i},{'ab'[i % 2]}\n" for i in range(20))
+    (tmp_path / "train.csv").write_text(rows)
+    (tmp_path / "val.csv").write_text(rows)
+    own = load_run_config(TEXT, ["train.lr=auto", f"data.train_file={tmp_path / 'train.csv'}", "data.eval_split=test",
+                                 f"data.test_file={tmp_path / 'val.csv'}"])
+    assert validation_data(own) is None  # no validation_file: held-out training batches score instead
+    with_val = own.with_overrides([f"data.validation_file={tmp_path / 'val.csv'}"])
+    assert validation_data(with_val)["eval_split"] == "dev"
+
+
+
+def test_without_a_validation_split_held_out_training_batches_score(tmp_path, capsys) -> None:
+    rows = "text,label\n" + "".join(f"{'good' if i % 2 else 'bad'} example number {i},{'ab'[i % 2]}\n" for i in range(48))
+    (tmp_path / "train.csv").write_text(rows)
+    (tmp_path / "test.csv").write_text(rows)
+    out = tmp_path / "auto"
+    main(["finetune", "--config", str(TEXT), "--quiet", "--device", "cpu", "--output-dir", str(out), "--steps", "8",
+          "--lr", "auto", "--set", f"data.train_file={tmp_path / 'train.csv'}", "--set", f"data.test_file={tmp_path / 'test.csv'}",
+          "--set", "train.batch_size=8", "--set", "train.eval_every=0", "--set", "model.max_length=32"])
+    capsys.readouterr()
+    record = json.loads((out / RECORD).read_text())
+    assert record["score"] == "mean training loss on held-out training batches"
+    assert record["heldout_batches"] == 1 and record["train_batches"] == 5  # 6 batches of 8: the last one scores
+    assert all(t["score"] == t["heldout_loss"] for t in record["trials"] if t["score"] is not None)

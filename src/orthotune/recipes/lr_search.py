@@ -3,11 +3,15 @@
 Candidates are the method's default rate (:meth:`~orthotune.methods.config.AdapterConfig.default_learning_rate`)
 times :data:`FACTORS`; while the best one is the highest (lowest) tried, the grid grows by another factor of 3
 upwards (downwards), at most :data:`MAX_EXTENSIONS` times: the evaluation table found best rates from 1/3x
-(LOFT, PSOFT on the LM) to 9x (LoCO on a ViT transfer) the defaults. Each one trains a fresh copy of the run's model (same seed, same initialisation, same
-support selection) for a short run with the recipe's optimiser and schedule, on the first batches of the
-first epoch's order, and is scored by the mean training loss on the last few batches of that epoch, which
-it never trained on. The test split is never touched. The best (lowest held-out loss; a diverged trial
-scores infinity) becomes ``train.lr`` of the full run; everything is recorded in ``lr_search.json``.
+(LOFT, PSOFT on the LM) to 9x (LoCO on a ViT transfer) the defaults. Each one trains a fresh copy of the run's
+model (same seed, same initialisation, same support selection) for a short run with the recipe's optimiser and
+schedule. Where the run's data has a validation split (the bundled sets' ``val`` / ``dev``, or a
+``validation_file``), each trial trains on the training set and is scored by the task's metric on that split, as
+a validation sweep would; otherwise it trains on the first batches of the first epoch's order and is scored by
+the mean training loss on the last few batches of that epoch, which it never trained on (on a 20-shot task that
+is one batch: too small a sample, ``benchmarks/results/vit_cpu_grids/``). The test split is never touched. The
+best (a diverged trial scores worst) becomes ``train.lr`` of the full run; everything is recorded in
+``lr_search.json``.
 """
 
 from __future__ import annotations
@@ -25,13 +29,14 @@ from torch import nn
 
 from .loop import fit, resolve_device
 from .runconfig import FULL, RunConfig
-from .task import Task
+from .task import Task, from_mapping
 from .tasks import TASKS
 
 AUTO = "auto"
 FACTORS = (1 / 3, 1.0, 3.0)  # the grid the standard loop and the quality table sweep
 STEP = 3.0  # an extension's factor beyond the grid's edge
 MAX_EXTENSIONS = 2
+VALIDATION_SPLITS = ("val", "dev")  # the tasks' names for their tuning split
 MAX_TRIAL_STEPS = 300
 RECORD = "lr_search.json"
 
@@ -95,12 +100,25 @@ def holdout_batches(per_epoch: int) -> int:
 Prepare = Callable[[RunConfig, Callable[[Task], "TrainingSlice"]], tuple["TrainingSlice", nn.Module]]
 
 
+def validation_data(config: RunConfig) -> dict[str, Any] | None:
+    """``config.data`` scoring the run's validation split (``eval_split`` ``val`` or ``dev``), or None if it has none."""
+    settings = TASKS[config.task].DataSettings
+    for split in VALIDATION_SPLITS:
+        data = {**config.data, "eval_split": split}
+        try:
+            from_mapping(settings, data, "data")
+        except (ValueError, TypeError):  # not a split of this task, or its file is not given
+            continue
+        return data
+    return None
+
+
 def next_factor(trials: list[dict[str, Any]]) -> float | None:
     """The factor to try next: one :data:`STEP` beyond the grid's edge when the best finite trial lies on it, else None."""
-    finite = [t for t in trials if t["heldout_loss"] is not None]
+    finite = [t for t in trials if t["score"] is not None]
     if not finite:
         return None
-    best = min(finite, key=lambda t: t["heldout_loss"])["factor"]
+    best = min(finite, key=lambda t: t["score"])["factor"]
     factors = [t["factor"] for t in trials]
     if best == max(factors):
         return best * STEP
@@ -117,8 +135,15 @@ def search_lr(config: RunConfig, prepare: Prepare, progress: bool = False, facto
     centre = config.adapter_config().default_learning_rate()
     per_epoch = TASKS[config.task](config.model, config.data, config.seed, resolve_device(config.device)).batches_per_epoch(
         config.train.batch_size)
+    val_data = validation_data(config)
     holdout = holdout_batches(per_epoch)
     steps = trial_steps(config, per_epoch)
+    if val_data is not None:  # train on the whole training set, score on the validation split
+        trial_config = dataclasses.replace(config, data=val_data)
+        view_of: Callable[[Task], Task] = lambda task: task
+    else:
+        trial_config = config
+        view_of = lambda task: TrainingSlice(task, settings.batch_size, holdout)
     full_total = config.train.total_steps(per_epoch)
     settings = dataclasses.replace(
         config.train, lr=centre, steps=steps, epochs=None, eval_every=0, eval_before=False, save_every=0, compile=False,
@@ -130,24 +155,30 @@ def search_lr(config: RunConfig, prepare: Prepare, progress: bool = False, facto
         while queue:
             factor = queue.pop(0)
             lr = centre * factor
-            view, model = prepare(with_lr(config, lr), lambda task: TrainingSlice(task, settings.batch_size, holdout))
+            view, model = prepare(with_lr(trial_config, lr), view_of)
             try:
                 fitted = fit(model, view, dataclasses.replace(settings, lr=lr), Path(scratch), progress=progress)
-                score = fitted.history["eval"][-1][1][view.metric]
+                value = fitted.history["eval"][-1][1][view.metric]
             except FloatingPointError:  # a diverged candidate is a result, not a failure
-                score = math.inf
-            trials.append({"lr": lr, "factor": factor, "heldout_loss": score if math.isfinite(score) else None})
+                value = math.nan
+            score = -value if view.higher_is_better else value  # lower is better
+            finite = math.isfinite(score)
+            trials.append({"lr": lr, "factor": factor, view.metric: value if finite else None, "score": score if finite else None})
             del model
             extensions = len(trials) - len(factors)
             if not queue and extensions < max_extensions and (beyond := next_factor(trials)) is not None:
                 queue.append(beyond)
-    finite = [t for t in trials if t["heldout_loss"] is not None]
+    finite = [t for t in trials if t["score"] is not None]
     if not finite:
         raise ValueError(f"every learning rate of the range test diverged ({[t['lr'] for t in trials]}): set train.lr lower")
-    best = min(finite, key=lambda t: t["heldout_loss"])
-    return {"chosen": best["lr"], "centre": centre, "trials": trials, "extensions": len(trials) - len(factors), "steps_per_trial": steps, "train_batches": view.train_batches,
-            "heldout_batches": holdout, "batch_size": settings.batch_size, "score": "mean training loss on held-out training batches",
-            "seed": config.seed}
+    best = min(finite, key=lambda t: t["score"])
+    scored_by = (f"{view.metric} on the validation split ({val_data['eval_split']})" if val_data is not None
+                 else "mean training loss on held-out training batches")
+    record = {"chosen": best["lr"], "centre": centre, "trials": trials, "extensions": len(trials) - len(factors),
+              "steps_per_trial": steps, "batch_size": settings.batch_size, "score": scored_by, "seed": config.seed}
+    if val_data is None:
+        record.update(train_batches=view.train_batches, heldout_batches=holdout)
+    return record
 
 
 def resolve_lr(config: RunConfig, run_dir: Path, resume: bool, progress: bool,

@@ -24,7 +24,8 @@ class TrainSettings:
     batch_size: int = field(default=32, metadata={"help": "Examples per optimiser step."})
     lr: float | str = field(
         default=1e-3, metadata={"help": "Peak learning rate, or 'auto': a short range test around the method's default "
-                                "rate on held-out training batches picks it (orthotune.recipes.lr_search)."}
+                                "rate, scored on the validation split (held-out training batches without one), picks it "
+                                "(orthotune.recipes.lr_search)."}
     )
     optimizer: str = field(default="adamw", metadata={"help": f"One of {list(OPTIMIZERS)}."})
     weight_decay: float = field(default=0.0, metadata={"help": "Decoupled weight decay (adamw) or L2 (adam, sgd)."})
