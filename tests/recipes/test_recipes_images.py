@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from orthotune.recipes.assets import FASHION_MNIST_DIR
 from orthotune.recipes.finetune import finetune, load_trained, merge_adapter
-from orthotune.recipes.pretrain import PretrainSpec, build_backbone, load_pretrained, pretrain
+from orthotune.recipes.pretrain import SPECS, PretrainSpec, build_backbone, load_pretrained, pretrain
 from orthotune.recipes.runconfig import RunConfig
 
 pytestmark = [
@@ -42,6 +42,18 @@ def dit(tmp_path_factory) -> Path:
     spec = PretrainSpec(kind="dit", model=dict(input_size=16, patch_size=4, in_channels=1, hidden_size=48, depth=2, num_heads=3,
                                                mlp_ratio=2.0, num_classes=10), steps=40, batch_size=128, lr=3e-3, weight_decay=0.0)
     return pretrain(spec, tmp_path_factory.mktemp("ck") / "dit", progress=False)
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_every_named_backbone_builds_and_runs(name) -> None:
+    """``orthotune pretrain``'s specs (and the CPU-sized ``*-small`` ones the benchmarks use) build a working model."""
+    spec = SPECS[name]
+    if spec.kind == "vit":
+        pytest.importorskip("timm")
+    model = build_backbone(spec.kind, spec.model)
+    x = torch.randn(2, 1, 16, 16)
+    out = model(x) if spec.kind == "vit" else model(x, torch.tensor([1, 500]), torch.tensor([0, 9]))
+    assert out.shape == ((2, 10) if spec.kind == "vit" else x.shape) and torch.isfinite(out).all()
 
 
 def test_pretraining_is_seeded_and_learns(vit) -> None:

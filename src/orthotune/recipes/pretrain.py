@@ -66,6 +66,13 @@ SPECS: dict[str, PretrainSpec] = {
         steps=4000,
         weight_decay=0.0,
     ),
+    # a CPU-sized DiT (16 tokens, width 64): for experiments on two cores
+    "dit-fmnist-small": PretrainSpec(
+        kind="dit",
+        model=dict(input_size=16, patch_size=4, in_channels=1, hidden_size=64, depth=3, num_heads=4, mlp_ratio=4.0, num_classes=10),
+        steps=1500,
+        weight_decay=0.0,
+    ),
     # a CPU-sized ViT (17 tokens, 137k parameters): pretrains in minutes on two cores
     "vit-fmnist-small": PretrainSpec(
         kind="vit",
