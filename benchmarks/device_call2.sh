@@ -6,21 +6,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 assets=$(realpath "$1") deadline=$2; shift 2
-gguf=/root/SmolLM2-135M-Instruct.Q4_1.gguf
-if [ ! -f $gguf ]; then
-  cp "$assets"/smollm2.gguf.xz.part* /root/
-  python3 - "$assets/gguf.sha256" $gguf /root/smollm2.gguf.xz.part* <<'PY' || { echo "the GGUF's parts are incomplete: the machine was not warm"; exit 4; }
-import hashlib, lzma, sys
-data = lzma.decompress(b"".join(open(p, "rb").read() for p in sorted(sys.argv[3:])))
-digest = hashlib.sha256(data).hexdigest()
-assert digest == open(sys.argv[1]).read().strip(), digest
-open(sys.argv[2], "wb").write(data)
-print("SmolLM2 GGUF reassembled, sha256", digest)
-PY
-fi
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /root/site "$assets"/*.whl || exit 5
+bash benchmarks/device_gguf.sh "$assets" || exit 4
 export PYTHONPATH=$PWD/src:/root/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-export ORTHOTUNE_CACHE=/root/ot-cache ORTHOTUNE_SMOLLM2_GGUF=$gguf
+export ORTHOTUNE_CACHE=/root/ot-cache ORTHOTUNE_SMOLLM2_GGUF=/root/SmolLM2-135M-Instruct.Q4_1.gguf
 # dequantise once here, not in every worker at the same time
 python3 -c "from orthotune.recipes.assets import smollm2_path; print('SmolLM2 folder', smollm2_path())" 2>&1 | grep -v "Loading weights" || exit 6
 d=$assets/lm-data

@@ -2,26 +2,18 @@
 # GPU call of issue 21's quality check: the causal-LM recipe (SmolLM2-135M-Instruct, arithmetic) on a bf16
 # base and on a bitsandbytes NF4 base (bf16 compute), LoRA / LoCO / OFT at the table's budget, 3 seeds
 # each, every run in one call, from the repository root. ASSETS is a carried folder in the layout of
-# benchmarks/device_assets.py's b/ (the GGUF's second part, gguf.sha256, the gguf wheel, lm-data/ JSONL)
-# plus bnb/ (the bitsandbytes package with only its CPU and CUDA 13 libraries: the wheel is 42 MB) and
-# wheels/ (datasets, dill, multiprocess: the recipe reads JSON lines through datasets, which the GPU
-# image lacks; pyarrow, xxhash and fsspec are there);
-# the GGUF's first part must have been copied to /root by the call before, on the same warm machine.
+# benchmarks/device_assets.py's c/ (the GGUF's last part, gguf.sha256, the gguf, datasets, dill and multiprocess
+# wheels: the recipe reads JSON lines through datasets, which the GPU image lacks; lm-data/ JSONL) plus bnb/ (the
+# bitsandbytes package with only its CPU and CUDA 13 libraries: the wheel is 42 MB); the GGUF's earlier parts must
+# be in /root from the calls before, on the same warm machine (benchmarks/device_gguf.sh).
 # Usage: bash benchmarks/device_lm_quant.sh ASSETS DEADLINE_SECONDS [METHODS [QUALITY_ARGS...]]
-# e.g. bash benchmarks/device_lm_quant.sh .carry/lmq/b 200 loco --lr loco=3e-3   (METHODS: "lora loco oft" by default)
+# e.g. bash benchmarks/device_lm_quant.sh .carry/lmq/c 200 loco --lr loco=3e-3   (METHODS: "lora loco oft" by default)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 assets=$1 deadline=$2
 read -r -a methods <<< "${3:-lora loco oft}"
 extra=("${@:4}")
-python3 - /root/smollm2.gguf.xz.part1 "$assets" <<'PY' || exit 4
-import hashlib, lzma, sys
-data = lzma.decompress(open(sys.argv[1], "rb").read() + open(sys.argv[2] + "/smollm2.gguf.xz.part2", "rb").read())
-digest = hashlib.sha256(data).hexdigest()
-assert digest == open(sys.argv[2] + "/gguf.sha256").read().strip(), digest
-open("/root/SmolLM2-135M-Instruct.Q4_1.gguf", "wb").write(data)
-PY
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /root/site "$assets"/gguf-*.whl "$assets"/wheels/*.whl || exit 5
+bash benchmarks/device_gguf.sh "$assets" || exit 4
 export PYTHONPATH=$PWD/src:$assets/bnb:/root/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export ORTHOTUNE_CACHE=/root/ot-cache ORTHOTUNE_SMOLLM2_GGUF=/root/SmolLM2-135M-Instruct.Q4_1.gguf
 python3 -c "import bitsandbytes, torch; print('bitsandbytes', bitsandbytes.__version__, 'torch', torch.__version__)" || exit 6

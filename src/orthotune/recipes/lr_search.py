@@ -97,7 +97,7 @@ def holdout_batches(per_epoch: int) -> int:
 
 #: ``prepare(config, view_of) -> (view, model)``: the run's model for ``config`` and ``view_of(task)``, its data-driven
 #: set-up (LOFT's support selection) done on the view's training batches (``finetune.trial``)
-Prepare = Callable[[RunConfig, Callable[[Task], "TrainingSlice"]], tuple["TrainingSlice", nn.Module]]
+Prepare = Callable[[RunConfig, Callable[[Task], Task]], tuple[Task, nn.Module]]
 
 
 def validation_data(config: RunConfig) -> dict[str, Any] | None:
@@ -136,13 +136,12 @@ def search_lr(config: RunConfig, prepare: Prepare, progress: bool = False, facto
     per_epoch = TASKS[config.task](config.model, config.data, config.seed, resolve_device(config.device)).batches_per_epoch(
         config.train.batch_size)
     val_data = validation_data(config)
-    holdout = holdout_batches(per_epoch)
     steps = trial_steps(config, per_epoch)
     if val_data is not None:  # train on the whole training set, score on the validation split
-        trial_config = dataclasses.replace(config, data=val_data)
+        trial_config, holdout = dataclasses.replace(config, data=val_data), None
         view_of: Callable[[Task], Task] = lambda task: task
     else:
-        trial_config = config
+        trial_config, holdout = config, holdout_batches(per_epoch)
         view_of = lambda task: TrainingSlice(task, settings.batch_size, holdout)
     full_total = config.train.total_steps(per_epoch)
     settings = dataclasses.replace(
@@ -176,7 +175,7 @@ def search_lr(config: RunConfig, prepare: Prepare, progress: bool = False, facto
                  else "mean training loss on held-out training batches")
     record = {"chosen": best["lr"], "centre": centre, "trials": trials, "extensions": len(trials) - len(factors),
               "steps_per_trial": steps, "batch_size": settings.batch_size, "score": scored_by, "seed": config.seed}
-    if val_data is None:
+    if holdout is not None:
         record.update(train_batches=view.train_batches, heldout_batches=holdout)
     return record
 
