@@ -7,9 +7,11 @@ For each task (a recipe under ``recipes/``) and method:
    on the layer shapes).
 2. **Learning rate** (``--sweep``). Three learning rates, the method's default rate
    (``orthotune.methods.defaults``, the one a user who keeps the defaults gets) x {1/3, 1, 3}, seed 0,
-   scored on the task's *validation* split; the best one is kept. Every row is swept the same way.
-   Each sweep run is also scored on the *test* split, so seed 0 of the table is the sweep's run at
-   the chosen rate (the same trained weights, not a second run).
+   scored on the task's *validation* split; the best one is kept. Where the best lies on the grid's
+   edge, the grid grows by 3x past it (``--grow``, at most twice; ``--lr auto``'s rule), so no row's
+   position is its grid's edge. Every row is swept the same way. Each sweep run is also scored on the
+   *test* split, so seed 0 of the table is the sweep's run at the chosen rate (the same trained
+   weights, not a second run).
 3. **Table.** Seeds 0, 1, 2 at that rate, scored on the *test* split: mean, std, step-0 baseline,
    exact trainable parameters, training time; beside it the validation score at the default rate
    against the swept best (issue 22's "defaults within 1 point").
@@ -285,6 +287,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--seeds", type=int, default=len(SEEDS), help="seeds 0..N-1 per table row (3: the table's protocol)")
     parser.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True, help="tune the learning rate on validation")
+    parser.add_argument("--grow", type=int, default=0, metavar="N",
+                        help="grow a sweep by 3x past a winning edge, at most N times (2: --lr auto's rule; 0: the fixed grid)")
     parser.add_argument("--lr-from", help="an earlier session's JSON: scale each method's base lr by what its sweeps chose there")
     parser.add_argument("--lr", action="append", default=[], metavar="METHOD=LR",
                         help="a method's base learning rate instead of the table's (e.g. loco=3e-3; with --no-sweep, the rate run)")
@@ -324,6 +328,9 @@ def run_session(args: argparse.Namespace) -> None:
     budgets: dict[str, dict[str, Any]] = {}
     multipliers = lr_multipliers(Path(args.lr_from)) if args.lr_from else {}
     base_lrs = parse_base_lrs(args.lr, args.methods)
+    if args.grow < 0:
+        raise SystemExit(f"--grow must be 0 or more, got {args.grow}")
+    groups: dict[tuple[str, str], dict[str, Any]] = {}  # (task, method) -> its sweep, grown while the session runs
     session["base_lrs"] = base_lrs or None
     session["lr_from"] = {"file": args.lr_from, "multipliers": multipliers} if args.lr_from else None
     rank = {m: i for i, m in enumerate(args.methods)}  # the order given is the order of priority
@@ -348,16 +355,17 @@ def run_session(args: argparse.Namespace) -> None:
                 continue
             base = base_lrs.get(m, base_lr(m, task)) * multipliers.get(m, 1.0)
             session["tasks"][task].setdefault("base_lrs", {})[m] = base
-            lrs = [base * f for f in SWEEP] if args.sweep else [base]
-            for lr in lrs if args.sweep else []:
-                key = f"sweep:{task}:{m}:{lr:.3g}"
-                jobs[key] = {"kind": "run", "task": task, "method": m, "lr": lr, "seed": 0, "split": "val", "deps": deps,
-                             "prio": (2, rank[m], tasks_rank[task], lr), "extra": extra}
+            group = {"task": task, "method": m, "lrs": [], "keys": [], "table": [], "grown": 0, "settled": not args.sweep,
+                     "deps": deps, "extra": extra, "prio": (rank[m], tasks_rank[task])}
+            groups[(task, m)] = group
+            for lr in [base * f for f in SWEEP] if args.sweep else []:
+                add_sweep_run(group, lr, jobs, prio=(2, rank[m], tasks_rank[task], lr))
             for seed in seeds:
                 key = f"table:{task}:{m}:{seed}"
-                sweep_keys = [f"sweep:{task}:{m}:{lr:.3g}" for lr in lrs] if args.sweep else []
-                jobs[key] = {"kind": "run", "task": task, "method": m, "seed": seed, "split": "test", "deps": deps + sweep_keys,
-                             "prio": (1, seed, rank[m], tasks_rank[task]), "base_lr": base, "extra": extra, "sweep_keys": sweep_keys, "sweep_lrs": lrs if args.sweep else []}
+                group["table"].append(key)  # its sweep_keys/sweep_lrs are the group's lists: they grow with it
+                jobs[key] = {"kind": "run", "task": task, "method": m, "seed": seed, "split": "test", "deps": deps + group["keys"],
+                             "prio": (1, seed, rank[m], tasks_rank[task]), "base_lr": base, "extra": extra,
+                             "sweep_keys": group["keys"], "sweep_lrs": group["lrs"]}
 
     tag = args.tag or "-".join(args.tasks)
     results: dict[str, dict[str, Any]] = resumed_runs(Path(args.resume), session, jobs) if args.resume else {}
@@ -365,6 +373,7 @@ def run_session(args: argparse.Namespace) -> None:
         session["resumed_from"] = {"file": args.resume, "runs": len(results)}
         print(f"{len(results)} finished runs kept from {args.resume}", flush=True)
     pending = {k: j for k, j in jobs.items() if k not in results}
+    grow_sweeps(groups, jobs, pending, results, args.grow)
     durations: dict[str, list[float]] = {}
     ctx = mp.get_context("spawn")
     print(f"{len(jobs)} jobs on {args.workers} workers" + (f", deadline {args.deadline:.0f} s" if args.deadline else ""), flush=True)
@@ -417,6 +426,8 @@ def run_session(args: argparse.Namespace) -> None:
                     durations.setdefault(job["task"], []).append(res["wall"])
                 status = res.get("error") or (f"{res['value']:.4f}" if "value" in res else f"test {res.get('test')}")
                 print(f"[{time.time() - start:6.1f} s] {key}: {status} ({res['wall']:.1f} s)", flush=True)
+            for key in grow_sweeps(groups, jobs, pending, results, args.grow):
+                print(f"[{time.time() - start:6.1f} s] {key}: added (the sweep's best was on its edge)", flush=True)
             save_session(session, jobs, results, out, tag, start)
 
     save_session(session, jobs, results, out, tag, start)
@@ -439,7 +450,7 @@ def save_session(session: dict[str, Any], jobs: dict[str, dict[str, Any]], resul
         bucket = "sweeps" if key.startswith("sweep:") else "runs"
         session["tasks"][job["task"]][bucket].setdefault(job["method"], []).append(entry)
     session["wall_seconds"] = time.time() - start
-    session["complete"] = len(results) == len(jobs)
+    session["complete"] = all(k in results for k in jobs)
     (out / f"quality_{tag}.json").write_text(json.dumps(session, indent=1) + "\n")
     write_report(out)
 
@@ -460,12 +471,12 @@ def resumed_runs(path: Path, session: dict[str, Any], jobs: dict[str, dict[str, 
                 raise SystemExit(f"--resume {path}: task {task!r} ran with other {what} ({old_value} vs {new_value}); "
                                  "resume only a session of the same setup")
         for bucket in ("sweeps", "runs"):
-            for entries in before[bucket].values():
-                for e in entries:
-                    if "value" in e and e.get("key") in jobs:
+            for m, entries in before[bucket].items():
+                for e in entries:  # a grown sweep's extra runs are not jobs yet: grow_sweeps finds them here
+                    if "value" in e and (e.get("key") in jobs or (bucket == "sweeps" and m in t["budgets"])):
                         kept[e["key"]] = e
     # a table run whose rate was chosen from an incomplete sweep is run again once the sweep is complete
-    return {k: e for k, e in kept.items() if all(d in kept for d in jobs[k].get("sweep_keys", []))}
+    return {k: e for k, e in kept.items() if k not in jobs or all(d in kept for d in jobs[k].get("sweep_keys", []))}
 
 
 def lr_multipliers(path: Path) -> dict[str, float]:
@@ -511,13 +522,61 @@ def task_overrides(items: list[str], task: str) -> list[str]:
     return out
 
 
+def best_swept(keys: list[str], lrs: list[float], task: str, results: dict[str, dict[str, Any]]) -> float | None:
+    """The best learning rate on validation among finished sweep runs with a finite score (the lower one on ties)."""
+    scored = [(results[k]["value"], lr) for k, lr in zip(keys, lrs)
+              if "value" in results.get(k, {}) and math.isfinite(results[k]["value"])]
+    if not scored:
+        return None
+    higher = BENCHES[task].higher_is_better
+    return max(scored, key=lambda s: (s[0] if higher else -s[0], -s[1]))[1]
+
+
 def chosen_lr(job: dict[str, Any], results: dict[str, dict[str, Any]]) -> float:
     """The sweep's best learning rate on validation (the lower one on ties); the base rate without a sweep."""
-    scored = [(results[k]["value"], lr) for k, lr in zip(job["sweep_keys"], job["sweep_lrs"]) if "value" in results.get(k, {})]
-    if not scored:
-        return job["base_lr"]
-    higher = BENCHES[job["task"]].higher_is_better
-    return max(scored, key=lambda s: (s[0] if higher else -s[0], -s[1]))[1]
+    best = best_swept(job["sweep_keys"], job["sweep_lrs"], job["task"], results)
+    return job["base_lr"] if best is None else best
+
+
+def add_sweep_run(group: dict[str, Any], lr: float, jobs: dict[str, dict[str, Any]], prio: tuple) -> str:
+    """A sweep run of ``group`` at ``lr`` (seed 0, validation), appended to the group's grid; returns its key."""
+    key = f"sweep:{group['task']}:{group['method']}:{lr:.3g}"
+    jobs[key] = {"kind": "run", "task": group["task"], "method": group["method"], "lr": lr, "seed": 0, "split": "val",
+                 "deps": group["deps"], "prio": prio, "extra": group["extra"]}
+    group["keys"].append(key)
+    group["lrs"].append(lr)
+    return key
+
+
+def grow_sweeps(groups: dict[tuple[str, str], dict[str, Any]], jobs: dict[str, dict[str, Any]], pending: dict[str, dict[str, Any]],
+                results: dict[str, dict[str, Any]], limit: int) -> list[str]:
+    """Grow each finished sweep whose best rate lies on its grid's edge by one 3x step past it (at most ``limit`` times).
+
+    The table runs of a grown sweep wait for the new run (and run again if a resumed session had them).
+    Returns the keys of the sweep runs added.
+    """
+    from orthotune.recipes.lr_search import STEP
+
+    added = []
+    for group in groups.values():
+        while not group["settled"] and all(k in results for k in group["keys"]):
+            best = best_swept(group["keys"], group["lrs"], group["task"], results)
+            edge = None if best is None else STEP if best == max(group["lrs"]) else 1 / STEP if best == min(group["lrs"]) else None
+            if edge is None or group["grown"] >= limit:
+                group["settled"] = True
+                break
+            group["grown"] += 1
+            key = add_sweep_run(group, best * edge, jobs, prio=(1, -1, *group["prio"]))
+            new = key not in results  # a resumed session that grew the same way ran it already
+            if new:
+                pending[key] = jobs[key]
+                added.append(key)
+            for table_key in group["table"]:
+                jobs[table_key]["deps"].append(key)
+                if new and table_key in results:  # kept from a resumed session whose grid lacked this rate: run again
+                    del results[table_key]
+                    pending[table_key] = jobs[table_key]
+    return added
 
 
 def seed_zero_from_sweep(job: dict[str, Any], results: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
@@ -541,6 +600,7 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
            "torch": torch.__version__, "transformers": transformers.__version__, "cuda": torch.version.cuda,
            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "cpu_count": os.cpu_count(),
            "workers": args.workers, "threads_per_worker": args.threads, "deadline_s": args.deadline, "sweep": args.sweep,
+           "grow": args.grow,
            "extra_overrides": args.set}
     try:
         from orthotune.recipes.compat import import_timm
@@ -634,7 +694,8 @@ def write_report(out: Path) -> Path:
              "Generated by `benchmarks/quality.py` from the JSON files beside this one (every run's numbers are there).", ""]
     for s in sorted(sessions, key=lambda s: s["environment"]["date"]):
         env = s["environment"]
-        lrs = ("learning rate tuned per method on validation (base x 1/3, 1, 3; seed 0)" if env.get("sweep", True)
+        grown = f", grown 3x past a winning edge at most {env['grow']} times" if env.get("grow") else ""
+        lrs = (f"learning rate tuned per method on validation (base x 1/3, 1, 3{grown}; seed 0)" if env.get("sweep", True)
                else "no learning-rate sweep: each method at one base rate (its runs' lr)")
         lines.append(f"- session {', '.join(s['tasks'])}: {env['device']}, torch {env['torch']}, transformers {env['transformers']}, "
                      f"timm {env.get('timm')}, {env['date']}, {env['workers']} concurrent runs, {s['wall_seconds']:.0f} s; {lrs}")

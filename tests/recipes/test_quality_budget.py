@@ -180,3 +180,56 @@ def test_lr_multipliers_scale_against_the_earlier_sessions_own_centres(tmp_path)
     assert quality.lr_multipliers(path) == {"lora": 2.0, "oft": pytest.approx(1 / 3)}  # runs at lr 0.1
     path.write_text(json.dumps(_session("2026-01-01", "lm", {"lora": [_run(0, 0.5)]})))
     assert quality.lr_multipliers(path) == {}  # no recorded centres: nothing to scale by
+
+
+def _group(task: str = "vit") -> tuple[dict, dict]:
+    group = {"task": task, "method": "lora", "lrs": [], "keys": [], "table": [f"table:{task}:lora:0"], "grown": 0, "settled": False,
+             "deps": [], "extra": [], "prio": (0, 0)}
+    jobs: dict = {}
+    for lr in (1e-3, 3e-3, 9e-3):
+        quality.add_sweep_run(group, lr, jobs, prio=(2,))
+    jobs[f"table:{task}:lora:0"] = {"deps": list(group["keys"]), "sweep_keys": group["keys"], "sweep_lrs": group["lrs"], "task": task,
+                                "base_lr": 3e-3}
+    return group, jobs
+
+
+def test_a_sweep_grows_past_a_winning_edge_at_most_limit_times() -> None:
+    group, jobs = _group()
+    results = {k: {"value": v} for k, v in zip(group["keys"], (0.5, 0.6, 0.7))}
+    pending: dict = {}
+    assert quality.grow_sweeps({("vit", "lora"): group}, jobs, pending, results, limit=2) == ["sweep:vit:lora:0.027"]
+    assert group["lrs"][-1] == pytest.approx(2.7e-2) and "sweep:vit:lora:0.027" in jobs["table:vit:lora:0"]["deps"]
+    assert quality.grow_sweeps({("vit", "lora"): group}, jobs, pending, results, limit=2) == []  # waits for the new run
+    results["sweep:vit:lora:0.027"] = {"value": 0.8}  # the edge wins again: one more step, then the limit
+    assert quality.grow_sweeps({("vit", "lora"): group}, jobs, pending, results, limit=2) == ["sweep:vit:lora:0.081"]
+    results["sweep:vit:lora:0.081"] = {"value": 0.9}
+    assert quality.grow_sweeps({("vit", "lora"): group}, jobs, pending, results, limit=2) == [] and group["settled"]
+    assert quality.chosen_lr(jobs["table:vit:lora:0"], results) == pytest.approx(8.1e-2)
+    assert set(pending) == {"sweep:vit:lora:0.027", "sweep:vit:lora:0.081"}
+
+
+def test_a_sweep_grows_downwards_ignores_diverged_runs_and_stops_inside() -> None:
+    group, jobs = _group("dit")  # lower loss is better
+    results = {k: {"value": v} for k, v in zip(group["keys"], (0.03, 0.04, float("nan")))}
+    assert quality.grow_sweeps({("dit", "lora"): group}, jobs, {}, results, limit=2) == ["sweep:dit:lora:0.000333"]
+    results["sweep:dit:lora:0.000333"] = {"value": 0.035}  # worse than 1e-3: the best is now inside the grid
+    assert quality.grow_sweeps({("dit", "lora"): group}, jobs, {}, results, limit=2) == [] and group["settled"]
+    assert quality.chosen_lr(jobs["table:dit:lora:0"], results) == pytest.approx(1e-3)
+    interior, jobs = _group()
+    results = {k: {"value": v} for k, v in zip(interior["keys"], (0.5, 0.7, 0.6))}
+    assert quality.grow_sweeps({("vit", "lora"): interior}, jobs, {}, results, limit=2) == [] and interior["settled"]
+
+
+def test_growing_reruns_a_resumed_table_run_unless_the_resumed_session_grew_the_same_way() -> None:
+    group, jobs = _group()
+    results = {k: {"value": v} for k, v in zip(group["keys"], (0.5, 0.6, 0.7))}
+    results["table:vit:lora:0"] = {"value": 0.7}  # chosen from the three-point grid
+    pending: dict = {}
+    quality.grow_sweeps({("vit", "lora"): group}, jobs, pending, results, limit=1)
+    assert "table:vit:lora:0" not in results and "table:vit:lora:0" in pending
+    group, jobs = _group()
+    results = {k: {"value": v} for k, v in zip(group["keys"], (0.5, 0.6, 0.7))}
+    results.update({"sweep:vit:lora:0.027": {"value": 0.65}, "table:vit:lora:0": {"value": 0.7}})  # it grew the same way
+    pending = {}
+    assert quality.grow_sweeps({("vit", "lora"): group}, jobs, pending, results, limit=1) == []
+    assert "table:vit:lora:0" in results and not pending and group["settled"]
