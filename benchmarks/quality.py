@@ -302,8 +302,8 @@ def main() -> None:
     parser.add_argument("--tag", default=None, help="name of this session's JSON (default: the task names)")
     parser.add_argument("--set", action="append", default=[],
                         help="extra recipe override for every run (train.steps=5) or for one task (vit:train.steps=5)")
-    parser.add_argument("--resume", metavar="JSON", help="an earlier quality_*.json of the same setup: its finished runs are kept, "
-                        "not rerun (a session cut by a device call's time limit continues in the next call)")
+    parser.add_argument("--resume", metavar="JSON", nargs="+", help="earlier quality_*.json files of the same setup: their finished "
+                        "runs are kept, not rerun (a session cut by a device call's time limit continues in the next call)")
     parser.add_argument("--report", metavar="DIR", help="only (re)write DIR/quality.md from the JSON files there")
     args = parser.parse_args()
     if args.report:
@@ -368,10 +368,12 @@ def run_session(args: argparse.Namespace) -> None:
                              "sweep_keys": group["keys"], "sweep_lrs": group["lrs"]}
 
     tag = args.tag or "-".join(args.tasks)
-    results: dict[str, dict[str, Any]] = resumed_runs(Path(args.resume), session, jobs) if args.resume else {}
+    results: dict[str, dict[str, Any]] = {}
+    for path in args.resume or []:  # runs are seeded: a later file's record of the same run is the same run
+        results.update(resumed_runs(Path(path), session, jobs))
     if args.resume:
-        session["resumed_from"] = {"file": args.resume, "runs": len(results)}
-        print(f"{len(results)} finished runs kept from {args.resume}", flush=True)
+        session["resumed_from"] = {"file": args.resume[0] if len(args.resume) == 1 else args.resume, "runs": len(results)}
+        print(f"{len(results)} finished runs kept from {', '.join(args.resume)}", flush=True)
     pending = {k: j for k, j in jobs.items() if k not in results}
     grow_sweeps(groups, jobs, pending, results, args.grow)
     durations: dict[str, list[float]] = {}

@@ -11,10 +11,11 @@ Measured means: the rate the learning-rate grid chose on dev. Two sources, in th
   task's validation split), itself moved 3x where the first session's sweeps chose the top of the grid.
 
 These are the centres of the uniformly swept evaluation table (``benchmarks/results/quality_uniform/``:
-every row at its default x 1/3, 1, 3 on the ViT, DiT and LM recipes). No number here lands within 1 point of
-the swept best on every task (issue 22, item 3): the vision recipes choose 3x the default for nearly every
-method, while on the LM the rotations collapse at 3x and LOFT / PSOFT choose 1/3 of it (that README has the
-per-method gaps). On a new task ``--lr auto`` is the fallback.
+every row at its default x 1/3, 1, 3, grown 3x past a winning edge, on the four recipes). No number here lands
+within 1 point of the swept best on every task (issue 22, item 3): the text and vision recipes choose 3-27x
+the default for most methods, while on the LM the rotations collapse at 3x and LOFT / PSOFT choose 1/3 of it
+(that README has the per-method gaps; LoRA's 3x fits all four recipes but not the standard loop). On a new
+task ``--lr auto`` is the fallback.
 """
 
 from __future__ import annotations
