@@ -22,3 +22,5 @@ run dit-loco-k5r2 $D loco "{$T, rank: 2, chain_length: 5, mode: exact}" 2.7e-2 0
 run dit-loco-lr081 $D loco "$LOCO" 8.1e-2 0
 python benchmarks/loco_magnitude.py --config recipes/dit_digits.yaml --lr 2.7e-2 --seeds 0 1 2 --out benchmarks/results/dit_cpu_grids/why/magnitude.json \
   --set model.checkpoint=pretrained:dit-fmnist-small --set method=loco --set "adapter=$LOCO"
+# the full input-side rotation (LOFT's full support with a Cayley transform: OFT with one d x d block), seed 0
+for lr in 2e-3 6e-3 1.8e-2; do run dit-fullrot-$lr $D loft "{$T, support: full, transform: cayley}" $lr 0; done
