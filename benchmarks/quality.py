@@ -395,6 +395,9 @@ def run_session(args: argparse.Namespace) -> None:
                     extra = list(job["extra"]) + [f"model.checkpoint={results[d]['path']}" for d in job["deps"] if d.startswith("pretrain:")]
                     kwargs = budgets[job["task"]][job["method"]]["kwargs"]
                     if job["split"] == "test":
+                        if sweep_cut(job["sweep_keys"], results):  # a rate chosen from part of the grid is not the table's
+                            results[key] = {"error": "skipped: its learning-rate sweep was cut by the deadline"}
+                            continue
                         job["lr"] = chosen_lr(job, results)
                         swept = seed_zero_from_sweep(job, results)
                         if swept is not None:
@@ -534,6 +537,11 @@ def best_swept(keys: list[str], lrs: list[float], task: str, results: dict[str, 
     return max(scored, key=lambda s: (s[0] if higher else -s[0], -s[1]))[1]
 
 
+def sweep_cut(keys: list[str], results: dict[str, dict[str, Any]]) -> bool:
+    """Whether a run of this sweep was skipped for the deadline (its grid is incomplete, unlike a run that failed)."""
+    return any(results.get(k, {}).get("error", "").startswith("skipped") for k in keys)
+
+
 def chosen_lr(job: dict[str, Any], results: dict[str, dict[str, Any]]) -> float:
     """The sweep's best learning rate on validation (the lower one on ties); the base rate without a sweep."""
     best = best_swept(job["sweep_keys"], job["sweep_lrs"], job["task"], results)
@@ -562,6 +570,9 @@ def grow_sweeps(groups: dict[tuple[str, str], dict[str, Any]], jobs: dict[str, d
     added = []
     for group in groups.values():
         while not group["settled"] and all(k in results for k in group["keys"]):
+            if sweep_cut(group["keys"], results):  # no edge can be judged on a cut grid; its table runs are skipped
+                group["settled"] = True
+                break
             best = best_swept(group["keys"], group["lrs"], group["task"], results)
             edge = None if best is None else STEP if best == max(group["lrs"]) else 1 / STEP if best == min(group["lrs"]) else None
             if edge is None or group["grown"] >= limit:

@@ -233,3 +233,13 @@ def test_growing_reruns_a_resumed_table_run_unless_the_resumed_session_grew_the_
     pending = {}
     assert quality.grow_sweeps({("vit", "lora"): group}, jobs, pending, results, limit=1) == []
     assert "table:vit:lora:0" in results and not pending and group["settled"]
+
+
+def test_a_sweep_cut_by_the_deadline_neither_grows_nor_chooses_a_rate() -> None:
+    group, jobs = _group()
+    results = {k: {"value": v} for k, v in zip(group["keys"], (0.5, 0.6))}
+    results[group["keys"][2]] = {"error": "skipped: not enough time left before the deadline"}
+    assert quality.sweep_cut(group["keys"], results)
+    assert quality.grow_sweeps({("vit", "lora"): group}, jobs, {}, results, limit=2) == [] and group["settled"]
+    results[group["keys"][2]] = {"error": "RuntimeError: diverged"}  # a failed run is a result: the grid is complete
+    assert not quality.sweep_cut(group["keys"], results)
