@@ -24,3 +24,6 @@ python benchmarks/loco_magnitude.py --config recipes/dit_digits.yaml --lr 2.7e-2
   --set model.checkpoint=pretrained:dit-fmnist-small --set method=loco --set "adapter=$LOCO"
 # the full input-side rotation (LOFT's full support with a Cayley transform: OFT with one d x d block), seed 0
 for lr in 2e-3 6e-3 1.8e-2; do run dit-fullrot-$lr $D loft "{$T, support: full, transform: cayley}" $lr 0; done
+# the same on the CPU-sized ViT, for contrast
+V="vit_digits vit-fmnist-small"
+for lr in 2e-3 6e-3 1.8e-2; do run vit-fullrot-$lr $V loft "{$T, support: full, transform: cayley}" $lr 0; done
