@@ -45,15 +45,40 @@ def test_loco_magnitude_starts_at_the_plain_model_and_trains_its_scales() -> Non
 
     import orthotune
 
-    import loco_magnitude
+    import rotation_reach
 
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4, bias=False))
     model = orthotune.get_model(base, orthotune.LoCOConfig(target_modules=["0", "2"], rank=1, chain_length=2))
     x = torch.randn(3, 6)
     before = model(x).detach()
-    assert loco_magnitude.add_magnitudes(model) == 5 + 4
+    assert rotation_reach.add_magnitudes(model) == 5 + 4
     torch.testing.assert_close(model(x), before, rtol=0, atol=1e-6)  # m = 1: the hook changes nothing at the start
     model(x).square().sum().backward()
     grads = [m.magnitude.grad for m in model.modules() if hasattr(m, "magnitude")]
     assert len(grads) == 2 and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("side", ["input", "output"])
+def test_side_rotation_starts_at_the_base_and_stays_a_rotation(side) -> None:
+    from torch import nn
+
+    import rotation_reach
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
+    x = torch.randn(2, 5)
+    before = model(x).detach()
+    free = rotation_reach.add_rotations(model, ["0", "2"], side)
+    assert free == (5 * 4 // 2 + 4 * 3 // 2 if side == "input" else 4 * 3 // 2 + 3 * 2 // 2)
+    torch.testing.assert_close(model(x), before)  # zero skew: the identity
+    with torch.no_grad():
+        for m in (model[0], model[2]):
+            m.rotation_param.normal_()
+    for m in (model[0], model[2]):
+        r = rotation_reach.rotation(m)
+        torch.testing.assert_close(r @ r.T, torch.eye(r.shape[0]), atol=1e-5, rtol=0)
+    w, b = model[2].weight, model[2].bias
+    h = torch.relu(model[0](x))
+    expect = h @ (w @ rotation_reach.rotation(model[2])).T + b if side == "input" else (h @ w.T) @ rotation_reach.rotation(model[2]).T + b
+    torch.testing.assert_close(model[2](h), expect)
