@@ -8,7 +8,10 @@ An experiment (``benchmarks/results/dit_cpu_grids/``, "Why?"), outside the paper
 * ``input`` / ``output``: no adapter; every target ``nn.Linear`` of the plain model gets one trainable d x d Cayley
   rotation, ``y = W0 (R x) + b`` (the whole family LoCO, OFT and LOFT draw from) or ``y = Q (W0 x) + b`` (a
   rotation of the layer's output, the "pretrained representation"), identity at the start; the base stays frozen
-  and only the task's usual extra modules (``default_modules_to_save``, e.g. the DiT's label embedding) train beside.
+  and only the task's usual extra modules (``default_modules_to_save``, e.g. the DiT's label embedding) train beside;
+* ``loco-output``: as ``output``, with ``Q`` LoCO's chain ``exp(S_1) ... exp(S_k)`` of rank-``--rank`` generators
+  on the output side (U_i = 0 at the start, V_i ~ N(0, 1/d_out)), built densely from LoCO's factors: LoCO's
+  parameter count with d_out for d_in, for comparison with LoCO at LoRA's budget.
 
 Each run trains as ``orthotune finetune`` would and prints the held-out metric:
 
@@ -32,9 +35,18 @@ sys.path.insert(0, str(ROOT / "src"))
 
 
 def rotation(module: nn.Module) -> torch.Tensor:
-    """The module's Cayley rotation of its skew-symmetrised parameter."""
+    """The module's rotation: LoCO's chain of its ``chain_U``/``chain_V`` generators, else the Cayley transform of its
+    skew-symmetrised ``rotation_param``."""
     from orthotune.ops.cayley import cayley
+    from orthotune.ops.skew import skew_exp_factors
 
+    if hasattr(module, "chain_U"):
+        a, b, c = skew_exp_factors(module.chain_U, module.chain_V)  # exp(S_i) = I + A_i C_i B_i^T
+        eye = torch.eye(a.shape[-2], dtype=a.dtype, device=a.device)
+        out = eye
+        for i in range(a.shape[0]):
+            out = out @ (eye + a[i] @ c[i] @ b[i].T)
+        return out
     a = module.rotation_param
     return cayley(0.5 * (a - a.T))
 
@@ -49,18 +61,25 @@ def _rotate_output(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.T
     return (out - module.bias) @ rotation(module).T + module.bias
 
 
-def add_rotations(model: nn.Module, targets: list[str], side: str) -> int:
-    """A full rotation on ``side`` of every ``nn.Linear`` whose name ends with a target; returns the free parameters."""
+def add_rotations(model: nn.Module, targets: list[str], side: str, chain: tuple[int, int] | None = None) -> int:
+    """A rotation on ``side`` of every ``nn.Linear`` whose name ends with a target, full (Cayley) or, with ``chain =
+    (k, r)``, LoCO's chain of k rank-r generators; returns the free parameters."""
     count = 0
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and any(name == t or name.endswith("." + t) for t in targets):
             d = module.in_features if side == "input" else module.out_features
-            module.rotation_param = nn.Parameter(torch.zeros(d, d, device=module.weight.device))
+            if chain is None:
+                module.rotation_param = nn.Parameter(torch.zeros(d, d, device=module.weight.device))
+                count += d * (d - 1) // 2
+            else:
+                k, r = chain
+                module.chain_U = nn.Parameter(torch.zeros(k, d, r, device=module.weight.device))
+                module.chain_V = nn.Parameter(torch.randn(k, d, r, device=module.weight.device) / d**0.5)
+                count += 2 * k * d * r
             if side == "input":
                 module.register_forward_pre_hook(_rotate_input)
             else:
                 module.register_forward_hook(_rotate_output)
-            count += d * (d - 1) // 2
     if not count:
         raise SystemExit(f"no nn.Linear matches {targets}")
     return count
@@ -85,7 +104,9 @@ def add_magnitudes(model: nn.Module) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variant", choices=("magnitude", "input", "output"), required=True)
+    parser.add_argument("--variant", choices=("magnitude", "input", "output", "loco-output"), required=True)
+    parser.add_argument("--rank", type=int, default=4, help="loco-output: the generators' rank r")
+    parser.add_argument("--chain", type=int, default=2, help="loco-output: the chain length k")
     parser.add_argument("--config", required=True)
     parser.add_argument("--lr", type=float, required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -109,7 +130,8 @@ def main() -> None:
             model.requires_grad_(False)
             for name in task.default_modules_to_save or []:
                 model.get_submodule(name).requires_grad_(True)
-            extra = add_rotations(model, targets or task.default_targets, args.variant)
+            side, chain = ("output", (args.chain, args.rank)) if args.variant == "loco-output" else (args.variant, None)
+            extra = add_rotations(model, targets or task.default_targets, side, chain)
         with tempfile.TemporaryDirectory() as run_dir:
             fitted = fit(model, task, config.train, Path(run_dir), progress=False)
         runs.append({"seed": seed, "variant": args.variant, "lr": args.lr, "final": fitted.history["eval"][-1][1],

@@ -82,3 +82,22 @@ def test_side_rotation_starts_at_the_base_and_stays_a_rotation(side) -> None:
     h = torch.relu(model[0](x))
     expect = h @ (w @ rotation_reach.rotation(model[2])).T + b if side == "input" else (h @ w.T) @ rotation_reach.rotation(model[2]).T + b
     torch.testing.assert_close(model[2](h), expect)
+
+
+def test_the_output_side_loco_chain_is_a_rotation_that_starts_at_the_identity() -> None:
+    from torch import nn
+
+    import rotation_reach
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6))
+    x = torch.randn(2, 5)
+    before = model(x).detach()
+    assert rotation_reach.add_rotations(model, ["0"], "output", chain=(2, 2)) == 2 * 2 * 6 * 2
+    torch.testing.assert_close(model(x), before)  # U = 0: the identity
+    with torch.no_grad():
+        model[0].chain_U.normal_()
+    q = rotation_reach.rotation(model[0])
+    torch.testing.assert_close(q @ q.T, torch.eye(6), atol=1e-5, rtol=0)
+    s = [u @ v.T - v @ u.T for u, v in zip(model[0].chain_U, model[0].chain_V)]
+    torch.testing.assert_close(q, torch.linalg.matrix_exp(s[0]) @ torch.linalg.matrix_exp(s[1]), atol=1e-5, rtol=0)

@@ -33,3 +33,6 @@ for lr in 2e-3 6e-3 1.8e-2; do python benchmarks/rotation_reach.py --variant out
 for side in output input; do python benchmarks/rotation_reach.py --variant $side --config recipes/dit_digits.yaml --lr 6e-3 --seeds 1 2 \
   --set model.checkpoint=pretrained:dit-fmnist-small; done
 python benchmarks/rotation_reach.py --variant input --config recipes/dit_digits.yaml --lr 6e-3 --seeds 0 --set model.checkpoint=pretrained:dit-fmnist-small
+# LoCO's chain on the output side at LoRA's budget (k2 r4), seed 0
+for lr in 9e-3 2.7e-2 8.1e-2; do python benchmarks/rotation_reach.py --variant loco-output --rank 4 --chain 2 --config recipes/dit_digits.yaml \
+  --lr $lr --seeds 0 --set model.checkpoint=pretrained:dit-fmnist-small; done
