@@ -565,21 +565,25 @@ def grow_sweeps(groups: dict[tuple[str, str], dict[str, Any]], jobs: dict[str, d
     The table runs of a grown sweep wait for the new run (and run again if a resumed session had them).
     Returns the keys of the sweep runs added.
     """
-    from orthotune.recipes.lr_search import STEP
+    from orthotune.recipes.lr_search import next_factor
 
     added = []
     for group in groups.values():
+        sign = -1.0 if BENCHES[group["task"]].higher_is_better else 1.0
         while not group["settled"] and all(k in results for k in group["keys"]):
             if sweep_cut(group["keys"], results):  # no edge can be judged on a cut grid; its table runs are skipped
                 group["settled"] = True
                 break
-            best = best_swept(group["keys"], group["lrs"], group["task"], results)
-            edge = None if best is None else STEP if best == max(group["lrs"]) else 1 / STEP if best == min(group["lrs"]) else None
-            if edge is None or group["grown"] >= limit:
+            # --lr auto's rule on the rates themselves; sorted, so a tie goes to the lower rate (as chosen_lr)
+            values = [results[k].get("value", math.nan) for k in group["keys"]]
+            trials = sorted(({"factor": lr, "score": sign * v if math.isfinite(v) else None} for lr, v in zip(group["lrs"], values)),
+                            key=lambda t: t["factor"])
+            beyond = next_factor(trials)
+            if beyond is None or group["grown"] >= limit:
                 group["settled"] = True
                 break
             group["grown"] += 1
-            key = add_sweep_run(group, best * edge, jobs, prio=(1, -1, *group["prio"]))
+            key = add_sweep_run(group, beyond, jobs, prio=(1, -1, *group["prio"]))
             new = key not in results  # a resumed session that grew the same way ran it already
             if new:
                 pending[key] = jobs[key]
