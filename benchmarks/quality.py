@@ -698,7 +698,7 @@ def default_vs_best(table: dict[str, Any], method: str, pct: bool) -> str:
         return "-"
     at_default = next((v for lr, v in scored.items() if math.isclose(lr, base, rel_tol=1e-9)), None)
     pick = max if pct else min
-    best_lr = pick(scored, key=lambda lr: scored[lr])
+    best_lr = pick(sorted(scored), key=lambda lr: scored[lr])  # the lower rate on a tie, as chosen_lr
     scale, digits = (100.0, 1) if pct else (1.0, 4)
     shown = "-" if at_default is None else f"{at_default * scale:.{digits}f}"
     return f"{shown} / {scored[best_lr] * scale:.{digits}f} (x{best_lr / base:.2g})"

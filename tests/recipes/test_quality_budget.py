@@ -158,6 +158,10 @@ def test_the_report_compares_the_default_rate_with_the_swept_best() -> None:
     loss = {"base_lrs": {"lora": 2e-3}, "sweeps": {"lora": [{"lr": 2e-3, "value": 0.03}, {"lr": 6e-3, "error": "x"}]}}
     assert quality.default_vs_best(loss, "lora", pct=False) == "0.0300 / 0.0300 (x1)"
     assert quality.default_vs_best({}, "lora", pct=True) == "-"  # a session without sweeps
+    # a grown grid's tie goes to the lower rate, the one chosen_lr trains the table at (the grown run comes last)
+    tie = {"base_lrs": {"loft": 2e-3}, "sweeps": {"loft": [{"lr": 2e-3 / 3, "value": 0.6}, {"lr": 2e-3, "value": 0.4},
+                                                          {"lr": 2e-3 / 9, "value": 0.6}]}}
+    assert quality.default_vs_best(tie, "loft", pct=True) == "40.0 / 60.0 (x0.11)"
 
 
 def test_merged_tables_keep_the_sweep_that_chose_each_rows_rate() -> None:

@@ -14,8 +14,8 @@ These are the centres of the uniformly swept evaluation table (``benchmarks/resu
 every row at its default x 1/3, 1, 3, grown 3x past a winning edge, on the four recipes). No number here lands
 within 1 point of the swept best on every task (issue 22, item 3): the text and vision recipes choose 3-27x
 the default for most methods, while on the LM the rotations collapse at 3x and LOFT / PSOFT choose 1/3 of it
-(that README has the per-method gaps; LoRA's 3x fits all four recipes but not the standard loop). On a new
-task ``--lr auto`` is the fallback.
+(LOFT gradient 1/9; that README has the per-method gaps; LoRA's 3x fits all four recipes but not the standard
+loop). On a new task ``--lr auto`` is the fallback.
 """
 
 from __future__ import annotations
