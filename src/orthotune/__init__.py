@@ -49,6 +49,7 @@ from .methods.registry import METHODS
 from .methods.task_type import TaskType
 from .model.adapter_model import AdapterModel
 from .model.io import read_adapter
+from .model.loftq import loftq_init
 from .training.finite import check_finite, guard_finite
 from .training.graphs import GraphedStep
 from .training.rank_split import split_rank_by_width
@@ -165,6 +166,7 @@ __all__ = [
     "get_model",
     "guard_finite",
     "load_adapter",
+    "loftq_init",
     "loco_approximation_error",
     "prepare_model_for_kbit_training",
 ]

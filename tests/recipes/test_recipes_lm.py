@@ -116,3 +116,28 @@ def test_lm_recipe_on_a_4bit_base_trains_and_merges_to_plain_float(tmp_path, tin
     assert not any("4bit" in type(m).__name__ for m in plain.modules())
     with torch.no_grad():
         assert float((plain(**batch).logits.float() - reference).norm() / reference.norm()) < 1e-4
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="pip install bitsandbytes")
+def test_lm_recipe_starts_lora_with_loftq_on_a_4bit_base(tmp_path, tiny_smollm) -> None:
+    """``model.loftq: true``: LoRA on the NF4 base starts at the rank-r SVD of the rounding error (B != 0, unlike
+    QLoRA's start), read from the folder the base was quantised from, and trains from there."""
+    from orthotune.recipes.finetune import build
+
+    settings = {
+        "task": "causal_lm", "method": "lora", "adapter": {"r": 8, "lora_alpha": 16},
+        "model": {"path": tiny_smollm, "max_new_tokens": 4, "max_length": 64, "quantization": "nf4", "compute_dtype": "float32",
+                  "loftq": True},
+        "data": {"options": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}, "train_size": 16, "eval_size": 8,
+                 "eval_split": "val"},
+        "train": {"steps": 4, "batch_size": 4, "lr": 2e-2, "warmup": 0.0}, "output_dir": str(tmp_path / "run"), "device": "cpu",
+    }
+    cfg = RunConfig.from_dict(settings)
+    _, model = build(cfg)
+    started = {name: layer.adapters["default"] for name, layer in model.adapter_layers()}
+    assert started and all(float(m.lora_B.detach().abs().sum()) > 0 for m in started.values())
+    results = finetune(cfg, progress=False)
+    assert results["final"]["answer_nll"] < results["before"]["answer_nll"], results
+    settings["model"] = {**settings["model"], "quantization": None}
+    with pytest.raises(ValueError, match="model.loftq starts LoRA at the rounding error of a quantised base"):
+        RunConfig.from_dict(settings).validate()

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from ..layer.quantized import enable_activation_checkpointing, prepare_model_for_kbit_training
 from ..methods.config import check_choice
+from ..model.loftq import loftq_init
 from .assets import model_folder, reasoning_rows, smollm2_path
 from .task import Task, batch_indices, check_pad_to_multiple_of
 from .userdata import RowAudit, empty_cells, read_table
@@ -55,12 +56,16 @@ class LMModelSettings:
     quantization: str | None = None  # nf4 | fp4 | int8: a frozen bitsandbytes base, as QLoRA (docs/quantized.md)
     compute_dtype: str = "bfloat16"  # the quantised matmuls' dtype, and the merged model's
     gradient_checkpointing: bool = False  # activation checkpointing (with input gradients, as peft's QLoRA set-up)
+    loftq: bool = False  # LoRA on a quantised base starts at the rank-r SVD of the rounding error (LoftQ, loftq_init)
 
     def validate(self) -> None:
         check_choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
         check_choice("model.compute_dtype", self.compute_dtype, ("float32", "bfloat16", "float16"))
         if self.quantization is not None:
             check_choice("model.quantization", self.quantization, tuple(QUANTIZATION))
+        if self.loftq and self.quantization is None:
+            raise ValueError("model.loftq starts LoRA at the rounding error of a quantised base: set model.quantization "
+                             "(nf4, fp4 or int8) or drop model.loftq")
         check_pad_to_multiple_of(self.pad_to_multiple_of)
 
     def quantization_config(self) -> Any:
@@ -280,6 +285,11 @@ class CausalLMTask(Task):
         model.generation_config.eos_token_id = self.end_id  # decoding stops where trained answers end
         return model
 
+    def init_adapters(self, model: nn.Module) -> None:
+        """``model.loftq``: LoftQ's start from the float weights of the folder the base was quantised from."""
+        if self.model_settings.loftq:
+            loftq_init(model, self.path)
+
     def merge_options(self) -> dict[str, Any]:
         """A quantised base merges into a plain ``compute_dtype`` model (exact merged weights, loadable without
         bitsandbytes) rather than being re-quantised."""
@@ -297,6 +307,15 @@ class CausalLMTask(Task):
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         was_training = model.training
         model.eval()
+        nll = self.answer_nll(model)
+        replies = self.generate(model, [p for p, _ in self.eval_encoded])
+        hits = sum(normalise_answer(r) == normalise_answer(row["answer"]) for r, row in zip(replies, self.eval_rows))
+        model.train(was_training)
+        return {"exact_match": hits / len(self.eval_rows), "answer_nll": nll}
+
+    @torch.no_grad()
+    def answer_nll(self, model: nn.Module) -> float:
+        """Mean NLL of the eval split's answer tokens, teacher-forced (in the model's current mode)."""
         bs = self.model_settings.eval_batch_size
         nll = tokens = 0.0
         for start in range(0, len(self.eval_encoded), bs):
@@ -305,10 +324,7 @@ class CausalLMTask(Task):
             labels = batch["labels"][:, 1:]
             nll += float(F.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100, reduction="sum"))
             tokens += int((labels != -100).sum())
-        replies = self.generate(model, [p for p, _ in self.eval_encoded])
-        hits = sum(normalise_answer(r) == normalise_answer(row["answer"]) for r, row in zip(replies, self.eval_rows))
-        model.train(was_training)
-        return {"exact_match": hits / len(self.eval_rows), "answer_nll": nll / max(tokens, 1)}
+        return nll / max(tokens, 1)
 
     @torch.no_grad()
     def generate(self, model: nn.Module, prompts: list[list[int]]) -> list[str]:

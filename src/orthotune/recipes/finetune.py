@@ -56,7 +56,10 @@ def build(config: RunConfig, fresh: bool = True, check: bool = False) -> tuple[T
             p.requires_grad_(True)
         return task, model
 
-    return task, orthotune.get_model(model, config.adapter_config())
+    model = orthotune.get_model(model, config.adapter_config())
+    if fresh:
+        task.init_adapters(model)
+    return task, model
 
 
 def needs_selection(model: nn.Module) -> bool:

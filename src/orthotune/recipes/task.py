@@ -105,6 +105,9 @@ class Task:
         """Keyword arguments of ``merge_and_unload`` for this task's base model (none by default)."""
         return {}
 
+    def init_adapters(self, model: nn.Module) -> None:
+        """A start for the adapters of a fresh model that needs the task's files (none by default)."""
+
     # ------------------------------------------------------------------ shared
     def batches_per_epoch(self, batch_size: int) -> int:
         return math.ceil(self.train_size() / batch_size)
