@@ -527,14 +527,18 @@ def task_overrides(items: list[str], task: str) -> list[str]:
     return out
 
 
+def best_rate(scored: dict[float, float], higher: bool) -> float | None:
+    """The rate with the best finite score (the lower rate on a tie): the table's rule, in its runs and its report."""
+    finite = {lr: v for lr, v in scored.items() if math.isfinite(v)}
+    if not finite:
+        return None
+    return max(sorted(finite), key=lambda lr: finite[lr] if higher else -finite[lr])  # max keeps the first of a tie
+
+
 def best_swept(keys: list[str], lrs: list[float], task: str, results: dict[str, dict[str, Any]]) -> float | None:
     """The best learning rate on validation among finished sweep runs with a finite score (the lower one on ties)."""
-    scored = [(results[k]["value"], lr) for k, lr in zip(keys, lrs)
-              if "value" in results.get(k, {}) and math.isfinite(results[k]["value"])]
-    if not scored:
-        return None
-    higher = BENCHES[task].higher_is_better
-    return max(scored, key=lambda s: (s[0] if higher else -s[0], -s[1]))[1]
+    scored = {lr: results[k]["value"] for k, lr in zip(keys, lrs) if "value" in results.get(k, {})}
+    return best_rate(scored, BENCHES[task].higher_is_better)
 
 
 def sweep_cut(keys: list[str], results: dict[str, dict[str, Any]]) -> bool:
@@ -697,10 +701,11 @@ def default_vs_best(table: dict[str, Any], method: str, pct: bool) -> str:
     if base is None or not scored:
         return "-"
     at_default = next((v for lr, v in scored.items() if math.isclose(lr, base, rel_tol=1e-9)), None)
-    pick = max if pct else min
-    best_lr = pick(sorted(scored), key=lambda lr: scored[lr])  # the lower rate on a tie, as chosen_lr
+    best_lr = best_rate(scored, higher=pct)  # the rate the table trains at (chosen_lr's rule)
     scale, digits = (100.0, 1) if pct else (1.0, 4)
     shown = "-" if at_default is None else f"{at_default * scale:.{digits}f}"
+    if best_lr is None:
+        return f"{shown} / -"
     return f"{shown} / {scored[best_lr] * scale:.{digits}f} (x{best_lr / base:.2g})"
 
 

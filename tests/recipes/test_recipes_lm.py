@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from orthotune.recipes.causal_lm import end_of_turn_id
-from orthotune.recipes.finetune import finetune, load_trained, merge_adapter
+from orthotune.recipes.finetune import build, finetune, load_trained, merge_adapter
 from orthotune.recipes.runconfig import RunConfig
 
 pytestmark = [
@@ -90,18 +90,23 @@ def tiny_smollm(tmp_path_factory) -> str:
     return str(path)
 
 
+def nf4_run(tmp_path, model_path: str, method: str, adapter: dict, **model) -> dict:
+    """Settings of a 4-step run of ``method`` on ``model_path`` loaded in NF4 (float32 compute), ``model`` added."""
+    return {
+        "task": "causal_lm", "method": method, "adapter": adapter,
+        "model": {"path": model_path, "max_new_tokens": 4, "max_length": 64, "quantization": "nf4", "compute_dtype": "float32",
+                  **model},
+        "data": {"options": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}, "train_size": 16, "eval_size": 8,
+                 "eval_split": "val"},
+        "train": {"steps": 4, "batch_size": 4, "lr": 2e-2, "warmup": 0.0}, "output_dir": str(tmp_path / "run"), "device": "cpu",
+    }
+
+
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="pip install bitsandbytes")
 def test_lm_recipe_on_a_4bit_base_trains_and_merges_to_plain_float(tmp_path, tiny_smollm) -> None:
     """``model.quantization: nf4``: the base is loaded as bitsandbytes NF4 (QLoRA), the adapter trains on it,
     and merging writes a plain float folder (no quantisation config) with the adapted model's logits."""
-    cfg = RunConfig.from_dict({
-        "task": "causal_lm", "method": "loco", "adapter": {"rank": 2, "chain_length": 2},
-        "model": {"path": tiny_smollm, "max_new_tokens": 4, "max_length": 64, "quantization": "nf4", "compute_dtype": "float32",
-                  "gradient_checkpointing": True},
-        "data": {"options": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}, "train_size": 16, "eval_size": 8,
-                 "eval_split": "val"},
-        "train": {"steps": 4, "batch_size": 4, "lr": 2e-2, "warmup": 0.0}, "output_dir": str(tmp_path / "run"), "device": "cpu",
-    })
+    cfg = RunConfig.from_dict(nf4_run(tmp_path, tiny_smollm, "loco", {"rank": 2, "chain_length": 2}, gradient_checkpointing=True))
     results = finetune(cfg, progress=False)
     assert results["final"]["answer_nll"] < results["before"]["answer_nll"], results
     task, adapted = load_trained(cfg, tmp_path / "run" / "adapter")
@@ -122,16 +127,7 @@ def test_lm_recipe_on_a_4bit_base_trains_and_merges_to_plain_float(tmp_path, tin
 def test_lm_recipe_starts_lora_with_loftq_on_a_4bit_base(tmp_path, tiny_smollm) -> None:
     """``model.loftq: true``: LoRA on the NF4 base starts at the rank-r SVD of the rounding error (B != 0, unlike
     QLoRA's start), read from the folder the base was quantised from, and trains from there."""
-    from orthotune.recipes.finetune import build
-
-    settings = {
-        "task": "causal_lm", "method": "lora", "adapter": {"r": 8, "lora_alpha": 16},
-        "model": {"path": tiny_smollm, "max_new_tokens": 4, "max_length": 64, "quantization": "nf4", "compute_dtype": "float32",
-                  "loftq": True},
-        "data": {"options": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}, "train_size": 16, "eval_size": 8,
-                 "eval_split": "val"},
-        "train": {"steps": 4, "batch_size": 4, "lr": 2e-2, "warmup": 0.0}, "output_dir": str(tmp_path / "run"), "device": "cpu",
-    }
+    settings = nf4_run(tmp_path, tiny_smollm, "lora", {"r": 8, "lora_alpha": 16}, loftq=True)
     cfg = RunConfig.from_dict(settings)
     _, model = build(cfg)
     started = {name: layer.adapters["default"] for name, layer in model.adapter_layers()}
