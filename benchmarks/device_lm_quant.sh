@@ -6,8 +6,8 @@
 # wheels: the recipe reads JSON lines through datasets, which the GPU image lacks; lm-data/ JSONL) plus bnb/ (the
 # bitsandbytes package with only its CPU and CUDA 13 libraries: the wheel is 42 MB); the GGUF's earlier parts must
 # be in /root from the calls before, on the same warm machine (benchmarks/device_gguf.sh).
-# Usage: [RESUME=DIR] bash benchmarks/device_lm_quant.sh ASSETS DEADLINE_SECONDS [METHODS [QUALITY_ARGS...]]
-# RESUME=DIR continues each base's session from DIR/quality_lm_{bf16,nf4}.json (e.g. with more --seeds).
+# Usage: [RESUME=DIR] [BASES="bf16 nf4"] bash benchmarks/device_lm_quant.sh ASSETS DEADLINE_SECONDS [METHODS [QUALITY_ARGS...]]
+# BASES: the bases to run (both by default). RESUME=DIR continues each base's session from DIR/quality_lm_{bf16,nf4}.json (e.g. with more --seeds).
 # e.g. bash benchmarks/device_lm_quant.sh .carry/lmq/c 200 loco --lr loco=3e-3   (METHODS: "lora loco oft" by default)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +21,7 @@ python3 -c "import bitsandbytes, torch; print('bitsandbytes', bitsandbytes.__ver
 python3 -c "from orthotune.recipes.assets import smollm2_path; print('SmolLM2 folder', smollm2_path())" 2>&1 | grep -v "Loading weights" || exit 7
 d=$PWD/$assets/lm-data
 data=(--set "lm:data.train_file=$d/train.jsonl" --set "lm:data.validation_file=$d/val.jsonl" --set "lm:data.test_file=$d/test.jsonl")
-for base in bf16 nf4; do
+for base in ${BASES:-bf16 nf4}; do
   if [ $base = bf16 ]; then model=(--set lm:model.dtype=bfloat16); else model=(--set lm:model.quantization=nf4 --set lm:model.compute_dtype=bfloat16); fi
   if [ -n "${RESUME:-}" ]; then model+=(--resume "$RESUME/quality_lm_$base.json"); fi
   timeout $((deadline + 40)) python3 benchmarks/quality.py --tasks lm --methods "${methods[@]}" --no-sweep "${extra[@]}" --workers 9 --threads 1 \
