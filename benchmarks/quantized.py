@@ -144,8 +144,9 @@ def _sync(device: str) -> None:
 
 
 def run(shape: Shape, label: str, build: Callable[[nn.Module], nn.Module], batch: int, seq: int, device: str,
-        compiled: bool, warmup: int, steps: int) -> dict[str, Any]:
-    """Build, adapt, train ``warmup + steps`` steps; peak memory (model included) and median step time."""
+        compiled: bool, warmup: int, steps: int, autocast: bool = False) -> dict[str, Any]:
+    """Build, adapt, train ``warmup + steps`` steps; peak memory (model included) and median step time.
+    ``autocast``: forward and loss under ``torch.autocast(bfloat16)``, as ``Trainer(bf16=True)`` trains."""
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -170,7 +171,8 @@ def run(shape: Shape, label: str, build: Callable[[nn.Module], nn.Module], batch
     for i in range(warmup + steps):
         _sync(device)
         t = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -180,7 +182,7 @@ def run(shape: Shape, label: str, build: Callable[[nn.Module], nn.Module], batch
         losses.append(loss.item())
     row = {
         "shape": shape.name, "layers": shape.layers, "method": label, "batch": f"{batch}x{seq}",
-        "mode": "compiled" if compiled else "eager", "trainable": sum(p.numel() for p in params),
+        "mode": ("compiled" if compiled else "eager") + (", autocast bf16" if autocast else ""), "trainable": sum(p.numel() for p in params),
         "step_ms": 1000 * statistics.median(times), "build_s": build_s, "loss_first": losses[0], "loss_last": losses[-1],
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None, "model_gib": model_gib,
     }
@@ -211,11 +213,12 @@ def markdown(res: dict[str, Any]) -> str:
         "# 4-bit base (NF4, double quantisation, bf16 compute): orthotune vs peft", "",
         f"{env.get('gpu', env['device'])}; torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}, "
         f"bitsandbytes {env['bitsandbytes']}; {env['date']}. Adapters on all 7 projections, activation checkpointing, "
-        "AdamW; ratios against peft LoRA r16 in the same batch shape and mode.", "",
+        "AdamW; ratios against peft LoRA r16 in the same batch shape and mode (\"autocast bf16\": forward and loss "
+        "under torch.autocast, as Trainer(bf16=True) runs, for both libraries).", "",
     ]
     main = [r for r in res["rows"] if r["section"] == "main" and "error" not in r]
     for batch in sorted({r["batch"] for r in main}):
-        for mode in ("eager", "compiled"):
+        for mode in dict.fromkeys(r["mode"] for r in main):
             rows = [r for r in main if r["batch"] == batch and r["mode"] == mode]
             if not rows:
                 continue
@@ -290,6 +293,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--deadline", type=float, default=0.0, help="seconds: start no run after this (0: none)")
     ap.add_argument("--small", action="store_true", help="a tiny model on the CPU (harness smoke test)")
+    ap.add_argument("--autocast", action="store_true", help="train every method under torch.autocast(bfloat16)")
     args = ap.parse_args(argv)
 
     device = "cpu" if args.small or not torch.cuda.is_available() else "cuda"
@@ -328,11 +332,11 @@ def main(argv: list[str] | None = None) -> None:
             print(f"deadline: skipped {section} {label} {batch}x{seq}", flush=True)
             continue
         try:
-            row = run(shape, label, build, batch, seq, device, compiled, args.warmup, args.steps)
+            row = run(shape, label, build, batch, seq, device, compiled, args.warmup, args.steps, args.autocast)
         except Exception as e:  # a failed run is a result too (e.g. out of memory, a compile error)
             traceback.print_exc()
             row = {"shape": shape.name, "layers": shape.layers, "method": label, "batch": f"{batch}x{seq}",
-                   "mode": "compiled" if compiled else "eager", "error": f"{type(e).__name__}: {str(e)[:300]}"}
+                   "mode": ("compiled" if compiled else "eager") + (", autocast bf16" if args.autocast else ""), "error": f"{type(e).__name__}: {str(e)[:300]}"}
         row["section"] = section
         res["rows"].append(row)
         print(json.dumps(row), flush=True)

@@ -188,6 +188,19 @@ class TestContract:
         model.unmerge()
         model(x).float().sum().backward()
 
+    def test_cores_ignore_autocast(self, case: Case, model_name: str) -> None:
+        """Under torch.autocast a core (LoCO's chain core, OFT's Cayley blocks, ...) is still computed at its
+        parameters' precision: only the activations' matmuls run in bf16."""
+        _, model, _ = build(case, model_name, init_identity=False)
+        for _, layer in model.adapter_layers():
+            method = layer.adapters["default"]
+            if not method.ready:
+                continue
+            plain = method.core(torch.float32)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                mixed = method.core(torch.float32)
+            assert all(torch.equal(a, b) for a, b in zip(plain, mixed))
+
     def test_safe_merge_detects_nan(self, case: Case, model_name: str) -> None:
         _, model, x = build(case, model_name, init_identity=False)
         weights = {n: l.weight_matrix().clone() for n, l in model.adapter_layers()}

@@ -57,12 +57,21 @@ def test_rows_of_a_wide_basis_are_correctly_rounded_in_every_dtype() -> None:
     """Exact integer phase reduction and a float64 table: rows of a 14336-wide basis in float32 and bf16 are the
     float64 rows rounded once (an angle left unreduced, up to pi n, would be off by about 1e-3 of the row's scale)."""
     n, index = 14336, torch.tensor([0, 1, 7000, 14334, 14335])
-    for rows in (spectral.dct_rows, spectral.dft_rows):
+    for rows in (spectral.dct_rows, spectral.dft_rows, spectral.cos_rows):
         ref = rows(n, index, torch.float64)
         for dtype in (torch.float32, torch.bfloat16):
             assert torch.equal(rows(n, index, dtype), ref.to(dtype))
     D = spectral.dct_rows(n, index, torch.float64)
     assert torch.allclose(D @ D.T, torch.eye(len(index), dtype=torch.float64), atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [1, 2, 13, 64])
+def test_dct_rows_are_their_norms_times_the_cosines(n: int) -> None:
+    index = torch.tensor([0, n - 1, n // 2, 0])
+    ref = scipy.fft.dct(np.eye(n), norm="ortho", axis=0)[index.numpy()]
+    split = spectral.dct_scales(n, index)[:, None] * spectral.cos_rows(n, index, torch.float64)
+    assert spectral.dct_scales(n, index).dtype == torch.float64
+    assert np.abs(split.numpy() - ref).max() < 1e-14
 
 
 @pytest.mark.parametrize("compute", ["lowrank", "dense", "auto"])

@@ -141,6 +141,10 @@ def safe_merge_tolerance(case: Case) -> tuple[float, float]:
     """(atol, rtol) of peft's ``_test_safe_merge``, for every method (merges round once from float64)."""
     if PEFT_TYPE.get(case.method) == "LORA" and case.kind in CONV_IDS:
         return (1e-3, 1e-3)
+    if case.method == "loca":
+        # LoCA's forward folds dW into W in float32 (product and sum rounded) while merging rounds once from float64:
+        # over 300 draws of its cells, ~5% exceed 1e-6 on these integer inputs (up to 89), the largest by 2.3x.
+        return (5e-6, 5e-6)
     return (1e-6, 1e-6)
 
 

@@ -135,8 +135,11 @@ KINDS: dict[str, Kind] = {
 
 @cache
 def _prototype(kind: str) -> nn.Module:
-    torch.manual_seed(0)
-    return KINDS[kind].make().eval()
+    """Built under a forked RNG: whether a test builds it or finds it cached must not change the random state its
+    adapters are then drawn from (test order under xdist would decide, e.g., LoCA's cells)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return KINDS[kind].make().eval()
 
 
 def base_model(kind: str, dtype: torch.dtype = torch.float32) -> nn.Module:

@@ -131,3 +131,20 @@ def test_taylor_expm_with_fixed_squarings_traces_into_one_graph() -> None:
     compiled = torch.compile(lambda x: skew.taylor_expm(x, skew.CAPTURED_SQUARINGS), backend="aot_eager", fullgraph=True)
     ref = torch.linalg.matrix_exp(X)
     assert ((compiled(X) - ref).abs().amax((-2, -1)) / ref.abs().amax((-2, -1))).max() < 1e-12
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_cores_trace_in_one_graph_under_autocast(autocast: bool) -> None:
+    """A core computed by its layer (LoCA: no batched plan) and a planned core (LoCO) trace in one graph with
+    ``torch.autocast`` on or off: the cores' full-precision guard is plain traceable code."""
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 16))
+    model = orthotune.get_model(base, orthotune.LoCAConfig(target_modules=["0"], n_frequency=20, init_identity=False))
+    model.add_adapter("rot", orthotune.LoCOConfig(target_modules=["1"], rank=2, init_identity=False))
+    model.set_adapter(["default", "rot"])
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # a graph break raises
+    x = torch.randn(4, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        want, got = model(x), compiled(x)
+    got.float().sum().backward()
+    assert torch.allclose(got.float(), want.float(), atol=1e-2 if autocast else 1e-6)

@@ -211,7 +211,8 @@ class AdapterLayer(nn.Module):
         for n in adapters:
             method = self.adapters[n]
             core = frozen[n][0] if n in frozen else self.planned.get(n)
-            core = method.core(x.dtype) if core is None else cast(core, x.dtype)
+            dtype = method.core_dtype(x.dtype, base)
+            core = method.core(dtype) if core is None else cast(core, dtype)
             base = _compose(method, base, core)
         out = base(x)
         bias = self.base_layer.bias

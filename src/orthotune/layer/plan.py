@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..methods.base import AdapterMethod, Core
+from ..methods.base import AdapterMethod, Core, compute_cores
 from ..ops import lowrank
 from .adapter_layer import MERGED_KINDS, AdapterLayer
 
@@ -137,7 +137,7 @@ class Plan:
             elif not training and not compiling and may_freeze and self._frozen and not root.training:
                 return self.freeze(root) + self.start(root, may_freeze=False)
             else:
-                cores = cls.cores(methods, dtype)
+                cores = compute_cores(cls, methods, dtype)
                 calls += 1
             released = _release_after_backward(members, cores) if training and not compiling else set()
             if not training:
@@ -174,7 +174,7 @@ class Plan:
             methods = [m for _, _, m in members]
             params = [_tensors(m) for m in methods]
             if all(_computable(m, p) for m, p in zip(methods, params)):
-                kept[group] = _Kept(members, tuple(s for p in params for s in _stamp(p)), cls.cores(methods, dtype))
+                kept[group] = _Kept(members, tuple(s for p in params for s in _stamp(p)), compute_cores(cls, methods, dtype))
         batched = {(id(layer), name): core for k in kept.values() for (layer, name, _), core in zip(k.members, k.cores)}
         for layer in layers:
             cores: dict[str, Core] = {}

@@ -8,6 +8,7 @@ devices; the model's per-step plan (:mod:`orthotune.layer.plan`) computes the co
   calls; ``core()`` is the same for one layer, so a layer alone runs the same code.
   ``core_key()``: layers whose methods have equal class, key and compute dtype share one call
   (None: per layer).
+* ``core_dtype(dtype, base)``: the dtype the layer hands it its core in (the activations' by default).
 * ``forward(x, base, core)``: the adapted layer on activations, pure math on its arguments:
   ``base`` (:class:`Base`) is the frozen layer or the previously composed adapters, without bias.
   Rotations call ``base(R x)``; additive methods return ``base(x) + delta(x)``.
@@ -83,9 +84,14 @@ class AdapterMethod(nn.Module):
         once to ``dtype`` (None: as computed); gradients flow through them to every module's parameters."""
         raise NotImplementedError
 
+    def core_dtype(self, dtype: torch.dtype, base: Base) -> torch.dtype:
+        """The dtype this layer's core is made in for activations of ``dtype`` on ``base``: ``dtype`` (a method
+        whose forward runs at another precision, e.g. a quantised base's matmul, says so here)."""
+        return dtype
+
     def core(self, dtype: torch.dtype | None = None) -> Core:
         """This layer's core: :meth:`cores` of one module, the same code path as a batched plan."""
-        return type(self).cores([self], dtype)[0]
+        return compute_cores(type(self), [self], dtype)[0]
 
     @property
     def ready(self) -> bool:
@@ -116,6 +122,25 @@ class AdapterMethod(nn.Module):
         if not dtype.is_floating_point:
             dtype = torch.float32
         return torch.empty(*shape, dtype=dtype, device=weight.device)
+
+
+#: Device kinds whose autocast state :func:`compute_cores` checks (``torch.is_autocast_enabled`` refuses others, e.g. meta).
+_AUTOCAST_KINDS = ("cuda", "cpu", "xpu", "mps", "hpu")
+
+
+def compute_cores(cls: type[AdapterMethod], modules: list[AdapterMethod], dtype: torch.dtype | None = None) -> list[Core]:
+    """``cls.cores(modules, dtype)`` at the parameters' precision even under ``torch.autocast``, then cast to ``dtype``.
+
+    Autocast would run a core's small matmuls in bf16/fp16 (LoCO's orthogonality error 3e-8 -> 7e-4 in bf16); a
+    core is computed once per step and cast once, so the activations' matmuls still run at autocast's precision.
+    """
+    param = next(modules[0].parameters(), None)
+    kind = None if param is None else param.device.type
+    # Only the device kinds autocast knows (a meta-device adapter has none); a plain test, which dynamo traces.
+    if kind in _AUTOCAST_KINDS and torch.is_autocast_enabled(kind):
+        with torch.autocast(kind, enabled=False):
+            return cls.cores(modules, dtype)
+    return cls.cores(modules, dtype)
 
 
 def cast(core: Core, dtype: torch.dtype | None) -> Core:

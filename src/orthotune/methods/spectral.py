@@ -59,6 +59,13 @@ class SparseSpectrum(AdapterMethod):
         """``(P, Q, c_eff)`` of :meth:`factors` per layer, from the spectrum in ``dtype``."""
         return [m.factors(m.spectrum if dtype is None else m.spectrum.to(dtype)) for m in modules]
 
+    def core_dtype(self, dtype: torch.dtype, base: Base) -> torch.dtype:
+        """On a quantised base the activations are float32 (norms kept float32) while the base matmul runs in
+        its compute dtype: the rank-n update, a third of that matmul's FLOPs at n=1000, runs there as well, and
+        its basis rows are made there (no float32 copy of n x (d_in + d_out) entries to cast)."""
+        low = base.matmul_dtype
+        return low if low is not None and low.itemsize < dtype.itemsize else dtype
+
     def forward(self, x: Tensor, base: Base, core: Core) -> Tensor:
         P, Q, c = core
         # Folding dW into the frozen weight needs that weight, and no dropout on the update's input.
@@ -71,10 +78,7 @@ class SparseSpectrum(AdapterMethod):
             compute = "dense" if dense else "lowrank"
         if compute == "dense" and W is not None:
             return F.linear(x, spectral.add_sparse_delta(W, P, Q, c))
-        # On a quantised base the activations are float32 (norms kept float32) while the base matmul runs in
-        # its compute dtype: the rank-n update, a third of that matmul's FLOPs at n=1000, runs there as well.
-        low = base.matmul_dtype
-        path = low if low is not None and low.itemsize < x.dtype.itemsize else x.dtype
+        path = self.core_dtype(x.dtype, base)
         update = spectral.sparse_apply(self.dropout(x).to(path), P.to(path), Q.to(path), c.to(path), compute=compute)
         return base(x) + update.to(x.dtype)
 

@@ -32,6 +32,18 @@ def _phase_dtype(n: int) -> torch.dtype:
     return torch.int32 if 2 * n * n < 2**31 else torch.int64
 
 
+def _cos_table(n: int, device: torch.device) -> Tensor:
+    """``cos(pi m / 2n)`` for m in [0, 4n), float64: every value a row of the n-point DCT-II takes."""
+    return torch.cos(torch.arange(4 * n, dtype=torch.float64, device=device) * (math.pi / (2 * n)))
+
+
+def _dct_phase(n: int, index: Tensor) -> Tensor:
+    """``(2j + 1) k mod 4n`` (len(index) x n) for k in ``index``: exact in integers, then reduced in place."""
+    phases = _phase_dtype(n)
+    odd = torch.arange(1, 2 * n, 2, dtype=phases, device=index.device)
+    return torch.outer(index.to(phases), odd).remainder_(4 * n)
+
+
 def dct_rows(n: int, index: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """Rows ``index`` of the orthonormal DCT-II matrix ``D`` (len(index) x n) on ``index``'s device.
 
@@ -40,13 +52,25 @@ def dct_rows(n: int, index: Tensor, dtype: torch.dtype = torch.float32) -> Tenso
     in float64 and rounded once (one more entry, ``sqrt(1/n)``, for row 0). Every entry is the correctly
     rounded value in any dtype, and a row costs one integer product, one remainder and one gather.
     """
-    phases = _phase_dtype(n)
-    table = torch.cos(torch.arange(4 * n, dtype=torch.float64, device=index.device) * (math.pi / (2 * n)))
+    table = _cos_table(n, index.device)
     table = torch.cat([table * math.sqrt(2.0 / n), table.new_full((1,), math.sqrt(1.0 / n))]).to(dtype)
-    k = index.to(phases).unsqueeze(-1)
-    j = torch.arange(n, dtype=phases, device=index.device)
-    phase = ((2 * j + 1) * k).remainder(4 * n) + torch.where(k == 0, 4 * n, 0).to(phases)
-    return table[phase]
+    k = index.unsqueeze(-1)
+    return table[_dct_phase(n, index) + torch.where(k == 0, 4 * n, 0).to(_phase_dtype(n))]
+
+
+def cos_rows(n: int, index: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The DCT-II rows without their norms: ``cos(pi (2j + 1) k / 2n)`` for k in ``index`` (len(index) x n).
+
+    ``dct_rows(n, k) = dct_scales(n, k) * cos_rows(n, k)``; applying the norms to the few coefficients
+    that multiply the rows instead of to every entry saves a pass over the (len(index) x n) rows. Correctly
+    rounded in any dtype, as :func:`dct_rows`.
+    """
+    return _cos_table(n, index.device).to(dtype)[_dct_phase(n, index)]
+
+
+def dct_scales(n: int, index: Tensor) -> Tensor:
+    """The norms of the orthonormal DCT-II rows at ``index``, float64: ``sqrt(2/n)``, ``sqrt(1/n)`` for row 0."""
+    return (index != 0).to(torch.float64).add_(1.0).mul_(1.0 / n).sqrt_()
 
 
 def dft_rows(n: int, index: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:

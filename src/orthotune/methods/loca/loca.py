@@ -109,11 +109,15 @@ class LoCA(SparseSpectrum):
         return torch.tensor([[self.d_out - 1], [self.d_in - 1]], dtype=torch.float32, device=self.locations.device)
 
     def factors(self, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``(D_out[rows], D_in[cols], alpha c)``: only the DCT rows at this layer's cells, computed here."""
+        """``(P, Q, c_eff)`` with ``P^T diag(c_eff) Q = alpha D_out[rows]^T diag(c) D_in[cols]``: only the DCT rows
+        at this layer's cells, computed here. At fixed cells the rows are the cosines and their norms go into
+        ``c_eff`` (n numbers instead of a pass over n x (d_in + d_out) entries)."""
         relaxed = self.relaxed_locations
         if relaxed is None:
             rows, cols = self.locations
-            return spectral.dct_rows(self.d_out, rows, c.dtype), spectral.dct_rows(self.d_in, cols, c.dtype), self.config.scale * c
+            norms = spectral.dct_scales(self.d_out, rows) * spectral.dct_scales(self.d_in, cols)
+            P, Q = spectral.cos_rows(self.d_out, rows, c.dtype), spectral.cos_rows(self.d_in, cols, c.dtype)
+            return P, Q, (c.to(norms.dtype) * (self.config.scale * norms)).to(c.dtype)  # rounded once
         pos = relaxed * self.extent()
         clip = self.config.location_grad_clip
         P = spectral.located_dct_rows(self.d_out, pos[0], c.dtype, clip)

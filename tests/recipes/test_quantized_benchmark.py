@@ -1,0 +1,31 @@
+"""``benchmarks/quantized.py`` on the CPU: the 4-bit harness the GPU table depends on (tiny Llama, eager), with and
+without ``--autocast``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("peft")
+pytest.importorskip("bitsandbytes")
+sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
+import quantized  # noqa: E402
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_quantized_table_on_cpu(autocast: bool, tmp_path) -> None:
+    args = ["--small", "--sections", "main", "--modes", "eager", "--batches", "1x256", "--only", "LoRA r16",
+            "--warmup", "1", "--steps", "1", "--out", str(tmp_path)] + (["--autocast"] if autocast else [])
+    quantized.main(args)
+    res = json.loads((tmp_path / "quantized.json").read_text())
+    mode = "eager, autocast bf16" if autocast else "eager"
+    rows = {r["method"]: r for r in res["rows"]}
+    assert set(rows) == {"peft LoRA r16", "LoRA r16", "LoCO r4 (=LoRA r16 params)"}
+    assert all("error" not in r and r["mode"] == mode and r["step_ms"] > 0 for r in rows.values()), rows
+    # identical preparation: both LoRAs start from the same loss (the adapters are identity at init)
+    assert rows["LoRA r16"]["loss_first"] == pytest.approx(rows["peft LoRA r16"]["loss_first"], rel=1e-3)
+    table = (tmp_path / "quantized.md").read_text()
+    assert f"batch 1x16, {mode}\n" in table and "| LoRA r16 |" in table
