@@ -143,14 +143,16 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run(shape: Shape, label: str, build: Callable[[nn.Module], nn.Module], batch: int, seq: int, device: str,
-        compiled: bool, warmup: int, steps: int, autocast: bool = False) -> dict[str, Any]:
-    """Build, adapt, train ``warmup + steps`` steps; peak memory (model included) and median step time.
-    ``autocast``: forward and loss under ``torch.autocast(bfloat16)``, as ``Trainer(bf16=True)`` trains."""
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    t0 = time.perf_counter()
+def mode_label(compiled: bool, autocast: bool) -> str:
+    """A run's mode as the tables name it: eager or compiled, with or without autocast."""
+    return ("compiled" if compiled else "eager") + (", autocast bf16" if autocast else "")
+
+
+def training(shape: Shape, build: Callable[[nn.Module], nn.Module], batch: int, seq: int, device: str, compiled: bool,
+             autocast: bool) -> tuple[nn.Module, list[nn.Parameter], Callable[[], torch.Tensor]]:
+    """The adapted model (its decoder layers compiled one by one if ``compiled``), its trainable parameters and one
+    AdamW training step on a fixed batch (returns the loss). ``autocast``: forward and loss under
+    ``torch.autocast(bfloat16)``, as ``Trainer(bf16=True)`` trains."""
     model = build(make_model(shape, device))
     model.train()
     if compiled:  # a fresh compiler cache per run, as a user's process has: graphs of earlier runs would make
@@ -162,6 +164,26 @@ def run(shape: Shape, label: str, build: Callable[[nn.Module], nn.Module], batch
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
     ids = torch.randint(0, shape.vocab, (batch, seq), device=device, generator=torch.Generator(device).manual_seed(0))
+
+    def step() -> torch.Tensor:
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return model, params, step
+
+
+def run(shape: Shape, label: str, build: Callable[[nn.Module], nn.Module], batch: int, seq: int, device: str,
+        compiled: bool, warmup: int, steps: int, autocast: bool = False) -> dict[str, Any]:
+    """Build, adapt, train ``warmup + steps`` steps (:func:`training`); peak memory (model included) and median step time."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    t0 = time.perf_counter()
+    model, params, step = training(shape, build, batch, seq, device, compiled, autocast)
     build_s = time.perf_counter() - t0
     if device == "cuda":  # the peak of training, not of building (a bf16 model is quantised after it is built)
         torch.cuda.synchronize()
@@ -171,24 +193,20 @@ def run(shape: Shape, label: str, build: Callable[[nn.Module], nn.Module], batch
     for i in range(warmup + steps):
         _sync(device)
         t = time.perf_counter()
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss = step()
         _sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - t)
         losses.append(loss.item())
     row = {
         "shape": shape.name, "layers": shape.layers, "method": label, "batch": f"{batch}x{seq}",
-        "mode": ("compiled" if compiled else "eager") + (", autocast bf16" if autocast else ""), "trainable": sum(p.numel() for p in params),
+        "mode": mode_label(compiled, autocast), "trainable": sum(p.numel() for p in params),
         "step_ms": 1000 * statistics.median(times), "build_s": build_s, "loss_first": losses[0], "loss_last": losses[-1],
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None, "model_gib": model_gib,
     }
     if compiled:  # what dynamo compiled over all steps: one graph for every layer, no break, is the expected
         row.update(eff.dynamo_counts())
-    del model, opt, params
+    del model, step, params
     return row
 
 
@@ -336,7 +354,7 @@ def main(argv: list[str] | None = None) -> None:
         except Exception as e:  # a failed run is a result too (e.g. out of memory, a compile error)
             traceback.print_exc()
             row = {"shape": shape.name, "layers": shape.layers, "method": label, "batch": f"{batch}x{seq}",
-                   "mode": ("compiled" if compiled else "eager") + (", autocast bf16" if args.autocast else ""), "error": f"{type(e).__name__}: {str(e)[:300]}"}
+                   "mode": mode_label(compiled, args.autocast), "error": f"{type(e).__name__}: {str(e)[:300]}"}
         row["section"] = section
         res["rows"].append(row)
         print(json.dumps(row), flush=True)

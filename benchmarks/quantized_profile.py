@@ -30,37 +30,20 @@ def profiled(label: str, build: Any, shape: q.Shape, batch: int, seq: int, compi
     """Wall and kernel time per step of one method, with its ``top`` kernels by GPU time (``autocast``: forward and
     loss under ``torch.autocast(bfloat16)``)."""
     torch.cuda.empty_cache()
-    model = build(q.make_model(shape, "cuda"))
-    model.train()
-    if compiled:
-        torch._dynamo.reset()
-        for layer in model.get_base_model().model.layers:
-            layer.compile()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5)
-    ids = torch.randint(0, shape.vocab, (batch, seq), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-
-    def step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    model, params, step = q.training(shape, build, batch, seq, "cuda", compiled, autocast)
     for _ in range(warmup):
         step()
     events, wall_ms, busy, launches = eff.profile_steps(step, steps)
     kernels = sorted((e for e in events if e.device_type.name == "CUDA"), key=lambda e: -e.self_device_time_total)
     host = sorted((e for e in events if e.device_type.name == "CPU"), key=lambda e: -e.self_cpu_time_total)
     row = {
-        "method": label, "mode": ("compiled" if compiled else "eager") + (", autocast bf16" if autocast else ""),
-        "batch": f"{batch}x{seq}", "layers": shape.layers,
+        "method": label, "mode": q.mode_label(compiled, autocast), "batch": f"{batch}x{seq}", "layers": shape.layers,
         "wall_ms": wall_ms, "gpu_busy_ms": busy, "kernel_launches": launches,
         "top": [{"kernel": e.key[:120], "ms": e.self_device_time_total / 1e3 / steps, "calls": e.count / steps}
                 for e in kernels[:top]],
         "host_top": [{"op": e.key[:120], "ms": e.self_cpu_time_total / 1e3 / steps, "calls": e.count / steps} for e in host[:15]],
     }
-    del model, opt, params
+    del model, step, params
     return row
 
 
@@ -106,7 +89,7 @@ def main() -> None:
             try:
                 row = profiled(label, build, shape, batch, seq, mode == "compiled", args.warmup, args.steps, args.top, args.autocast)
             except Exception as e:  # a failed run is reported, the others still run
-                row = {"method": label, "mode": mode, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+                row = {"method": label, "mode": q.mode_label(mode == "compiled", args.autocast), "error": f"{type(e).__name__}: {str(e)[:300]}"}
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "top"}), flush=True)
             (args.out / "profile.json").write_text(json.dumps({"env": env, "args": vars(args) | {"out": str(args.out)},
