@@ -159,6 +159,10 @@ def training(shape: Shape, build: Callable[[nn.Module], nn.Module], batch: int, 
         # dynamo recompile this one with dynamic shapes, and past its recompile limit run it eagerly
         torch._dynamo.reset()
         counters.clear()
+        if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):  # not in every torch
+            # transformers >= 5.25's layers set a context variable dynamo refuses inside a checkpoint (docs/speed.md):
+            # without this every checkpointed layer runs eagerly, for peft as for orthotune
+            torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
         for layer in model.get_base_model().model.layers:
             layer.compile()
     params = [p for p in model.parameters() if p.requires_grad]

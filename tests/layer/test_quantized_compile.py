@@ -52,15 +52,19 @@ def train(path: str, method: str, compiled: str | None) -> dict[str, Any]:
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW(params.values(), lr=1e-2)
     losses, grads, graphs_per_step = [], {}, []
-    for step in range(STEPS):
-        loss = run(input_ids=TOKENS, labels=TOKENS, use_cache=False).loss
-        loss.backward()
-        if step == 0:
-            grads = {n: p.grad.clone() for n, p in params.items()}
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-        graphs_per_step.append(counters["stats"]["unique_graphs"])
+    # transformers 5.25's Llama layers (with the kernels package) set a context variable in their forward, so
+    # dynamo cannot trace their checkpoint: it then runs eagerly (the "model" case exercises that path).
+    # Per-layer compile is what the benchmark measures, so that side effect is not replayed in the recompute.
+    with dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=compiled == "layers"):
+        for step in range(STEPS):
+            loss = run(input_ids=TOKENS, labels=TOKENS, use_cache=False).loss
+            loss.backward()
+            if step == 0:
+                grads = {n: p.grad.clone() for n, p in params.items()}
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+            graphs_per_step.append(counters["stats"]["unique_graphs"])
     return {
         "losses": losses, "grads": grads, "graphs": counters["stats"]["unique_graphs"],
         "breaks": sum(counters["graph_break"].values()), "recompiles": graphs_per_step[-1] - graphs_per_step[0],

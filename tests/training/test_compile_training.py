@@ -145,3 +145,48 @@ def test_hf_trainer_with_torch_compile_trains_every_method(tmp_path) -> None:
     after = model.state_dict()
     moved = {k.split(".adapters.")[1].split(".")[0] for k, v in before.items() if not torch.equal(after[k], v)}
     assert moved == set(names), f"adapters that did not train: {sorted(set(names) - moved)}"
+
+
+class _CheckpointedBlock(torch.nn.Module):
+    """A block whose activation checkpoint dynamo cannot trace (a graph break inside it), as transformers 5.25's
+    Llama layers with the ``kernels`` package: the checkpoint runs eagerly and recomputes eagerly in the backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(16, 16)
+
+    def body(self, h: torch.Tensor) -> torch.Tensor:
+        torch._dynamo.graph_break()
+        return torch.tanh(self.fc(h))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.utils.checkpoint.checkpoint(self.body, h, use_reentrant=False)
+
+
+@pytest.mark.parametrize("config", [
+    orthotune.LoCOConfig(target_modules=["fc"], rank=2, init_identity=False),
+    orthotune.OFTConfig(target_modules=["fc"], oft_block_size=4, init_identity=False),
+    orthotune.LoRAConfig(target_modules=["fc"], r=2, init_identity=False),
+], ids=["loco", "oft", "lora"])
+def test_compiled_model_trains_through_an_eager_checkpoint(config: orthotune.AdapterConfig) -> None:
+    """The compiled model's plan hands out the cores in the graph; the eager recompute in the backward must use
+    the same cores (else it saves other tensors: CheckpointError), and training matches eager's."""
+    runs = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = orthotune.get_model(torch.nn.Sequential(_CheckpointedBlock(), _CheckpointedBlock()), config)
+        model.train()
+        run = torch.compile(model, backend="aot_eager") if compiled else model
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        x, losses = torch.randn(8, 16, generator=torch.Generator().manual_seed(1)), []
+        for _ in range(3):
+            loss = run(x).square().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        runs[compiled] = losses, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    torch.testing.assert_close(runs[True][0], runs[False][0], rtol=1e-5, atol=0)
+    for name, p in runs[False][1].items():
+        torch.testing.assert_close(runs[True][1][name], p, rtol=1e-4, atol=1e-6, msg=name)
+    assert runs[False][0][-1] < runs[False][0][0]

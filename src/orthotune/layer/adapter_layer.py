@@ -10,7 +10,9 @@ order, so merged and unmerged outputs agree.
 Each adapter's core (the per-step tensors its forward needs) comes from the model's plan
 (:mod:`orthotune.layer.plan`), which leaves it in :attr:`AdapterLayer.planned` for the forward that
 computed it; without one (a direct layer call, an FSDP shard, a recompute after the plan ended)
-the layer asks the method for ``core()``: the same values.
+the layer asks the method for ``core()``: the same values. A compiled training forward's cores stay in
+:attr:`AdapterLayer.replay` for an activation-checkpointing recompute that runs eagerly in the backward
+(a checkpoint dynamo could not trace), which must save the tensors the original forward saved.
 """
 
 from __future__ import annotations
@@ -35,6 +37,12 @@ from .offload import offload_hook, onloaded, write_back
 CONV_KINDS = {nn.Conv1d: "torch_conv1d", nn.Conv2d: "conv2d", nn.Conv3d: "conv3d"}
 #: Kinds whose forward applies the merged weight (their input is not a feature vector the methods can map).
 MERGED_KINDS = (*CONV_KINDS.values(), "embedding")
+
+
+def in_backward() -> bool:
+    """Whether this runs inside a backward pass (e.g. an activation checkpoint's recompute): the autograd
+    engine has a current graph task only then."""
+    return torch._C._current_graph_task_id() != -1
 
 
 def layer_kind(module: nn.Module) -> str | None:
@@ -96,6 +104,9 @@ class AdapterLayer(nn.Module):
         self.mixed: MixedBatch | None = None  # set for the duration of a mixed-adapter forward (layer/mixed.py)
         #: adapter name -> its core, set by the model's plan for the forward (and backward) that computed it
         self.planned: dict[str, Core] = {}
+        #: adapter name -> the core of the last compiled training forward, read only inside a backward: by an
+        #: eager activation-checkpointing recompute of this layer (the plan's cores are gone by then)
+        self.replay: dict[str, Core] = {}
         #: adapter name -> (U, weight key, W0 U): the inference fold, valid while U and the base weight are unchanged
         self.folds: dict[str, tuple[Tensor, tuple[int, int, torch.dtype], Tensor]] = {}
         #: adapter name -> (core, W0 U or None): inference cores computed outside any graph, which compiled
@@ -107,7 +118,7 @@ class AdapterLayer(nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         """Copies and pickles carry no per-step cores (a training core is part of an autograd graph)."""
         state = dict(self.__dict__)
-        state["planned"], state["folds"], state["frozen"] = {}, {}, {}
+        state["planned"], state["replay"], state["folds"], state["frozen"] = {}, {}, {}, {}
         return state
 
     # Attributes that transformers and user code read off a linear layer.
@@ -211,6 +222,8 @@ class AdapterLayer(nn.Module):
         for n in adapters:
             method = self.adapters[n]
             core = frozen[n][0] if n in frozen else self.planned.get(n)
+            if core is None and not torch.compiler.is_compiling() and n in self.replay and in_backward():
+                core = self.replay[n]  # an eager checkpoint's recompute of a compiled forward
             dtype = method.core_dtype(x.dtype, base)
             core = method.core(dtype) if core is None else cast(core, dtype)
             base = _compose(method, base, core)
