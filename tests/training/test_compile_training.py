@@ -190,3 +190,17 @@ def test_compiled_model_trains_through_an_eager_checkpoint(config: orthotune.Ada
     for name, p in runs[False][1].items():
         torch.testing.assert_close(runs[True][1][name], p, rtol=1e-4, atol=1e-6, msg=name)
     assert runs[False][0][-1] < runs[False][0][0]
+
+
+def test_fully_traced_training_keeps_no_replay_cores() -> None:
+    """Only eager code keeps a layer's planned core for a recompute: a fully traced forward keeps none (which would
+    make every core an output of the graph)."""
+    torch.manual_seed(0)
+    model = orthotune.get_model(torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)),
+                                orthotune.LoCOConfig(target_modules=["0", "1"], rank=2, init_identity=False))
+    model.train()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    compiled(torch.randn(4, 16)).sum().backward()
+    assert all(not layer.replay and not layer.planned for _, layer in model.adapter_layers())
+    model(torch.randn(4, 16)).sum()  # eagerly, the forward keeps them for its backward
+    assert all(set(layer.replay) == {"default"} for _, layer in model.adapter_layers())

@@ -10,9 +10,10 @@ order, so merged and unmerged outputs agree.
 Each adapter's core (the per-step tensors its forward needs) comes from the model's plan
 (:mod:`orthotune.layer.plan`), which leaves it in :attr:`AdapterLayer.planned` for the forward that
 computed it; without one (a direct layer call, an FSDP shard, a recompute after the plan ended)
-the layer asks the method for ``core()``: the same values. A compiled training forward's cores stay in
-:attr:`AdapterLayer.replay` for an activation-checkpointing recompute that runs eagerly in the backward
-(a checkpoint dynamo could not trace), which must save the tensors the original forward saved.
+the layer asks the method for ``core()``: the same values. A layer running eagerly with autograd keeps the
+planned core it ran with in :attr:`AdapterLayer.replay`, for an activation checkpoint's recompute in the backward
+after a compiled plan ended (a checkpoint dynamo could not trace runs eagerly), which must save the tensors the
+original forward saved.
 """
 
 from __future__ import annotations
@@ -104,8 +105,8 @@ class AdapterLayer(nn.Module):
         self.mixed: MixedBatch | None = None  # set for the duration of a mixed-adapter forward (layer/mixed.py)
         #: adapter name -> its core, set by the model's plan for the forward (and backward) that computed it
         self.planned: dict[str, Core] = {}
-        #: adapter name -> the core of the last compiled training forward, read only inside a backward: by an
-        #: eager activation-checkpointing recompute of this layer (the plan's cores are gone by then)
+        #: adapter name -> the planned core of this layer's last eager forward with autograd, read only inside a
+        #: backward: by an activation checkpoint's recompute after a compiled plan ended (see the module docstring)
         self.replay: dict[str, Core] = {}
         #: adapter name -> (U, weight key, W0 U): the inference fold, valid while U and the base weight are unchanged
         self.folds: dict[str, tuple[Tensor, tuple[int, int, torch.dtype], Tensor]] = {}
@@ -221,15 +222,26 @@ class AdapterLayer(nn.Module):
         base: Base = FrozenBase(self, adapters[0], fold)
         for n in adapters:
             method = self.adapters[n]
-            core = frozen[n][0] if n in frozen else self.planned.get(n)
-            if core is None and not torch.compiler.is_compiling() and n in self.replay and in_backward():
-                core = self.replay[n]  # an eager checkpoint's recompute of a compiled forward
+            core = frozen[n][0] if n in frozen else self._planned(n)
             dtype = method.core_dtype(x.dtype, base)
             core = method.core(dtype) if core is None else cast(core, dtype)
             base = _compose(method, base, core)
         out = base(x)
         bias = self.base_layer.bias
         return out if bias is None else out + bias
+
+    def _planned(self, name: str) -> Core | None:
+        """The plan's core for adapter ``name``, or None (the method computes it). Eager code with autograd keeps it
+        in :attr:`replay` and an eager recompute in the backward finds it there; compiled graphs do neither (a
+        fully traced checkpoint recomputes inside the graph, and a write would make every core a graph output)."""
+        core = self.planned.get(name)
+        if torch.compiler.is_compiling():
+            return core
+        if core is None:
+            return self.replay.get(name) if self.replay and in_backward() else None
+        if torch.is_grad_enabled():
+            self.replay[name] = core
+        return core
 
     def _apply_weight(self, x: Tensor, w: Tensor) -> Tensor:
         """The base layer's own computation with weight ``w`` (convolutions, embeddings)."""

@@ -19,10 +19,10 @@ How long a planned core lives:
   them), so decoding does not recompute them per token; they are handed to the layers only for the
   duration of each forward. Fused optimizers and ``.data`` edits do not bump versions: a training
   forward in between (as every training step has) replaces them anyway, else call :func:`clear`.
-* Under ``torch.compile`` the hooks trace into the graph and the plan ends with the forward; a training
-  forward's cores then move to :attr:`AdapterLayer.replay` until the next forward, for an activation
-  checkpoint dynamo could not trace (a graph break inside it runs it eagerly, e.g. transformers 5.25's
-  Llama with the ``kernels`` package), whose recompute in the backward must use the same cores.
+* Under ``torch.compile`` the hooks trace into the graph and the plan ends with the forward. An activation
+  checkpoint dynamo could not trace (a graph break inside it, e.g. transformers 5.25's Llama layers with the
+  ``kernels`` package) runs its layers eagerly and recomputes them after the plan ended: such a layer keeps the
+  planned core it ran with in :attr:`AdapterLayer.replay` for that recompute (only eager code writes it).
 
 Serving (frozen cores). A compiled graph cannot read version counters, so for compiled inference the
 cores are computed once, eagerly, outside the graph: :meth:`Plan.freeze` (run by the model's ``eval()``
@@ -75,9 +75,7 @@ class Plan:
 
     def __init__(self) -> None:
         self._kept: dict[Hashable, _Kept] = {}  # inference cores, by group
-        # this forward's (layer, name, core, after): what ends the core's hand-out, "backward" (its backward
-        # releases it), "forward" (end() takes it back) or "replay" (end() moves it to the layer's replay)
-        self._handed: list[tuple[AdapterLayer, str, Core, str]] = []
+        self._handed: list[tuple[AdapterLayer, str, Core, bool]] = []  # this forward's (layer, name, core, training)
         self._handles: list[Any] = []
         self._frozen = False  # freeze() ran, thaw() not since: the layers hold frozen inference cores
 
@@ -119,7 +117,7 @@ class Plan:
             return None
         compiling = torch.compiler.is_compiling()
         serving = compiling and not torch.is_grad_enabled()
-        if not compiling:  # a compiled forward's replay cores are stale now (a graph only writes them: no guard)
+        if not compiling:  # the cores an eager checkpoint in a compiled forward kept for its recompute are stale now
             for layer in layers:
                 if layer.replay:
                     layer.replay = {}
@@ -151,26 +149,20 @@ class Plan:
             released = _release_after_backward(members, cores) if training and not compiling else set()
             if not training:
                 kept[group] = _Kept(members, stamp, cores)
-            replay = compiling and training and torch.is_grad_enabled()
             for i, ((layer, name, _), core) in enumerate(zip(members, cores)):
                 layer.planned[name] = core
-                if replay:
-                    layer.replay = {}  # assigned, not read: a read would make the graph guard on its contents
-                after = "backward" if i in released else "replay" if replay else "forward"
-                self._handed.append((layer, name, core, after))
+                self._handed.append((layer, name, core, i in released))
         if not compiling:
             self._kept = kept
         return calls
 
     def end(self) -> None:
-        """After the forward: take back the cores that must not outlive it (all but eager training cores, which
-        their backward releases); a compiled training forward's go to their layers' replay."""
-        for layer, name, core, after in self._handed:
+        """After the forward: take back the cores that must not outlive it (all but training cores, which
+        their backward releases)."""
+        for layer, name, core, training in self._handed:
             mine = layer.planned.get(name)  # still this forward's core (compared by its first tensor: dynamo traces no tuple identity)
-            if after != "backward" and mine is not None and mine[0] is core[0]:
+            if not training and mine is not None and mine[0] is core[0]:
                 del layer.planned[name]
-                if after == "replay":
-                    layer.replay[name] = core
         self._handed = []
 
     def clear(self) -> None:
@@ -313,9 +305,10 @@ def _release_after_backward(members: list[Member], cores: list[Core]) -> set[int
     def release(*grads: Any) -> None:
         for layer_ref, name, first in owners:
             layer = layer_ref()
-            core = None if layer is None else layer.planned.get(name)
-            if core is not None and core[0] is first():
-                del layer.planned[name]
+            for kept in () if layer is None else (layer.planned, layer.replay):
+                core = kept.get(name)
+                if core is not None and core[0] is first():
+                    del kept[name]
 
     tensors = list(batched.values())
     if len(tensors) == 1:
