@@ -1,11 +1,12 @@
 """Where a training step's peak memory goes, on the CPU: orthotune's methods against peft LoRA r16 (issue 21).
 
-    python benchmarks/memory_probe.py --out DIR                          # hidden 1024, 2 layers, seq 256 (~3 min)
+    python benchmarks/memory_probe.py --out DIR                          # hidden 1024, 2 layers, seq 256 (~4 min)
     python benchmarks/memory_probe.py --out DIR --hidden 512 --intermediate 1792 --seq 128
 
 The GPU table (``benchmarks/quantized.py``) measures peak memory but cannot say what is live at the peak. This
-probe runs one training step (after a first one, so AdamW's state exists) of a random Llama in bf16 with
-activation checkpointing, all 7 projections adapted, under ``torch.profiler`` with ``profile_memory=True``,
+probe runs one training step (after a first one, so AdamW's state exists) of the table's model at a smaller
+shape (``quantized.make_model``: NF4 projections through bitsandbytes' CPU kernels, bf16 compute, everything else in
+float32 as ``prepare_model_for_kbit_training`` leaves it, activation checkpointing), all 7 projections adapted, under ``torch.profiler`` with ``profile_memory=True``,
 replays the profiler's allocation timeline (``torch.profiler._memory_profiler.MemoryProfile``: a private API,
 torch 2.14), and reports the peak of live CPU bytes, what is live then by the profiler's categories, and the
 largest groups of activations and autograd intermediates by the op that made them. Allocations are the same
@@ -29,7 +30,6 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).parent))
 import quantized  # noqa: E402  (the 8B table's method list and LoCO's matched rank)
 
-import orthotune  # noqa: E402
 
 PROBED = ("peft LoRA r16", "LoRA r16", "LoCO", "OFT b32", "HRA r8")  # label prefixes of quantized.methods()
 DETAIL = ("ACTIVATION", "AUTOGRAD_DETAIL", "TEMPORARY", "unknown")
@@ -38,17 +38,6 @@ DETAIL = ("ACTIVATION", "AUTOGRAD_DETAIL", "TEMPORARY", "unknown")
 def methods(shape: quantized.Shape) -> dict[str, Callable[[nn.Module], nn.Module]]:
     """The 8B table's methods (``quantized.methods``: same configurations, all 7 projections) but peft OFT and LoCA."""
     return {label: build for label, build in quantized.methods(shape).items() if label.startswith(PROBED)}
-
-
-def base_model(shape: quantized.Shape) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=shape.hidden, intermediate_size=shape.intermediate, num_hidden_layers=shape.layers,
-                      num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads, vocab_size=shape.vocab,
-                      head_dim=shape.hidden // shape.heads)
-    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
-    return orthotune.prepare_model_for_kbit_training(model.requires_grad_(False), use_gradient_checkpointing=True)
 
 
 def peak_of_step(model: nn.Module, ids: torch.Tensor) -> dict[str, Any]:
@@ -105,7 +94,7 @@ def markdown(res: dict[str, Any]) -> str:
     ref = res["rows"].get("peft LoRA r16", {}).get("peak_mib")
     lines = [f"# Peak memory of one training step on the CPU (`benchmarks/memory_probe.py`)", "",
              f"torch {res['torch']}, peft {res['peft']}; random Llama {s['layers']} x {s['hidden']} (intermediate "
-             f"{s['intermediate']}), bf16, activation checkpointing, batch 1 x {res['seq']}, all 7 projections, AdamW.", "",
+             f"{s['intermediate']}), NF4 projections, bf16 compute, activation checkpointing, batch 1 x {res['seq']}, all 7 projections, AdamW.", "",
              "| method | peak MiB | x peft LoRA r16 | live at the peak (MiB) |", "|---|---|---|---|"]
     for name, r in res["rows"].items():
         cats = ", ".join(f"{k} {v:.2f}" for k, v in r["by_category_mib"].items())
@@ -136,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name, build in methods(shape).items():
         if name != "peft LoRA r16" and keep and not any(k in name.lower() for k in keep):
             continue
-        model = build(base_model(shape)).train()
+        model = build(quantized.make_model(shape, "cpu")).train()
         res["rows"][name] = peak_of_step(model, ids)
         print(f"{name}: peak {res['rows'][name]['peak_mib']:.2f} MiB", flush=True)
         del model

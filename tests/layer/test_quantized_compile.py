@@ -19,8 +19,9 @@ pytest.importorskip("bitsandbytes")
 dynamo = pytest.importorskip("torch._dynamo")
 from torch._dynamo.utils import counters  # noqa: E402
 
-CONFIGS = {  # perturbed starts, so that every gradient is non-zero
-    "lora": lambda: orthotune.LoRAConfig(target_modules="all-linear", r=4, lora_alpha=4, init_identity=False),
+CONFIGS = {  # perturbed starts, so that every gradient is non-zero; LoRA scaled (s = 2), so that the plan computes
+    # its per-step core (s B) as it does the rotations' (at s = 1 its cores are its parameters: nothing to compute)
+    "lora": lambda: orthotune.LoRAConfig(target_modules="all-linear", r=4, lora_alpha=8, init_identity=False),
     "loco": lambda: orthotune.LoCOConfig(target_modules="all-linear", rank=2, init_identity=False),
     "oft": lambda: orthotune.OFTConfig(target_modules="all-linear", oft_block_size=8, init_identity=False),
 }

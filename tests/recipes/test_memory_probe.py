@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("peft")
+pytest.importorskip("bitsandbytes")  # the probe's model has NF4 projections
 sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
 import memory_probe  # noqa: E402
 
@@ -21,7 +22,7 @@ def test_memory_probe_reports_the_peak_and_what_is_live_then(tmp_path) -> None:
         parts = row["by_category_mib"]
         assert row["peak_mib"] == pytest.approx(sum(parts.values())), name  # the peak is the sum of what is live then
         frozen = 256 * (2 * 256 + 2 * 128) + 3 * 256 * 512  # the layer's frozen projections (q, o; k, v: 1 KV head of 128; MLP)
-        assert row["peak_mib"] > 2 * frozen / 2**20, name
+        assert row["peak_mib"] > frozen / 2 / 2**20, name  # NF4: half a byte a weight
         assert row["largest"] and all(g["mib"] >= 0 for g in row["largest"])
     assert json.loads((tmp_path / "memory_probe.json").read_text())["rows"].keys() == res["rows"].keys()
     assert "| OFT b32 |" in (tmp_path / "memory_probe.md").read_text()

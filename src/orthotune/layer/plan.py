@@ -1,7 +1,7 @@
 """The per-step plan: every adapted layer's core, computed in batched calls at the start of a forward.
 
 A rotation needs a small core every step (LoCO's ``2kr x 2kr`` chain core, ...); LoRA needs its
-factors cast to the activations' dtype. Cheap in FLOPs, but done layer by layer it is dozens of
+factors cast to 16-bit activations (in its parameters' dtype its cores are the parameters). Cheap in FLOPs, but done layer by layer it is dozens of
 tiny kernel launches per layer, and on a GPU that dominates the step (3.2x peft LoRA per layer,
 1.04x when batched). So the model owns one :class:`Plan`, whose hooks on the wrapped model
 (:meth:`Plan.attach`) group the methods the coming forward runs by (class, ``core_key()``, layer

@@ -99,7 +99,9 @@ def principal_factors(
         U, S, V = torch.svd_lowrank(W, q=r, niter=niter)
         Vh = V.T
     root = torch.sqrt(S / scaling)
-    return root[:, None] * Vh, U * root[None, :]
+    # contiguous, as a loaded folder's tensors are (LAPACK's factors are transposed views, which a product keeps):
+    # parameters made from them then run the same kernels as reloaded ones, so the outputs are bit-identical
+    return (root[:, None] * Vh).contiguous(), (U * root[None, :]).contiguous()
 
 
 class PiSSA(AdapterMethod):
