@@ -5,9 +5,9 @@
 
 The GPU table (``benchmarks/quantized.py``) measures peak memory but cannot say what is live at the peak. This
 probe runs one training step (after a first one, so AdamW's state exists) of the table's model at a smaller
-shape (``quantized.make_model``: NF4 projections through bitsandbytes' CPU kernels, bf16 compute, everything else in
-float32 as ``prepare_model_for_kbit_training`` leaves it, activation checkpointing), all 7 projections adapted, under ``torch.profiler`` with ``profile_memory=True``,
-replays the profiler's allocation timeline (``torch.profiler._memory_profiler.MemoryProfile``: a private API,
+shape (``quantized.make_model``: NF4 projections through bitsandbytes' CPU kernels, bf16 compute, everything else
+in float32 as ``prepare_model_for_kbit_training`` leaves it, activation checkpointing), all 7 projections adapted,
+under ``torch.profiler`` with ``profile_memory=True``, replays the profiler's allocation timeline (``torch.profiler._memory_profiler.MemoryProfile``: a private API,
 torch 2.14), and reports the peak of live CPU bytes, what is live then by the profiler's categories, and the
 largest groups of activations and autograd intermediates by the op that made them. Allocations are the same
 on a GPU but for library workspaces (cuBLAS), which is what makes the CPU a fair place to find differences

@@ -40,7 +40,7 @@ CONV_KINDS = {nn.Conv1d: "torch_conv1d", nn.Conv2d: "conv2d", nn.Conv3d: "conv3d
 MERGED_KINDS = (*CONV_KINDS.values(), "embedding")
 
 
-def in_backward() -> bool:
+def _in_backward() -> bool:
     """Whether this runs inside a backward pass (e.g. an activation checkpoint's recompute): the autograd
     engine has a current graph task only then."""
     return torch._C._current_graph_task_id() != -1
@@ -238,7 +238,7 @@ class AdapterLayer(nn.Module):
         if torch.compiler.is_compiling():
             return core
         if core is None:
-            return self.replay.get(name) if self.replay and in_backward() else None
+            return self.replay.get(name) if self.replay and _in_backward() else None
         if torch.is_grad_enabled():
             self.replay[name] = core
         return core

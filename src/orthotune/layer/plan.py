@@ -1,10 +1,10 @@
 """The per-step plan: every adapted layer's core, computed in batched calls at the start of a forward.
 
 A rotation needs a small core every step (LoCO's ``2kr x 2kr`` chain core, ...); LoRA needs its
-factors cast to 16-bit activations (in its parameters' dtype its cores are the parameters). Cheap in FLOPs, but done layer by layer it is dozens of
-tiny kernel launches per layer, and on a GPU that dominates the step (3.2x peft LoRA per layer,
-1.04x when batched). So the model owns one :class:`Plan`, whose hooks on the wrapped model
-(:meth:`Plan.attach`) group the methods the coming forward runs by (class, ``core_key()``, layer
+factors cast to 16-bit activations (in its parameters' dtype its cores are the parameters). Cheap in
+FLOPs, but done layer by layer it is dozens of tiny kernel launches per layer, and on a GPU that
+dominates the step (3.2x peft LoRA per layer, 1.04x when batched). So the model owns one :class:`Plan`,
+whose hooks on the wrapped model (:meth:`Plan.attach`) group the methods the coming forward runs by (class, ``core_key()``, layer
 compute dtype), compute each group's cores in one ``cores()`` call, cast once to the layers' dtype,
 and leave each layer its adapters' cores in ``layer.planned`` (name -> core). A layer without a
 planned core asks the method for ``core()``: the same values, computed there.

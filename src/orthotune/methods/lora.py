@@ -81,14 +81,13 @@ class LoRA(AdapterMethod):
         dtype (a quantised layer's float32 activations) they are the parameters themselves where ``s = 1``: nothing
         copied or held all step, and each layer's backward hands its gradients straight to its parameters, as
         peft's layers do. A cast (16-bit activations) or a scale is one batched call for all layers."""
-        s = modules[0].scaling
-        if dtype is None or dtype == modules[0].lora_A.dtype:
-            if s == 1:
-                return [(m.lora_A, m.lora_B) for m in modules]
-            return [(m.lora_A, B) for m, B in zip(modules, (s * torch.stack([m.lora_B for m in modules])).unbind(0))]
-        A = torch.stack([m.lora_A for m in modules])
-        B = torch.stack([m.lora_B for m in modules])
-        return split((A, s * B), dtype)
+        s, own_dtype = modules[0].scaling, dtype is None or dtype == modules[0].lora_A.dtype
+        if own_dtype and s == 1:
+            return [(m.lora_A, m.lora_B) for m in modules]
+        B = s * torch.stack([m.lora_B for m in modules])
+        if own_dtype:
+            return [(m.lora_A, b) for m, b in zip(modules, B.unbind(0))]
+        return split((torch.stack([m.lora_A for m in modules]), B), dtype)
 
     def forward(self, x: Tensor, base: Base, core: Core) -> Tensor:
         A, B = core
