@@ -146,7 +146,11 @@ def target_shapes(bench: Bench, extra: list[str]) -> list[tuple[int, int]]:
     with torch.device("meta"):
         model = build()
     # matched by name as get_model matches them (its weight checks refuse meta tensors, which carry the shapes)
-    is_target = matcher(config.adapter_config().target_modules)
+    targets = config.adapter_config().target_modules
+    if targets == "all-linear":  # get_model's rule (inject.find_targets): every linear layer but the output head
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        return [layer_dims(m) for _, m in iter_named_layers(model) if layer_kind(m) in ("linear", "conv1d") and m is not head]
+    is_target = matcher(targets)
     return [layer_dims(m) for n, m in iter_named_layers(model) if is_target(n) and layer_kind(m) is not None]
 
 

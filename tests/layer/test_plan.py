@@ -56,11 +56,12 @@ CONFIGS = {
                                                    psoft_mag_a=False, init_identity=False),
     "loft-principal": lambda: orthotune.LOFTConfig(target_modules=TARGETS, support="principal", r=4, init_identity=False),
     "loft-random-givens": lambda: orthotune.LOFTConfig(target_modules=TARGETS, support="random", r=4, transform="givens", init_identity=False),
+    "loca": lambda: orthotune.LoCAConfig(target_modules=TARGETS, n_frequency=20, init_identity=False),
     "loft-full-exp": lambda: orthotune.LOFTConfig(target_modules=TARGETS, support="full", transform="exp", generator_rank=2,
                                                   chain_length=2, init_identity=False),
 }
 #: batched calls per forward on Stack (blocks 12->12 x3, wide 12->20, out 20->12): one per core key
-CALLS = {"lora": 3, "loco-exact": 1, "loco-sequential": 1, "loco-approx": 1, "loft-principal": 2, "loft-random-givens": 2}
+CALLS = {"lora": 3, "loca": 1, "loco-exact": 1, "loco-sequential": 1, "loco-approx": 1, "loft-principal": 2, "loft-random-givens": 2}
 
 
 def pair(name: str):
@@ -82,7 +83,7 @@ def grads(model: nn.Module) -> dict[str, torch.Tensor]:
 def test_batched_equals_per_layer_outputs_and_gradients(name: str) -> None:
     model, reference = pair(name)
     x = torch.randn(2, 5, 12, dtype=f64)
-    # LoCO: one call for every width; LoRA: one per shape; LOFT: one per transform shape and width
+    # LoCO, LoCA: one call for every width; LoRA: one per shape; LOFT: one per transform shape and width
     assert model.plan.start(model.base_model) == CALLS.get(name, 2)
     y, y_ref = model(x), reference(x)
     assert torch.equal(y, y_ref)

@@ -116,22 +116,28 @@ def test_spectral_updates_run_in_the_base_matmuls_dtype(method: str, llama_dir: 
     """After prepare_model_for_kbit_training the activations are float32 while a bf16-compute NF4 matmul runs
     in bf16: the rank-n spectral update (a third of that matmul's FLOPs at n=1000) runs in bf16 too and is added
     back in float32 (float16 on an int8 base, whose kernels take float16); on a float32 base it stays float32. Its
-    basis rows are made in that dtype (no float32 copy to cast). Its parameters and gradients stay float32."""
+    basis rows (LoCA: the cosine tables its plan makes them from) are made in that dtype (no float32 copy to cast).
+    Its parameters and gradients stay float32."""
     from orthotune.ops import spectral
 
     seen: list[torch.dtype] = []
     inner = spectral.sparse_apply
     monkeypatch.setattr(spectral, "sparse_apply", lambda x, *a, **k: (seen.append(x.dtype), inner(x, *a, **k))[1])
-    rows = "cos_rows" if method == "loca" else "dft_rows"
-    made = getattr(spectral, rows)
-    monkeypatch.setattr(spectral, rows, lambda n, index, dtype: (seen.append(dtype), made(n, index, dtype))[1])
+    made = spectral.cos_table if method == "loca" else spectral.dft_rows
+    made_in: list[torch.dtype] = []
+    if method == "loca":
+        monkeypatch.setattr(spectral, "cos_table", lambda n, dtype, device: (made_in.append(dtype), made(n, dtype, device))[1])
+    else:
+        monkeypatch.setattr(spectral, "dft_rows", lambda n, index, dtype: (made_in.append(dtype), made(n, index, dtype))[1])
     cfg = METHODS[method][0](target_modules="all-linear", n_frequency=16, init_identity=False)
     for quant, want in (("nf4", torch.bfloat16), ("int8", torch.float16), (None, torch.float32)):
         model = orthotune.get_model(orthotune.prepare_model_for_kbit_training(load(llama_dir, quant)), cfg)
         seen.clear()  # get_model's finite-init probe runs each method on a plain float32 base
+        made_in.clear()
         out = model(TOKENS, labels=TOKENS)
         out.loss.backward()
         assert out.logits.dtype == torch.float32 and seen and set(seen) == {want}, (quant, set(seen))
+        assert made_in and set(made_in) == {want}, (quant, set(made_in))
         spectra = [p for p in model.parameters() if p.requires_grad]
         assert all(p.dtype == torch.float32 and p.grad is not None and p.grad.abs().sum() > 0 for p in spectra)
 

@@ -37,6 +37,44 @@ def test_delta_weight_is_scaled_idctn_of_the_sparse_spectrum() -> None:
         assert m.diagnostics()["distinct_locations"] == 40  # distinct cells at init
 
 
+def test_fixed_cells_are_planned_in_one_call_with_tables_shared_by_width() -> None:
+    """At fixed cells the plan makes every layer's core in one call: the cosine tables of each width (one tensor per
+    width, shared) and the coefficients times their norms; the forward makes the rows from them, equal to the DCT
+    rows at the cells. A location phase's relaxed cells are made per layer (their finite-difference backward)."""
+    cls, targets, make_x = MODELS["mlp"]
+    model = orthotune.get_model(cls().double(), LoCAConfig(target_modules=targets, n_frequency=12, scale=2.0, init_identity=False,
+                                                           location_learning_steps=10, coefficient_steps=1))
+    model.double()
+    assert model.plan.start(model.base_model) == 1
+    tables: dict[int, torch.Tensor] = {}
+    for _, layer in model.adapter_layers():
+        m = layer.adapters["default"]
+        cos_out, cos_in, c = layer.planned["default"]
+        for d, t in ((m.d_out, cos_out), (m.d_in, cos_in)):
+            assert t is tables.setdefault(d, t) and t.shape == (4 * d,) and t.dtype == torch.float64
+        P, Q, c_eff = m.rows(layer.planned["default"])
+        rows, cols = m.locations
+        assert torch.equal(P, spectral.cos_rows(m.d_out, rows, torch.float64))
+        assert torch.equal(Q, spectral.cos_rows(m.d_in, cols, torch.float64))
+        norms = spectral.dct_scales(m.d_out, rows) * spectral.dct_scales(m.d_in, cols)
+        torch.testing.assert_close(c_eff, 2.0 * m.spectrum * norms, rtol=1e-15, atol=0)
+        ref = m.factors(m.spectrum)  # the per-layer factors merging uses: the same update
+        assert torch.allclose(spectral.sparse_delta(P, Q, c_eff), spectral.sparse_delta(*ref), atol=1e-14)
+    model.plan.end()
+    model.eval()  # serving: the frozen cores are the tables and coefficients, not n x (d_in + d_out) rows per layer
+    frozen: dict[int, torch.Tensor] = {}
+    for _, layer in model.adapter_layers():
+        m, core = layer.adapters["default"], layer.frozen["default"][0]
+        assert [t.dim() for t in core] == [1, 1, 1]
+        assert core[0] is frozen.setdefault(m.d_out, core[0]) and core[1] is frozen.setdefault(m.d_in, core[1])
+    model.train()
+    learner = LocationLearner(model)
+    learner.step()  # a location phase: per layer, rows with their finite-difference backward
+    assert all(m.core_key() is None for m in _loca_modules(model))
+    assert model.plan.start(model.base_model) == 0
+    model.plan.end()
+
+
 def test_config_and_layer_checks_name_the_fix() -> None:
     with pytest.raises(ValueError, match="n_frequency"):
         LoCAConfig(n_frequency=0)

@@ -10,7 +10,6 @@ from torch import nn
 
 import orthotune
 from orthotune.methods.base import Base
-from orthotune.methods import loco as loco_module
 from orthotune.methods.loco import LoCO, LoCOConfig, approximation_error
 from orthotune.ops import lowrank, skew
 
@@ -213,30 +212,3 @@ def test_pad_rank_appends_zeros_only() -> None:
     assert torch.equal(P[..., :6], U) and torch.equal(Q[..., :6, :], MVt)
     assert torch.equal(P @ Q, U @ MVt)
     assert lowrank.pad_rank(U.float(), MVt.float())[0].shape[-1] == 8  # float32: 4 per 16-byte word
-
-
-@pytest.mark.parametrize("mode", ["exact", "approx", "sequential"])
-def test_batched_cores_keep_only_their_parameters_for_backward(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The per-step cores of several layers (two widths) hold nothing but the parameters for their backward
-    (the float32 working copies, 3.3x the parameters' bytes, are recomputed there), with the gradients of the
-    computation that keeps them."""
-    torch.manual_seed(0)
-    cfg = LoCOConfig(rank=2, chain_length=3, mode=mode, init_identity=False)
-    modules = [LoCO(cfg, d, 8, torch.zeros(8, d)) for d in (16, 24, 16)]
-    params = [p for m in modules for p in m.parameters()]
-
-    def grads() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        saved: list[torch.Tensor] = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-            cores = LoCO.cores(modules, torch.bfloat16)
-        torch.manual_seed(1)
-        loss = sum((c.float() * torch.randn(c.shape)).sum() for core in cores for c in core)
-        return saved, torch.autograd.grad(loss, params)
-
-    saved, got = grads()
-    assert saved and {t.untyped_storage().data_ptr() for t in saved} <= {p.untyped_storage().data_ptr() for p in params}
-    monkeypatch.setattr(loco_module, "recomputed", lambda fn, *tensors: fn(*tensors))
-    kept, want = grads()
-    assert sum(t.numel() * t.element_size() for t in kept) > 3 * sum(p.numel() * 4 for p in params)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=0, atol=0)

@@ -146,6 +146,11 @@ class AdapterLayer(nn.Module):
             return quantized.compute_dtype(self.base_layer)
         return self.base_layer.weight.dtype
 
+    def core_dtype_of(self, name: str) -> torch.dtype:
+        """The dtype adapter ``name``'s core is made in on this layer: its method's choice for the layer's compute
+        dtype on its frozen base (a spectral update on a 4-bit base: that base's matmul dtype)."""
+        return self.adapters[name].core_dtype(self.compute_dtype, FrozenBase(self, name))
+
     def __getattr__(self, name: str) -> Any:
         """Other attributes of the wrapped layer (an embedding's num_embeddings, a conv's stride), as peft's layers do."""
         try:

@@ -4,8 +4,8 @@ A rotation needs a small core every step (LoCO's ``2kr x 2kr`` chain core, ...);
 factors cast to 16-bit activations (in its parameters' dtype its cores are the parameters). Cheap in
 FLOPs, but done layer by layer it is dozens of tiny kernel launches per layer, and on a GPU that
 dominates the step (3.2x peft LoRA per layer, 1.04x when batched). So the model owns one :class:`Plan`,
-whose hooks on the wrapped model (:meth:`Plan.attach`) group the methods the coming forward runs by (class, ``core_key()``, layer
-compute dtype), compute each group's cores in one ``cores()`` call, cast once to the layers' dtype,
+whose hooks on the wrapped model (:meth:`Plan.attach`) group the methods the coming forward runs by (class, ``core_key()``,
+the dtype the layer makes the core in), compute each group's cores in one ``cores()`` call, cast once to that dtype,
 and leave each layer its adapters' cores in ``layer.planned`` (name -> core). A layer without a
 planned core asks the method for ``core()``: the same values, computed there.
 
@@ -188,7 +188,7 @@ class Plan:
             for name in layer.forward_names() if layer.kind not in MERGED_KINDS else []:
                 core, method = batched.get((id(layer), name)), layer.adapters[name]
                 if core is None and method.core_key() is None and _computable(method, _tensors(method)):
-                    core = method.core(layer.compute_dtype)
+                    core = method.core(layer.core_dtype_of(name))
                 if core is not None:
                     cores[name] = core
             layer.freeze(cores)
@@ -236,7 +236,7 @@ def clear(root: nn.Module) -> None:
 
 
 def _groups(layers: list[AdapterLayer]) -> dict[Hashable, list[Member]]:
-    """The methods the next forward runs, by (class, core key, layer compute dtype); per-layer ones left out."""
+    """The methods the next forward runs, by (class, core key, core dtype on the layer); per-layer ones left out."""
     groups: dict[Hashable, list[Member]] = defaultdict(list)
     for layer in layers:
         if layer.kind in MERGED_KINDS:
@@ -245,7 +245,7 @@ def _groups(layers: list[AdapterLayer]) -> dict[Hashable, list[Member]]:
             method = layer.adapters[name]
             key = method.core_key()
             if key is not None:
-                groups[(type(method), key, layer.compute_dtype)].append((layer, name, method))
+                groups[(type(method), key, layer.core_dtype_of(name))].append((layer, name, method))
     return groups
 
 

@@ -24,7 +24,6 @@ from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from .config import AdapterConfig
 
@@ -142,15 +141,6 @@ def compute_cores(cls: type[AdapterMethod], modules: list[AdapterMethod], dtype:
         with torch.autocast(kind, enabled=False):
             return cls.cores(modules, dtype)
     return cls.cores(modules, dtype)
-
-
-def recomputed(fn: Callable[..., tuple[Tensor, ...]], *tensors: Tensor) -> tuple[Tensor, ...]:
-    """``fn(*tensors)``, keeping only its inputs and outputs for the backward: the intermediates (a core's float32
-    working copies, which a training step would otherwise hold until its end) are recomputed when the backward
-    reaches them, after every layer's (a non-reentrant checkpoint: dynamo traces it, autocast state replayed)."""
-    if not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors):
-        return fn(*tensors)
-    return checkpoint(fn, *tensors, use_reentrant=False)
 
 
 def cast(core: Core, dtype: torch.dtype | None) -> Core:

@@ -50,6 +50,11 @@ class SparseSpectrum(AdapterMethod):
         """``(P, Q, c_eff)`` for the spectrum ``c`` (already in the compute dtype and device)."""
         raise NotImplementedError
 
+    def rows(self, core: Core) -> tuple[Tensor, Tensor, Tensor]:
+        """``(P, Q, c_eff)`` of this step from the layer's core (here the core is those factors)."""
+        P, Q, c = core
+        return P, Q, c
+
     def delta_weight(self, dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> Tensor:
         """``dW`` (d_out x d_in): one (d_out x m)(m x d_in) product."""
         return spectral.sparse_delta(*self.factors(self.spectrum.to(device=device, dtype=dtype)))
@@ -67,7 +72,7 @@ class SparseSpectrum(AdapterMethod):
         return low if low is not None and low.itemsize < dtype.itemsize else dtype
 
     def forward(self, x: Tensor, base: Base, core: Core) -> Tensor:
-        P, Q, c = core
+        P, Q, c = self.rows(core)
         # Folding dW into the frozen weight needs that weight, and no dropout on the update's input.
         W = base.weight if isinstance(self.dropout, nn.Identity) or not self.training else None
         compute = self.config.compute

@@ -65,7 +65,24 @@ def cos_rows(n: int, index: Tensor, dtype: torch.dtype = torch.float32) -> Tenso
     that multiply the rows instead of to every entry saves a pass over the (len(index) x n) rows. Correctly
     rounded in any dtype, as :func:`dct_rows`.
     """
-    return _cos_table(n, index.device).to(dtype)[_dct_phase(n, index)]
+    return cos_rows_of(cos_table(n, dtype, index.device), index)
+
+
+def cos_table(n: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> Tensor:
+    """The 4n values ``cos(pi m / 2n)`` the n-point DCT-II rows take, made in float64 and rounded once to ``dtype``:
+    one table serves every layer of width n (:func:`cos_rows_of`)."""
+    return _cos_table(n, torch.device(device) if device is not None else torch.device("cpu")).to(dtype)
+
+
+def cos_rows_of(table: Tensor, index: Tensor) -> Tensor:
+    """:func:`cos_rows` from a :func:`cos_table` (n = ``len(table) / 4``): an integer product, a remainder, a gather."""
+    return table[_dct_phase(table.shape[0] // 4, index)]
+
+
+def cell_scales(cells: Tensor, d_out: int, d_in: int) -> Tensor:
+    """``dct_scales(d_out, rows) * dct_scales(d_in, cols)`` for ``cells`` = (rows, cols) (2 x n), float64:
+    ``sqrt((1 + [r != 0]) (1 + [s != 0]) / (d_out d_in))``, the norms of the 2-D DCT basis at those cells."""
+    return (cells != 0).add(1).prod(0).to(torch.float64).mul_(1.0 / (d_out * d_in)).sqrt_()
 
 
 def dct_scales(n: int, index: Tensor) -> Tensor:

@@ -14,6 +14,8 @@ Without a learner, LoCA trains its coefficients at fixed random cells.
 from __future__ import annotations
 
 import math
+from collections import defaultdict
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +24,7 @@ from torch import Tensor, nn
 
 from ...ops import spectral
 from ..config import AdapterConfig, check_choice, check_dropout, check_positive_int
+from ..base import Core
 from ..spectral import COMPUTE, SparseSpectrum
 
 
@@ -123,6 +126,42 @@ class LoCA(SparseSpectrum):
         P = spectral.located_dct_rows(self.d_out, pos[0], c.dtype, clip)
         Q = spectral.located_dct_rows(self.d_in, pos[1], c.dtype, clip)
         return P, Q, self.config.scale * c
+
+    def core_key(self) -> Hashable | None:
+        """At fixed cells every layer's core is planned in one call (:meth:`cores`); a location phase's relaxed
+        cells (rows with a finite-difference backward) are made per layer."""
+        return None if self.relaxed_locations is not None else (self.spectrum.dtype, self.spectrum.device)
+
+    @classmethod
+    def cores(cls, modules: list[LoCA], dtype: torch.dtype | None = None) -> list[Core]:
+        """At fixed cells ``(cos_out, cos_in, c_eff)`` per layer: the cosine tables of its widths (4 d values each,
+        one tensor per width shared by every layer) and its coefficients times their norms and alpha, scaled in one
+        call per layer shape. Its forward makes the rows from the tables (:meth:`rows`): a few launches, and no
+        n x (d_in + d_out) rows held from a forward to its backward. Relaxed cells: :meth:`factors` per layer."""
+        if any(m.relaxed_locations is not None for m in modules):
+            return [m.factors(m.spectrum if dtype is None else m.spectrum.to(dtype)) for m in modules]
+        dtype = dtype or modules[0].spectrum.dtype
+        device = modules[0].spectrum.device
+        tables = {d: spectral.cos_table(d, dtype, device) for d in sorted({d for m in modules for d in (m.d_out, m.d_in)})}
+        shapes: dict[tuple[int, int, float], list[int]] = defaultdict(list)
+        for i, m in enumerate(modules):
+            shapes[(m.d_out, m.d_in, m.config.scale)].append(i)
+        coefficients: dict[int, Tensor] = {}
+        for (d_out, d_in, scale), members in shapes.items():
+            spectra = [modules[i].spectrum for i in members]
+            cells = torch.cat([modules[i].locations for i in members], 1)
+            norms = spectral.cell_scales(cells, d_out, d_in).mul_(scale)
+            scaled = (torch.cat(spectra).to(norms.dtype) * norms).to(dtype)  # rounded once
+            coefficients.update(zip(members, scaled.split([c.shape[0] for c in spectra])))
+        return [(tables[m.d_out], tables[m.d_in], coefficients[i]) for i, m in enumerate(modules)]
+
+    def rows(self, core: Core) -> tuple[Tensor, Tensor, Tensor]:
+        """``(P, Q, c_eff)``: the cosine rows at this layer's cells from a fixed-cell core's tables, or a relaxed
+        core's rows as they are."""
+        P, Q, c = core
+        if P.dim() == 1:
+            P, Q = spectral.cos_rows_of(P, self.locations[0]), spectral.cos_rows_of(Q, self.locations[1])
+        return P, Q, c
 
     @torch.no_grad()
     def diagnostics(self) -> dict[str, Any]:
