@@ -75,6 +75,30 @@ def test_fixed_cells_are_planned_in_one_call_with_tables_shared_by_width() -> No
     model.plan.end()
 
 
+def test_eager_update_is_added_into_the_base_output(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eager training adds the rank-n update into the frozen map's fresh output (one pass over it), with the same
+    output and gradients as ``W0 x + dW x``."""
+    from orthotune.layer.adapter_layer import AdapterLayer
+
+    torch.manual_seed(0)
+    model = orthotune.get_model(nn.Sequential(nn.Linear(16, 12, bias=False)).double(),
+                                LoCAConfig(target_modules=["0"], n_frequency=20, init_identity=False))
+    model.double()
+    seen: list[torch.Tensor] = []
+    inner = AdapterLayer._base_no_bias
+    monkeypatch.setattr(AdapterLayer, "_base_no_bias", lambda self, x: seen.append(inner(self, x)) or seen[-1])
+    x = torch.randn(5, 16, dtype=torch.float64, requires_grad=True)
+    y = model(x)
+    assert y.data_ptr() == seen[0].data_ptr()  # the base output itself, added into
+    m = _loca_modules(model)[0]
+    W0 = model.base_model[0].base_layer.weight
+    ref = x @ (W0 + m.delta_weight(torch.float64)).T
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    (g_x, g_c), (r_x, r_c) = (torch.autograd.grad(out.pow(2).sum(), (x, m.spectrum)) for out in (y, ref))
+    torch.testing.assert_close(g_x, r_x, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g_c, r_c, rtol=1e-12, atol=1e-12)
+
+
 def test_config_and_layer_checks_name_the_fix() -> None:
     with pytest.raises(ValueError, match="n_frequency"):
         LoCAConfig(n_frequency=0)

@@ -85,7 +85,13 @@ class SparseSpectrum(AdapterMethod):
             return F.linear(x, spectral.add_sparse_delta(W, P, Q, c))
         path = self.core_dtype(x.dtype, base)
         update = spectral.sparse_apply(self.dropout(x).to(path), P.to(path), Q.to(path), c.to(path), compute=compute)
-        return base(x) + update.to(x.dtype)
+        out = base(x)
+        # Eager: add into the frozen map's fresh output, one pass instead of a cast and an add (3-6% of an 8B-shaped
+        # NF4 model's eager step on an H200 at n=1000); not into a view (bitsandbytes' 8-bit matmul returns one,
+        # which autograd forbids changing) nor under a compiler, which fuses the add anyway.
+        if out.dtype == x.dtype and not torch.compiler.is_compiling() and not out._is_view():
+            return out.add_(update)
+        return out + update.to(x.dtype)
 
     def merged_weight(self, W: Tensor) -> Tensor:
         return W + self.delta_weight(W.dtype, W.device)
