@@ -212,3 +212,36 @@ def test_pad_rank_appends_zeros_only() -> None:
     assert torch.equal(P[..., :6], U) and torch.equal(Q[..., :6, :], MVt)
     assert torch.equal(P @ Q, U @ MVt)
     assert lowrank.pad_rank(U.float(), MVt.float())[0].shape[-1] == 8  # float32: 4 per 16-byte word
+
+
+def test_products_with_b_come_from_a_alone() -> None:
+    """``B = A J`` (``A = [U, V]``, ``B = [V, -U]`` per factor): ``B^T A = J^T A^T A`` and ``C B^T = (C J^T) A^T``."""
+    torch.manual_seed(0)
+    k, d, r = 3, 7, 2
+    U, V = torch.randn(k, d, r, dtype=torch.float64), torch.randn(k, d, r, dtype=torch.float64)
+    A, B = skew.skew_factors(U, V)
+    Us, Vs = skew.stack_factors(A), skew.stack_factors(B)
+    J_r = torch.zeros(2 * r, 2 * r, dtype=torch.float64)
+    J_r[:r, r:], J_r[r:, :r] = -torch.eye(r), torch.eye(r)
+    J = torch.block_diag(*[J_r] * k)
+    assert torch.equal(Us @ J, Vs) and torch.equal(A @ J_r, B)
+    C = torch.randn(2 * k * r, 2 * k * r, dtype=torch.float64)
+    assert torch.equal(skew.jt_rows(C, r), J.T @ C) and torch.equal(skew.jt_cols(C, r), C @ J.T)
+    torch.testing.assert_close(skew.jt_rows(Us.T @ Us, r), Vs.T @ Us, rtol=0, atol=1e-14)
+    c = torch.randn(k, 2 * r, 2 * r, dtype=torch.float64)
+    torch.testing.assert_close(skew.jt_cols(c, r) @ A.mT, c @ B.mT, rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("mode", ["exact", "approx", "sequential"])
+def test_batched_cores_keep_no_width_sized_copy_for_backward(mode: str) -> None:
+    """The per-step cores' backward keeps, of the width-sized tensors, only the cores themselves (the products with
+    ``B = [V, -U]`` are taken from ``A`` through ``J``): no second parameter-sized copy held all step."""
+    torch.manual_seed(0)
+    cfg = LoCOConfig(rank=2, chain_length=3, mode=mode, init_identity=False)
+    modules = [LoCO(cfg, d, 8, torch.zeros(8, d)) for d in (64, 96, 64)]
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        cores = LoCO.cores(modules)
+    kept = {t.untyped_storage().data_ptr() for core in cores for t in core}
+    wide = [t for t in saved if max(t.shape, default=0) >= 64]
+    assert wide and all(t.untyped_storage().data_ptr() in kept for t in wide)

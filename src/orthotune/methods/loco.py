@@ -109,8 +109,9 @@ class LoCO(AdapterMethod):
     def cores(cls, modules: list[LoCO], dtype: torch.dtype | None = None) -> list[Core]:
         """``(U, MVt)`` with ``R x = x + U (MVt x)``, ``MVt = M V^T`` (exact, approx); in sequential mode
         ``(A_i, C_i B_i^T)`` stacked per factor. Stacked per width, the small cores of all widths in one computation.
-        Its float32 intermediates (3.3x the parameters' bytes) stay for the step: recomputing them in the backward
-        saved 0.4-0.6% of the 8B-shaped NF4 table's peak and cost 5% of its eager step, 4-7% compiled (H200)."""
+        Its backward keeps no width-sized tensor but the cores (the products with ``B`` come from ``A``, see
+        :func:`_chain_cores`); recomputing the cores in the backward instead saved 0.4-0.6% of the 8B-shaped NF4
+        table's peak and cost 5% of its eager step, 4-7% compiled (H200), so they stay for the step."""
         widths: dict[int, list[int]] = {}
         for i, m in enumerate(modules):
             widths.setdefault(m.d_in, []).append(i)
@@ -169,33 +170,31 @@ class LoCO(AdapterMethod):
 def _chain_cores(mode: str, stacks: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
     """Per-step cores of layers given as stacks ``(U, V)`` of shape (L, k, d, r), one stack per width.
 
-    Only the Gram matrices ``B^T A`` (2kr x 2kr) depend on the width: they are computed per stack,
+    Only the Gram matrices ``B^T A = J^T A^T A`` (2kr x 2kr) depend on the width: they are computed per stack,
     then ``phi`` and the chain core run once for all layers of all widths, and the core is folded
     into the right factor per stack. Returns, per stack, exact / approx: ``(U_c, M V_c^T)``
     ((L, d, 2kr), (L, 2kr, d)), the one form; sequential: ``(A_i, C_i B_i^T)`` ((L, k, d, 2r),
     (L, k, 2r, d)), one pair per factor. Float32 (float64 if the parameters are).
     """
-    k = stacks[0][0].shape[-3]
+    k, r = stacks[0][0].shape[-3], stacks[0][0].shape[-1]
     parts = []
     for U, V in stacks:
         if U.dtype not in (torch.float32, torch.float64):
             U, V = U.float(), V.float()
-        A, B = skew.skew_factors(U, V)
-        parts.append((A, B, skew.stack_factors(A), skew.stack_factors(B)))
-    gram = torch.cat([Vs.transpose(-1, -2) @ Us for _, _, Us, Vs in parts])
-    if mode == "approx":
-        small = skew.phi(gram)  # exp(S_1 + ... + S_k) = I + U phi(V^T U) V^T
-    else:
-        C = skew.phi(skew.diagonal_blocks(gram, k))
-        small = C if mode == "sequential" else skew.chain_from_gram(gram, C)
+        A = torch.cat([U, V], -1)  # A_i = [U_i, V_i]; B_i = [V_i, -U_i] = A_i J_r is never formed (skew.jt_rows)
+        parts.append(A if mode == "sequential" else skew.stack_factors(A))  # per factor, or U_c side by side
+    # B^T A = J^T A^T A: per factor (sequential, (L, k, 2r, 2r)) or of the stacked factors V_c^T U_c (L, 2kr, 2kr)
+    gram = skew.jt_rows(torch.cat([F.transpose(-1, -2) @ F for F in parts]), r)
+    if mode == "exact":
+        small = skew.chain_from_gram(gram, skew.phi(skew.diagonal_blocks(gram, k)))
+    else:  # approx: exp(S_1 + ... + S_k) = I + U phi(V^T U) V^T; sequential: each factor's phi(B_i^T A_i)
+        small = skew.phi(gram)
     out, start = [], 0
-    for A, B, Us, Vs in parts:
-        core = small[start : start + A.shape[0]]
-        start += A.shape[0]
-        if mode == "sequential":
-            out.append((A, core @ B.transpose(-1, -2)))
-        else:
-            out.append((Us, core @ Vs.transpose(-1, -2)))
+    for F in parts:
+        core = small[start : start + F.shape[0]]
+        start += F.shape[0]
+        # C B^T = (C J^T) A^T: the backward keeps A (U_c), which is the core itself, not a second copy B (V_c)
+        out.append((F, skew.jt_cols(core, r) @ F.transpose(-1, -2)))
     return out
 
 

@@ -141,6 +141,20 @@ def skew_exp_factors(U: Tensor, V: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return A, B, phi(B.transpose(-1, -2) @ A)
 
 
+def jt_rows(M: Tensor, r: int) -> Tensor:
+    """``J^T M`` for ``J = diag(J_r, ..., J_r)``, ``J_r = [[0, -I_r], [I_r, 0]]``: each 2r-row block ``[M_1; M_2]``
+    becomes ``[M_2; -M_1]``. ``B = A J`` turns the stacked factors ``A = [U_i, V_i]`` into ``B = [V_i, -U_i]``, so
+    ``B^T A = J^T (A^T A)`` and ``C B^T = (C J^T) A^T``: products with ``B`` from ``A`` alone (:func:`jt_cols`)."""
+    blocks = M.unflatten(-2, (-1, 2, r))
+    return torch.stack([blocks[..., 1, :, :], -blocks[..., 0, :, :]], -3).flatten(-4, -2)
+
+
+def jt_cols(M: Tensor, r: int) -> Tensor:
+    """``M J^T`` (:func:`jt_rows`): each 2r-column block ``[M_1, M_2]`` becomes ``[-M_2, M_1]``."""
+    blocks = M.unflatten(-1, (-1, 2, r))
+    return torch.stack([-blocks[..., 1, :], blocks[..., 0, :]], -2).flatten(-3)
+
+
 def stack_factors(A: Tensor) -> Tensor:
     """(..., k, d, m) -> (..., d, k*m): the factors side by side, first factor leftmost."""
     *lead, k, d, m = A.shape
