@@ -32,7 +32,7 @@ def _phase_dtype(n: int) -> torch.dtype:
     return torch.int32 if 2 * n * n < 2**31 else torch.int64
 
 
-def _cos_table(n: int, device: torch.device) -> Tensor:
+def _cos_table(n: int, device: torch.device | str | None) -> Tensor:
     """``cos(pi m / 2n)`` for m in [0, 4n), float64: every value a row of the n-point DCT-II takes."""
     return torch.cos(torch.arange(4 * n, dtype=torch.float64, device=device) * (math.pi / (2 * n)))
 
@@ -71,7 +71,7 @@ def cos_rows(n: int, index: Tensor, dtype: torch.dtype = torch.float32) -> Tenso
 def cos_table(n: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> Tensor:
     """The 4n values ``cos(pi m / 2n)`` the n-point DCT-II rows take, made in float64 and rounded once to ``dtype``:
     one table serves every layer of width n (:func:`cos_rows_of`)."""
-    return _cos_table(n, torch.device(device) if device is not None else torch.device("cpu")).to(dtype)
+    return _cos_table(n, device).to(dtype)
 
 
 def cos_rows_of(table: Tensor, index: Tensor) -> Tensor:

@@ -118,7 +118,7 @@ class LoCA(SparseSpectrum):
         relaxed = self.relaxed_locations
         if relaxed is None:
             rows, cols = self.locations
-            norms = spectral.dct_scales(self.d_out, rows) * spectral.dct_scales(self.d_in, cols)
+            norms = spectral.cell_scales(self.locations, self.d_out, self.d_in)  # as the planned cores scale them
             P, Q = spectral.cos_rows(self.d_out, rows, c.dtype), spectral.cos_rows(self.d_in, cols, c.dtype)
             return P, Q, (c.to(norms.dtype) * (self.config.scale * norms)).to(c.dtype)  # rounded once
         pos = relaxed * self.extent()
@@ -139,7 +139,7 @@ class LoCA(SparseSpectrum):
         call per layer shape. Its forward makes the rows from the tables (:meth:`rows`): a few launches, and no
         n x (d_in + d_out) rows held from a forward to its backward. Relaxed cells: :meth:`factors` per layer."""
         if any(m.relaxed_locations is not None for m in modules):
-            return [m.factors(m.spectrum if dtype is None else m.spectrum.to(dtype)) for m in modules]
+            return super().cores(modules, dtype)
         dtype = dtype or modules[0].spectrum.dtype
         device = modules[0].spectrum.device
         tables = {d: spectral.cos_table(d, dtype, device) for d in sorted({d for m in modules for d in (m.d_out, m.d_in)})}
