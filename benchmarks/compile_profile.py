@@ -12,7 +12,7 @@ ratios to peft LoRA r16 compiled. Variants of the per-step cores under compile:
   inside the graph.
 * ``eager plan``: the plan's hooks run eagerly, the base model's ``forward`` compiled: the batched
   cores are graph inputs.
-* ``unpadded`` (ablation): as ``plan``, with :func:`orthotune.ops.lowrank.pad_rank` switched off, so
+* ``unpadded`` (ablation): as ``plan``, with :func:`orthotune.ops.lowrank.pad_square` switched off, so
   LoCO's bf16 one form keeps its rank ``2kr`` (36 for k3 r6) instead of the 16-byte-aligned 40.
 
 The ``plan_fallbacks`` column counts per-layer ``core()`` calls after setup (a ``plan`` row of a
@@ -72,13 +72,13 @@ def counting_fallbacks():
 @contextlib.contextmanager
 def unpadded(active: bool):
     """Switch the one form's rank padding off for the ``unpadded`` ablation (while its graph is traced)."""
-    own = lowrank.pad_rank
+    own = lowrank.pad_square
     if active:
-        lowrank.pad_rank = lambda U, MVt: (U, MVt)
+        lowrank.pad_square = lambda K: K
     try:
         yield
     finally:
-        lowrank.pad_rank = own
+        lowrank.pad_square = own
 
 
 def apply_variant(model: nn.Module, variant: str, compile_kw: dict[str, Any]) -> Callable[..., Any]:

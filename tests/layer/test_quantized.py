@@ -11,6 +11,7 @@ import torch
 
 import orthotune
 from orthotune.layer import quantized
+from orthotune.methods.loft.rotation import SupportRotation
 from orthotune.methods.registry import METHODS
 
 from ..method_cases import CASES, Case
@@ -140,6 +141,57 @@ def test_spectral_updates_run_in_the_base_matmuls_dtype(method: str, llama_dir: 
         assert made_in and set(made_in) == {want}, (quant, set(made_in))
         spectra = [p for p in model.parameters() if p.requires_grad]
         assert all(p.dtype == torch.float32 and p.grad is not None and p.grad.abs().sum() > 0 for p in spectra)
+
+
+@pytest.mark.parametrize("method", ["loca", "fourierft", "loco", "oft", "hra", "boft"])
+def test_updates_share_the_base_matmuls_cast_input(method: str, llama_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On an NF4 base (bf16 compute, float32 activations) a spectral update and a low-rank rotation (LoCO, HRA) run in
+    bf16 from one cast of the layer's input, which bitsandbytes' matmul takes too (14 layers: 14 activation-sized
+    casts to bf16, not 28); the output is cast back as bitsandbytes' own forward would, and equals the base's own plus
+    the update (W0 x + dW x), or the base on the rotated input (W0 R x), to bf16 rounding. OFT's and BOFT's block
+    rotations stay float32 (bitsandbytes makes the one cast)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Casts(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            src = args[0] if args else None
+            if func is torch.ops.aten._to_copy.default and src.dtype == torch.float32 and out.dtype == torch.bfloat16:
+                self.count += tuple(src.shape[:-1]) == tuple(TOKENS.shape)  # activations: (2 x 12) tokens x width
+            return out
+
+    extra = {"loco": dict(rank=4, chain_length=2), "oft": dict(r=0, oft_block_size=16), "hra": dict(r=4),
+             "boft": dict(boft_block_size=8, boft_n_butterfly_factor=2)}.get(method, dict(n_frequency=16))
+    cfg = METHODS[method][0](target_modules="all-linear", init_identity=False, **extra)
+    model = orthotune.get_model(orthotune.prepare_model_for_kbit_training(load(llama_dir, "nf4")), cfg)
+    layer = next(m for _, m in model.adapter_layers())
+    adapter = layer.adapters["default"]
+    x = torch.randn(2, 12, layer.d_in)
+    with torch.no_grad():
+        if method == "boft":  # the base on the butterfly-rotated input, then BOFT's output scale: s * W0 R x
+            R = SupportRotation.merged_weight(adapter, torch.eye(layer.d_in))
+            want = quantized.matmul(layer.base_layer, x @ R.T) * adapter.boft_s.squeeze(-1)
+        elif adapter.multiplicative:  # the base on the rotated input, W0 R x
+            want = quantized.matmul(layer.base_layer, x @ adapter.merged_weight(torch.eye(layer.d_in)).T)
+        else:
+            want = quantized.matmul(layer.base_layer, x) + x @ adapter.delta_weight().T
+        inner, seen = quantized.matmul, []
+        monkeypatch.setattr(quantized, "matmul", lambda module, z: (seen.append(z.dtype), inner(module, z))[1])
+        casts = Casts()
+        with casts:
+            model.train()(TOKENS)
+        # the matmul gets the cast input (OFT, BOFT: float32, which it casts itself)
+        assert casts.count == 14 and seen == [torch.float32 if method in ("oft", "boft") else torch.bfloat16] * 14, (casts.count, seen)
+        got = layer(x)
+    assert got.dtype == torch.float32 and rel(got, want) < 2e-2
+    out = model(TOKENS, labels=TOKENS)
+    out.loss.backward()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert all(p.dtype == torch.float32 and p.grad is not None and p.grad.abs().sum() > 0 for p in trained)
 
 
 def test_training_never_dequantises_a_whole_layer(llama_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:

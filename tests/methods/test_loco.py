@@ -10,7 +10,7 @@ from torch import nn
 
 import orthotune
 from orthotune.methods.base import Base
-from orthotune.methods.loco import LoCO, LoCOConfig, approximation_error
+from orthotune.methods.loco import LoCO, LoCOConfig, _Grams, approximation_error, factor_matrix
 from orthotune.ops import lowrank, skew
 
 from ..method_cases import run
@@ -189,29 +189,41 @@ def test_config_validation() -> None:
 
 @pytest.mark.parametrize("mode", ["exact", "approx", "sequential"])
 def test_bf16_cores_pad_rank_to_aligned_width_with_same_output(mode: str) -> None:
-    """In 16-bit activations the one form's rank 2kr = 36 is zero-padded to 40 (GEMM alignment); same values."""
+    """In 16-bit activations the rank 2kr = 36 of ``R = I + A K A^T`` is zero-padded to 40 (GEMM alignment); same values."""
     torch.manual_seed(0)
     m = LoCO(LoCOConfig(target_modules=["x"], rank=3, chain_length=3, mode=mode), 64, 32, torch.zeros(32, 64))
     with torch.no_grad():
         m.U.normal_(std=0.1)
-    (U, MVt), = LoCO.cores([m], torch.bfloat16)
-    (U32, MVt32), = LoCO.cores([m], torch.float32)
-    assert U.shape[-1] % 8 == 0 and MVt.shape[-2] == U.shape[-1]
-    assert U32.shape[-1] == (6 if mode == "sequential" else 18)  # float32 cores are left as they are
+    (core,) = LoCO.cores([m], torch.bfloat16)
+    (core32,) = LoCO.cores([m], torch.float32)
+    A, K = m.rotation_factors(core)
+    A32, K32 = m.rotation_factors(core32)
+    assert A.dtype == K.dtype == torch.bfloat16 and A.shape[-1] % 8 == 0 and K.shape[-2:] == (A.shape[-1],) * 2
+    assert A32.shape[-1] == (6 if mode == "sequential" else 18)  # float32 cores are left as they are
     x = torch.randn(5, 64)
-    want = m.forward(x, Base(lambda z: z), (U32, MVt32))
-    got = m.forward(x.bfloat16(), Base(lambda z: z), (U, MVt)).float()
+    want = m.forward(x, Base(lambda z: z), core32)
+    got = m.forward(x.bfloat16(), Base(lambda z: z), core).float()
     torch.testing.assert_close(got, want, atol=3e-2, rtol=3e-2)
-    assert U[..., 18 if mode != "sequential" else 6:].abs().sum() == 0
+    width = 18 if mode != "sequential" else 6
+    assert A[..., width:].abs().sum() == 0 and K[..., width:, :].abs().sum() == 0 and K[..., :, width:].abs().sum() == 0
 
 
-def test_pad_rank_appends_zeros_only() -> None:
-    U, MVt = torch.randn(3, 16, 6, dtype=torch.bfloat16), torch.randn(3, 6, 16, dtype=torch.bfloat16)
-    P, Q = lowrank.pad_rank(U, MVt)
-    assert P.shape == (3, 16, 8) and Q.shape == (3, 8, 16)
-    assert torch.equal(P[..., :6], U) and torch.equal(Q[..., :6, :], MVt)
-    assert torch.equal(P @ Q, U @ MVt)
-    assert lowrank.pad_rank(U.float(), MVt.float())[0].shape[-1] == 8  # float32: 4 per 16-byte word
+def test_pad_square_appends_zeros_only() -> None:
+    K = torch.randn(3, 6, 6, dtype=torch.bfloat16)
+    P = lowrank.pad_square(K)
+    assert P.shape == (3, 8, 8) and torch.equal(P[..., :6, :6], K) and P[..., 6:, :].abs().sum() == 0
+    assert P[..., :, 6:].abs().sum() == 0
+    assert lowrank.pad_square(K.float()).shape[-1] == 8  # float32: 4 per 16-byte word
+    assert lowrank.pad_square(torch.randn(8, 8)).shape == (8, 8)
+
+
+def test_factor_matrix_layout() -> None:
+    """``A = [U_1, V_1, ..., U_k, V_k]`` side by side (and per factor), as the chain's closed form stacks them."""
+    U, V = torch.randn(2, 3, 5, 2), torch.randn(2, 3, 5, 2)  # two layers, k=3, d=5, r=2
+    A = factor_matrix(U, V)
+    assert A.shape == (2, 5, 12)
+    assert torch.equal(A, skew.stack_factors(torch.cat([U, V], -1)))
+    assert torch.equal(factor_matrix(U, V, per_factor=True), torch.cat([U, V], -1))
 
 
 def test_products_with_b_come_from_a_alone() -> None:
@@ -233,15 +245,46 @@ def test_products_with_b_come_from_a_alone() -> None:
 
 
 @pytest.mark.parametrize("mode", ["exact", "approx", "sequential"])
-def test_batched_cores_keep_no_width_sized_copy_for_backward(mode: str) -> None:
-    """The per-step cores' backward keeps, of the width-sized tensors, only the cores themselves (the products with
-    ``B = [V, -U]`` are taken from ``A`` through ``J``): no second parameter-sized copy held all step."""
+def test_batched_cores_keep_no_width_sized_tensor_for_backward(mode: str) -> None:
+    """The per-step cores hold nothing width-sized: each core is ``(K, U, V)`` with the parameters themselves, and
+    what the cores' backward keeps of width-sized tensors is the parameters (no stacked copy held all step)."""
     torch.manual_seed(0)
     cfg = LoCOConfig(rank=2, chain_length=3, mode=mode, init_identity=False)
     modules = [LoCO(cfg, d, 8, torch.zeros(8, d)) for d in (64, 96, 64)]
     saved: list[torch.Tensor] = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         cores = LoCO.cores(modules)
-    kept = {t.untyped_storage().data_ptr() for core in cores for t in core}
+    params = {p.untyped_storage().data_ptr() for m in modules for p in (m.U, m.V)}
+    for m, (K, U, V) in zip(modules, cores):
+        assert U is m.U and V is m.V and max(K.shape) <= 12
     wide = [t for t in saved if max(t.shape, default=0) >= 64]
-    assert wide and all(t.untyped_storage().data_ptr() in kept for t in wide)
+    assert wide and all(t.untyped_storage().data_ptr() in params for t in wide)
+
+
+@pytest.mark.parametrize("mode", ["exact", "approx", "sequential"])
+def test_batched_cores_gradients_against_float64_reference(mode: str) -> None:
+    """Gradients through the batched cores (the Gram function's own backward) and the layers' forwards equal those of
+    the per-layer closed form (dense chain of matrix exponentials), in float64, for layers of two widths."""
+    torch.manual_seed(3)
+    cfg = LoCOConfig(rank=2, chain_length=3, mode=mode, init_identity=False)
+    modules = [LoCO(cfg, d, d, torch.zeros(d, d, dtype=torch.float64)).double() for d in (7, 10, 7)]
+    xs = [torch.randn(4, m.d_in, dtype=torch.float64) for m in modules]
+    cores = LoCO.cores(modules)
+    sum(m.forward(x, Base(lambda z: z), c).square().sum() for m, x, c in zip(modules, xs, cores)).backward()
+    got = [(m.U.grad.clone(), m.V.grad.clone()) for m in modules]
+    for m, x, (gU, gV) in zip(modules, xs, got):
+        U, V = m.U.detach().clone().requires_grad_(), m.V.detach().clone().requires_grad_()
+        A, B = skew.skew_factors(U, V)
+        S = A @ B.transpose(-1, -2)
+        R = torch.linalg.matrix_exp(S.sum(0)) if mode == "approx" else torch.linalg.multi_dot(list(torch.linalg.matrix_exp(S)))
+        (x @ R.T).square().sum().backward()
+        torch.testing.assert_close(gU, U.grad, rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(gV, V.grad, rtol=1e-9, atol=1e-11)
+
+
+def test_gram_function_gradcheck() -> None:
+    """The Gram function's hand-written backward, by ``torch.autograd.gradcheck`` (two layers, float64)."""
+    torch.manual_seed(0)
+    params = [torch.randn(2, 5, 2, dtype=torch.float64, requires_grad=True) for _ in range(4)]
+    assert torch.autograd.gradcheck(lambda *p: _Grams.apply(2, *p), params)
+

@@ -62,7 +62,9 @@ def test_save_load_roundtrip(case, tmp_path) -> None:
 
 def test_parameters_after_loading_model(case, tmp_path) -> None:
     model = make(case)
-    train(case, model, lr=0.5 if case.method != "hra" else 0.1, loss="sum")
+    # peft's 0.5 on a sum loss takes HRA's reflections and LoCO's generators to norms of 1e4 and more in 3 steps
+    # (angles of 1e9 rad, past what float32 resolves, and a trajectory chaotic in rounding): 0.1 for both
+    train(case, model, lr=0.5 if case.method not in ("hra", "loco") else 0.1, loss="sum")
     before = _state(model)
     model.save_pretrained(tmp_path)
     after = _state(load_adapter(base_model(case.kind), tmp_path))

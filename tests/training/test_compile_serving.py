@@ -103,14 +103,14 @@ def test_compiled_inference_reads_the_frozen_cores(case, core_calls: list[str]) 
 
 
 def test_rotation_folds_are_frozen_with_their_cores() -> None:
-    """LoCO's compiled inference applies ``base(x) + (x MVt^T) W0U^T`` from the fold computed at ``eval()``."""
+    """LoCO's compiled inference applies ``base(x) + ((x A) K^T) (W0 A)^T`` from the fold computed at ``eval()``."""
     model = _model([MLP_CASES[0]])
     assert MLP_CASES[0].method == "loco" and "mode" not in MLP_CASES[0].kwargs
     model.eval()
     for _, layer in model.adapter_layers():
-        (U, MVt), fold = layer.frozen["a0"]
-        assert torch.allclose(fold, layer.weight_matrix() @ U, rtol=0, atol=1e-12)
-        assert layer.folds["a0"][0] is U  # the eager memo holds the same fold of the same core
+        (K, A), fold = layer.frozen["a0"]
+        assert torch.allclose(fold, layer.weight_matrix() @ A, rtol=0, atol=1e-12)
+        assert layer.folds["a0"][0] is A  # the eager memo holds the same fold of the same core
     model.train()
     assert not any(layer.frozen for _, layer in model.adapter_layers()), "training mode drops the frozen cores"
 
@@ -226,7 +226,7 @@ def test_eager_inference_uses_the_frozen_cores_until_an_edit() -> None:
         assert model.plan.start(model.base_model) == 1  # stale: frozen again, in one batched call
         model.plan.end()
     assert layer.frozen["a0"][0] is not core
-    assert torch.allclose(layer.frozen["a0"][1], layer.weight_matrix() @ layer.frozen["a0"][0][0], rtol=0, atol=1e-12)
+    assert torch.allclose(layer.frozen["a0"][1], layer.weight_matrix() @ layer.frozen["a0"][0][1], rtol=0, atol=1e-12)
 
 
 def test_training_in_eval_mode_drops_the_frozen_cores() -> None:

@@ -44,8 +44,9 @@ class Base:
     weight: Tensor | None = None
     matmul_dtype: torch.dtype | None = None
 
-    def __init__(self, fn: Callable[[Tensor], Tensor]) -> None:
+    def __init__(self, fn: Callable[[Tensor], Tensor], matmul_dtype: torch.dtype | None = None) -> None:
         self.fn = fn
+        self.matmul_dtype = matmul_dtype
 
     def __call__(self, x: Tensor) -> Tensor:
         return self.fn(x)
@@ -88,6 +89,13 @@ class AdapterMethod(nn.Module):
         """The dtype this layer's core is made in for activations of ``dtype`` on ``base``: ``dtype`` (a method
         whose forward runs at another precision, e.g. a quantised base's matmul, says so here)."""
         return dtype
+
+    @staticmethod
+    def matmul_core_dtype(dtype: torch.dtype, base: Base) -> torch.dtype:
+        """For :meth:`core_dtype`: the frozen matmul's compute dtype where it is below ``dtype`` (a quantised base's
+        bf16/fp16 under float32 activations), else ``dtype``."""
+        low = base.matmul_dtype
+        return low if low is not None and low.itemsize < dtype.itemsize else dtype
 
     def core(self, dtype: torch.dtype | None = None) -> Core:
         """This layer's core: :meth:`cores` of one module, the same code path as a batched plan."""

@@ -77,7 +77,7 @@ class BOFT(SupportRotation):
 
     def forward(self, x: Tensor, base: Base, core: Core) -> Tensor:
         (s,) = cast_to(x, self.boft_s)
-        return super().forward(x, Base(lambda z: base(z) * s.squeeze(-1)), core)
+        return super().forward(x, Base(lambda z: base(z) * s.squeeze(-1), base.matmul_dtype), core)
 
     def merged_weight(self, W: Tensor) -> Tensor:
         return self.boft_s.to(W.dtype) * super().merged_weight(W)

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import lowrank, skew
-from .base import AdapterMethod, Base, Core, cast, split
+from .base import AdapterMethod, Base, Core
 from .config import AdapterConfig, check_choice, check_positive_int
 
 MODES = ("exact", "sequential", "approx")
@@ -107,52 +107,89 @@ class LoCO(AdapterMethod):
 
     @classmethod
     def cores(cls, modules: list[LoCO], dtype: torch.dtype | None = None) -> list[Core]:
-        """``(U, MVt)`` with ``R x = x + U (MVt x)``, ``MVt = M V^T`` (exact, approx); in sequential mode
-        ``(A_i, C_i B_i^T)`` stacked per factor. Stacked per width, the small cores of all widths in one computation.
-        Its backward keeps no width-sized tensor but the cores (the products with ``B`` come from ``A``, see
-        :func:`_chain_cores`); recomputing the cores in the backward instead saved 0.4-0.6% of the 8B-shaped NF4
-        table's peak and cost 5% of its eager step, 4-7% compiled (H200), so they stay for the step."""
+        """``(K, U, V)``: the small ``K`` with ``R = I + A K A^T`` and the layer's own parameters, from which its
+        forward builds ``A = [U_1, V_1, ..., U_k, V_k]`` (:func:`factor_matrix`); in sequential mode ``K`` holds one
+        (2r x 2r) block per factor. Only ``K`` is computed here, for the layers of all widths in one computation:
+        no width-sized tensor is made, held or given gradients all step (each layer's backward hands its
+        gradients straight to its parameters, as LoRA's does), and the Gram matrices' backward keeps the
+        parameters, not a stacked copy (:class:`_Grams`). Without autograd (serving) the core is ``(K, A)``: built
+        once, so that a kept core's fold ``W0 A`` is reused."""
+        mode, k, r = modules[0].config.mode, modules[0].config.chain_length, modules[0].config.rank
         widths: dict[int, list[int]] = {}
         for i, m in enumerate(modules):
             widths.setdefault(m.d_in, []).append(i)
-        stacks = []
-        for idx in widths.values():
-            # One stack for U and V, then leading-dim slices: their gradients come back as contiguous
-            # slices of one tensor, which autograd hands to the parameters without a copy each.
-            both = torch.stack([modules[i].U for i in idx] + [modules[i].V for i in idx])
-            stacks.append((both[: len(idx)], both[len(idx) :]))
+        groups = list(widths.values())
+        grams = [_Grams.apply(len(idx), *[modules[i].U for i in idx], *[modules[i].V for i in idx]) for idx in groups]
+        small = _chain_cores(mode, k, r, torch.cat(grams) if len(grams) > 1 else grams[0])
+        if dtype is not None and dtype != small.dtype:
+            small = small.to(dtype)
+        if dtype is not None and dtype.itemsize < 4:  # 16-bit activations: align the rank for the GEMMs
+            small = lowrank.pad_square(small)
+        per_layer = small.unbind(0)
+        order = [i for idx in groups for i in idx]
         out: list[Core] = [()] * len(modules)
-        for idx, stacked in zip(widths.values(), _chain_cores(modules[0].config.mode, stacks)):
-            stacked = cast(stacked, dtype)
-            if dtype is not None and dtype.itemsize < 4:  # 16-bit activations: align the rank for the GEMMs
-                stacked = lowrank.pad_rank(*stacked)
-            for i, core in zip(idx, split(stacked)):
-                out[i] = core
+        tracked = torch.is_grad_enabled() and any(m.U.requires_grad or m.V.requires_grad for m in modules)
+        for i, K in zip(order, per_layer):
+            m = modules[i]
+            out[i] = (K, m.U, m.V) if tracked else (K, m.factor_matrix(m.U, m.V, K))
         return out
 
+    def factor_matrix(self, U: Tensor, V: Tensor, K: Tensor) -> Tensor:
+        """``A`` of ``R = I + A K A^T`` from the parameters, in ``K``'s dtype and zero-padded to its size: (d, 2kr)
+        ``[U_1, V_1, ..., U_k, V_k]``, or per factor (k, d, 2r) ``[U_i, V_i]`` in sequential mode."""
+        A = factor_matrix(U, V, per_factor=self.config.mode == "sequential").to(K.dtype)
+        pad = K.shape[-1] - A.shape[-1]
+        return A if pad == 0 else torch.nn.functional.pad(A, (0, pad))
+
+    def rotation_factors(self, core: Core) -> tuple[Tensor, Tensor]:
+        """``(A, K)`` of a core (:meth:`cores`), ``A`` built from the parameters if the core names them."""
+        if len(core) == 2:
+            return core[1], core[0]
+        K, U, V = core
+        return self.factor_matrix(U, V, K), K
+
+    def one_form(self, core: Core) -> tuple[Tensor, Tensor]:
+        """``(U, M V^T)`` of the one form ``R = I + U (M V^T)`` (:mod:`orthotune.ops.lowrank`): ``(A, K A^T)``."""
+        A, K = self.rotation_factors(core)
+        return A, K @ A.transpose(-1, -2)
+
+    def core_dtype(self, dtype: torch.dtype, base: Base) -> torch.dtype:
+        """On a quantised base the rotation runs in the frozen matmul's compute dtype (bf16 under float32
+        activations), as on a bf16 model: bitsandbytes rounds the rotated input to it anyway, and its skinny
+        products then run on tensor cores instead of in float32."""
+        return self.matmul_core_dtype(dtype, base)
+
     def forward(self, x: Tensor, base: Base, core: Core) -> Tensor:
-        U, MVt = core
+        A, K = self.rotation_factors(core)
+        low = K.dtype != x.dtype and base.matmul_dtype == K.dtype  # a quantised base: rotate in its compute dtype
+        z = x.to(K.dtype) if low else x  # the one cast bitsandbytes would make of the input
         if self.config.mode == "sequential":  # R = R_1 ... R_k: factor k meets x first
-            for i in reversed(range(U.shape[0])):
-                x = lowrank.rotate_rows(x, U[i], MVt[i])
-            return base(x)
-        return lowrank.rotated_base(x, U, MVt, base, base.fold(U, MVt, x))
+            for i in reversed(range(A.shape[0])):
+                z = lowrank.apply_rows(z, A[i], K[i], A[i])
+            out = base(z)
+        else:
+            W0A = base.fold(A, K, z)
+            if W0A is None:
+                out = base(lowrank.apply_rows(z, A, K, A))
+            else:
+                out = lowrank.add_lowrank(base(z), z @ A, K, W0A)  # base(z) + ((z A) K^T) (W0 A)^T
+        return out.to(x.dtype) if low else out
 
     def merged_weight(self, W: Tensor) -> Tensor:
-        U, MVt = (t.to(W.dtype) for t in self.core())
+        A, K = (t.to(W.dtype) for t in self.rotation_factors(self.core()))
         if self.config.mode == "sequential":  # W R_1 R_2 ... R_k
-            for i in range(U.shape[0]):
-                W = W + (W @ U[i]) @ MVt[i]
+            for i in range(A.shape[0]):
+                W = W + ((W @ A[i]) @ K[i]) @ A[i].mT
             return W
-        return W + (W @ U) @ MVt
+        return W + ((W @ A) @ K) @ A.mT
 
     def unmerged_weight(self, W: Tensor) -> Tensor:
-        U, MVt = (t.to(W.dtype) for t in self.core())  # R^T = I + MVt^T U^T
+        A, K = (t.to(W.dtype) for t in self.rotation_factors(self.core()))  # R^T = I + A K^T A^T
         if self.config.mode == "sequential":  # W R_k^T ... R_1^T
-            for i in reversed(range(U.shape[0])):
-                W = W + (W @ MVt[i].mT) @ U[i].mT
+            for i in reversed(range(A.shape[0])):
+                W = W + ((W @ A[i]) @ K[i].mT) @ A[i].mT
             return W
-        return W + (W @ MVt.mT) @ U.mT
+        return W + ((W @ A) @ K.mT) @ A.mT
 
     def rotation(self) -> Tensor:
         eye = torch.eye(self.d_in, dtype=self.U.dtype if self.U.dtype == torch.float64 else torch.float32,
@@ -161,41 +198,64 @@ class LoCO(AdapterMethod):
 
     def diagnostics(self) -> dict[str, Any]:
         with torch.no_grad():
-            report = {"orthogonality_error": float(lowrank.one_form_error(*self.core()) if self.config.mode != "sequential"
+            report = {"orthogonality_error": float(lowrank.one_form_error(*self.one_form(self.core())) if self.config.mode != "sequential"
                                                    else lowrank.dense_orthogonality_error(self.rotation()))}
             report.update(approximation_error(self))
         return report
 
 
-def _chain_cores(mode: str, stacks: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
-    """Per-step cores of layers given as stacks ``(U, V)`` of shape (L, k, d, r), one stack per width.
+def factor_matrix(U: Tensor, V: Tensor, per_factor: bool = False) -> Tensor:
+    """``A`` from the generators' factors ``U``, ``V`` (..., k, d, r): (..., d, 2kr) ``[U_1, V_1, ..., U_k, V_k]``
+    (one copy), or per factor (..., k, d, 2r) ``[U_i, V_i]``. ``B = [V_i, -U_i] = A J`` is never formed (:func:`skew.jt_rows`)."""
+    if per_factor:
+        return torch.cat([U, V], -1)
+    return torch.stack([U.transpose(-3, -2), V.transpose(-3, -2)], -2).flatten(-3)
 
-    Only the Gram matrices ``B^T A = J^T A^T A`` (2kr x 2kr) depend on the width: they are computed per stack,
-    then ``phi`` and the chain core run once for all layers of all widths, and the core is folded
-    into the right factor per stack. Returns, per stack, exact / approx: ``(U_c, M V_c^T)``
-    ((L, d, 2kr), (L, 2kr, d)), the one form; sequential: ``(A_i, C_i B_i^T)`` ((L, k, d, 2r),
-    (L, k, 2r, d)), one pair per factor. Float32 (float64 if the parameters are).
-    """
-    k, r = stacks[0][0].shape[-3], stacks[0][0].shape[-1]
-    parts = []
-    for U, V in stacks:
-        if U.dtype not in (torch.float32, torch.float64):
-            U, V = U.float(), V.float()
-        A = torch.cat([U, V], -1)  # A_i = [U_i, V_i]; B_i = [V_i, -U_i] = A_i J_r is never formed (skew.jt_rows)
-        parts.append(A if mode == "sequential" else skew.stack_factors(A))  # per factor, or U_c side by side
-    # B^T A = J^T A^T A: per factor (sequential, (L, k, 2r, 2r)) or of the stacked factors V_c^T U_c (L, 2kr, 2kr)
-    gram = skew.jt_rows(torch.cat([F.transpose(-1, -2) @ F for F in parts]), r)
+
+class _Grams(torch.autograd.Function):
+    """``A^T A`` (L, 2kr, 2kr) of L layers of one width, ``A`` = :func:`factor_matrix` of each layer's ``(U, V)``,
+    in float32 (float64 if the parameters are). The batched product reads a stacked copy of the parameters;
+    its backward keeps the parameters instead (alive anyway) and stacks them again: nothing width-sized is held
+    from the step's forward to its backward."""
+
+    @staticmethod
+    def forward(ctx: Any, n: int, *params: Tensor) -> Tensor:
+        ctx.n = n
+        ctx.save_for_backward(*params)
+        A = _stacked(params, n)
+        return A.transpose(-1, -2) @ A
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        params = ctx.saved_tensors
+        A = _stacked(params, ctx.n)
+        gA = A @ (grad + grad.transpose(-1, -2))  # d(A^T A) = dA^T A + A^T dA
+        k, r = params[0].shape[-3], params[0].shape[-1]
+        parts = gA.unflatten(-1, (k, 2, r)).permute(3, 0, 2, 1, 4)  # (2, L, k, d, r): U's then V's
+        grads = [g.to(p.dtype).contiguous() for g, p in zip((*parts[0].unbind(0), *parts[1].unbind(0)), params)]
+        return (None, *grads)
+
+
+def _stacked(params: tuple[Tensor, ...], n: int) -> Tensor:
+    U, V = torch.stack(params[:n]), torch.stack(params[n:])
+    if U.dtype not in (torch.float32, torch.float64):
+        U, V = U.float(), V.float()
+    return factor_matrix(U, V)
+
+
+def _chain_cores(mode: str, k: int, r: int, gram: Tensor) -> Tensor:
+    """``K`` of ``R = I + A K A^T`` for each layer from its Gram matrix ``A^T A`` (L, 2kr, 2kr): ``B^T A = J^T A^T A``
+    gives phi and the chain core (:func:`skew.chain_from_gram`) of all layers at once, and ``K = core J^T``
+    (``C B^T = (C J^T) A^T``). Exact: (L, 2kr, 2kr) from the chain; approx: ``phi(B^T A) J^T``; sequential: each
+    factor's ``phi(B_i^T A_i) J_r^T`` (L, k, 2r, 2r)."""
+    gram = skew.jt_rows(gram, r)
     if mode == "exact":
         small = skew.chain_from_gram(gram, skew.phi(skew.diagonal_blocks(gram, k)))
-    else:  # approx: exp(S_1 + ... + S_k) = I + U phi(V^T U) V^T; sequential: each factor's phi(B_i^T A_i)
+    elif mode == "approx":  # exp(S_1 + ... + S_k) = I + U phi(V^T U) V^T
         small = skew.phi(gram)
-    out, start = [], 0
-    for F in parts:
-        core = small[start : start + F.shape[0]]
-        start += F.shape[0]
-        # C B^T = (C J^T) A^T: the backward keeps A (U_c), which is the core itself, not a second copy B (V_c)
-        out.append((F, skew.jt_cols(core, r) @ F.transpose(-1, -2)))
-    return out
+    else:
+        small = skew.phi(skew.diagonal_blocks(gram, k))
+    return skew.jt_cols(small, r)
 
 
 @torch.no_grad()

@@ -68,8 +68,7 @@ class SparseSpectrum(AdapterMethod):
         """On a quantised base the activations are float32 (norms kept float32) while the base matmul runs in
         its compute dtype: the rank-n update, a third of that matmul's FLOPs at n=1000, runs there as well, and
         its basis rows are made there (no float32 copy of n x (d_in + d_out) entries to cast)."""
-        low = base.matmul_dtype
-        return low if low is not None and low.itemsize < dtype.itemsize else dtype
+        return self.matmul_core_dtype(dtype, base)
 
     def forward(self, x: Tensor, base: Base, core: Core) -> Tensor:
         P, Q, c = self.rows(core)
@@ -84,8 +83,13 @@ class SparseSpectrum(AdapterMethod):
         if compute == "dense" and W is not None:
             return F.linear(x, spectral.add_sparse_delta(W, P, Q, c))
         path = self.core_dtype(x.dtype, base)
-        update = spectral.sparse_apply(self.dropout(x).to(path), P.to(path), Q.to(path), c.to(path), compute=compute)
-        out = base(x)
+        xp = x.to(path)
+        update = spectral.sparse_apply(self.dropout(xp), P.to(path), Q.to(path), c.to(path), compute=compute)
+        # A quantised base's matmul computes in ``path`` too: it takes the same cast input (one cast of the
+        # (..., d_in) activations, not two; the input's gradients from both are summed in ``path``) and its
+        # output is cast back as bitsandbytes' own forward would.
+        shared = path != x.dtype and base.matmul_dtype == path
+        out = base(xp).to(x.dtype) if shared else base(x)
         # Eager: add into the frozen map's fresh output, one pass instead of a cast and an add (3-6% of an 8B-shaped
         # NF4 model's eager step on an H200 at n=1000); not into a view (bitsandbytes' 8-bit matmul returns one,
         # which autograd forbids changing) nor under a compiler, which fuses the add anyway.

@@ -48,16 +48,14 @@ def tracked(*tensors: Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def pad_rank(U: Tensor, MVt: Tensor) -> tuple[Tensor, Tensor]:
-    """The one form ``(U, MVt)`` ((..., d, m), (..., m, d)) with ``m`` zero-padded so that ``m`` elements
-    fill whole 16-byte words (a multiple of 8 in bf16/fp16): the (tokens, m) activations between the two
-    skinny GEMMs then have an aligned leading dimension, which cuBLAS's tensor-core kernels need (LoCO's
-    ``2kr = 36`` is not). The extra columns are zeros, so the values are the same."""
-    m, per_word = U.shape[-1], max(1, 16 // U.element_size())
+def pad_square(K: Tensor) -> Tensor:
+    """The small core ``K`` (..., m, m) of ``R = I + A K A^T`` zero-padded so that ``m`` elements fill whole 16-byte
+    words (a multiple of 8 in bf16/fp16): the (tokens, m) activations between the skinny GEMMs then have an
+    aligned leading dimension, which cuBLAS's tensor-core kernels need (LoCO's ``2kr = 36`` is not). ``A`` is
+    padded with zero columns to match, so the values are the same."""
+    m, per_word = K.shape[-1], max(1, 16 // K.element_size())
     pad = -m % per_word
-    if pad == 0:
-        return U, MVt
-    return F.pad(U, (0, pad)), F.pad(MVt, (0, 0, 0, pad))
+    return K if pad == 0 else F.pad(K, (0, pad, 0, pad))
 
 
 def rotated_base(x: Tensor, U: Tensor, MVt: Tensor, base: Callable[[Tensor], Tensor], W0U: Tensor | None = None) -> Tensor:
