@@ -24,6 +24,7 @@ CONFIGS = {  # perturbed starts, so that every gradient is non-zero; LoRA scaled
     "lora": lambda: orthotune.LoRAConfig(target_modules="all-linear", r=4, lora_alpha=8, init_identity=False),
     "loco": lambda: orthotune.LoCOConfig(target_modules="all-linear", rank=2, init_identity=False),
     "oft": lambda: orthotune.OFTConfig(target_modules="all-linear", oft_block_size=8, init_identity=False),
+    "hra": lambda: orthotune.HRAConfig(target_modules="all-linear", r=4, init_identity=False),
 }
 STEPS = 3
 
@@ -81,7 +82,7 @@ def test_rotations_compile_like_lora_on_a_4bit_base(compiled: str, llama_dir: st
     assert lora["recompiles"] == 0
     if compiled == "layers":
         assert lora["graphs"] == 1 and lora["breaks"] == 0 and lora["adapter_inputs"] == []
-    for method in ("loco", "oft"):
+    for method in ("loco", "oft", "hra"):
         got = train(llama_dir, method, compiled)
         counts = {k: got[k] for k in ("graphs", "breaks", "recompiles")}
         assert got["graphs"] <= lora["graphs"] and got["breaks"] <= lora["breaks"], (method, counts, lora)
@@ -90,7 +91,7 @@ def test_rotations_compile_like_lora_on_a_4bit_base(compiled: str, llama_dir: st
             assert got["adapter_inputs"] == [], (method, got["adapter_inputs"][:4])
 
 
-@pytest.mark.parametrize("method", ["loco", "oft"])
+@pytest.mark.parametrize("method", ["loco", "oft", "hra"])  # LoCO and HRA rotate in bf16 there, OFT in float32
 def test_compiled_training_matches_eager_on_a_4bit_base(method: str, llama_dir: str) -> None:
     eager = train(llama_dir, method, None)
     compiled = train(llama_dir, method, "layers")

@@ -131,10 +131,10 @@ class LoCO(AdapterMethod):
         tracked = torch.is_grad_enabled() and any(m.U.requires_grad or m.V.requires_grad for m in modules)
         for i, K in zip(order, per_layer):
             m = modules[i]
-            out[i] = (K, m.U, m.V) if tracked else (K, m.factor_matrix(m.U, m.V, K))
+            out[i] = (K, m.U, m.V) if tracked else (K, m.built_factor(m.U, m.V, K))
         return out
 
-    def factor_matrix(self, U: Tensor, V: Tensor, K: Tensor) -> Tensor:
+    def built_factor(self, U: Tensor, V: Tensor, K: Tensor) -> Tensor:
         """``A`` of ``R = I + A K A^T`` from the parameters, in ``K``'s dtype and zero-padded to its size: (d, 2kr)
         ``[U_1, V_1, ..., U_k, V_k]``, or per factor (k, d, 2r) ``[U_i, V_i]`` in sequential mode."""
         A = factor_matrix(U, V, per_factor=self.config.mode == "sequential").to(K.dtype)
@@ -146,7 +146,7 @@ class LoCO(AdapterMethod):
         if len(core) == 2:
             return core[1], core[0]
         K, U, V = core
-        return self.factor_matrix(U, V, K), K
+        return self.built_factor(U, V, K), K
 
     def one_form(self, core: Core) -> tuple[Tensor, Tensor]:
         """``(U, M V^T)`` of the one form ``R = I + U (M V^T)`` (:mod:`orthotune.ops.lowrank`): ``(A, K A^T)``."""
