@@ -143,9 +143,9 @@ def test_spectral_updates_run_in_the_base_matmuls_dtype(method: str, llama_dir: 
         assert all(p.dtype == torch.float32 and p.grad is not None and p.grad.abs().sum() > 0 for p in spectra)
 
 
-@pytest.mark.parametrize("method", ["loca", "fourierft", "loco", "oft", "hra", "boft"])
+@pytest.mark.parametrize("method", ["loca", "fourierft", "loco", "oft", "hra", "boft", "psoft"])
 def test_updates_share_the_base_matmuls_cast_input(method: str, llama_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """On an NF4 base (bf16 compute, float32 activations) a spectral update and a low-rank rotation (LoCO, HRA) run in
+    """On an NF4 base (bf16 compute, float32 activations) a spectral update and a low-rank rotation (LoCO, HRA, PSOFT) run in
     bf16 from one cast of the layer's input, which bitsandbytes' matmul takes too (14 layers: 14 activation-sized
     casts to bf16, not 28); the output is cast back as bitsandbytes' own forward would, and equals the base's own plus
     the update (W0 x + dW x), or the base on the rotated input (W0 R x), to bf16 rounding. OFT's and BOFT's block
@@ -164,7 +164,7 @@ def test_updates_share_the_base_matmuls_cast_input(method: str, llama_dir: str, 
                 self.count += tuple(src.shape[:-1]) == tuple(TOKENS.shape)  # activations: (2 x 12) tokens x width
             return out
 
-    extra = {"loco": dict(rank=4, chain_length=2), "oft": dict(r=0, oft_block_size=16), "hra": dict(r=4),
+    extra = {"loco": dict(rank=4, chain_length=2), "oft": dict(r=0, oft_block_size=16), "hra": dict(r=4), "psoft": dict(r=8),
              "boft": dict(boft_block_size=8, boft_n_butterfly_factor=2)}.get(method, dict(n_frequency=16))
     cfg = METHODS[method][0](target_modules="all-linear", init_identity=False, **extra)
     model = orthotune.get_model(orthotune.prepare_model_for_kbit_training(load(llama_dir, "nf4")), cfg)

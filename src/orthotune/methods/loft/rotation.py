@@ -187,7 +187,7 @@ class SupportRotation(AdapterMethod):
         return split(core, dtype)
 
     def core_dtype(self, dtype: torch.dtype, base: Base) -> torch.dtype:
-        """On a quantised base a one-form rotation (HRA, LOFT's low-rank transforms) runs in the frozen matmul's
+        """On a quantised base a one-form rotation (HRA, PSOFT, LOFT by default) runs in the frozen matmul's
         compute dtype (bf16 under float32 activations), as on a bf16 model: bitsandbytes rounds the rotated input
         to it anyway, and the skinny products then run on tensor cores (8B-shaped NF4 table: HRA 0.93-0.96x peft
         LoRA's step, was 0.98-1.03x). The other paths keep the activations' dtype: OFT's Cayley blocks cast to bf16
