@@ -51,10 +51,24 @@ class Base:
     def __call__(self, x: Tensor) -> Tensor:
         return self.fn(x)
 
+    def computes_in(self, dtype: torch.dtype, x: Tensor) -> bool:
+        """Whether the frozen matmul computes in ``dtype``, not ``x``'s (a quantised layer's compute dtype): it then
+        takes ``x`` cast to ``dtype`` as it is, the one cast it would make itself."""
+        return dtype != x.dtype and self.matmul_dtype == dtype
+
     def fold(self, U: Tensor, *others: Tensor) -> Tensor | None:
         """``W0 U`` for serving ``base(x R^T)``, ``R = I + U (M V^T)``, as ``base(x) + (x (M V^T)^T) (W0 U)^T``;
         None under autograd (``U`` or ``others`` tracked) or when ``base`` is not a plain frozen weight."""
         return None
+
+
+def in_matmul_dtype(x: Tensor, dtype: torch.dtype, base: Base, run: Callable[[Tensor], Tensor]) -> Tensor:
+    """``run(x)`` for what runs in front of ``base``'s matmul (a rotation): where that matmul computes in ``dtype``
+    (:meth:`Base.computes_in`), on ``x`` cast to ``dtype`` once and with the output cast back, as bitsandbytes'
+    own forward casts them."""
+    if base.computes_in(dtype, x):
+        return run(x.to(dtype)).to(x.dtype)
+    return run(x)
 
 
 class AdapterMethod(nn.Module):

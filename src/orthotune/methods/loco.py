@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import lowrank, skew
-from .base import AdapterMethod, Base, Core
+from .base import AdapterMethod, Base, Core, in_matmul_dtype
 from .config import AdapterConfig, check_choice, check_positive_int
 
 MODES = ("exact", "sequential", "approx")
@@ -161,19 +161,18 @@ class LoCO(AdapterMethod):
 
     def forward(self, x: Tensor, base: Base, core: Core) -> Tensor:
         A, K = self.rotation_factors(core)
-        low = K.dtype != x.dtype and base.matmul_dtype == K.dtype  # a quantised base: rotate in its compute dtype
-        z = x.to(K.dtype) if low else x  # the one cast bitsandbytes would make of the input
+        return in_matmul_dtype(x, K.dtype, base, lambda z: self._rotated_base(z, base, A, K))
+
+    def _rotated_base(self, x: Tensor, base: Base, A: Tensor, K: Tensor) -> Tensor:
+        """``base(x R^T)`` with ``R = I + A K A^T`` (or the chain of factors in sequential mode)."""
         if self.config.mode == "sequential":  # R = R_1 ... R_k: factor k meets x first
             for i in reversed(range(A.shape[0])):
-                z = lowrank.apply_rows(z, A[i], K[i], A[i])
-            out = base(z)
-        else:
-            W0A = base.fold(A, K, z)
-            if W0A is None:
-                out = base(lowrank.apply_rows(z, A, K, A))
-            else:
-                out = lowrank.add_lowrank(base(z), z @ A, K, W0A)  # base(z) + ((z A) K^T) (W0 A)^T
-        return out.to(x.dtype) if low else out
+                x = lowrank.apply_rows(x, A[i], K[i], A[i])
+            return base(x)
+        W0A = base.fold(A, K, x)
+        if W0A is None:
+            return base(lowrank.apply_rows(x, A, K, A))
+        return lowrank.add_lowrank(base(x), x @ A, K, W0A)  # base(x) + ((x A) K^T) (W0 A)^T
 
     def merged_weight(self, W: Tensor) -> Tensor:
         A, K = (t.to(W.dtype) for t in self.rotation_factors(self.core()))

@@ -88,7 +88,7 @@ class SparseSpectrum(AdapterMethod):
         # A quantised base's matmul computes in ``path`` too: it takes the same cast input (one cast of the
         # (..., d_in) activations, not two; the input's gradients from both are summed in ``path``) and its
         # output is cast back as bitsandbytes' own forward would.
-        shared = path != x.dtype and base.matmul_dtype == path
+        shared = base.computes_in(path, x)
         out = base(xp).to(x.dtype) if shared else base(x)
         # Eager: add into the frozen map's fresh output, one pass instead of a cast and an add (3-6% of an 8B-shaped
         # NF4 model's eager step on an H200 at n=1000); not into a view (bitsandbytes' 8-bit matmul returns one,

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...ops import lowrank
-from ..base import AdapterMethod, Base, Core, split
+from ..base import AdapterMethod, Base, Core, in_matmul_dtype, split
 from ..config import AdapterConfig, check_choice, check_positive_int
 from .supports import CoordinateSupport, DenseSupport, FullSupport, coordinate_basis, principal_basis, random_basis
 from .transforms import BlockCayley, Butterfly, Givens, Householder, LowRankTransform, Mode, SkewExp, Transform
@@ -198,10 +198,8 @@ class SupportRotation(AdapterMethod):
     # ------------------------------------------------------------------ the paths
     def forward(self, x: Tensor, base: Base, core: Core) -> Tensor:
         path = getattr(self, "_" + self.path)
-        low = next((t.dtype for t in core if t.is_floating_point()), x.dtype)
-        if low != x.dtype and base.matmul_dtype == low:  # a quantised base: rotate the one cast bitsandbytes would make
-            return path(x.to(low), base, core).to(x.dtype)
-        return path(x, base, core)
+        dtype = next((t.dtype for t in core if t.is_floating_point()), x.dtype)  # the core's (see core_dtype)
+        return in_matmul_dtype(x, dtype, base, lambda z: path(z, base, core))
 
     def _one_form(self, x: Tensor, base: Base, core: Core) -> Tensor:
         U, MVt = core
