@@ -8,6 +8,7 @@
 # be in /root from the calls before, on the same warm machine (benchmarks/device_gguf.sh).
 # Usage: [RESUME=DIR] [BASES="bf16 nf4"] bash benchmarks/device_lm_quant.sh ASSETS DEADLINE_SECONDS [METHODS [QUALITY_ARGS...]]
 # BASES: the bases to run (both by default). RESUME=DIR continues each base's session from DIR/quality_lm_{bf16,nf4}.json (e.g. with more --seeds).
+# SCRATCH: the folder for the runs' scratch folders (/root; two calls of this script at once need two).
 # NF4_ARGS: further quality.py arguments for the NF4 base only (e.g. "--set lm:model.loftq=true", which a bf16 base refuses).
 # e.g. bash benchmarks/device_lm_quant.sh .carry/lmq/c 200 loco --lr loco=3e-3   (METHODS: "lora loco oft" by default)
 set -uo pipefail
@@ -28,7 +29,7 @@ for base in ${BASES:-bf16 nf4}; do
   if [ $base = nf4 ] && [ -n "${NF4_ARGS:-}" ]; then read -r -a nf4_args <<< "$NF4_ARGS"; model+=("${nf4_args[@]}"); fi
   timeout $((deadline + 40)) python3 benchmarks/quality.py --tasks lm --methods "${methods[@]}" --no-sweep "${extra[@]}" --workers 9 --threads 1 \
     --set lm:train.compile=false \
-    --deadline "$deadline" --out "$OUT" --tag "lm_$base" --scratch "/root/bench_$base" "${data[@]}" "${model[@]}" 2>&1 \
+    --deadline "$deadline" --out "$OUT" --tag "lm_$base" --scratch "${SCRATCH:-/root}/bench_$base" "${data[@]}" "${model[@]}" 2>&1 \
     | grep -v "Loading weights" > "$OUT/log_lm_$base.txt" &
 done
 wait

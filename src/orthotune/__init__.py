@@ -49,7 +49,7 @@ from .methods.registry import METHODS
 from .methods.task_type import TaskType
 from .model.adapter_model import AdapterModel
 from .model.io import read_adapter
-from .model.loftq import loftq_init
+from .model.loftq import load_loftq_base, loftq_init, save_loftq_base
 from .training.finite import check_finite, guard_finite
 from .training.graphs import GraphedStep
 from .training.rank_split import split_rank_by_width
@@ -166,7 +166,9 @@ __all__ = [
     "get_model",
     "guard_finite",
     "load_adapter",
+    "load_loftq_base",
     "loftq_init",
     "loco_approximation_error",
     "prepare_model_for_kbit_training",
+    "save_loftq_base",
 ]

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from orthotune.recipes.causal_lm import end_of_turn_id
-from orthotune.recipes.finetune import build, finetune, load_trained, merge_adapter
+from orthotune.recipes.finetune import build, evaluate_adapter, finetune, load_trained, merge_adapter
 from orthotune.recipes.runconfig import RunConfig
 
 pytestmark = [
@@ -137,3 +137,31 @@ def test_lm_recipe_starts_lora_with_loftq_on_a_4bit_base(tmp_path, tiny_smollm) 
     settings["model"] = {**settings["model"], "quantization": None}
     with pytest.raises(ValueError, match="model.loftq starts LoRA at the rounding error of a quantised base"):
         RunConfig.from_dict(settings).validate()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="pip install bitsandbytes")
+def test_lm_recipe_loftq_iterations_keep_the_requantised_base_in_the_run_folder(tmp_path, tiny_smollm) -> None:
+    """``model.loftq_iterations: 3`` re-quantises the adapted layers (LoftQ's alternation), so the run folder keeps
+    them (``loftq_base.safetensors``) and evaluating or merging the run later restores them: the reloaded model
+    scores exactly what the run did, a run resumed from a checkpoint continues on it bit for bit, and without that
+    file the run is refused rather than evaluated on another base."""
+    settings = nf4_run(tmp_path, tiny_smollm, "lora", {"r": 4, "lora_alpha": 8}, loftq=True, loftq_iterations=3)
+    cfg = RunConfig.from_dict(settings)
+    results = finetune(cfg, progress=False)
+    run = tmp_path / "run"
+    assert (run / "loftq_base.safetensors").is_file()
+    assert results["final"]["answer_nll"] < results["before"]["answer_nll"], results
+    assert evaluate_adapter(cfg, run / "adapter") == results["final"]
+    merge_adapter(cfg, run / "adapter", tmp_path / "merged")
+    stopped = RunConfig.from_dict({**settings, "output_dir": str(tmp_path / "resumed"), "train": {**settings["train"], "save_every": 2}})
+    assert finetune(stopped, progress=False, stop_after=2)["interrupted"]
+    resumed = finetune(stopped, resume=True, progress=False)  # on the run folder's base, not a fresh alternation's
+    assert resumed["history"]["train"] == results["history"]["train"] and resumed["final"] == results["final"]
+    (run / "loftq_base.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="loftq_base.safetensors does not exist"):
+        evaluate_adapter(cfg, run / "adapter")
+    for bad, message in ((0, "model.loftq_iterations must be a whole number >= 1"), (1.5, "whole number"),
+                         (2, "set model.loftq=true as well")):
+        model = {**settings["model"], "loftq_iterations": bad, "loftq": bad != 2}
+        with pytest.raises(ValueError, match=message):
+            RunConfig.from_dict({**settings, "model": model}).validate()

@@ -12,6 +12,9 @@ else does it treat quantised layers differently:
 * :func:`requantize`: writing a merged weight back in the layer's own format, recording the
   re-quantisation error (:func:`merge_errors`); or :func:`to_dense` for a plain float layer.
 
+:func:`stored_weight` / :func:`load_stored_weight` give a layer's quantised weight as plain tensors and
+back, for a base that LoftQ's alternation re-quantised, which must travel with its adapter.
+
 bitsandbytes is imported only when a model already holds its layers, so nothing here needs it
 installed otherwise (``pip install orthotune[quant]``).
 """
@@ -167,6 +170,23 @@ def matmul(module: nn.Module, x: Tensor) -> Tensor:
     return out.to(x.dtype)
 
 
+def _set_4bit(module: nn.Module, packed: Tensor, state: Any) -> None:
+    """Give a ``Linear4bit`` a new packed weight and quant state, keeping its format settings."""
+    old = module.weight
+    module.weight = _bnb().nn.Params4bit(
+        packed, requires_grad=False, quant_state=state, blocksize=old.blocksize,
+        compress_statistics=old.compress_statistics, quant_type=old.quant_type,
+        quant_storage=old.quant_storage, module=module, bnb_quantized=True,
+    )
+    module.quant_state = state
+
+
+def _set_int8(module: nn.Module, cb: Tensor, scb: Tensor) -> None:
+    """Give a ``Linear8bitLt`` new int8 rows and row scales; its next forward takes them."""
+    module.weight = _bnb().nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False, CB=cb, SCB=scb)
+    module.state.CB = module.state.SCB = None
+
+
 @torch.no_grad()
 def requantize(module: nn.Module, W: Tensor) -> None:
     """Write a float (d_out, d_in) weight into the layer in its own format (same quant type, block size,
@@ -175,27 +195,66 @@ def requantize(module: nn.Module, W: Tensor) -> None:
     W = W.reshape(module.out_features, module.in_features)
     if is_4bit(module):
         old = module.weight
-        qs = _quant_state(module)
         packed, state = bnb.functional.quantize_4bit(
-            W.to(qs.dtype).contiguous(),
+            W.to(_quant_state(module).dtype).contiguous(),
             blocksize=old.blocksize,
             compress_statistics=old.compress_statistics,
             quant_type=old.quant_type,
             quant_storage=old.quant_storage,
         )
-        module.weight = bnb.nn.Params4bit(
-            packed, requires_grad=False, quant_state=state, blocksize=old.blocksize,
-            compress_statistics=old.compress_statistics, quant_type=old.quant_type,
-            quant_storage=old.quant_storage, module=module, bnb_quantized=True,
-        )
-        module.quant_state = state
+        _set_4bit(module, packed, state)
     else:
         cb, scb, _ = bnb.functional.int8_vectorwise_quant(W.to(torch.float16).contiguous())
-        module.weight = bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False, CB=cb, SCB=scb)
-        module.state.CB = module.state.SCB = None  # the next forward takes the new statistics
+        _set_int8(module, cb, scb)
     W = W.float()
     error = float((dequantize(module).float() - W).norm() / W.norm().clamp_min(1e-30))
     module.__dict__[_ERROR_ATTR] = error
+
+
+@torch.no_grad()
+def stored_weight(module: nn.Module) -> dict[str, Tensor]:
+    """A quantised layer's stored weight as plain tensors, for safetensors: 4-bit, the packed weight and
+    bitsandbytes' packed quant state (as transformers serialises it); 8-bit, the int8 rows and their scales."""
+    if is_4bit(module):
+        unpack_cpu_layout(module)
+        return {"weight": module.weight.data, **_quant_state(module).as_dict(packed=True)}
+    cb, scb = _int8_stats(module)
+    return {"CB": cb, "SCB": scb}
+
+
+def check_stored_weight(module: nn.Module, tensors: dict[str, Tensor], name: str) -> Any:
+    """Refuse :func:`stored_weight`'s tensors for ``module`` unless it is quantised the same way (kind, quant type,
+    block size, shape); returns the 4-bit quant state they describe (None for 8-bit)."""
+    if not is_quantized(module):
+        raise ValueError(f"{name!r} is a {type(module).__name__}, but its stored weight is a bitsandbytes one: load "
+                         "the base quantised as it was when the weight was stored (the same BitsAndBytesConfig)")
+    shape = (module.out_features, module.in_features)
+    if "weight" not in tensors:
+        if is_4bit(module):
+            raise ValueError(f"{name!r} is 4-bit here, its stored weight is 8-bit: load the base in 8-bit")
+        if tuple(tensors["CB"].shape) != shape:
+            raise ValueError(f"{name!r}'s stored weight is {tuple(tensors['CB'].shape)}, the layer is {shape}: it was "
+                             "stored from another model")
+        return None
+    if not is_4bit(module):
+        raise ValueError(f"{name!r} is 8-bit here, its stored weight is 4-bit: load the base in 4-bit")
+    state = _bnb().functional.QuantState.from_dict({k: v for k, v in tensors.items() if k != "weight"}, module.weight.device)
+    got = (state.quant_type, state.blocksize, tuple(state.shape))
+    want = (module.weight.quant_type, module.weight.blocksize, shape)
+    if got != want:
+        raise ValueError(f"{name!r}'s stored weight is (quant type, block size, shape) {got}, the layer here is {want}: "
+                         "load the base quantised as it was when the weight was stored")
+    return state
+
+
+@torch.no_grad()
+def load_stored_weight(module: nn.Module, tensors: dict[str, Tensor], state: Any) -> None:
+    """Write :func:`stored_weight`'s tensors into ``module``; ``state`` is what :func:`check_stored_weight` returned."""
+    device = module.weight.device
+    if state is not None:
+        _set_4bit(module, tensors["weight"].to(device), state)
+    else:
+        _set_int8(module, tensors["CB"].to(device), tensors["SCB"].to(device))
 
 
 def merge_errors(modules: dict[str, nn.Module]) -> dict[str, float]:

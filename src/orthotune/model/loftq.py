@@ -1,26 +1,34 @@
-"""LoftQ's start for LoRA on a quantised base (Li et al. 2023, arXiv:2310.08659; peft's ``replace_lora_weights_loftq``).
+"""LoftQ's start for LoRA on a quantised base (Li et al. 2023, arXiv:2310.08659; peft's ``replace_lora_weights_loftq``
+and ``LoftQConfig``).
 
 QLoRA starts ``s B A = 0`` on ``Q(W)``, the rounded weight, so the adapter must first learn back what the rounding
 lost. LoftQ starts it at the rank-r SVD of the rounding error instead, ``s B A = SVD_r(W - Q(W))``, so the adapted
-model begins as close to the full-precision one as rank r allows. bitsandbytes fixed ``Q`` when the model was
-loaded, so this is LoftQ with one alternation (as peft's function): the original weights are read, one tensor at
-a time, from the model's float safetensors.
+model begins as close to the full-precision one as rank r allows. With one alternation (peft's
+``replace_lora_weights_loftq``) the base stays as bitsandbytes loaded it; with T (the paper's Algorithm 1, peft's
+``loftq_iter``) each adapted layer is re-quantised as ``Q = q(W - s B A)`` and the SVD taken again, T - 1 times, so
+the base itself changes and must travel with the adapter (:func:`save_loftq_base`, :func:`load_loftq_base`). The
+original weights are read, one tensor at a time, from the model's float safetensors.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from torch import Tensor
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
 
 from ..layer import quantized
 from ..methods.lora import LoRA
 from ..methods.pissa import principal_factors
+
+#: marks a bitsandbytes layer that loftq_init re-quantised (its weight is no longer the checkpoint's rounding)
+_REQUANTIZED = "_orthotune_loftq_base"
 
 
 class _Weights:
@@ -75,7 +83,9 @@ def _key(layer_name: str, names: set[str], prefix: str) -> str:
     )
 
 
-def loftq_init(model: Any, weights: str | Path | Mapping[str, Tensor], adapter_name: str = "default") -> dict[str, tuple[float, float]]:
+def loftq_init(
+    model: Any, weights: str | Path | Mapping[str, Tensor], adapter_name: str = "default", iterations: int = 1
+) -> dict[str, tuple[float, float]]:
     """Start adapter ``adapter_name``'s LoRA factors on every 4-bit or 8-bit layer at LoftQ's ``SVD_r(W - Q(W)) / s``.
 
     ``model`` is an :class:`~orthotune.AdapterModel` on a bitsandbytes base, ``weights`` the float checkpoint it was
@@ -83,7 +93,15 @@ def loftq_init(model: Any, weights: str | Path | Mapping[str, Tensor], adapter_n
     zero). Returns, per quantised layer, ``(||W - Q|| / ||W||, ||W - Q - s B A|| / ||W||)``: the rounding error
     before and after, both relative to the original weight. An adapter started this way belongs to the quantised
     base: on the float base it adds the rank-r rounding error once more.
+
+    ``iterations`` > 1 runs LoftQ's alternation, re-quantising each adapted layer as ``q(W - s B A)``: a smaller
+    error after (the paper's T = 5), but the base is no longer what loading the checkpoint quantised gives, so save
+    it beside the adapter with :func:`save_loftq_base` and restore it with :func:`load_loftq_base` before loading
+    the adapter again (merged models need nothing: they hold ``Q + s B A``).
     """
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"iterations must be a whole number >= 1 (LoftQ's alternations; 1 keeps the quantised base), "
+                         f"got {iterations!r}")
     source = _Weights(weights)
     names = source.names()
     prefix = getattr(getattr(model, "base_model", None), "base_model_prefix", "") or ""
@@ -97,14 +115,29 @@ def loftq_init(model: Any, weights: str | Path | Mapping[str, Tensor], adapter_n
                 f"loftq_init starts LoRA factors; adapter {adapter_name!r} on {name!r} is {type(method).__name__}: "
                 "use it with method 'lora' (other methods keep their own start on a quantised base)"
             )
+        if layer.merged_adapters:
+            raise ValueError(f"{name!r} has adapters merged into its base ({sorted(layer.merged_adapters)}): unmerge() "
+                             "before loftq_init, whose rounding error is that of the checkpoint's weight")
+        if iterations > 1 and len(layer.adapters) > 1:
+            raise ValueError(f"loftq_init(iterations > 1) re-quantises {name!r}'s base, which adapters "
+                             f"{sorted(set(layer.adapters) - {adapter_name})} share: start it before adding them, or "
+                             "use iterations=1, which leaves the base as loaded")
         W = source.get(_key(name, names, prefix)).to(device=method.lora_A.device, dtype=torch.float32)
         error = W - quantized.dequantize(layer.base_layer).to(W)
+        rounding = float(error.norm() / W.norm())
         A, B = principal_factors(error, method.config.r, method.scaling)
+        for _ in range(iterations - 1):  # LoftQ's alternation: Q = q(W - s B A), then s B A = SVD_r(W - Q)
+            quantized.requantize(layer.base_layer, W - method.scaling * (B @ A))
+            error = W - quantized.dequantize(layer.base_layer).to(W)
+            A, B = principal_factors(error, method.config.r, method.scaling)
+        if iterations > 1:
+            quantized.merge_errors({name: layer.base_layer})  # a start, not a merge: nothing for merging to report
+            layer.base_layer.__dict__[_REQUANTIZED] = True
         with torch.no_grad():
             method.lora_A.copy_(A)
             method.lora_B.copy_(B)
         left = error - method.delta_weight().detach().to(W)
-        report[name] = (float(error.norm() / W.norm()), float(left.norm() / W.norm()))
+        report[name] = (rounding, float(left.norm() / W.norm()))
     if not report:
         raise ValueError(
             f"no LoRA adapter {adapter_name!r} on a bitsandbytes layer: load the base with BitsAndBytesConfig "
@@ -112,3 +145,59 @@ def loftq_init(model: Any, weights: str | Path | Mapping[str, Tensor], adapter_n
         )
     model._refreeze()
     return report
+
+
+def _root(model: nn.Module) -> nn.Module:
+    """The module layer names are relative to: an AdapterModel's wrapped model, or ``model`` itself."""
+    return model.base_model if hasattr(model, "adapter_layers") else model
+
+
+def save_loftq_base(model: nn.Module, path: str | Path) -> int:
+    """Write the layers :func:`loftq_init` re-quantised (``iterations`` > 1) to the safetensors file ``path``,
+    atomically: their packed weights and quant states, keyed by layer name. Returns how many layers it holds."""
+    tensors, names = {}, []
+    for name, module in _root(model).named_modules():
+        if module.__dict__.get(_REQUANTIZED):
+            name = name.removesuffix(".base_layer")
+            names.append(name)
+            tensors.update({f"{name}.{k}": v.detach().to("cpu").contiguous() for k, v in quantized.stored_weight(module).items()})
+    if not names:
+        raise ValueError("no layer of this model was re-quantised by loftq_init(iterations > 1): with one alternation "
+                         "the base is the checkpoint's own rounding, and only the adapter needs saving")
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata={"format": "orthotune-loftq-base", "layers": json.dumps(names)})
+    os.replace(tmp, path)
+    return len(names)
+
+
+def load_loftq_base(model: nn.Module, path: str | Path) -> int:
+    """Restore the re-quantised layers :func:`save_loftq_base` wrote into ``model``, loaded with the same
+    ``BitsAndBytesConfig`` (before or after its adapter is attached); every layer is checked before any changes.
+    Returns how many layers it restored."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: it is written by save_loftq_base (the recipes: the run "
+                                "folder's loftq_base.safetensors) beside an adapter started with loftq iterations > 1")
+    with safe_open(path, framework="pt") as handle:
+        meta = handle.metadata() or {}
+    if meta.get("format") != "orthotune-loftq-base":
+        raise ValueError(f"{path} is not a file save_loftq_base wrote (its metadata has no format "
+                         "'orthotune-loftq-base'): pass the loftq_base.safetensors saved beside the adapter")
+    names = json.loads(meta["layers"])
+    tensors = load_file(str(path))
+    root = _root(model)
+    layers, stored = {}, {}
+    for name in names:
+        try:
+            module = root.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{path} holds layer {name!r}, which this model does not have: load the base it was saved "
+                             "from") from None
+        layers[name] = getattr(module, "base_layer", module)
+        stored[name] = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+    states = {name: quantized.check_stored_weight(layers[name], stored[name], name) for name in names}
+    for name in names:
+        quantized.load_stored_weight(layers[name], stored[name], states[name])
+        layers[name].__dict__[_REQUANTIZED] = True
+    return len(names)

@@ -29,11 +29,12 @@ from torch import Tensor, nn
 
 from ..layer.quantized import enable_activation_checkpointing, prepare_model_for_kbit_training
 from ..methods.config import check_choice
-from ..model.loftq import loftq_init
+from ..model.loftq import load_loftq_base, loftq_init, save_loftq_base
 from .assets import model_folder, reasoning_rows, smollm2_path
 from .task import Task, batch_indices, check_pad_to_multiple_of
 from .userdata import RowAudit, empty_cells, read_table
 
+LOFTQ_BASE = "loftq_base.safetensors"  # the run folder's re-quantised layers (model.loftq_iterations > 1)
 SPLIT_FILES = {"train": "train_file", "val": "validation_file", "test": "test_file"}
 #: ``model.quantization`` -> BitsAndBytesConfig arguments (QLoRA's NF4 with double quantisation, FP4, LLM.int8()).
 QUANTIZATION = {
@@ -57,6 +58,7 @@ class LMModelSettings:
     compute_dtype: str = "bfloat16"  # the quantised matmuls' dtype, and the merged model's
     gradient_checkpointing: bool = False  # activation checkpointing (with input gradients, as peft's QLoRA set-up)
     loftq: bool = False  # LoRA on a quantised base starts at the rank-r SVD of the rounding error (LoftQ, loftq_init)
+    loftq_iterations: int = 1  # LoftQ's alternations; above 1 the adapted layers are re-quantised as q(W - s B A)
 
     def validate(self) -> None:
         check_choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
@@ -66,6 +68,11 @@ class LMModelSettings:
         if self.loftq and self.quantization is None:
             raise ValueError("model.loftq starts LoRA at the rounding error of a quantised base: set model.quantization "
                              "(nf4, fp4 or int8) or drop model.loftq")
+        if isinstance(self.loftq_iterations, bool) or not isinstance(self.loftq_iterations, int) or self.loftq_iterations < 1:
+            raise ValueError(f"model.loftq_iterations must be a whole number >= 1 (LoftQ's alternations; 1 keeps the "
+                             f"quantised base as loaded), got {self.loftq_iterations!r}")
+        if self.loftq_iterations > 1 and not self.loftq:
+            raise ValueError("model.loftq_iterations counts LoftQ's alternations: set model.loftq=true as well, or drop it")
         check_pad_to_multiple_of(self.pad_to_multiple_of)
 
     def quantization_config(self) -> Any:
@@ -288,7 +295,16 @@ class CausalLMTask(Task):
     def init_adapters(self, model: nn.Module) -> None:
         """``model.loftq``: LoftQ's start from the float weights of the folder the base was quantised from."""
         if self.model_settings.loftq:
-            loftq_init(model, self.path)
+            loftq_init(model, self.path, iterations=self.model_settings.loftq_iterations)
+
+    def save_base(self, model: nn.Module, run_dir: Path) -> None:
+        """``model.loftq_iterations`` > 1 re-quantised the adapted layers: keep them as ``loftq_base.safetensors``."""
+        if self.model_settings.loftq and self.model_settings.loftq_iterations > 1:
+            save_loftq_base(model, run_dir / LOFTQ_BASE)
+
+    def restore_base(self, model: nn.Module, run_dir: Path) -> None:
+        if self.model_settings.loftq and self.model_settings.loftq_iterations > 1:
+            load_loftq_base(model, run_dir / LOFTQ_BASE)
 
     def merge_options(self) -> dict[str, Any]:
         """A quantised base merges into a plain ``compute_dtype`` model (exact merged weights, loadable without

@@ -159,7 +159,11 @@ def run(
         run_dir.mkdir(parents=True, exist_ok=True)
         write_config(config, run_dir / "config.yaml")
         (run_dir / DATA_RECORD).write_text(json.dumps(task.record, indent=2) + "\n")
+        if checkpoint is None:
+            task.save_base(model, run_dir)
     dist_run.barrier()
+    if checkpoint is not None:
+        task.restore_base(model, run_dir)
     selection = None
     if checkpoint is None and needs_selection(model):  # every rank selects the same supports from the same batches
         selection = select(model, task, config, progress and main)
@@ -268,7 +272,9 @@ def load_trained(config: RunConfig, adapter: Path) -> tuple[Task, nn.Module]:
     offline()
     seed_everything(config.seed)
     task = TASKS[config.task](config.model, config.data, config.seed, resolve_device(config.device))
-    return task, orthotune.load_adapter(task.build_model(fresh=False), adapter).eval()
+    base = task.build_model(fresh=False)
+    task.restore_base(base, adapter.parent)
+    return task, orthotune.load_adapter(base, adapter).eval()
 
 
 def evaluate_adapter(config: RunConfig, adapter: Path) -> dict[str, float]:

@@ -108,6 +108,12 @@ class Task:
     def init_adapters(self, model: nn.Module) -> None:
         """A start for the adapters of a fresh model that needs the task's files (none by default)."""
 
+    def save_base(self, model: nn.Module, run_dir: Path) -> None:
+        """Write into the run folder what of the base ``init_adapters`` changed (nothing by default)."""
+
+    def restore_base(self, model: nn.Module, run_dir: Path) -> None:
+        """Put back into a freshly built base what :meth:`save_base` wrote, before its adapter is loaded."""
+
     # ------------------------------------------------------------------ shared
     def batches_per_epoch(self, batch_size: int) -> int:
         return math.ceil(self.train_size() / batch_size)
