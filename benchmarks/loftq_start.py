@@ -3,7 +3,8 @@
 The causal-LM recipe's model (SmolLM2-135M-Instruct by default) scored by the answer tokens' NLL on the eval split,
 at step 0: the float base, the same base quantised by bitsandbytes with LoRA's usual start (QLoRA: the adapter
 adds nothing), and with LoftQ's start (``model.loftq``: ``s B A`` = the rank-r SVD of each adapted layer's rounding
-error) for each target set and rank asked. Runs on the CPU (bitsandbytes' NF4 and int8 kernels) in a few minutes.
+error; with ``--iterations`` also LoftQ's alternation, which re-quantises those layers) for each target set,
+rank and number of alternations asked. Runs on the CPU (bitsandbytes' NF4 and int8 kernels) in a few minutes.
 
     python benchmarks/loftq_start.py --data-dir DIR --out benchmarks/results/loftq_start
 """
@@ -23,8 +24,8 @@ from orthotune.recipes.finetune import build
 from orthotune.recipes.runconfig import RunConfig
 
 
-def variant(args: argparse.Namespace, quant: str | None, targets: str, r: int, loftq: bool) -> dict[str, Any]:
-    model = {"quantization": quant, "compute_dtype": "float32", "loftq": loftq}
+def variant(args: argparse.Namespace, quant: str | None, targets: str, r: int, loftq: bool, iterations: int = 1) -> dict[str, Any]:
+    model = {"quantization": quant, "compute_dtype": "float32", "loftq": loftq, "loftq_iterations": iterations}
     folder = Path(args.data_dir)
     data = {"eval_split": args.split, "train_file": str(folder / "train.jsonl"), "validation_file": str(folder / "val.jsonl"),
             "test_file": str(folder / "test.jsonl")}
@@ -36,7 +37,7 @@ def variant(args: argparse.Namespace, quant: str | None, targets: str, r: int, l
     start = time.perf_counter()
     task, adapted = build(cfg)
     adapted.train()  # bitsandbytes' CPU inference layout (eval mode) has other numerics; this model has no dropout
-    return {"quantization": quant, "targets": targets, "r": r, "loftq": loftq, "answer_nll": task.answer_nll(adapted),
+    return {"quantization": quant, "targets": targets, "r": r, "loftq": loftq, "iterations": iterations, "answer_nll": task.answer_nll(adapted),
             "seconds": time.perf_counter() - start}
 
 
@@ -47,14 +48,16 @@ def main() -> None:
     parser.add_argument("--quant", default="nf4", choices=("nf4", "fp4", "int8"))
     parser.add_argument("--targets", nargs="+", default=["q_proj,v_proj", "all-linear"], help="comma-separated names, or all-linear")
     parser.add_argument("--ranks", nargs="+", type=int, default=[8, 64])
+    parser.add_argument("--iterations", nargs="+", type=int, default=[1], help="LoftQ alternations (1: the base as loaded)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--scratch", default="/tmp/loftq_start")
     args = parser.parse_args()
     rows = [variant(args, None, args.targets[0], args.ranks[0], False), variant(args, args.quant, args.targets[0], args.ranks[0], False)]
     for targets in args.targets:
         for r in args.ranks:
-            rows.append(variant(args, args.quant, targets, r, True))
-            print(rows[-1], flush=True)
+            for iterations in args.iterations:
+                rows.append(variant(args, args.quant, targets, r, True, iterations))
+                print(rows[-1], flush=True)
     float_nll, qlora_nll = rows[0]["answer_nll"], rows[1]["answer_nll"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -68,7 +71,8 @@ def main() -> None:
              f"| {args.quant} | QLoRA (adds nothing) | {qlora_nll:.4f} | 0% |"]
     for row in rows[2:]:
         gain = (qlora_nll - row["answer_nll"]) / (qlora_nll - float_nll)
-        lines.append(f"| {args.quant} | LoftQ, {row['targets']}, r={row['r']} | {row['answer_nll']:.4f} | {100 * gain:.0f}% |")
+        alternations = "" if row["iterations"] == 1 else f", {row['iterations']} alternations"
+        lines.append(f"| {args.quant} | LoftQ, {row['targets']}, r={row['r']}{alternations} | {row['answer_nll']:.4f} | {100 * gain:.0f}% |")
     (out / "loftq_start.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
