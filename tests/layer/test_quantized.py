@@ -440,7 +440,7 @@ def test_loftq_iterations_requantise_the_base_and_travel_with_the_adapter(quant:
 def test_loftq_base_errors_name_the_problem(llama_dir: str, tmp_path) -> None:
     """A base saved from NF4 layers goes only into the same NF4 layers of the same model; a model that was never
     re-quantised has nothing to save; iterations must be a whole number >= 1 and may not re-quantise a base
-    that another adapter shares; a refused load changes no layer."""
+    that another adapter shares; a merged layer is refused; a refused load or start changes no layer."""
     lora = orthotune.LoRAConfig(target_modules=["q_proj", "v_proj"], r=2)
     model = orthotune.get_model(load(llama_dir, "nf4"), lora)
     with pytest.raises(ValueError, match="no layer of this model was re-quantised"):
@@ -471,6 +471,17 @@ def test_loftq_base_errors_name_the_problem(llama_dir: str, tmp_path) -> None:
     with pytest.raises(ValueError, match=r"which adapters \['other'\] share"):
         orthotune.loftq_init(two, llama_dir, iterations=2)
     orthotune.loftq_init(two, llama_dir)  # one alternation leaves the base alone: allowed
+    qv = orthotune.get_model(load(llama_dir, "nf4"), lora)
+    state = transformers.AutoModelForCausalLM.from_pretrained(llama_dir).state_dict()
+    del state["model.layers.1.self_attn.v_proj.weight"]
+    untouched = packed(qv)
+    with pytest.raises(KeyError, match="model.layers.1.self_attn.v_proj.weight"):  # the last layer's key
+        orthotune.loftq_init(qv, state, iterations=3)
+    assert all(torch.equal(untouched[n], w) for n, w in packed(qv).items())
+    assert all(float(layer.adapters["default"].lora_B.abs().sum()) == 0 for _, layer in qv.adapter_layers())
+    qv.merge()
+    with pytest.raises(ValueError, match=r"has adapters merged into its base \(\['default'\]\): unmerge\(\)"):
+        orthotune.loftq_init(qv, llama_dir)
 
 
 def test_loftq_reads_sharded_checkpoints_and_state_dicts(llama_dir: str, tmp_path) -> None:

@@ -105,7 +105,7 @@ def loftq_init(
     source = _Weights(weights)
     names = source.names()
     prefix = getattr(getattr(model, "base_model", None), "base_model_prefix", "") or ""
-    report: dict[str, tuple[float, float]] = {}
+    todo = []  # every layer is checked before any changes
     for name, layer in model.adapter_layers():
         method = layer.adapters[adapter_name] if adapter_name in layer.adapters else None
         if method is None or not quantized.is_quantized(layer.base_layer):
@@ -122,7 +122,10 @@ def loftq_init(
             raise ValueError(f"loftq_init(iterations > 1) re-quantises {name!r}'s base, which adapters "
                              f"{sorted(set(layer.adapters) - {adapter_name})} share: start it before adding them, or "
                              "use iterations=1, which leaves the base as loaded")
-        W = source.get(_key(name, names, prefix)).to(device=method.lora_A.device, dtype=torch.float32)
+        todo.append((name, layer, method, _key(name, names, prefix)))
+    report: dict[str, tuple[float, float]] = {}
+    for name, layer, method, key in todo:
+        W = source.get(key).to(device=method.lora_A.device, dtype=torch.float32)
         error = W - quantized.dequantize(layer.base_layer).to(W)
         rounding = float(error.norm() / W.norm())
         A, B = principal_factors(error, method.config.r, method.scaling)
