@@ -3,6 +3,7 @@ in float32 and reloaded by transformers with a BitsAndBytesConfig, as users load
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 
@@ -389,7 +390,7 @@ def assert_starts_at_the_rounding_errors_svd(model: orthotune.AdapterModel, llam
 
 
 @pytest.mark.parametrize("quant", ["nf4", "int8"])
-def test_loftq_starts_lora_at_the_rounding_errors_principal_part(quant: str, llama_dir: str) -> None:
+def test_loftq_starts_lora_at_the_rounding_errors_principal_part(quant: str, llama_dir: str, tmp_path) -> None:
     """loftq_init sets s B A to the rank-r SVD of W - Q(W) (checked against an independent SVD), which brings
     the adapted model's logits closer to the float model's than QLoRA's zero start (r=16 of 64: 0.064 vs 0.099
     relative on NF4, 0.004 vs 0.008 on int8; a random model's rounding error is spread over all directions,
@@ -403,6 +404,8 @@ def test_loftq_starts_lora_at_the_rounding_errors_principal_part(quant: str, lla
     assert rel(logits(model), reference) < 0.8 * rel(qlora, reference)
     losses = train(model)
     assert losses[-1] < losses[0]
+    model.save_adapter(tmp_path / "adapter")  # one alternation leaves the base as loaded: nothing to carry
+    assert "own_base" not in json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
 
 
 @pytest.mark.parametrize("quant", ["nf4", "int8"])
@@ -411,7 +414,9 @@ def test_loftq_iterations_requantise_the_base_and_travel_with_the_adapter(quant:
     W - Q_5 (an independent SVD), and the error left is below one alternation's on average (the alternation is not
     monotone layer by layer: a random model's int8 rounding is already tiny). That base
     differs from the checkpoint's rounding, so it is saved beside the adapter (save_loftq_base) and a fresh
-    quantised base restored with it (load_loftq_base) gives the trained model's logits exactly."""
+    quantised base restored with it (load_loftq_base) gives the trained model's logits exactly; the adapter
+    folder names those layers, so loading it onto a base without them is refused (a float base: a warning),
+    and a peft export, which cannot carry them, warns."""
     lora = orthotune.LoRAConfig(target_modules="all-linear", r=16, lora_alpha=32)
     once = orthotune.loftq_init(orthotune.get_model(load(llama_dir, quant), lora), llama_dir)
     model = orthotune.get_model(load(llama_dir, quant), lora)
@@ -431,10 +436,22 @@ def test_loftq_iterations_requantise_the_base_and_travel_with_the_adapter(quant:
     fresh = load(llama_dir, quant)
     assert orthotune.load_loftq_base(fresh, tmp_path / "base.safetensors") == 14
     assert torch.equal(logits(orthotune.load_adapter(fresh, tmp_path / "adapter")), trained)
-    plain = orthotune.load_adapter(load(llama_dir, quant), tmp_path / "adapter")  # the checkpoint's rounding instead
-    assert not torch.equal(logits(plain), trained)
-    assert orthotune.load_loftq_base(plain, tmp_path / "base.safetensors") == 14  # after the adapter is attached too
-    assert torch.equal(logits(plain), trained)
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["own_base"]
+    assert saved == sorted(report)  # the folder says which layers it needs its own base for
+    with pytest.raises(ValueError, match="restore them first with orthotune.load_loftq_base"):
+        orthotune.load_adapter(load(llama_dir, quant), tmp_path / "adapter")  # the checkpoint's rounding instead
+    later = orthotune.get_model(load(llama_dir, quant), lora)  # restored after the adapter is attached, as on resume
+    assert orthotune.load_loftq_base(later, tmp_path / "base.safetensors") == 14
+    later.load_adapter_weights(tmp_path / "adapter")
+    assert torch.equal(logits(later), trained)
+    with pytest.warns(UserWarning, match="on this float base \\(14 such layers\\)"):
+        orthotune.load_adapter(load(llama_dir, None), tmp_path / "adapter")
+    with pytest.warns(UserWarning, match="a peft folder cannot carry"):
+        later.export_peft(tmp_path / "peft")
+    edited = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**edited, "own_base": ["lm_head"]}))
+    with pytest.raises(ValueError, match="invalid 'own_base'"):
+        orthotune.load_adapter(load(llama_dir, quant), tmp_path / "adapter")
 
 
 def test_loftq_base_errors_name_the_problem(llama_dir: str, tmp_path) -> None:
@@ -478,8 +495,9 @@ def test_loftq_base_errors_name_the_problem(llama_dir: str, tmp_path) -> None:
     with pytest.raises(KeyError, match="model.layers.1.self_attn.v_proj.weight"):  # the last layer's key
         orthotune.loftq_init(qv, state, iterations=3)
     assert all(torch.equal(untouched[n], w) for n, w in packed(qv).items())
-    assert all(float(layer.adapters["default"].lora_B.abs().sum()) == 0 for _, layer in qv.adapter_layers())
-    qv.merge()
+    assert all(float(layer.adapters["default"].lora_B.detach().abs().sum()) == 0 for _, layer in qv.adapter_layers())
+    with pytest.warns(UserWarning, match="merged into 4 quantised layer"):
+        qv.merge()
     with pytest.raises(ValueError, match=r"has adapters merged into its base \(\['default'\]\): unmerge\(\)"):
         orthotune.loftq_init(qv, llama_dir)
 

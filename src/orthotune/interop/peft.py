@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from ..layer import quantized
 from ..layer.adapter_layer import CONV_KINDS, base_weight_matrix, layer_dims, layer_kind
 from ..methods.base import AdapterMethod
 from ..methods.config import AdapterConfig
@@ -697,6 +698,14 @@ def export_peft(model: AdapterModel, directory: str | Path, adapter_name: str) -
             )
     tensors: dict[str, Tensor] = {}
     layers = [(n, layer) for n, layer in model.adapter_layers() if adapter_name in layer.adapters]
+    own = [n for n, layer in layers if quantized.has_own_base(layer.base_layer)]
+    if own:
+        warnings.warn(
+            f"adapter {adapter_name!r} was started by loftq_init(iterations > 1) on {len(own)} re-quantised layers, which "
+            "a peft folder cannot carry: it matches only that base (orthotune.save_loftq_base), not the checkpoint "
+            "quantised afresh; for other tools merge_and_unload(dequantize=torch.bfloat16) instead",
+            stacklevel=3,
+        )
     with torch.no_grad():
         for lname, layer in layers:
             try:

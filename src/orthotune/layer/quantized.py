@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 _ERROR_ATTR = "_orthotune_requantization_error"
+_OWN_BASE_ATTR = "_orthotune_own_base"  # the weight is an adapter's own (LoftQ's alternation), not the checkpoint's rounding
 
 
 def _bnb() -> Any:
@@ -209,6 +210,17 @@ def requantize(module: nn.Module, W: Tensor) -> None:
     W = W.float()
     error = float((dequantize(module).float() - W).norm() / W.norm().clamp_min(1e-30))
     module.__dict__[_ERROR_ATTR] = error
+
+
+def mark_own_base(module: nn.Module) -> None:
+    """Record that ``module``'s quantised weight was written for an adapter (LoftQ's alternation re-quantised it):
+    adapters saved on it say so, and loading them onto a base without it is refused (:func:`has_own_base`)."""
+    module.__dict__[_OWN_BASE_ATTR] = True
+
+
+def has_own_base(module: nn.Module) -> bool:
+    """True if ``module``'s weight is an adapter's own (:func:`mark_own_base`), written here or restored."""
+    return bool(module.__dict__.get(_OWN_BASE_ATTR))
 
 
 @torch.no_grad()

@@ -1,8 +1,10 @@
 """Adapter folders: ``adapter_config.json`` + ``adapter_model.safetensors``, written atomically.
 
 The JSON holds the method's config fields (flat, as in peft), the format version, the adapted
-modules with their shapes, and the SHA-256 of the weights file, so a truncated, tampered or
-mismatched folder is refused with a clear message before anything in the model changes.
+modules with their shapes, the SHA-256 of the weights file, and the layers whose quantised base
+LoftQ's alternation re-quantised for this adapter (``own_base``, only if any), so a truncated,
+tampered or mismatched folder, or a base without those layers, is refused with a clear message
+before anything in the model changes.
 
 Atomicity: both files are written into a temporary sibling folder, flushed, then swapped in with
 one ``renameat2(RENAME_EXCHANGE)`` (Linux) or two renames; an interrupted save leaves the previous
@@ -21,6 +23,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..layer import quantized
 from ..layer.adapter_layer import layer_dims, layer_kind
 from ..methods.config import FORMAT_VERSION, AdapterConfig
 from ..methods.registry import config_from_dict
@@ -44,7 +48,9 @@ if TYPE_CHECKING:
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 SAVED_PREFIX = "modules_to_save."
-_META_KEYS = ("format_version", "orthotune_version", "base_model_class", "base_model_name_or_path", "targets", "weights_sha256")
+_META_KEYS = (
+    "format_version", "orthotune_version", "base_model_class", "base_model_name_or_path", "targets", "weights_sha256", "own_base",
+)
 
 
 def adapter_state_dict(model: AdapterModel, adapter_name: str) -> dict[str, torch.Tensor]:
@@ -113,6 +119,9 @@ def save_adapter(model: AdapterModel, directory: str | Path, adapter_name: str, 
         "base_model_name_or_path": getattr(base_cfg, "name_or_path", None) or None,
         "targets": targets,
     }
+    own = sorted(lname for lname, layer in model.adapter_layers() if adapter_name in layer.adapters and quantized.has_own_base(layer.base_layer))
+    if own:  # LoftQ's alternation re-quantised these layers: the adapter belongs to that base (load_loftq_base)
+        meta["own_base"] = own
     payload = {**model.configs[adapter_name].to_dict(), **meta}
     write_folder(directory, state, payload, {"format": "pt", "orthotune_format": str(FORMAT_VERSION)}, checksum=True)
 
@@ -151,6 +160,7 @@ def read_adapter(
     """
     directory = Path(directory)
     config, meta = read_config(directory)
+    _check_own_base(base, meta["own_base"] or [], directory)
     try:
         state = load_file(str(directory / WEIGHTS_NAME))
     except (SafetensorError, OSError) as err:
@@ -159,6 +169,26 @@ def read_adapter(
         base, config, meta["targets"], state, directory, meta["base_model_class"], low_cpu_mem_usage
     )
     return config, modules, saved_states
+
+
+def _check_own_base(base: nn.Module, names: list[str], source: Path) -> None:
+    """An adapter saved on layers LoftQ's alternation re-quantised needs that base: refused on a quantised base
+    without it (restore it first), a warning on a float base (which lacks the rounding the adapter corrects)."""
+    layers = dict(iter_named_layers(base))
+    missing = [n for n in names if n in layers and quantized.is_quantized(layers[n]) and not quantized.has_own_base(layers[n])]
+    if missing:
+        raise ValueError(
+            f"the adapter in {source} was started by loftq_init(iterations > 1), which re-quantised {len(names)} layers "
+            f"(e.g. {missing[0]!r}) for it; this base has the checkpoint's own rounding there: restore them first with "
+            "orthotune.load_loftq_base(model, <the loftq_base.safetensors saved with the adapter>)"
+        )
+    floats = [n for n in names if n in layers and not quantized.is_quantized(layers[n])]
+    if floats:
+        warnings.warn(
+            f"the adapter in {source} was trained on a base LoftQ's alternation re-quantised; on this float base "
+            f"({len(floats)} such layers) it also adds its start's correction of the rounding, which is not there",
+            stacklevel=4,
+        )
 
 
 def build_adapter(
@@ -290,6 +320,10 @@ def read_config(directory: str | Path) -> tuple[AdapterConfig, dict[str, Any]]:
     meta = {k: data.pop(k, None) for k in _META_KEYS}
     if not isinstance(meta["targets"], dict) or not meta["targets"]:
         raise ValueError(f"{directory / CONFIG_NAME} lists no adapted modules ('targets'); save the adapter again")
+    own = meta["own_base"]
+    if own is not None and not (isinstance(own, list) and all(isinstance(n, str) and n in meta["targets"] for n in own)):
+        raise ValueError(f"{directory / CONFIG_NAME} has an invalid 'own_base' (not a list of its adapted modules); the "
+                         "file was edited: save the adapter again")
     actual = _sha256(directory / WEIGHTS_NAME)
     if actual != meta["weights_sha256"]:
         backups = _backup_paths(directory)

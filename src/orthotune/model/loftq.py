@@ -27,9 +27,6 @@ from ..layer import quantized
 from ..methods.lora import LoRA
 from ..methods.pissa import principal_factors
 
-#: marks a bitsandbytes layer that loftq_init re-quantised (its weight is no longer the checkpoint's rounding)
-_REQUANTIZED = "_orthotune_loftq_base"
-
 
 class _Weights:
     """Original weights by name, from a mapping, one ``.safetensors`` file or a folder (sharded or not)."""
@@ -135,7 +132,7 @@ def loftq_init(
             A, B = principal_factors(error, method.config.r, method.scaling)
         if iterations > 1:
             quantized.merge_errors({name: layer.base_layer})  # a start, not a merge: nothing for merging to report
-            layer.base_layer.__dict__[_REQUANTIZED] = True
+            quantized.mark_own_base(layer.base_layer)
         with torch.no_grad():
             method.lora_A.copy_(A)
             method.lora_B.copy_(B)
@@ -160,7 +157,7 @@ def save_loftq_base(model: nn.Module, path: str | Path) -> int:
     atomically: their packed weights and quant states, keyed by layer name. Returns how many layers it holds."""
     tensors, names = {}, []
     for name, module in _root(model).named_modules():
-        if module.__dict__.get(_REQUANTIZED):
+        if quantized.has_own_base(module):
             name = name.removesuffix(".base_layer")
             names.append(name)
             tensors.update({f"{name}.{k}": v.detach().to("cpu").contiguous() for k, v in quantized.stored_weight(module).items()})
@@ -202,5 +199,5 @@ def load_loftq_base(model: nn.Module, path: str | Path) -> int:
     states = {name: quantized.check_stored_weight(layers[name], stored[name], name) for name in names}
     for name in names:
         quantized.load_stored_weight(layers[name], stored[name], states[name])
-        layers[name].__dict__[_REQUANTIZED] = True
+        quantized.mark_own_base(layers[name])
     return len(names)
