@@ -173,8 +173,8 @@ def save_loftq_base(model: nn.Module, path: str | Path) -> int:
 
 def load_loftq_base(model: nn.Module, path: str | Path) -> int:
     """Restore the re-quantised layers :func:`save_loftq_base` wrote into ``model``, loaded with the same
-    ``BitsAndBytesConfig`` (before or after its adapter is attached); every layer is checked before any changes.
-    Returns how many layers it restored."""
+    ``BitsAndBytesConfig``, before its adapter folder is loaded (which refuses a base without them) or under an adapter
+    made afresh; every layer is checked before any changes. Returns how many layers it restored."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: it is written by save_loftq_base (the recipes: the run "
