@@ -128,7 +128,7 @@ class LoCO(AdapterMethod):
         per_layer = small.unbind(0)
         order = [i for idx in groups for i in idx]
         out: list[Core] = [()] * len(modules)
-        tracked = torch.is_grad_enabled() and any(m.U.requires_grad or m.V.requires_grad for m in modules)
+        tracked = lowrank.tracked(*(p for m in modules for p in (m.U, m.V)))
         for i, K in zip(order, per_layer):
             m = modules[i]
             out[i] = (K, m.U, m.V) if tracked else (K, m.built_factor(m.U, m.V, K))

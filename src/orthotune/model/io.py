@@ -174,6 +174,8 @@ def read_adapter(
 def _check_own_base(base: nn.Module, names: list[str], source: Path) -> None:
     """An adapter saved on layers LoftQ's alternation re-quantised needs that base: refused on a quantised base
     without it (restore it first), a warning on a float base (which lacks the rounding the adapter corrects)."""
+    if not names:  # the usual folder: nothing to check, no walk over the model
+        return
     layers = dict(iter_named_layers(base))
     missing = [n for n in names if n in layers and quantized.is_quantized(layers[n]) and not quantized.has_own_base(layers[n])]
     if missing:
