@@ -52,6 +52,16 @@ def test_folder_layout_and_config(saved) -> None:
     assert not list(path.parent.glob(".ad.*")), "no temporary folders left behind"
 
 
+def test_folder_is_readable_as_save_pretrained_makes_it_and_a_resave_keeps_its_permissions(saved) -> None:
+    """A new folder is 0755 (as peft's os.makedirs leaves it), not the 0700 of the temporary folder it is written in;
+    saving over a folder whose owner set other permissions keeps them."""
+    model, path = saved
+    assert path.stat().st_mode & 0o777 == 0o755
+    path.chmod(0o750)
+    model.save_adapter(path)
+    assert path.stat().st_mode & 0o777 == 0o750
+
+
 def test_roundtrip_is_bit_exact_including_saved_modules(saved) -> None:
     model, path = saved
     x = torch.randn(4, 16)

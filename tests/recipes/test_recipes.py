@@ -116,6 +116,8 @@ def test_resume_is_bit_identical(tmp_path, method, adapter) -> None:
     else:
         assert len(straight["selection"]) == 12 and all(0 < v["captured_fraction"] <= 1 for v in straight["selection"].values())
     assert sorted(p.name for p in (Path(config.output_dir) / "checkpoints").glob("step-*")) == ["step-000002", "step-000004"]
+    step = Path(config.output_dir) / "checkpoints" / "step-000004"
+    assert step.stat().st_mode & 0o777 == (step / "adapter").stat().st_mode & 0o777 == 0o755  # shareable, as the run folder
     resumed = finetune(config, resume=True, progress=False)
     assert resumed["history"]["train"] == straight["history"]["train"]  # every loss and lr, bit for bit
     a = load_file(str(Path(straight["config"]["output_dir"]) / "adapter" / "adapter_model.safetensors"))

@@ -137,6 +137,7 @@ def write_folder(
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
+        os.chmod(tmp, folder_mode(directory))  # mkdtemp's 0700 would become the folder's
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=metadata)
         if checksum:
             config = {**config, "weights_sha256": _sha256(tmp / WEIGHTS_NAME)}
@@ -147,6 +148,12 @@ def write_folder(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def folder_mode(directory: Path) -> int:
+    """The permissions a folder written in place of ``directory`` gets: those it has, else 0755 (what
+    ``save_pretrained``'s ``os.makedirs`` gives under the usual umask)."""
+    return directory.stat().st_mode & 0o7777 if directory.is_dir() else 0o755
 
 
 def read_adapter(

@@ -80,6 +80,7 @@ def save_checkpoint(
     final = root / f"step-{step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
     try:
+        os.chmod(tmp, 0o755)  # as the run folder around it, not mkdtemp's 0700
         save_weights(model, tmp / "adapter", weights)
         torch.save(trainer_state, tmp / STATE)
         if final.exists():
