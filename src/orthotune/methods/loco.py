@@ -95,10 +95,7 @@ class LoCO(AdapterMethod):
 
     def factors(self) -> tuple[Tensor, Tensor, Tensor]:
         """``(A, B, C)``: each rotation ``exp(S_i) = I + A_i C_i B_i^T``; the core in float32."""
-        U, V = self.U, self.V
-        if U.dtype not in (torch.float32, torch.float64):
-            U, V = U.float(), V.float()
-        return skew.skew_exp_factors(U, V)
+        return skew.skew_exp_factors(*_core_precision(self.U, self.V))
 
     def core_key(self) -> tuple:
         """LoCO layers of one mode, chain length and rank share one batched core per step, whatever their width."""
@@ -236,10 +233,12 @@ class _Grams(torch.autograd.Function):
 
 
 def _stacked(params: tuple[Tensor, ...], n: int) -> Tensor:
-    U, V = torch.stack(params[:n]), torch.stack(params[n:])
-    if U.dtype not in (torch.float32, torch.float64):
-        U, V = U.float(), V.float()
-    return factor_matrix(U, V)
+    return factor_matrix(*_core_precision(torch.stack(params[:n]), torch.stack(params[n:])))
+
+
+def _core_precision(U: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
+    """``U, V`` in the precision the core is made in: float32, or float64 if the parameters are."""
+    return (U, V) if U.dtype in (torch.float32, torch.float64) else (U.float(), V.float())
 
 
 def _chain_cores(mode: str, k: int, r: int, gram: Tensor) -> Tensor:
