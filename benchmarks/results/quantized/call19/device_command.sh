@@ -1,0 +1,2 @@
+# issue 21, fourteenth session: every GPU-marked test on main at 5d69ed1, bitsandbytes carried.
+nvidia-smi --query-gpu=name --format=csv,noheader; export PYTHONPATH=$PWD/src:$PWD/.carry/lmq/b/bnb PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error HF_HUB_OFFLINE=1; python3 -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)"; timeout 360 python3 -m pytest -q -m gpu tests -p no:cacheprovider --tb=short -W ignore > $OUT/gpu_tests.log 2>&1; echo rc $?; tail -30 $OUT/gpu_tests.log
