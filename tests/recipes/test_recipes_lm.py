@@ -90,6 +90,30 @@ def tiny_smollm(tmp_path_factory) -> str:
     return str(path)
 
 
+def test_compiled_loop_compiles_checkpointed_layers_and_trains_as_eager(tmp_path, tiny_smollm, monkeypatch) -> None:
+    """With activation checkpointing the compiled loop traces transformers' layers whole (their attention sets and
+    restores a context variable, a side effect dynamo otherwise refuses inside a checkpoint, running them eagerly),
+    and trains as the eager loop does."""
+    import functools
+
+    from torch._dynamo.utils import counters
+
+    def run(name: str, compile: bool) -> dict:
+        cfg = nf4_run(tmp_path / name, tiny_smollm, "loco", {"rank": 2, "chain_length": 2}, gradient_checkpointing=True)
+        cfg["model"].pop("quantization")
+        cfg["train"]["compile"] = compile
+        return finetune(RunConfig.from_dict(cfg), progress=False)
+
+    eager = run("eager", False)
+    torch._dynamo.reset()
+    counters.clear()
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    compiled = run("compiled", True)
+    assert not [b for b in counters["graph_break"] if "Unsafe side effect" in b], list(counters["graph_break"])
+    losses = [[loss for _, loss, _ in r["history"]["train"]] for r in (eager, compiled)]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4), losses
+
+
 def nf4_run(tmp_path, model_path: str, method: str, adapter: dict, **model) -> dict:
     """Settings of a 4-step run of ``method`` on ``model_path`` loaded in NF4 (float32 compute), ``model`` added."""
     return {

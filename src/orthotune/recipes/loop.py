@@ -79,6 +79,15 @@ def compiled_for_training(model: nn.Module, setting: bool | str, device_type: st
     return torch.compile(model, mode=setting if setting in COMPILE_MODES else "default")
 
 
+def compile_settings(compiled: bool) -> contextlib.AbstractContextManager:
+    """Around a compiled step: dynamo compiles activation-checkpointed layers whose forward sets a context variable
+    and restores it (transformers >= 5.25's attention) instead of running each of them eagerly, since the recompute
+    in the backward need not replay a side effect the forward undid (docs/speed.md)."""
+    if compiled and hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):  # not in every torch
+        return torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True)
+    return contextlib.nullcontext()
+
+
 def _location_learner(model: nn.Module, total: int, start: int) -> Any:
     if not any(isinstance(m, LoCA) and m.config.learn_locations and m.spectrum.requires_grad for m in model.modules()):
         return None
@@ -186,7 +195,7 @@ def fit(
             batch, share = task.train_batch(epoch, index, settings.batch_size), 1.0
             if world > 1:
                 batch, share = distributed.shard_batch(batch, rank, world)
-            with autocast:  # ranks draw distinct per-step noise (diffusion) from distinct seeds
+            with autocast, compile_settings(forward is not model):  # ranks draw distinct noise (diffusion) from distinct seeds
                 loss = task.loss(forward, batch, step if world == 1 else step * world + rank)
             mean = distributed.global_mean(loss, share)
             if not torch.isfinite(mean):
