@@ -202,3 +202,34 @@ def test_trainer_loads_best_checkpoint_at_end(tmp_path) -> None:
     reference = orthotune.load_adapter(tiny_llama(), best)
     ids = torch.randint(3, 64, (2, 8))
     assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
+def test_compiled_trainer_and_graphed_step_trace_checkpointed_layers_whole(tmp_path) -> None:
+    """OrthoTrainer (``torch_compile``) and GraphedStep compile activation-checkpointed Llama layers without the graph
+    break their attention's context variable causes under a checkpoint (the layer then runs eagerly)."""
+    from torch._dynamo.utils import counters
+
+    from orthotune.training.graphs import GraphedStep
+
+    def checkpointed() -> torch.nn.Module:
+        model = orthotune.get_model(tiny_llama(), LoRAConfig(target_modules=["q_proj", "v_proj"], r=2))
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        return model.train()
+
+    def unsafe() -> list[str]:
+        return [b for b in counters["graph_break"] if "Unsafe side effect" in b]
+
+    torch._dynamo.reset()
+    counters.clear()
+    trainer = _trainer(checkpointed(), tmp_path / "t", save_strategy="no", torch_compile=True, torch_compile_backend="aot_eager")
+    trainer.train()
+    assert not unsafe(), unsafe()
+    torch._dynamo.reset()
+    counters.clear()
+    model = checkpointed()
+    step = GraphedStep(model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2),
+                       backend="aot_eager", enabled=True, compile_kwargs={"mode": None})
+    ids = TokenData(4).ids
+    losses = [float(step({"input_ids": ids, "labels": ids})) for _ in range(3)]
+    assert not unsafe(), unsafe()
+    assert losses[-1] < losses[0]

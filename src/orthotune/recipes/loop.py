@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from ..methods.loca.loca import LoCA
 from ..methods.loca.schedule import LocationLearner
 from ..training import distributed
-from ..training.graphs import COMPILE_MODES
+from ..training.graphs import COMPILE_MODES, compile_settings
 from .checkpoint import load_trainer_state, load_weights_inplace, rng_state, save_checkpoint, set_rng_state
 from .settings import TrainSettings
 from .task import Task
@@ -77,15 +77,6 @@ def compiled_for_training(model: nn.Module, setting: bool | str, device_type: st
     if setting is False or (setting == "auto" and (device_type != "cuda" or world != 1)):
         return model
     return torch.compile(model, mode=setting if setting in COMPILE_MODES else "default")
-
-
-def compile_settings(compiled: bool) -> contextlib.AbstractContextManager:
-    """Around a compiled step: dynamo compiles activation-checkpointed layers whose forward sets a context variable
-    and restores it (transformers >= 5.25's attention) instead of running each of them eagerly, since the recompute
-    in the backward need not replay a side effect the forward undid (docs/speed.md)."""
-    if compiled and hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):  # not in every torch
-        return torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True)
-    return contextlib.nullcontext()
 
 
 def _location_learner(model: nn.Module, total: int, start: int) -> Any:

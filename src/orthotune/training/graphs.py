@@ -19,6 +19,7 @@ the same step, eager.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -31,6 +32,16 @@ from ..layer import plan
 LossFn = Callable[[nn.Module, Mapping[str, Any]], Tensor]
 #: ``torch.compile``'s modes (``torch._inductor.list_mode_options()``), accepted by name by the recipes and ``OrthoTrainer``
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+
+
+def compile_settings(compiled: bool) -> contextlib.AbstractContextManager:
+    """Around a compiled step: dynamo compiles activation-checkpointed layers whose forward sets a context variable
+    and restores it (transformers >= 5.25's attention) instead of running each of them eagerly, since the recompute
+    in the backward need not replay a side effect the forward undid (docs/speed.md). The recipes' loop,
+    :class:`GraphedStep` and ``OrthoTrainer`` trace under it."""
+    if compiled and hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):  # not in every torch
+        return torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True)
+    return contextlib.nullcontext()
 
 
 def model_loss(model: nn.Module, batch: Mapping[str, Any]) -> Tensor:
@@ -80,7 +91,8 @@ class GraphedStep:
         self.optimizer.zero_grad(set_to_none=True)
         if self.enabled:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs may be overwritten
-        loss = self.loss_fn(self.compiled, batch)
+        with compile_settings(self.enabled):
+            loss = self.loss_fn(self.compiled, batch)
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise ValueError(f"loss_fn must return a one-element tensor, got {type(loss).__name__} "
                              f"{tuple(loss.shape) if isinstance(loss, Tensor) else ''}".rstrip())

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,7 +30,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from ..model.adapter_model import AdapterModel, adapter_folder
-from .graphs import COMPILE_MODES
+from .graphs import COMPILE_MODES, compile_settings
 
 
 class OrthoTrainer(Trainer):
@@ -43,6 +44,11 @@ class OrthoTrainer(Trainer):
         if compile if compile is not None else torch.cuda.is_available():
             args = compiled_arguments(args, compile if isinstance(compile, str) else None)
         super().__init__(model, args, *rest, **kwargs)
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        """The ``Trainer``'s loss, traced with :func:`~orthotune.training.graphs.compile_settings` when compiled."""
+        with compile_settings(bool(self.args.torch_compile)):
+            return super().compute_loss(model, inputs, *args, **kwargs)
 
     def _ortho_model(self, model: nn.Module | None = None) -> AdapterModel | None:
         model = self.accelerator.unwrap_model(model if model is not None else self.model, keep_torch_compile=False)
