@@ -13,8 +13,9 @@ writes and reads adapter folders instead (``AdapterModel.save_pretrained`` layou
 On CUDA it trains the model under ``torch.compile`` by default (``compile=None``: the ``Trainer``'s own
 ``torch_compile`` switched on, a host-bound adapter step is the case it speeds up); ``compile=False``
 leaves ``TrainingArguments`` as given; a mode name (``compile="reduce-overhead"``, CUDA graphs: the faster
-choice for fixed-shape batches) compiles in that mode (``torch_compile_mode``). The plain ``Trainer`` with
-``torch_compile=True`` works the same.
+choice for fixed-shape batches) compiles in that mode (``torch_compile_mode``), and activation-checkpointed
+transformers layers trace whole (:func:`~orthotune.training.graphs.compile_settings`). The plain ``Trainer`` with
+``torch_compile=True`` works the same, save that last point (docs/speed.md says what to set).
 """
 
 from __future__ import annotations
