@@ -135,9 +135,8 @@ def write_folder(
     """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    tmp = staging_folder(directory)
     try:
-        os.chmod(tmp, folder_mode(directory))  # mkdtemp's 0700 would become the folder's
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=metadata)
         if checksum:
             config = {**config, "weights_sha256": _sha256(tmp / WEIGHTS_NAME)}
@@ -150,10 +149,13 @@ def write_folder(
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def folder_mode(directory: Path) -> int:
-    """The permissions a folder written in place of ``directory`` gets: those it has, else 0755 (what
-    ``save_pretrained``'s ``os.makedirs`` gives under the usual umask)."""
-    return directory.stat().st_mode & 0o7777 if directory.is_dir() else 0o755
+def staging_folder(directory: Path) -> Path:
+    """A fresh temporary sibling of ``directory`` to write it in, then move into place, with the permissions the
+    folder should end with: those ``directory`` has, else 0755 (what ``save_pretrained``'s ``os.makedirs`` gives
+    under the usual umask), not mkdtemp's 0700."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    os.chmod(tmp, directory.stat().st_mode & 0o7777 if directory.is_dir() else 0o755)
+    return tmp
 
 
 def read_adapter(

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from ..model.io import staging_folder
+
 INTENT_SETS = ("banking", "clinc", "hwu", "stackoverflow", "mcid", "Yahoo", "DBPedia")
 
 
@@ -148,10 +150,7 @@ def smollm2_path() -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     final.parent.mkdir(parents=True, exist_ok=True)
-    import tempfile
-
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=final.parent))
-    os.chmod(tmp, 0o755)
+    tmp = staging_folder(final)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     return install_dir(tmp, final)

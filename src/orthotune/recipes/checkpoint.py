@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..model.adapter_model import AdapterModel
-from ..model.io import save_adapter
+from ..model.io import save_adapter, staging_folder
 from ..training import distributed
 
 LATEST = "latest"
@@ -78,9 +77,8 @@ def save_checkpoint(
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
+    tmp = staging_folder(final)
     try:
-        os.chmod(tmp, 0o755)  # as the run folder around it, not mkdtemp's 0700
         save_weights(model, tmp / "adapter", weights)
         torch.save(trainer_state, tmp / STATE)
         if final.exists():

@@ -27,6 +27,7 @@ from torch import nn
 import orthotune
 
 from ..model.adapter_model import AdapterModel
+from ..model.io import staging_folder
 from ..training import distributed as dist_run
 from ..training.support_selection import select_supports
 from ..version import __version__
@@ -291,10 +292,9 @@ def merge_adapter(config: RunConfig, adapter: Path, out: str | Path) -> Path:
     task, model = load_trained(config, adapter)
     plain = model.merge_and_unload(safe_merge=True, **task.merge_options()) if isinstance(model, AdapterModel) else model
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = staging_folder(out)
     try:
         task.save_merged(plain, tmp)
-        os.chmod(tmp, 0o755)
         os.rename(tmp, out)
     finally:
         if tmp.exists():

@@ -14,9 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..model.io import staging_folder
 from .assets import cache_dir, install_dir
 from .compat import import_timm
 from .ddpm import DDPM
@@ -196,7 +195,7 @@ def pretrain(spec: PretrainSpec, out: Path, progress: bool = True, device: str |
                              warmup=spec.warmup, eval_before=False)
     settings.validate()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = staging_folder(out)
     try:
         result = fit(model, task, settings, tmp, progress=progress)
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
@@ -204,7 +203,6 @@ def pretrain(spec: PretrainSpec, out: Path, progress: bool = True, device: str |
         config = {"kind": spec.kind, "model": spec.model, "pretraining": {**dataclasses.asdict(spec), "test": metrics,
                   "seconds": result.train_seconds, "device": str(dev), "torch": torch.__version__}}
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        os.chmod(tmp, 0o755)
         if progress:
             print(f"pretrained {spec.kind} on {spec.dataset}: test {metrics} in {result.train_seconds:.0f} s -> {out}")
         return install_dir(tmp, out)
