@@ -32,7 +32,7 @@ from orthotune.methods.loco import LoCO
 from orthotune.recipes.finetune import build
 from orthotune.recipes.runconfig import RunConfig
 
-BF16_FORWARD, CORE_DTYPE = LoCO.forward, LoCO.core_dtype
+MAIN_FORWARD, MAIN_CORE_DTYPE = LoCO.forward, LoCO.core_dtype  # main's: the rotation in the core's dtype
 
 
 class _Accumulated32(torch.autograd.Function):
@@ -70,10 +70,10 @@ def _float32_dtype(self: LoCO, dtype: torch.dtype, base: Any) -> torch.dtype:
 
 
 ARMS: dict[str, tuple[Callable, Callable]] = {
-    "float32 rotation": (BF16_FORWARD, _float32_dtype),
-    "bf16 rotation (main)": (BF16_FORWARD, CORE_DTYPE),
-    "bf16 correction, float32 sum": (_add_in_float32, CORE_DTYPE),
-    "bf16 forward, float32 backward sums": (_accumulated, CORE_DTYPE),
+    "float32 rotation": (MAIN_FORWARD, _float32_dtype),
+    "bf16 rotation (main)": (MAIN_FORWARD, MAIN_CORE_DTYPE),
+    "bf16 correction, float32 sum": (_add_in_float32, MAIN_CORE_DTYPE),
+    "bf16 forward, float32 backward sums": (_accumulated, MAIN_CORE_DTYPE),
 }
 
 

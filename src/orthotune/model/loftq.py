@@ -166,8 +166,11 @@ def save_loftq_base(model: nn.Module, path: str | Path) -> int:
                          "the base is the checkpoint's own rounding, and only the adapter needs saving")
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"format": "orthotune-loftq-base", "layers": json.dumps(names)})
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, str(tmp), metadata={"format": "orthotune-loftq-base", "layers": json.dumps(names)})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed write leaves nothing behind
     return len(names)
 
 
