@@ -5,8 +5,8 @@
 
 The GPU table (``benchmarks/quantized.py``) measures peak memory but cannot say what is live at the peak. This
 probe runs one training step (after a first one, so AdamW's state exists) of the table's model at a smaller
-shape (``quantized.make_model``: NF4 projections through bitsandbytes' CPU kernels, bf16 compute, everything else
-in float32 as ``prepare_model_for_kbit_training`` leaves it, activation checkpointing), all 7 projections adapted,
+shape (``quantized.make_model``: NF4 projections through bitsandbytes' CPU kernels, bf16 compute, each library's
+``prepare_model_for_kbit_training`` as in the table, activation checkpointing), all 7 projections adapted,
 under ``torch.profiler`` with ``profile_memory=True``, replays the profiler's allocation timeline (``torch.profiler._memory_profiler.MemoryProfile``: a private API,
 torch 2.14), and reports the peak of live CPU bytes, what is live then by the profiler's categories, and the
 largest groups of activations and autograd intermediates by the op that made them. Allocations are the same
@@ -92,7 +92,7 @@ def peak_of_step(model: nn.Module, ids: torch.Tensor) -> dict[str, Any]:
 def markdown(res: dict[str, Any]) -> str:
     s = res["shape"]
     ref = res["rows"].get("peft LoRA r16", {}).get("peak_mib")
-    lines = [f"# Peak memory of one training step on the CPU (`benchmarks/memory_probe.py`)", "",
+    lines = ["# Peak memory of one training step on the CPU (`benchmarks/memory_probe.py`)", "",
              f"torch {res['torch']}, peft {res['peft']}; random Llama {s['layers']} x {s['hidden']} (intermediate "
              f"{s['intermediate']}), NF4 projections, bf16 compute, activation checkpointing, batch 1 x {res['seq']}, all 7 projections, AdamW.", "",
              "| method | peak MiB | x peft LoRA r16 | live at the peak (MiB) |", "|---|---|---|---|"]
@@ -113,12 +113,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--intermediate", type=int, default=3584)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--vocab", type=int, default=1024, help="128256 for Llama-3's embeddings and head")
     ap.add_argument("--only", default="", help="comma-separated substrings of method names (peft LoRA r16 always runs)")
     args = ap.parse_args(argv)
     import peft
 
     shape = quantized.Shape(name="probe", hidden=args.hidden, intermediate=args.intermediate, layers=args.layers,
-                            heads=max(1, args.hidden // 128), kv_heads=max(1, args.hidden // 512), vocab=1024)
+                            heads=max(1, args.hidden // 128), kv_heads=max(1, args.hidden // 512), vocab=args.vocab)
     ids = torch.randint(0, shape.vocab, (1, args.seq), generator=torch.Generator().manual_seed(0))
     res: dict[str, Any] = {"torch": torch.__version__, "peft": peft.__version__, "shape": vars(shape), "seq": args.seq, "rows": {}}
     keep = [k.strip().lower() for k in args.only.split(",") if k.strip()]

@@ -9,8 +9,11 @@ quantisation, bf16 compute), as ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit
 bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)`` loads it. ``--layers`` decoder
 layers (default 8: one call holds every method, both batch shapes, eager and compiled); the per-layer
 figures (memory and time of one more layer, from the size sweep) scale the numbers to 32 layers.
-Both libraries get the same preparation (:func:`orthotune.prepare_model_for_kbit_training`: norms in
-float32, activation checkpointing, input gradients), adapters on all 7 projections, AdamW.
+Each library gets its own preparation, as its users run it: peft's ``prepare_model_for_kbit_training``
+(every non-quantised parameter in float32: norms, embeddings, head) and orthotune's (norms in float32,
+embeddings and head left in bf16, as the QLoRA paper's script leaves them); both turn on activation
+checkpointing with input gradients. "peft LoRA r16, orthotune prep" is peft's LoRA on orthotune's
+preparation, so that the adapters alone compare too. Adapters on all 7 projections, AdamW.
 
 Sections: ``main`` (batch 1 x 2048 and 4 x 1024, eager and per-layer ``torch.compile``; peft LoRA r16
 and peft OFT b32 against orthotune LoRA r16, LoCO at LoRA r16's parameters, OFT b32, HRA r8, LoCA) and
@@ -88,7 +91,7 @@ def quantize_linears(model: nn.Module, compute_dtype: torch.dtype) -> int:
 
 
 def make_model(shape: Shape, device: str) -> nn.Module:
-    """A random Llama of ``shape`` with 4-bit projections, prepared for k-bit training."""
+    """A random Llama of ``shape`` in bf16 with 4-bit projections (each method's build prepares it)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
@@ -101,19 +104,29 @@ def make_model(shape: Shape, device: str) -> nn.Module:
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(dtype)
     quantize_linears(model, dtype)
-    orthotune.prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.is_loaded_in_4bit = True  # as transformers' 4-bit loading marks it (peft's preparation reads it)
     return model
 
 
+def prepare(model: nn.Module, library: str) -> nn.Module:
+    """``library``'s prepare_model_for_kbit_training, with non-reentrant activation checkpointing."""
+    kwargs = {"use_reentrant": False}
+    if library == "peft":
+        import peft
+
+        return peft.prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs=kwargs)
+    return orthotune.prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs=kwargs)
+
+
 def _ot(name: str, **kw: Any) -> Callable[[nn.Module], nn.Module]:
-    return lambda m: orthotune.get_model(m, getattr(orthotune, name)(target_modules=TARGETS, **kw))
+    return lambda m: orthotune.get_model(prepare(m, "orthotune"), getattr(orthotune, name)(target_modules=TARGETS, **kw))
 
 
-def _peft(name: str, **kw: Any) -> Callable[[nn.Module], nn.Module]:
+def _peft(name: str, preparation: str = "peft", **kw: Any) -> Callable[[nn.Module], nn.Module]:
     def build(m: nn.Module) -> nn.Module:
         import peft
 
-        return peft.get_peft_model(m, getattr(peft, name)(target_modules=TARGETS, **kw))
+        return peft.get_peft_model(prepare(m, preparation), getattr(peft, name)(target_modules=TARGETS, **kw))
 
     return build
 
@@ -130,6 +143,7 @@ def methods(shape: Shape) -> dict[str, Callable[[nn.Module], nn.Module]]:
     return {
         "peft LoRA r16": _peft("LoraConfig", r=16, lora_alpha=16),
         "peft OFT b32": _peft("OFTConfig", oft_block_size=32, r=0),
+        "peft LoRA r16, orthotune prep": _peft("LoraConfig", "orthotune", r=16, lora_alpha=16),
         "LoRA r16": _ot("LoRAConfig", r=16, lora_alpha=16),
         f"LoCO r{loco_rank_matched(shape)} (=LoRA r16 params)": _ot("LoCOConfig", rank=loco_rank_matched(shape)),
         "OFT b32": _ot("OFTConfig", oft_block_size=32),
@@ -207,6 +221,7 @@ def run(shape: Shape, label: str, build: Callable[[nn.Module], nn.Module], batch
         "mode": mode_label(compiled, autocast), "trainable": sum(p.numel() for p in params),
         "step_ms": 1000 * statistics.median(times), "build_s": build_s, "loss_first": losses[0], "loss_last": losses[-1],
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None, "model_gib": model_gib,
+        "head_dtype": str(model.get_base_model().get_output_embeddings().weight.dtype).removeprefix("torch."),
     }
     if compiled:  # what dynamo compiled over all steps: one graph for every layer, no break, is the expected
         row.update(eff.dynamo_counts())
@@ -235,8 +250,9 @@ def markdown(res: dict[str, Any]) -> str:
         "# 4-bit base (NF4, double quantisation, bf16 compute): orthotune vs peft", "",
         f"{env.get('gpu', env['device'])}; torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}, "
         f"bitsandbytes {env['bitsandbytes']}; {env['date']}. Adapters on all 7 projections, activation checkpointing, "
-        "AdamW; ratios against peft LoRA r16 in the same batch shape and mode (\"autocast bf16\": forward and loss "
-        "under torch.autocast, as Trainer(bf16=True) runs, for both libraries).", "",
+        "AdamW; each library's own prepare_model_for_kbit_training (head: the output head's dtype after it); ratios "
+        "against peft LoRA r16 in the same batch shape and mode (\"autocast bf16\": forward and loss under "
+        "torch.autocast, as Trainer(bf16=True) runs, for both libraries).", "",
     ]
     main = [r for r in res["rows"] if r["section"] == "main" and "error" not in r]
     for batch in sorted({r["batch"] for r in main}):
@@ -246,12 +262,14 @@ def markdown(res: dict[str, Any]) -> str:
                 continue
             ref = next((r for r in rows if r["method"] == "peft LoRA r16"), None)
             lines += [f"## {rows[0]['shape']} shape, {rows[0]['layers']} layers, batch {batch}, {mode}", "",
-                      "| method | trainable | peak GiB | x peft LoRA | step ms | x peft LoRA |", "|---|---|---|---|---|---|"]
+                      "| method | head | trainable | peak GiB | x peft LoRA | step ms | x peft LoRA |",
+                      "|---|---|---|---|---|---|---|"]
             for r in rows:
                 mem = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
                 mem_x = "-" if ref is None or r["peak_gib"] is None else f"{r['peak_gib'] / ref['peak_gib']:.3f}"
                 time_x = "-" if ref is None else f"{r['step_ms'] / ref['step_ms']:.3f}"
-                lines.append(f"| {r['method']} | {r['trainable']:,} | {mem} | {mem_x} | {r['step_ms']:.1f} | {time_x} |")
+                lines.append(f"| {r['method']} | {r.get('head_dtype', '-')} | {r['trainable']:,} | {mem} | {mem_x} "
+                             f"| {r['step_ms']:.1f} | {time_x} |")
             lines.append("")
     sizes = [r for r in res["rows"] if r["section"] == "sizes" and "error" not in r]
     if sizes:

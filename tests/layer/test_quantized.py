@@ -364,6 +364,55 @@ def test_prepare_model_for_kbit_training(llama_dir: str) -> None:
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_prepare_keeps_embeddings_and_head_in_the_loaded_dtype(tied: bool, tmp_path) -> None:
+    """On a model loaded in bf16 the embeddings and head stay bf16 (as QLoRA's script keeps them; peft upcasts them):
+    2 bytes a parameter less, and the head takes the float32 norm's output cast to bf16, once however often the
+    model is prepared. The loss is peft's preparation's to bf16 rounding of the logits; ``upcast_embeddings=True``
+    is peft's preparation, parameter by parameter and loss for loss."""
+    peft = pytest.importorskip("peft")
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    quant = transformers.BitsAndBytesConfig(**QUANT["nf4"])
+
+    def prepared(how: object) -> torch.nn.Module:
+        base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, quantization_config=quant, device_map="cpu")
+        if how == "peft":
+            return peft.prepare_model_for_kbit_training(base)
+        orthotune.prepare_model_for_kbit_training(base, upcast_embeddings=how)
+        return orthotune.prepare_model_for_kbit_training(base, upcast_embeddings=how)  # twice: one hook
+
+    def loss(model: torch.nn.Module) -> tuple[float, torch.dtype]:
+        torch.manual_seed(1)  # the same adapter for each preparation
+        adapted = orthotune.get_model(model, orthotune.LoRAConfig(target_modules="all-linear", r=4))
+        with torch.no_grad():
+            for layer in adapted.adapter_layers():
+                torch.nn.init.normal_(layer[1].adapters["default"].lora_B, std=0.02)
+        out = adapted(TOKENS, labels=TOKENS)
+        out.loss.backward()
+        grads = [p.grad for p in adapted.parameters() if p.requires_grad]
+        assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+        return out.loss.item(), out.logits.dtype
+
+    ours, upcast, theirs = prepared(False), prepared(True), prepared("peft")
+    embeddings = {id(ours.get_input_embeddings().weight), id(ours.get_output_embeddings().weight)}
+    assert len(embeddings) == (1 if tied else 2)
+    for (name, p), q, r in zip(ours.named_parameters(), upcast.parameters(), theirs.parameters()):
+        assert q.dtype == r.dtype, name  # upcast_embeddings=True: peft's dtypes
+        want = torch.bfloat16 if id(p) in embeddings else r.dtype
+        assert p.dtype == want and not p.requires_grad, name
+    assert [n for n, p in ours.named_parameters() if "norm" in n and p.dtype != torch.float32] == []
+    numel = sum(ours.get_submodule(n).weight.numel() for n in ("model.embed_tokens", "lm_head") if not tied or n != "lm_head")
+    nbytes = {k: sum(p.numel() * p.element_size() for p in m.parameters()) for k, m in (("ours", ours), ("peft", theirs))}
+    assert nbytes["peft"] - nbytes["ours"] == 2 * numel
+    assert len(ours.get_output_embeddings()._forward_pre_hooks) == 1 and not upcast.get_output_embeddings()._forward_pre_hooks
+    (ours_loss, ours_dtype), (up_loss, up_dtype), (peft_loss, peft_dtype) = loss(ours), loss(upcast), loss(theirs)
+    assert ours_dtype == torch.bfloat16 and up_dtype == peft_dtype == torch.float32
+    assert up_loss == peft_loss and abs(ours_loss - peft_loss) < 1e-2 * abs(peft_loss)
+
+
 def test_clear_errors(llama_dir: str) -> None:
     layer = bnb.nn.Linear8bitLt(16, 16, has_fp16_weights=True)
     assert "has_fp16_weights=True" in quantized.unsupported_reason(layer)

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 _ERROR_ATTR = "_orthotune_requantization_error"
+_HEAD_CAST_ATTR = "_orthotune_head_cast"  # the handle of the head's input-cast hook, so preparing twice adds one
 _OWN_BASE_ATTR = "_orthotune_own_base"  # the weight is an adapter's own (LoftQ's alternation), not the checkpoint's rounding
 
 
@@ -315,20 +316,53 @@ def prepare_model_for_kbit_training(
     model: nn.Module,
     use_gradient_checkpointing: bool = True,
     gradient_checkpointing_kwargs: dict[str, Any] | None = None,
+    upcast_embeddings: bool = False,
 ) -> nn.Module:
-    """Ready a bitsandbytes-quantised model for adapter training, as peft's function of that name does:
-    freeze everything, hold every non-quantised float16/bfloat16 parameter (norms, embeddings, head) in
-    float32, so the residual stream and the normalisation statistics stay in float32 while the quantised
-    matmuls run in their compute dtype, and turn on activation checkpointing with input gradients, so that
-    checkpointed blocks still pass gradients to the adapters inside them."""
+    """Ready a bitsandbytes-quantised model for adapter training, as peft's function of that name does, but for the
+    embeddings: freeze everything; hold the norms and every other non-quantised float16/bfloat16 parameter in
+    float32, so the residual stream and the normalisation statistics stay in float32 while the quantised matmuls
+    run in their compute dtype; turn on activation checkpointing with input gradients, so that checkpointed blocks
+    still pass gradients to the adapters inside them.
+
+    The input embeddings and the output head stay in the dtype they were loaded in, as the QLoRA paper's own
+    script keeps them (arXiv:2305.14314, ``qlora.py``): they are frozen, an embedding lookup's values are the same
+    in either dtype, and a float32 head costs 2 more bytes a parameter (2 GiB on Llama-3-8B, with its embeddings)
+    and a float32 logits GEMM each step, far slower than the compute dtype's. The head then takes its input cast
+    to its dtype, and returns logits in it, as a bf16 model's head does (transformers' loss upcasts them).
+    ``upcast_embeddings=True`` holds them in float32 too, as peft's function does."""
     keep_training_layout(model)
+    kept = set() if upcast_embeddings else {id(p) for p in _embedding_params(model)}
     for p in model.parameters():
         p.requires_grad_(False)
-        if p.dtype in (torch.float16, torch.bfloat16) and not quantized_param(p):
+        if p.dtype in (torch.float16, torch.bfloat16) and not quantized_param(p) and id(p) not in kept:
             p.data = p.data.float()
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    if (isinstance(weight, Tensor) and weight.dtype in (torch.float16, torch.bfloat16) and not quantized_param(weight)
+            and not hasattr(head, _HEAD_CAST_ATTR)):
+        setattr(head, _HEAD_CAST_ATTR, head.register_forward_pre_hook(_input_to_weight_dtype))
     if use_gradient_checkpointing:
         enable_activation_checkpointing(model, gradient_checkpointing_kwargs)
     return model
+
+
+def _embedding_params(model: nn.Module) -> list[Tensor]:
+    """The weights of a transformers model's input embeddings and output head (tied or not); none otherwise."""
+    out = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        module = getattr(model, getter)() if hasattr(model, getter) else None
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, Tensor):
+            out.append(weight)
+    return out
+
+
+def _input_to_weight_dtype(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """Forward pre-hook: the head's float input (float32 from a float32 norm) cast to the head's weight dtype."""
+    x = args[0] if args else None
+    if isinstance(x, Tensor) and x.is_floating_point() and x.dtype != module.weight.dtype:
+        return (x.to(module.weight.dtype), *args[1:])
+    return None
 
 
 def enable_activation_checkpointing(model: nn.Module, kwargs: dict[str, Any] | None = None) -> None:

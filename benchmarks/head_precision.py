@@ -1,0 +1,141 @@
+"""Does keeping a 4-bit model's embeddings and head in bf16 change what an adapter trains? (issue 21)
+
+``orthotune.prepare_model_for_kbit_training`` leaves the input embeddings and output head in the dtype they were
+loaded in (bf16; as the QLoRA paper's script does), where peft's function holds them in float32. The logits are
+then bf16. This script measures what that changes on the causal-LM recipe's model (SmolLM2-135M-Instruct, NF4
+with bf16 compute, its head tied to its embeddings), on the CPU, for LoRA r8, LoCO k2 r3 and OFT b32 on q/v:
+
+- the adapter's gradient at its first step under each preparation: cosine and relative error against the
+  float32 one;
+- the same adapter trained ``--steps`` AdamW steps on the same batches under each preparation, then the answer
+  NLL of the validation questions under its own preparation, paired question by question.
+
+    python benchmarks/head_precision.py --data-dir DIR --out benchmarks/results/quantized/head_precision_cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from orthotune.recipes.finetune import build
+from orthotune.recipes.runconfig import RunConfig
+
+METHODS = {  # the quality check's adapters on q/v (benchmarks/quality.py at LoRA r8's budget) and their rates
+    "lora": ({"r": 8, "lora_alpha": 16}, 2e-3),
+    "loco": ({"rank": 3, "chain_length": 2, "mode": "exact"}, 3e-3),
+    "oft": ({"r": 0, "oft_block_size": 32}, 2e-3),
+}
+ARMS = {"float32 embeddings and head (peft's)": torch.float32, "bf16 embeddings and head (orthotune's)": torch.bfloat16}
+
+
+def use(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Hold the (tied) embeddings and head in ``dtype``: the loaded bf16 values are exact in float32 either way."""
+    head = model.get_base_model().get_output_embeddings().weight
+    head.data = head.data.to(dtype)
+
+
+def question_nll(task: Any, model: torch.nn.Module) -> list[float]:
+    """Each evaluation question's mean answer-token NLL, teacher-forced, in train mode (no dropout here)."""
+    out: list[float] = []
+    with torch.no_grad():
+        for start in range(0, len(task.eval_encoded), 16):
+            batch = task.collate(task.eval_encoded[start : start + 16])
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            labels = batch["labels"][:, 1:]
+            nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100, reduction="none")
+            out += ((nll * (labels != -100)).sum(1) / (labels != -100).sum(1)).tolist()
+    return out
+
+
+def run(method: str, data: Path, steps: int) -> dict[str, Any]:
+    adapter, lr = METHODS[method]
+    cfg = RunConfig.from_dict({
+        "task": "causal_lm", "method": method,
+        "adapter": {"target_modules": ["q_proj", "v_proj"], **adapter},
+        "model": {"dtype": "float32", "max_length": 128, "prompt_suffix": " Give only the final answer.",
+                  "quantization": "nf4", "compute_dtype": "bfloat16"},
+        "data": {"train_file": str(data / "train.jsonl"), "validation_file": str(data / "val.jsonl"),
+                 "test_file": str(data / "test.jsonl"), "eval_split": "val"},
+        "train": {"steps": 1}, "device": "cpu", "output_dir": f"/tmp/head_precision_{method}"})
+    task, model = build(cfg)
+    model.train()  # bitsandbytes' CPU inference layout (eval mode) has other numerics; this model has no dropout
+    params = [p for p in model.parameters() if p.requires_grad]
+    start = [p.detach().clone() for p in params]
+    grads: dict[str, Tensor] = {}
+    nll: dict[str, list[float]] = {}
+    losses: dict[str, list[float]] = {}
+    for arm, dtype in ARMS.items():
+        use(model, dtype)
+        with torch.no_grad():
+            for p, s in zip(params, start):
+                p.copy_(s)
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        losses[arm] = []
+        for step in range(steps):
+            opt.zero_grad(set_to_none=True)
+            loss = task.loss(model, task.train_batch(0, step, 16), 0)
+            loss.backward()
+            if step == 0:
+                grads[arm] = torch.cat([p.grad.flatten() for p in params])
+            losses[arm].append(loss.item())
+            opt.step()
+        nll[arm] = question_nll(task, model)
+    ref, ours = ARMS
+    diff = [a - b for a, b in zip(nll[ours], nll[ref])]
+    g, g_ref = grads[ours], grads[ref]
+    return {
+        "method": method, "adapter": adapter, "lr": lr, "steps": steps,
+        "gradient_cosine": F.cosine_similarity(g, g_ref, dim=0).item(),
+        "gradient_relative_error": ((g - g_ref).norm() / g_ref.norm()).item(),
+        "train_loss_last10": {arm: statistics.mean(v[-10:]) for arm, v in losses.items()},
+        "answer_nll": {arm: statistics.mean(v) for arm, v in nll.items()},
+        "answer_nll_bf16_minus_float32": statistics.mean(diff),
+        "standard_error": statistics.stdev(diff) / len(diff) ** 0.5,
+        "questions": len(diff),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", required=True, help="a folder with train.jsonl, val.jsonl, test.jsonl (TRL prompt/completion)")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    began = time.perf_counter()
+    rows = []
+    for method in args.methods:
+        rows.append(run(method, Path(args.data_dir), args.steps))
+        print(json.dumps(rows[-1]), flush=True)
+    env = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+           "threads": torch.get_num_threads(), "seconds": round(time.perf_counter() - began, 1)}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "head_precision.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1) + "\n")
+    ref, ours = ARMS
+    lines = [f"SmolLM2-135M-Instruct NF4 (bf16 compute, head tied to the embeddings), adapters on q/v, CPU ({env['date']}, "
+             f"torch {env['torch']}): the embeddings and head in float32 (peft's preparation) or bf16 (orthotune's).", "",
+             f"| method | first-step gradient: cosine / relative error | training loss, last 10 of {args.steps} steps "
+             "(float32 / bf16) | validation answer NLL (float32 / bf16) | bf16 minus float32 (s.e.) |",
+             "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        tl, an = r["train_loss_last10"], r["answer_nll"]
+        lines.append(f"| {r['method']} | {r['gradient_cosine']:.4f} / {r['gradient_relative_error']:.4f} | "
+                     f"{tl[ref]:.4f} / {tl[ours]:.4f} | {an[ref]:.4f} / {an[ours]:.4f} | "
+                     f"{r['answer_nll_bf16_minus_float32']:+.4f} ({r['standard_error']:.4f}) |")
+    (out / "head_precision.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
