@@ -8,7 +8,10 @@ with bf16 compute, its head tied to its embeddings), on the CPU, for LoRA r8, Lo
 - the adapter's gradient at its first step under each preparation: cosine and relative error against the
   float32 one;
 - the same adapter trained ``--steps`` AdamW steps on the same batches under each preparation, then the answer
-  NLL of the validation questions under its own preparation, paired question by question.
+  NLL of the validation questions under its own preparation, paired question by question; and, as controls
+  that say how far any two such runs drift apart, ``--controls`` float32 runs whose first gradient is multiplied
+  by ``1 + 1e-6 * noise`` (a different noise each);
+- the float32-trained adapter's NLL under the bf16 preparation: what the forward alone changes.
 
     python benchmarks/head_precision.py --data-dir DIR --out benchmarks/results/quantized/head_precision_cpu
 """
@@ -35,7 +38,14 @@ METHODS = {  # the quality check's adapters on q/v (benchmarks/quality.py at LoR
     "loco": ({"rank": 3, "chain_length": 2, "mode": "exact"}, 3e-3),
     "oft": ({"r": 0, "oft_block_size": 32}, 2e-3),
 }
-ARMS = {"float32 embeddings and head (peft's)": torch.float32, "bf16 embeddings and head (orthotune's)": torch.bfloat16}
+REF, OURS, FORWARD = "float32 (peft's)", "bf16 (orthotune's)", "float32-trained, bf16 forward"
+
+
+def arms(controls: int) -> dict[str, tuple[torch.dtype, int | None]]:
+    """Each run: the embeddings' and head's dtype, and the seed of the control's gradient noise (None: no noise)."""
+    out: dict[str, tuple[torch.dtype, int | None]] = {REF: (torch.float32, None), OURS: (torch.bfloat16, None)}
+    out.update({f"control {i}": (torch.float32, i) for i in range(controls)})
+    return out
 
 
 def use(model: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -57,7 +67,7 @@ def question_nll(task: Any, model: torch.nn.Module) -> list[float]:
     return out
 
 
-def run(method: str, data: Path, steps: int) -> dict[str, Any]:
+def run(method: str, data: Path, steps: int, controls: int) -> dict[str, Any]:
     adapter, lr = METHODS[method]
     cfg = RunConfig.from_dict({
         "task": "causal_lm", "method": method,
@@ -74,7 +84,7 @@ def run(method: str, data: Path, steps: int) -> dict[str, Any]:
     grads: dict[str, Tensor] = {}
     nll: dict[str, list[float]] = {}
     losses: dict[str, list[float]] = {}
-    for arm, dtype in ARMS.items():
+    for arm, (dtype, seed) in arms(controls).items():
         use(model, dtype)
         with torch.no_grad():
             for p, s in zip(params, start):
@@ -87,52 +97,64 @@ def run(method: str, data: Path, steps: int) -> dict[str, Any]:
             loss.backward()
             if step == 0:
                 grads[arm] = torch.cat([p.grad.flatten() for p in params])
+                if seed is not None:
+                    noise = torch.Generator().manual_seed(seed)
+                    for p in params:
+                        p.grad.mul_(1 + 1e-6 * torch.randn(p.grad.shape, generator=noise))
             losses[arm].append(loss.item())
             opt.step()
         nll[arm] = question_nll(task, model)
-    ref, ours = ARMS
-    diff = [a - b for a, b in zip(nll[ours], nll[ref])]
-    g, g_ref = grads[ours], grads[ref]
+        if arm == REF:  # the float32-trained adapter under the bf16 preparation: the forward alone
+            use(model, torch.bfloat16)
+            nll[FORWARD] = question_nll(task, model)
+    g, g_ref = grads[OURS], grads[REF]
     return {
-        "method": method, "adapter": adapter, "lr": lr, "steps": steps,
+        "method": method, "adapter": adapter, "lr": lr, "steps": steps, "questions": len(nll[REF]),
         "gradient_cosine": F.cosine_similarity(g, g_ref, dim=0).item(),
         "gradient_relative_error": ((g - g_ref).norm() / g_ref.norm()).item(),
         "train_loss_last10": {arm: statistics.mean(v[-10:]) for arm, v in losses.items()},
         "answer_nll": {arm: statistics.mean(v) for arm, v in nll.items()},
-        "answer_nll_bf16_minus_float32": statistics.mean(diff),
-        "standard_error": statistics.stdev(diff) / len(diff) ** 0.5,
-        "questions": len(diff),
+        "minus_float32": {arm: paired(v, nll[REF]) for arm, v in nll.items() if arm != REF},
     }
+
+
+def paired(a: list[float], b: list[float]) -> dict[str, float]:
+    """Mean of ``a - b`` over questions and its standard error."""
+    diff = [x - y for x, y in zip(a, b)]
+    return {"mean": statistics.mean(diff), "standard_error": statistics.stdev(diff) / len(diff) ** 0.5}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", required=True, help="a folder with train.jsonl, val.jsonl, test.jsonl (TRL prompt/completion)")
     parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--controls", type=int, default=2, help="float32 runs with a perturbed first gradient")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     began = time.perf_counter()
     rows = []
     for method in args.methods:
-        rows.append(run(method, Path(args.data_dir), args.steps))
+        rows.append(run(method, Path(args.data_dir), args.steps, args.controls))
         print(json.dumps(rows[-1]), flush=True)
     env = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
            "threads": torch.get_num_threads(), "seconds": round(time.perf_counter() - began, 1)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "head_precision.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1) + "\n")
-    ref, ours = ARMS
     lines = [f"SmolLM2-135M-Instruct NF4 (bf16 compute, head tied to the embeddings), adapters on q/v, CPU ({env['date']}, "
-             f"torch {env['torch']}): the embeddings and head in float32 (peft's preparation) or bf16 (orthotune's).", "",
-             f"| method | first-step gradient: cosine / relative error | training loss, last 10 of {args.steps} steps "
-             "(float32 / bf16) | validation answer NLL (float32 / bf16) | bf16 minus float32 (s.e.) |",
-             "|---|---:|---:|---:|---:|"]
+             f"torch {env['torch']}): the embeddings and head in float32 (peft's preparation) or bf16 (orthotune's); "
+             f"{args.steps} AdamW steps on the same batches; validation answer NLL, minus the float32 run's, paired by "
+             "question (s.e.).", "",
+             "| method | first-step gradient, bf16 vs float32: cosine / relative error | float32 run's NLL | bf16 run | "
+             "controls: float32 runs, first gradient x (1 + 1e-6 noise) | float32-trained adapter, bf16 forward |",
+             "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        tl, an = r["train_loss_last10"], r["answer_nll"]
+        d = r["minus_float32"]
+        cell = lambda k: f"{d[k]['mean']:+.4f} ({d[k]['standard_error']:.4f})"  # noqa: E731
+        controls = ", ".join(cell(k) for k in d if k.startswith("control"))
         lines.append(f"| {r['method']} | {r['gradient_cosine']:.4f} / {r['gradient_relative_error']:.4f} | "
-                     f"{tl[ref]:.4f} / {tl[ours]:.4f} | {an[ref]:.4f} / {an[ours]:.4f} | "
-                     f"{r['answer_nll_bf16_minus_float32']:+.4f} ({r['standard_error']:.4f}) |")
+                     f"{r['answer_nll'][REF]:.4f} | {cell(OURS)} | {controls} | {cell(FORWARD)} |")
     (out / "head_precision.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import efficiency as eff  # noqa: E402
 
 import orthotune  # noqa: E402
+from orthotune.training.graphs import compile_settings  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -173,10 +174,6 @@ def training(shape: Shape, build: Callable[[nn.Module], nn.Module], batch: int, 
         # dynamo recompile this one with dynamic shapes, and past its recompile limit run it eagerly
         torch._dynamo.reset()
         counters.clear()
-        if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):  # not in every torch
-            # transformers >= 5.25's layers set a context variable dynamo refuses inside a checkpoint (docs/speed.md):
-            # without this every checkpointed layer runs eagerly, for peft as for orthotune
-            torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
         for layer in model.get_base_model().model.layers:
             layer.compile()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -184,7 +181,9 @@ def training(shape: Shape, build: Callable[[nn.Module], nn.Module], batch: int, 
     ids = torch.randint(0, shape.vocab, (batch, seq), device=device, generator=torch.Generator(device).manual_seed(0))
 
     def step() -> torch.Tensor:
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+        # compile_settings: transformers >= 5.25's layers set a context variable dynamo refuses inside a checkpoint
+        # (docs/speed.md); without it every checkpointed layer runs eagerly, for peft as for orthotune
+        with compile_settings(compiled), torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()

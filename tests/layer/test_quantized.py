@@ -41,9 +41,12 @@ def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(path)
 
 
-def load(path: str, quant: str | None) -> torch.nn.Module:
-    """The saved model, quantised as ``quant`` (a key of QUANT) or in float32 (None)."""
+def load(path: str, quant: str | None, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """The saved model, quantised as ``quant`` (a key of QUANT) or not (None), its other weights in ``dtype``
+    (default: as saved, float32)."""
     kwargs = {} if quant is None else {"quantization_config": transformers.BitsAndBytesConfig(**QUANT[quant])}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         transformers.logging.set_verbosity_error()
@@ -367,7 +370,8 @@ def test_prepare_model_for_kbit_training(llama_dir: str) -> None:
 @pytest.mark.parametrize("tied", [False, True])
 def test_prepare_keeps_embeddings_and_head_in_the_loaded_dtype(tied: bool, tmp_path) -> None:
     """On a model loaded in bf16 the embeddings and head stay bf16 (as QLoRA's script keeps them; peft upcasts them):
-    2 bytes a parameter less, and the head takes the float32 norm's output cast to bf16, once however often the
+    2 bytes a parameter less. The embeddings' output is float32 (the residual stream's dtype under peft's
+    preparation) and the head takes the float32 norm's output cast to bf16, each hook added once however often the
     model is prepared. The loss is peft's preparation's to bf16 rounding of the logits; ``upcast_embeddings=True``
     is peft's preparation, parameter by parameter and loss for loss."""
     peft = pytest.importorskip("peft")
@@ -408,6 +412,10 @@ def test_prepare_keeps_embeddings_and_head_in_the_loaded_dtype(tied: bool, tmp_p
     nbytes = {k: sum(p.numel() * p.element_size() for p in m.parameters()) for k, m in (("ours", ours), ("peft", theirs))}
     assert nbytes["peft"] - nbytes["ours"] == 2 * numel
     assert len(ours.get_output_embeddings()._forward_pre_hooks) == 1 and not upcast.get_output_embeddings()._forward_pre_hooks
+    assert list(ours.get_input_embeddings()._forward_hooks.values()).count(quantized._output_to_float32) == 1
+    with torch.no_grad():
+        embedded = ours.get_input_embeddings()(TOKENS)
+        assert embedded.dtype == torch.float32 and torch.equal(embedded, theirs.get_input_embeddings()(TOKENS))
     (ours_loss, ours_dtype), (up_loss, up_dtype), (peft_loss, peft_dtype) = loss(ours), loss(upcast), loss(theirs)
     assert ours_dtype == torch.bfloat16 and up_dtype == peft_dtype == torch.float32
     assert up_loss == peft_loss and abs(ours_loss - peft_loss) < 1e-2 * abs(peft_loss)

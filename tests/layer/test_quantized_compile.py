@@ -1,5 +1,5 @@
-"""Rotations on a 4-bit base under ``torch.compile``, as benchmarks/quantized.py trains them (NF4, bf16 compute,
-prepare_model_for_kbit_training: activation checkpointing): no more graphs, graph breaks or recompiles than
+"""Rotations on a 4-bit base under ``torch.compile``, as benchmarks/quantized.py trains them (NF4, bf16 compute and
+embeddings, prepare_model_for_kbit_training: activation checkpointing): no more graphs, graph breaks or recompiles than
 LoRA's on the same base, the cores computed once per step by the plan and not inside every layer's graph
 (which made compiled LoCO 2.6x slower than compiled peft LoRA on an H200 before the plan), and the eager
 losses and gradients."""
@@ -33,7 +33,7 @@ def train(path: str, method: str, compiled: str | None) -> dict[str, Any]:
     """``STEPS`` AdamW steps on the NF4 model with ``compiled`` in (None: eager, "layers": each decoder layer's
     ``compile()``, the benchmark's way, "model": ``torch.compile(model)``), backend aot_eager: the losses,
     the first step's gradients, dynamo's counts, and the adapter parameters the graphs take as inputs."""
-    base = orthotune.prepare_model_for_kbit_training(load(path, "nf4"))
+    base = orthotune.prepare_model_for_kbit_training(load(path, "nf4", torch.bfloat16))  # as the benchmark builds it
     torch.manual_seed(0)
     model = orthotune.get_model(base, CONFIGS[method]())
     model.train()

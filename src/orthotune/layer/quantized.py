@@ -29,7 +29,8 @@ import torch
 from torch import Tensor, nn
 
 _ERROR_ATTR = "_orthotune_requantization_error"
-_HEAD_CAST_ATTR = "_orthotune_head_cast"  # the handle of the head's input-cast hook, so preparing twice adds one
+_HEAD_CAST_ATTR = "_orthotune_head_cast"  # the handles of the head's and embeddings' cast hooks (prepare adds each once)
+_EMBEDDING_CAST_ATTR = "_orthotune_embedding_cast"
 _OWN_BASE_ATTR = "_orthotune_own_base"  # the weight is an adapter's own (LoftQ's alternation), not the checkpoint's rounding
 
 
@@ -325,36 +326,49 @@ def prepare_model_for_kbit_training(
     still pass gradients to the adapters inside them.
 
     The input embeddings and the output head stay in the dtype they were loaded in, as the QLoRA paper's own
-    script keeps them (arXiv:2305.14314, ``qlora.py``): they are frozen, an embedding lookup's values are the same
-    in either dtype, and a float32 head costs 2 more bytes a parameter (2 GiB on Llama-3-8B, with its embeddings)
-    and a float32 logits GEMM each step, far slower than the compute dtype's. The head then takes its input cast
-    to its dtype, and returns logits in it, as a bf16 model's head does (transformers' loss upcasts them).
+    script keeps them (arXiv:2305.14314, ``qlora.py``): they are frozen, and a float32 head costs 2 more bytes a
+    parameter (2 GiB on Llama-3-8B, with its embeddings) and a float32 logits GEMM each step, far slower than the
+    compute dtype's. The embeddings' output is upcast to float32 (exactly: the values are the same), so the
+    residual stream is float32 from the first layer, as under peft's function; the head takes its input cast to its
+    dtype and returns logits in it, as a bf16 model's head does (transformers' loss upcasts them).
     ``upcast_embeddings=True`` holds them in float32 too, as peft's function does."""
     keep_training_layout(model)
-    kept = set() if upcast_embeddings else {id(p) for p in _embedding_params(model)}
+    embeddings = [] if upcast_embeddings else _embedding_modules(model)
+    kept = {id(m.weight) for m in embeddings}
     for p in model.parameters():
         p.requires_grad_(False)
         if p.dtype in (torch.float16, torch.bfloat16) and not quantized_param(p) and id(p) not in kept:
             p.data = p.data.float()
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    weight = getattr(head, "weight", None)
-    if (isinstance(weight, Tensor) and weight.dtype in (torch.float16, torch.bfloat16) and not quantized_param(weight)
-            and not hasattr(head, _HEAD_CAST_ATTR)):
-        setattr(head, _HEAD_CAST_ATTR, head.register_forward_pre_hook(_input_to_weight_dtype))
+    for module in embeddings:
+        if module is _getter(model, "get_output_embeddings"):
+            _hook_once(module, _HEAD_CAST_ATTR, module.register_forward_pre_hook, _input_to_weight_dtype)
+        if module is _getter(model, "get_input_embeddings"):
+            _hook_once(module, _EMBEDDING_CAST_ATTR, module.register_forward_hook, _output_to_float32)
     if use_gradient_checkpointing:
         enable_activation_checkpointing(model, gradient_checkpointing_kwargs)
     return model
 
 
-def _embedding_params(model: nn.Module) -> list[Tensor]:
-    """The weights of a transformers model's input embeddings and output head (tied or not); none otherwise."""
+def _getter(model: nn.Module, name: str) -> nn.Module | None:
+    """``model.get_input_embeddings()`` or ``model.get_output_embeddings()``, None where it has none."""
+    return getattr(model, name)() if hasattr(model, name) else None
+
+
+def _embedding_modules(model: nn.Module) -> list[nn.Module]:
+    """A transformers model's input embeddings and output head with a 16-bit float weight (not bitsandbytes')."""
     out = []
-    for getter in ("get_input_embeddings", "get_output_embeddings"):
-        module = getattr(model, getter)() if hasattr(model, getter) else None
+    for name in ("get_input_embeddings", "get_output_embeddings"):
+        module = _getter(model, name)
         weight = getattr(module, "weight", None)
-        if isinstance(weight, Tensor):
-            out.append(weight)
+        if isinstance(weight, Tensor) and weight.dtype in (torch.float16, torch.bfloat16) and not quantized_param(weight):
+            out.append(module)
     return out
+
+
+def _hook_once(module: nn.Module, attr: str, register: Any, hook: Any) -> None:
+    """Register ``hook`` with ``register`` unless an earlier preparation did (its handle is kept as ``attr``)."""
+    if not hasattr(module, attr):
+        setattr(module, attr, register(hook))
 
 
 def _input_to_weight_dtype(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
@@ -363,6 +377,11 @@ def _input_to_weight_dtype(module: nn.Module, args: tuple[Any, ...]) -> tuple[An
     if isinstance(x, Tensor) and x.is_floating_point() and x.dtype != module.weight.dtype:
         return (x.to(module.weight.dtype), *args[1:])
     return None
+
+
+def _output_to_float32(module: nn.Module, args: tuple[Any, ...], out: Any) -> Any:
+    """Forward hook: a 16-bit embedding's output in float32, the residual stream's dtype under peft's preparation."""
+    return out.float() if isinstance(out, Tensor) and out.dtype in (torch.float16, torch.bfloat16) else None
 
 
 def enable_activation_checkpointing(model: nn.Module, kwargs: dict[str, Any] | None = None) -> None:
