@@ -148,6 +148,31 @@ def test_lm_recipe_on_a_4bit_base_trains_and_merges_to_plain_float(tmp_path, tin
 
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="pip install bitsandbytes")
+def test_lm_recipe_with_bf16_compute_keeps_the_embeddings_in_bf16(tmp_path, tiny_smollm) -> None:
+    """The default compute dtype (bf16): the prepared base keeps its tied embeddings and head in bf16 and its norms in
+    float32, training lowers the answer NLL, and the merged folder is a plain bf16 model whose logits follow the
+    adapted model's (which keeps its residual stream in float32: bf16 rounding apart)."""
+    cfg = RunConfig.from_dict(nf4_run(tmp_path, tiny_smollm, "lora", {"r": 4, "lora_alpha": 8}, compute_dtype="bfloat16"))
+    _, model = build(cfg)
+    base = model.get_base_model()
+    assert base.get_input_embeddings().weight is base.get_output_embeddings().weight  # SmolLM2 ties them
+    assert base.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert {p.dtype for n, p in base.named_parameters() if "norm" in n} == {torch.float32}
+    results = finetune(cfg, progress=False)
+    assert results["final"]["answer_nll"] < results["before"]["answer_nll"], results
+    task, adapted = load_trained(cfg, tmp_path / "run" / "adapter")
+    batch = task.collate(task.eval_encoded[:4])
+    batch.pop("labels")
+    with torch.no_grad():
+        reference = adapted(**batch).logits.float()
+    merged = merge_adapter(cfg, tmp_path / "run" / "adapter", tmp_path / "merged")
+    plain = transformers.AutoModelForCausalLM.from_pretrained(merged).eval()
+    assert plain.dtype == torch.bfloat16 and not any("4bit" in type(m).__name__ for m in plain.modules())
+    with torch.no_grad():
+        assert float((plain(**batch).logits.float() - reference).norm() / reference.norm()) < 1.5e-2
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="pip install bitsandbytes")
 def test_lm_recipe_starts_lora_with_loftq_on_a_4bit_base(tmp_path, tiny_smollm) -> None:
     """``model.loftq: true``: LoRA on the NF4 base starts at the rank-r SVD of the rounding error (B != 0, unlike
     QLoRA's start), read from the folder the base was quantised from, and trains from there."""
