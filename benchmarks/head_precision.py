@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from orthotune.recipes.finetune import build
-from orthotune.recipes.runconfig import RunConfig
+from rotation_precision import nf4_recipe  # this folder is the script's, so on sys.path
 
 METHODS = {  # the quality check's adapters on q/v (benchmarks/quality.py at LoRA r8's budget) and their rates
     "lora": ({"r": 8, "lora_alpha": 16}, 2e-3),
@@ -69,15 +69,7 @@ def question_nll(task: Any, model: torch.nn.Module) -> list[float]:
 
 def run(method: str, data: Path, steps: int, controls: int) -> dict[str, Any]:
     adapter, lr = METHODS[method]
-    cfg = RunConfig.from_dict({
-        "task": "causal_lm", "method": method,
-        "adapter": {"target_modules": ["q_proj", "v_proj"], **adapter},
-        "model": {"dtype": "float32", "max_length": 128, "prompt_suffix": " Give only the final answer.",
-                  "quantization": "nf4", "compute_dtype": "bfloat16"},
-        "data": {"train_file": str(data / "train.jsonl"), "validation_file": str(data / "val.jsonl"),
-                 "test_file": str(data / "test.jsonl"), "eval_split": "val"},
-        "train": {"steps": 1}, "device": "cpu", "output_dir": f"/tmp/head_precision_{method}"})
-    task, model = build(cfg)
+    task, model = build(nf4_recipe(method, adapter, data, f"/tmp/head_precision_{method}", eval_split="val"))
     model.train()  # bitsandbytes' CPU inference layout (eval mode) has other numerics; this model has no dropout
     params = [p for p in model.parameters() if p.requires_grad]
     start = [p.detach().clone() for p in params]

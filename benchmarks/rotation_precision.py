@@ -77,6 +77,18 @@ ARMS: dict[str, tuple[Callable, Callable]] = {
 }
 
 
+def nf4_recipe(method: str, adapter: dict[str, Any], data: Path, output_dir: str, **data_settings: Any) -> RunConfig:
+    """The causal-LM recipe's run of ``method`` on q/v on the CPU, its SmolLM2 base in NF4 with bf16 compute, on the
+    TRL prompt/completion files in ``data`` (shared with ``head_precision.py``)."""
+    return RunConfig.from_dict({
+        "task": "causal_lm", "method": method, "adapter": {"target_modules": ["q_proj", "v_proj"], **adapter},
+        "model": {"dtype": "float32", "max_length": 128, "prompt_suffix": " Give only the final answer.",
+                  "quantization": "nf4", "compute_dtype": "bfloat16"},
+        "data": {"train_file": str(data / "train.jsonl"), "validation_file": str(data / "val.jsonl"),
+                 "test_file": str(data / "test.jsonl"), **data_settings},
+        "train": {"steps": 1}, "device": "cpu", "output_dir": output_dir})
+
+
 def use(arm: str) -> None:
     LoCO.forward, LoCO.core_dtype = ARMS[arm]
 
@@ -89,13 +101,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     d = Path(args.data_dir)
-    cfg = RunConfig.from_dict({
-        "task": "causal_lm", "method": "loco",
-        "adapter": {"target_modules": ["q_proj", "v_proj"], "rank": 3, "chain_length": 2, "mode": "exact"},
-        "model": {"dtype": "float32", "max_length": 128, "prompt_suffix": " Give only the final answer.",
-                  "quantization": "nf4", "compute_dtype": "bfloat16"},
-        "data": {"train_file": str(d / "train.jsonl"), "validation_file": str(d / "val.jsonl"), "test_file": str(d / "test.jsonl")},
-        "train": {"steps": 1}, "device": "cpu", "output_dir": "/tmp/rotation_precision"})
+    cfg = nf4_recipe("loco", {"rank": 3, "chain_length": 2, "mode": "exact"}, d, "/tmp/rotation_precision")
     start = time.perf_counter()
     task, model = build(cfg)
     model.train()  # bitsandbytes' CPU inference layout (eval mode) has other numerics; this model has no dropout

@@ -333,36 +333,31 @@ def prepare_model_for_kbit_training(
     dtype and returns logits in it, as a bf16 model's head does (transformers' loss upcasts them).
     ``upcast_embeddings=True`` holds them in float32 too, as peft's function does."""
     keep_training_layout(model)
-    embeddings = [] if upcast_embeddings else _embedding_modules(model)
-    kept = {id(m.weight) for m in embeddings}
+    embedding = None if upcast_embeddings else _16bit(model, "get_input_embeddings")
+    head = None if upcast_embeddings else _16bit(model, "get_output_embeddings")
+    kept = {id(m.weight) for m in (embedding, head) if m is not None}
     for p in model.parameters():
         p.requires_grad_(False)
-        if p.dtype in (torch.float16, torch.bfloat16) and not quantized_param(p) and id(p) not in kept:
+        if _16bit_float(p) and id(p) not in kept:
             p.data = p.data.float()
-    for module in embeddings:
-        if module is _getter(model, "get_output_embeddings"):
-            _hook_once(module, _HEAD_CAST_ATTR, module.register_forward_pre_hook, _input_to_weight_dtype)
-        if module is _getter(model, "get_input_embeddings"):
-            _hook_once(module, _EMBEDDING_CAST_ATTR, module.register_forward_hook, _output_to_float32)
+    if head is not None:
+        _hook_once(head, _HEAD_CAST_ATTR, head.register_forward_pre_hook, _input_to_weight_dtype)
+    if embedding is not None:
+        _hook_once(embedding, _EMBEDDING_CAST_ATTR, embedding.register_forward_hook, _output_to_float32)
     if use_gradient_checkpointing:
         enable_activation_checkpointing(model, gradient_checkpointing_kwargs)
     return model
 
 
-def _getter(model: nn.Module, name: str) -> nn.Module | None:
-    """``model.get_input_embeddings()`` or ``model.get_output_embeddings()``, None where it has none."""
-    return getattr(model, name)() if hasattr(model, name) else None
+def _16bit_float(p: Any) -> bool:
+    """A float16/bfloat16 tensor that is not a bitsandbytes quantised weight."""
+    return isinstance(p, Tensor) and p.dtype in (torch.float16, torch.bfloat16) and not quantized_param(p)
 
 
-def _embedding_modules(model: nn.Module) -> list[nn.Module]:
-    """A transformers model's input embeddings and output head with a 16-bit float weight (not bitsandbytes')."""
-    out = []
-    for name in ("get_input_embeddings", "get_output_embeddings"):
-        module = _getter(model, name)
-        weight = getattr(module, "weight", None)
-        if isinstance(weight, Tensor) and weight.dtype in (torch.float16, torch.bfloat16) and not quantized_param(weight):
-            out.append(module)
-    return out
+def _16bit(model: nn.Module, getter: str) -> nn.Module | None:
+    """A transformers model's input embeddings or output head (``getter``) if its weight is 16-bit float, else None."""
+    module = getattr(model, getter)() if hasattr(model, getter) else None
+    return module if _16bit_float(getattr(module, "weight", None)) else None
 
 
 def _hook_once(module: nn.Module, attr: str, register: Any, hook: Any) -> None:
@@ -381,7 +376,7 @@ def _input_to_weight_dtype(module: nn.Module, args: tuple[Any, ...]) -> tuple[An
 
 def _output_to_float32(module: nn.Module, args: tuple[Any, ...], out: Any) -> Any:
     """Forward hook: a 16-bit embedding's output in float32, the residual stream's dtype under peft's preparation."""
-    return out.float() if isinstance(out, Tensor) and out.dtype in (torch.float16, torch.bfloat16) else None
+    return out.float() if _16bit_float(out) else None
 
 
 def enable_activation_checkpointing(model: nn.Module, kwargs: dict[str, Any] | None = None) -> None:
