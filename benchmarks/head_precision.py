@@ -1,16 +1,18 @@
-"""Does keeping a 4-bit model's embeddings and head in bf16 change what an adapter trains? (issue 21)
+"""Does keeping a 4-bit model's output head in bf16 change what an adapter trains? (issue 21)
 
-``orthotune.prepare_model_for_kbit_training`` leaves the input embeddings and output head in the dtype they were
-loaded in (bf16; as the QLoRA paper's script does), where peft's function holds them in float32. The logits are
-then bf16. This script measures what that changes on the causal-LM recipe's model (SmolLM2-135M-Instruct, NF4
-with bf16 compute, its head tied to its embeddings), on the CPU, for LoRA r8, LoCO k2 r3 and OFT b32 on q/v:
+``orthotune.prepare_model_for_kbit_training`` holds the output head in float32, as peft's function does;
+``upcast_head=False`` leaves it (and embeddings tied to it) in the dtype it was loaded in (bf16), as the QLoRA
+paper's script does, and the logits are then bf16. This script measures what that changes on the causal-LM
+recipe's model (SmolLM2-135M-Instruct, NF4 with bf16 compute, its head tied to its embeddings), on the CPU, for
+LoRA r8, LoCO k2 r3 and OFT b32 on q/v:
 
 - the adapter's gradient at its first step under each preparation: cosine and relative error against the
   float32 one;
 - the same adapter trained ``--steps`` AdamW steps on the same batches under each preparation, then the answer
   NLL of the validation questions under its own preparation, paired question by question; and, as controls
-  that say how far any two such runs drift apart, ``--controls`` float32 runs whose first gradient is multiplied
-  by ``1 + 1e-6 * noise`` (a different noise each);
+  that say how far any two such runs drift apart, ``--controls`` runs under each preparation whose first
+  gradient is multiplied by ``1 + 1e-6 * noise`` (a different noise each), so that the two preparations' runs
+  can be compared as two samples (mean NLL of each, the difference and its standard error between runs);
 - the float32-trained adapter's NLL under the bf16 preparation: what the forward alone changes.
 
     python benchmarks/head_precision.py --data-dir DIR --out benchmarks/results/quantized/head_precision_cpu
@@ -38,33 +40,40 @@ METHODS = {  # the quality check's adapters on q/v (benchmarks/quality.py at LoR
     "loco": ({"rank": 3, "chain_length": 2, "mode": "exact"}, 3e-3),
     "oft": ({"r": 0, "oft_block_size": 32}, 2e-3),
 }
-REF, OURS, FORWARD = "float32 (peft's)", "bf16 (orthotune's)", "float32-trained, bf16 forward"
+REF, OURS, FORWARD = "float32 (peft's, the default)", "bf16 (upcast_head=False)", "float32-trained, bf16 forward"
 
 
 def arms(controls: int) -> dict[str, tuple[torch.dtype, int | None]]:
     """Each run: the embeddings' and head's dtype, and the seed of the control's gradient noise (None: no noise)."""
     out: dict[str, tuple[torch.dtype, int | None]] = {REF: (torch.float32, None), OURS: (torch.bfloat16, None)}
     out.update({f"control {i}": (torch.float32, i) for i in range(controls)})
+    out.update({f"bf16 control {i}": (torch.bfloat16, i) for i in range(controls)})
+    return out
+
+
+def between_runs(nll: dict[str, float], controls: int) -> dict[str, Any]:
+    """Each preparation's runs (the plain one and its controls) as a sample: mean NLL, and bf16 minus float32."""
+    groups = {"float32": [nll[REF]] + [nll[f"control {i}"] for i in range(controls)],
+              "bf16": [nll[OURS]] + [nll[f"bf16 control {i}"] for i in range(controls)]}
+    out: dict[str, Any] = {k: {"runs": len(v), "mean": statistics.mean(v),
+                               "sd": statistics.stdev(v) if len(v) > 1 else None} for k, v in groups.items()}
+    if controls:
+        se = (sum(statistics.variance(v) / len(v) for v in groups.values())) ** 0.5
+        out["bf16_minus_float32"] = {"mean": out["bf16"]["mean"] - out["float32"]["mean"], "standard_error": se}
     return out
 
 
 def use(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Hold the (tied) embeddings and head in ``dtype``: the loaded bf16 values are exact in float32 either way."""
+    """Hold the (tied) embeddings and head in ``dtype``: the loaded bf16 values are exact in float32 either way (the
+    preparation's hooks cast the head's input to its dtype and the embeddings' output to float32)."""
     head = model.get_base_model().get_output_embeddings().weight
     head.data = head.data.to(dtype)
 
 
 def question_nll(task: Any, model: torch.nn.Module) -> list[float]:
     """Each evaluation question's mean answer-token NLL, teacher-forced, in train mode (no dropout here)."""
-    out: list[float] = []
     with torch.no_grad():
-        for start in range(0, len(task.eval_encoded), 16):
-            batch = task.collate(task.eval_encoded[start : start + 16])
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-            labels = batch["labels"][:, 1:]
-            nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100, reduction="none")
-            out += ((nll * (labels != -100)).sum(1) / (labels != -100).sum(1)).tolist()
-    return out
+        return [nll / tokens for nll, tokens in task.answer_nll_by_question(model)]
 
 
 def run(method: str, data: Path, steps: int, controls: int) -> dict[str, Any]:
@@ -107,6 +116,7 @@ def run(method: str, data: Path, steps: int, controls: int) -> dict[str, Any]:
         "train_loss_last10": {arm: statistics.mean(v[-10:]) for arm, v in losses.items()},
         "answer_nll": {arm: statistics.mean(v) for arm, v in nll.items()},
         "minus_float32": {arm: paired(v, nll[REF]) for arm, v in nll.items() if arm != REF},
+        "between_runs": between_runs({arm: statistics.mean(v) for arm, v in nll.items()}, controls),
     }
 
 
@@ -120,7 +130,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", required=True, help="a folder with train.jsonl, val.jsonl, test.jsonl (TRL prompt/completion)")
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--controls", type=int, default=2, help="float32 runs with a perturbed first gradient")
+    parser.add_argument("--controls", type=int, default=2,
+                        help="runs with a perturbed first gradient, under each preparation")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -135,18 +146,26 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "head_precision.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1) + "\n")
     lines = [f"SmolLM2-135M-Instruct NF4 (bf16 compute, head tied to the embeddings), adapters on q/v, CPU ({env['date']}, "
-             f"torch {env['torch']}): the embeddings and head in float32 (peft's preparation) or bf16 (orthotune's); "
+             f"torch {env['torch']}): the embeddings and head in float32 (peft's preparation, orthotune's default) or bf16 "
+             f"(upcast_head=False); "
              f"{args.steps} AdamW steps on the same batches; validation answer NLL, minus the float32 run's, paired by "
              "question (s.e.).", "",
              "| method | first-step gradient, bf16 vs float32: cosine / relative error | float32 run's NLL | bf16 run | "
-             "controls: float32 runs, first gradient x (1 + 1e-6 noise) | float32-trained adapter, bf16 forward |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "controls: float32 runs, first gradient x (1 + 1e-6 noise) | bf16 controls | float32-trained adapter, "
+             "bf16 forward | runs' mean NLL: float32 / bf16 (sd) | bf16 - float32 between runs (s.e.) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         d = r["minus_float32"]
         cell = lambda k: f"{d[k]['mean']:+.4f} ({d[k]['standard_error']:.4f})"  # noqa: E731
         controls = ", ".join(cell(k) for k in d if k.startswith("control"))
+        bf16_controls = ", ".join(cell(k) for k in d if k.startswith("bf16 control"))
+        b = r["between_runs"]
+        sd = lambda g: f"{b[g]['mean']:.4f}" + (f" ({b[g]['sd']:.4f})" if b[g]["sd"] is not None else "")  # noqa: E731
+        diff = b.get("bf16_minus_float32")
+        diff_cell = f"{diff['mean']:+.4f} ({diff['standard_error']:.4f})" if diff else "n/a"
         lines.append(f"| {r['method']} | {r['gradient_cosine']:.4f} / {r['gradient_relative_error']:.4f} | "
-                     f"{r['answer_nll'][REF]:.4f} | {cell(OURS)} | {controls} | {cell(FORWARD)} |")
+                     f"{r['answer_nll'][REF]:.4f} | {cell(OURS)} | {controls} | {bf16_controls} | {cell(FORWARD)} | "
+                     f"{sd('float32')} / {sd('bf16')} | {diff_cell} |")
     (out / "head_precision.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -10,8 +10,8 @@ bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)`` loads i
 layers (default 8: one call holds every method, both batch shapes, eager and compiled); the per-layer
 figures (memory and time of one more layer, from the size sweep) scale the numbers to 32 layers.
 Each library gets its own preparation, as its users run it: peft's ``prepare_model_for_kbit_training``
-(every non-quantised parameter in float32: norms, embeddings, head) and orthotune's (norms in float32,
-embeddings and head left in bf16, as the QLoRA paper's script leaves them); both turn on activation
+(every non-quantised parameter in float32: norms, embeddings, head) and orthotune's (the same, but the untied
+input embeddings left in bf16 with a float32 output: the same numbers); both turn on activation
 checkpointing with input gradients. "peft LoRA r16, orthotune prep" is peft's LoRA on orthotune's
 preparation, so that the adapters alone compare too. Adapters on all 7 projections, AdamW.
 
@@ -220,6 +220,7 @@ def run(shape: Shape, label: str, build: Callable[[nn.Module], nn.Module], batch
         "mode": mode_label(compiled, autocast), "trainable": sum(p.numel() for p in params),
         "step_ms": 1000 * statistics.median(times), "build_s": build_s, "loss_first": losses[0], "loss_last": losses[-1],
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None, "model_gib": model_gib,
+        "embedding_dtype": str(model.get_base_model().get_input_embeddings().weight.dtype).removeprefix("torch."),
         "head_dtype": str(model.get_base_model().get_output_embeddings().weight.dtype).removeprefix("torch."),
     }
     if compiled:  # what dynamo compiled over all steps: one graph for every layer, no break, is the expected
@@ -249,7 +250,8 @@ def markdown(res: dict[str, Any]) -> str:
         "# 4-bit base (NF4, double quantisation, bf16 compute): orthotune vs peft", "",
         f"{env.get('gpu', env['device'])}; torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}, "
         f"bitsandbytes {env['bitsandbytes']}; {env['date']}. Adapters on all 7 projections, activation checkpointing, "
-        "AdamW; each library's own prepare_model_for_kbit_training (head: the output head's dtype after it); ratios "
+        "AdamW; each library's own prepare_model_for_kbit_training (embeddings / head: the input embeddings' and "
+        "output head's dtypes after it); ratios "
         "against peft LoRA r16 in the same batch shape and mode (\"autocast bf16\": forward and loss under "
         "torch.autocast, as Trainer(bf16=True) runs, for both libraries).", "",
     ]
@@ -261,13 +263,14 @@ def markdown(res: dict[str, Any]) -> str:
                 continue
             ref = next((r for r in rows if r["method"] == "peft LoRA r16"), None)
             lines += [f"## {rows[0]['shape']} shape, {rows[0]['layers']} layers, batch {batch}, {mode}", "",
-                      "| method | head | trainable | peak GiB | x peft LoRA | step ms | x peft LoRA |",
+                      "| method | embeddings / head | trainable | peak GiB | x peft LoRA | step ms | x peft LoRA |",
                       "|---|---|---|---|---|---|---|"]
             for r in rows:
                 mem = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
                 mem_x = "-" if ref is None or r["peak_gib"] is None else f"{r['peak_gib'] / ref['peak_gib']:.3f}"
                 time_x = "-" if ref is None else f"{r['step_ms'] / ref['step_ms']:.3f}"
-                lines.append(f"| {r['method']} | {r.get('head_dtype', '-')} | {r['trainable']:,} | {mem} | {mem_x} "
+                dtypes = f"{r.get('embedding_dtype', '-')} / {r.get('head_dtype', '-')}"
+                lines.append(f"| {r['method']} | {dtypes} | {r['trainable']:,} | {mem} | {mem_x} "
                              f"| {r['step_ms']:.1f} | {time_x} |")
             lines.append("")
     sizes = [r for r in res["rows"] if r["section"] == "sizes" and "error" not in r]

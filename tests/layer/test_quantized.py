@@ -368,12 +368,13 @@ def test_prepare_model_for_kbit_training(llama_dir: str) -> None:
 
 
 @pytest.mark.parametrize("tied", [False, True])
-def test_prepare_keeps_embeddings_and_head_in_the_loaded_dtype(tied: bool, tmp_path) -> None:
-    """On a model loaded in bf16 the embeddings and head stay bf16 (as QLoRA's script keeps them; peft upcasts them):
-    2 bytes a parameter less. The embeddings' output is float32 (the residual stream's dtype under peft's
-    preparation) and the head takes the float32 norm's output cast to bf16, each hook added once however often the
-    model is prepared. The loss is peft's preparation's to bf16 rounding of the logits; ``upcast_embeddings=True``
-    is peft's preparation, parameter by parameter and loss for loss."""
+def test_prepare_is_peft_preparation_with_16bit_embeddings(tied: bool, tmp_path) -> None:
+    """On a model loaded in bf16 the preparation is peft's, loss for loss, but for untied input embeddings, which
+    stay bf16 (2 bytes a parameter less) and return float32 (the same values as peft's float32 lookup); embeddings
+    tied to the head are float32 with it. ``upcast_embeddings=True`` is peft's parameter by parameter;
+    ``upcast_head=False`` keeps the head (and tied embeddings) in bf16, as QLoRA's script does: bf16 logits, the
+    loss within 1%. A head cast to bf16 after the preparation works too (its input is cast); each hook is added
+    once however often the model is prepared."""
     peft = pytest.importorskip("peft")
     cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
@@ -381,12 +382,12 @@ def test_prepare_keeps_embeddings_and_head_in_the_loaded_dtype(tied: bool, tmp_p
     transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path)
     quant = transformers.BitsAndBytesConfig(**QUANT["nf4"])
 
-    def prepared(how: object) -> torch.nn.Module:
+    def prepared(**flags: bool) -> torch.nn.Module:
         base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, quantization_config=quant, device_map="cpu")
-        if how == "peft":
+        if flags.get("peft"):
             return peft.prepare_model_for_kbit_training(base)
-        orthotune.prepare_model_for_kbit_training(base, upcast_embeddings=how)
-        return orthotune.prepare_model_for_kbit_training(base, upcast_embeddings=how)  # twice: one hook
+        orthotune.prepare_model_for_kbit_training(base, **flags)
+        return orthotune.prepare_model_for_kbit_training(base, **flags)  # twice: one hook each
 
     def loss(model: torch.nn.Module) -> tuple[float, torch.dtype]:
         torch.manual_seed(1)  # the same adapter for each preparation
@@ -400,25 +401,37 @@ def test_prepare_keeps_embeddings_and_head_in_the_loaded_dtype(tied: bool, tmp_p
         assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
         return out.loss.item(), out.logits.dtype
 
-    ours, upcast, theirs = prepared(False), prepared(True), prepared("peft")
-    embeddings = {id(ours.get_input_embeddings().weight), id(ours.get_output_embeddings().weight)}
-    assert len(embeddings) == (1 if tied else 2)
-    for (name, p), q, r in zip(ours.named_parameters(), upcast.parameters(), theirs.parameters()):
-        assert q.dtype == r.dtype, name  # upcast_embeddings=True: peft's dtypes
-        want = torch.bfloat16 if id(p) in embeddings else r.dtype
-        assert p.dtype == want and not p.requires_grad, name
+    ours, upcast, bf16_head = prepared(), prepared(upcast_embeddings=True), prepared(upcast_head=False)
+    theirs = prepared(peft=True)
+    embedding, head = ours.get_input_embeddings().weight, ours.get_output_embeddings().weight
+    assert (embedding is head) == tied
+    sixteen = {"ours": set() if tied else {"model.embed_tokens.weight"},
+               "bf16_head": {"model.embed_tokens.weight"} | (set() if tied else {"lm_head.weight"})}
+    for (name, p), q, h, r in zip(ours.named_parameters(), upcast.parameters(), bf16_head.parameters(), theirs.parameters()):
+        assert q.dtype == r.dtype and not p.requires_grad and not h.requires_grad, name  # upcast_embeddings: peft's
+        assert p.dtype == (torch.bfloat16 if name in sixteen["ours"] else r.dtype), name
+        assert h.dtype == (torch.bfloat16 if name in sixteen["bf16_head"] else r.dtype), name
     assert [n for n, p in ours.named_parameters() if "norm" in n and p.dtype != torch.float32] == []
-    numel = sum(ours.get_submodule(n).weight.numel() for n in ("model.embed_tokens", "lm_head") if not tied or n != "lm_head")
-    nbytes = {k: sum(p.numel() * p.element_size() for p in m.parameters()) for k, m in (("ours", ours), ("peft", theirs))}
-    assert nbytes["peft"] - nbytes["ours"] == 2 * numel
-    assert len(ours.get_output_embeddings()._forward_pre_hooks) == 1 and not upcast.get_output_embeddings()._forward_pre_hooks
-    assert list(ours.get_input_embeddings()._forward_hooks.values()).count(quantized._output_to_float32) == 1
+    nbytes = {k: sum(p.numel() * p.element_size() for p in m.parameters())
+              for k, m in (("ours", ours), ("bf16_head", bf16_head), ("peft", theirs))}
+    assert nbytes["peft"] - nbytes["ours"] == (0 if tied else 2 * embedding.numel())
+    assert nbytes["peft"] - nbytes["bf16_head"] == 2 * embedding.numel() * (1 if tied else 2)
+    for model in (ours, upcast, bf16_head):
+        assert list(model.get_output_embeddings()._forward_pre_hooks.values()).count(quantized._input_to_weight_dtype) == 1
+        assert list(model.get_input_embeddings()._forward_hooks.values()).count(quantized._output_to_float32) == 1
     with torch.no_grad():
-        embedded = ours.get_input_embeddings()(TOKENS)
-        assert embedded.dtype == torch.float32 and torch.equal(embedded, theirs.get_input_embeddings()(TOKENS))
-    (ours_loss, ours_dtype), (up_loss, up_dtype), (peft_loss, peft_dtype) = loss(ours), loss(upcast), loss(theirs)
-    assert ours_dtype == torch.bfloat16 and up_dtype == peft_dtype == torch.float32
-    assert up_loss == peft_loss and abs(ours_loss - peft_loss) < 1e-2 * abs(peft_loss)
+        for model in (ours, bf16_head):
+            embedded = model.get_input_embeddings()(TOKENS)
+            assert embedded.dtype == torch.float32 and torch.equal(embedded, theirs.get_input_embeddings()(TOKENS))
+        reference = upcast(TOKENS).logits
+        upcast.get_output_embeddings().to(torch.bfloat16)  # as QLoRA's script does after peft's preparation
+        cast = upcast(TOKENS).logits
+        assert cast.dtype == torch.bfloat16 and float((cast.float() - reference).norm() / reference.norm()) < 1e-2
+        upcast.get_output_embeddings().to(torch.float32)  # exact: the values were bf16
+    (ours_loss, ours_dtype), (up_loss, up_dtype), (h_loss, h_dtype), (peft_loss, peft_dtype) = map(
+        loss, (ours, upcast, bf16_head, theirs))
+    assert ours_dtype == up_dtype == peft_dtype == torch.float32 and h_dtype == torch.bfloat16
+    assert ours_loss == up_loss == peft_loss and abs(h_loss - peft_loss) < 1e-2 * abs(peft_loss)
 
 
 def test_clear_errors(llama_dir: str) -> None:
@@ -513,14 +526,14 @@ def test_loftq_iterations_requantise_the_base_and_travel_with_the_adapter(quant:
 
 def test_loftq_base_errors_name_the_problem(llama_dir: str, tmp_path) -> None:
     """A base saved from NF4 layers goes only into the same NF4 layers of the same model; a model that was never
-    re-quantised has nothing to save; iterations must be a whole number >= 1 and may not re-quantise a base
+    re-quantised has nothing to save; iterations must be a positive integer and may not re-quantise a base
     that another adapter shares; a merged layer is refused; a refused load or start changes no layer."""
     lora = orthotune.LoRAConfig(target_modules=["q_proj", "v_proj"], r=2)
     model = orthotune.get_model(load(llama_dir, "nf4"), lora)
     with pytest.raises(ValueError, match="no layer of this model was re-quantised"):
         orthotune.save_loftq_base(model, tmp_path / "none.safetensors")
     for bad in (0, 2.0, True):
-        with pytest.raises(ValueError, match="iterations must be a whole number >= 1"):
+        with pytest.raises(ValueError, match=r"iterations \(LoftQ's alternations.*\) must be a positive integer"):
             orthotune.loftq_init(model, llama_dir, iterations=bad)
     orthotune.loftq_init(model, llama_dir, iterations=3)
     saved = tmp_path / "base.safetensors"

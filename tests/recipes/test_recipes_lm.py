@@ -47,6 +47,15 @@ def test_lm_recipe_lowers_the_answer_loss_and_merges(tmp_path) -> None:
     assert sum(r["exact"] for r in replies) / 6 == after["exact_match"]  # the file shows what exact match scored
 
     task, adapted = load_trained(cfg, tmp_path / "run" / "adapter")
+    with torch.no_grad():  # per question: its own summed NLL and answer tokens, whatever else is in its batch
+        by_question = task.answer_nll_by_question(adapted)
+        answer_tokens = (task.collate(task.eval_encoded)["labels"][:, 1:] != -100).sum(1).tolist()
+        assert [n for _, n in by_question] == answer_tokens and len(answer_tokens) == 6
+        assert sum(s for s, _ in by_question) / sum(answer_tokens) == pytest.approx(task.answer_nll(adapted), rel=1e-6)
+        every = task.eval_encoded
+        task.eval_encoded = every[2:3]
+        assert task.answer_nll_by_question(adapted)[0][0] == pytest.approx(by_question[2][0], rel=1e-5)
+        task.eval_encoded = every
     batch = task.collate(task.eval_encoded[:4])
     labels = batch.pop("labels")
     for row, lab in zip(task.eval_rows, labels):  # the loss sees the answer and the end of turn, nothing else
@@ -148,16 +157,15 @@ def test_lm_recipe_on_a_4bit_base_trains_and_merges_to_plain_float(tmp_path, tin
 
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="pip install bitsandbytes")
-def test_lm_recipe_with_bf16_compute_keeps_the_embeddings_in_bf16(tmp_path, tiny_smollm) -> None:
-    """The default compute dtype (bf16): the prepared base keeps its tied embeddings and head in bf16 and its norms in
-    float32, training lowers the answer NLL, and the merged folder is a plain bf16 model whose logits follow the
-    adapted model's (which keeps its residual stream in float32: bf16 rounding apart)."""
+def test_lm_recipe_with_bf16_compute_merges_to_a_plain_bf16_model(tmp_path, tiny_smollm) -> None:
+    """The default compute dtype (bf16): the prepared base holds its norms and its head, with the embeddings tied to
+    it, in float32 (peft's preparation), training lowers the answer NLL, and the merged folder is a plain bf16 model
+    whose logits follow the adapted model's (which keeps its residual stream in float32: bf16 rounding apart)."""
     cfg = RunConfig.from_dict(nf4_run(tmp_path, tiny_smollm, "lora", {"r": 4, "lora_alpha": 8}, compute_dtype="bfloat16"))
     _, model = build(cfg)
     base = model.get_base_model()
     assert base.get_input_embeddings().weight is base.get_output_embeddings().weight  # SmolLM2 ties them
-    assert base.get_input_embeddings().weight.dtype == torch.bfloat16
-    assert {p.dtype for n, p in base.named_parameters() if "norm" in n} == {torch.float32}
+    assert {p.dtype for n, p in base.named_parameters() if "norm" in n or "embed" in n} == {torch.float32}
     results = finetune(cfg, progress=False)
     assert results["final"]["answer_nll"] < results["before"]["answer_nll"], results
     task, adapted = load_trained(cfg, tmp_path / "run" / "adapter")
@@ -209,7 +217,8 @@ def test_lm_recipe_loftq_iterations_keep_the_requantised_base_in_the_run_folder(
     (run / "loftq_base.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="loftq_base.safetensors does not exist"):
         evaluate_adapter(cfg, run / "adapter")
-    for bad, message in ((0, "model.loftq_iterations must be a whole number >= 1"), (1.5, "whole number"),
+    for bad, message in ((0, r"model.loftq_iterations \(LoftQ's alternations.*\) must be a positive integer, got 0"),
+                         (1.5, "must be a positive integer, got 1.5"),
                          (2, "set model.loftq=true as well")):
         model = {**settings["model"], "loftq_iterations": bad, "loftq": bad != 2}
         with pytest.raises(ValueError, match=message):

@@ -318,24 +318,32 @@ def prepare_model_for_kbit_training(
     use_gradient_checkpointing: bool = True,
     gradient_checkpointing_kwargs: dict[str, Any] | None = None,
     upcast_embeddings: bool = False,
+    upcast_head: bool = True,
 ) -> nn.Module:
-    """Ready a bitsandbytes-quantised model for adapter training, as peft's function of that name does, but for the
-    embeddings: freeze everything; hold the norms and every other non-quantised float16/bfloat16 parameter in
-    float32, so the residual stream and the normalisation statistics stay in float32 while the quantised matmuls
-    run in their compute dtype; turn on activation checkpointing with input gradients, so that checkpointed blocks
-    still pass gradients to the adapters inside them.
+    """Ready a bitsandbytes-quantised model for adapter training, as peft's function of that name does: freeze
+    everything; hold the norms, the output head and every other non-quantised float16/bfloat16 parameter in
+    float32, so the residual stream, the normalisation statistics and the logits stay in float32 while the
+    quantised matmuls run in their compute dtype; turn on activation checkpointing with input gradients, so that
+    checkpointed blocks still pass gradients to the adapters inside them.
 
-    The input embeddings and the output head stay in the dtype they were loaded in, as the QLoRA paper's own
-    script keeps them (arXiv:2305.14314, ``qlora.py``): they are frozen, and a float32 head costs 2 more bytes a
-    parameter (2 GiB on Llama-3-8B, with its embeddings) and a float32 logits GEMM each step, far slower than the
-    compute dtype's. The embeddings' output is upcast to float32 (exactly: the values are the same), so the
-    residual stream is float32 from the first layer, as under peft's function; the head takes its input cast to its
-    dtype and returns logits in it, as a bf16 model's head does (transformers' loss upcasts them).
-    ``upcast_embeddings=True`` holds them in float32 too, as peft's function does."""
+    One difference, exact: input embeddings not tied to the head stay in the dtype they were loaded in and their
+    output is upcast to float32 (a forward hook), the values peft's float32 lookup returns, at 2 bytes a parameter
+    less (1 GiB on Llama-3-8B). ``upcast_embeddings=True`` holds them in float32 as peft does.
+
+    ``upcast_head=False`` keeps the head (and embeddings tied to it) in the loaded dtype, as the QLoRA paper's
+    script does (arXiv:2305.14314, ``qlora.py``): 2 bytes a parameter less and a bf16 logits GEMM, but bf16 logits,
+    with which LoCO trained measurably worse on the CPU (docs/quantized.md). The head casts its input to its
+    weight's dtype (a forward pre-hook), so a head cast to bf16 after this call works as well. Each hook is added
+    once however often the model is prepared."""
     keep_training_layout(model)
-    embedding = None if upcast_embeddings else _16bit(model, "get_input_embeddings")
-    head = None if upcast_embeddings else _16bit(model, "get_output_embeddings")
-    kept = {id(m.weight) for m in (embedding, head) if m is not None}
+    embedding = _float_module(model, "get_input_embeddings")
+    head = _float_module(model, "get_output_embeddings")
+    tied = embedding is not None and head is not None and embedding.weight is head.weight
+    kept = set()
+    if head is not None and not upcast_head:
+        kept.add(id(head.weight))
+    if embedding is not None and not upcast_embeddings and not tied:
+        kept.add(id(embedding.weight))
     for p in model.parameters():
         p.requires_grad_(False)
         if _16bit_float(p) and id(p) not in kept:
@@ -354,10 +362,12 @@ def _16bit_float(p: Any) -> bool:
     return isinstance(p, Tensor) and p.dtype in (torch.float16, torch.bfloat16) and not quantized_param(p)
 
 
-def _16bit(model: nn.Module, getter: str) -> nn.Module | None:
-    """A transformers model's input embeddings or output head (``getter``) if its weight is 16-bit float, else None."""
+def _float_module(model: nn.Module, getter: str) -> nn.Module | None:
+    """A transformers model's input embeddings or output head (``getter``) if its weight is a floating-point tensor
+    that bitsandbytes did not quantise, else None."""
     module = getattr(model, getter)() if hasattr(model, getter) else None
-    return module if _16bit_float(getattr(module, "weight", None)) else None
+    weight = getattr(module, "weight", None)
+    return module if isinstance(weight, Tensor) and weight.is_floating_point() and not quantized_param(weight) else None
 
 
 def _hook_once(module: nn.Module, attr: str, register: Any, hook: Any) -> None:

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..layer import quantized
+from ..methods.config import check_positive_int
 from ..methods.lora import LoRA
 from ..methods.pissa import principal_factors
 
@@ -96,9 +97,7 @@ def loftq_init(
     it beside the adapter with :func:`save_loftq_base` and restore it with :func:`load_loftq_base` before loading
     the adapter again (merged models need nothing: they hold ``Q + s B A``).
     """
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-        raise ValueError(f"iterations must be a whole number >= 1 (LoftQ's alternations; 1 keeps the quantised base), "
-                         f"got {iterations!r}")
+    check_positive_int("iterations (LoftQ's alternations; 1 keeps the quantised base)", iterations)
     source = _Weights(weights)
     names = source.names()
     prefix = getattr(getattr(model, "base_model", None), "base_model_prefix", "") or ""

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layer.quantized import enable_activation_checkpointing, prepare_model_for_kbit_training
-from ..methods.config import check_choice
+from ..methods.config import check_choice, check_positive_int
 from ..model.loftq import load_loftq_base, loftq_init, save_loftq_base
 from .assets import model_folder, reasoning_rows, smollm2_path
 from .task import Task, batch_indices, check_pad_to_multiple_of
@@ -68,9 +68,8 @@ class LMModelSettings:
         if self.loftq and self.quantization is None:
             raise ValueError("model.loftq starts LoRA at the rounding error of a quantised base: set model.quantization "
                              "(nf4, fp4 or int8) or drop model.loftq")
-        if isinstance(self.loftq_iterations, bool) or not isinstance(self.loftq_iterations, int) or self.loftq_iterations < 1:
-            raise ValueError(f"model.loftq_iterations must be a whole number >= 1 (LoftQ's alternations; 1 keeps the "
-                             f"quantised base as loaded), got {self.loftq_iterations!r}")
+        check_positive_int("model.loftq_iterations (LoftQ's alternations; 1 keeps the quantised base)",
+                           self.loftq_iterations)
         if self.loftq_iterations > 1 and not self.loftq:
             raise ValueError("model.loftq_iterations counts LoftQ's alternations: set model.loftq=true as well, or drop it")
         check_pad_to_multiple_of(self.pad_to_multiple_of)
@@ -332,15 +331,21 @@ class CausalLMTask(Task):
     @torch.no_grad()
     def answer_nll(self, model: nn.Module) -> float:
         """Mean NLL of the eval split's answer tokens, teacher-forced (in the model's current mode)."""
+        per_question = self.answer_nll_by_question(model)
+        return sum(nll for nll, _ in per_question) / max(sum(n for _, n in per_question), 1)
+
+    def answer_nll_by_question(self, model: nn.Module) -> list[tuple[float, int]]:
+        """Each eval question's summed answer-token NLL and its number of answer tokens, teacher-forced (for
+        comparisons paired by question; ``answer_nll`` is their token-weighted mean)."""
         bs = self.model_settings.eval_batch_size
-        nll = tokens = 0.0
+        out: list[tuple[float, int]] = []
         for start in range(0, len(self.eval_encoded), bs):
             batch = self.collate(self.eval_encoded[start : start + bs])
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
             labels = batch["labels"][:, 1:]
-            nll += float(F.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100, reduction="sum"))
-            tokens += int((labels != -100).sum())
-        return nll / max(tokens, 1)
+            nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100, reduction="none")
+            out += zip(nll.sum(1).tolist(), (labels != -100).sum(1).tolist())
+        return out
 
     @torch.no_grad()
     def generate(self, model: nn.Module, prompts: list[list[int]]) -> list[str]:
@@ -373,8 +378,11 @@ class CausalLMTask(Task):
 
     def save_merged(self, model: nn.Module, directory: Path) -> None:
         """A plain transformers folder: ``AutoModelForCausalLM.from_pretrained`` loads it (a quantised base's
-        layers without an adapter are dequantised too, so the folder needs no bitsandbytes)."""
+        layers without an adapter are dequantised too, so the folder needs no bitsandbytes), in ``compute_dtype``:
+        the parameters the preparation held in float32 (norms, head) go back exactly to the dtype they were loaded in."""
         if getattr(model, "hf_quantizer", None) is not None:
             model = model.dequantize()
+        if self.model_settings.quantization is not None:
+            model = model.to(getattr(torch, self.model_settings.compute_dtype))
         model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
