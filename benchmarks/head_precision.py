@@ -72,8 +72,7 @@ def use(model: torch.nn.Module, dtype: torch.dtype) -> None:
 
 def question_nll(task: Any, model: torch.nn.Module) -> list[float]:
     """Each evaluation question's mean answer-token NLL, teacher-forced, in train mode (no dropout here)."""
-    with torch.no_grad():
-        return [nll / tokens for nll, tokens in task.answer_nll_by_question(model)]
+    return [nll / tokens for nll, tokens in task.answer_nll_by_question(model)]
 
 
 def run(method: str, data: Path, steps: int, controls: int) -> dict[str, Any]:

@@ -328,12 +328,12 @@ class CausalLMTask(Task):
         model.train(was_training)
         return {"exact_match": hits / len(self.eval_rows), "answer_nll": nll}
 
-    @torch.no_grad()
     def answer_nll(self, model: nn.Module) -> float:
         """Mean NLL of the eval split's answer tokens, teacher-forced (in the model's current mode)."""
         per_question = self.answer_nll_by_question(model)
         return sum(nll for nll, _ in per_question) / max(sum(n for _, n in per_question), 1)
 
+    @torch.no_grad()
     def answer_nll_by_question(self, model: nn.Module) -> list[tuple[float, int]]:
         """Each eval question's summed answer-token NLL and its number of answer tokens, teacher-forced (for
         comparisons paired by question; ``answer_nll`` is their token-weighted mean)."""
