@@ -75,34 +75,48 @@ def question_nll(task: Any, model: torch.nn.Module) -> list[float]:
     return [nll / tokens for nll, tokens in task.answer_nll_by_question(model)]
 
 
-def run(method: str, data: Path, steps: int, controls: int) -> dict[str, Any]:
-    adapter, lr = METHODS[method]
+def recipe_model(method: str, data: Path) -> tuple[Any, torch.nn.Module, list[Tensor]]:
+    """The recipe's task and NF4 model with ``method`` on q/v, in train mode, and its adapters' starting values."""
+    adapter, _ = METHODS[method]
     task, model = build(nf4_recipe(method, adapter, data, f"/tmp/head_precision_{method}", eval_split="val"))
     model.train()  # bitsandbytes' CPU inference layout (eval mode) has other numerics; this model has no dropout
+    return task, model, [p.detach().clone() for p in model.parameters() if p.requires_grad]
+
+
+def train(task: Any, model: torch.nn.Module, start: list[Tensor], lr: float, steps: int,
+          seed: int | None) -> tuple[Tensor, list[float]]:
+    """``steps`` AdamW steps from ``start`` on the recipe's first batches; a ``seed`` multiplies the first gradient
+    by ``1 + 1e-6 * noise``. Returns that first gradient (before the noise) and the training losses."""
     params = [p for p in model.parameters() if p.requires_grad]
-    start = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, s in zip(params, start):
+            p.copy_(s)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    losses, first = [], torch.empty(0)
+    for step in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss = task.loss(model, task.train_batch(0, step, 16), 0)
+        loss.backward()
+        if step == 0:
+            first = torch.cat([p.grad.flatten() for p in params])
+            if seed is not None:
+                noise = torch.Generator().manual_seed(seed)
+                for p in params:
+                    p.grad.mul_(1 + 1e-6 * torch.randn(p.grad.shape, generator=noise))
+        losses.append(loss.item())
+        opt.step()
+    return first, losses
+
+
+def run(method: str, data: Path, steps: int, controls: int) -> dict[str, Any]:
+    adapter, lr = METHODS[method]
+    task, model, start = recipe_model(method, data)
     grads: dict[str, Tensor] = {}
     nll: dict[str, list[float]] = {}
     losses: dict[str, list[float]] = {}
     for arm, (dtype, seed) in arms(controls).items():
         use(model, dtype)
-        with torch.no_grad():
-            for p, s in zip(params, start):
-                p.copy_(s)
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-        losses[arm] = []
-        for step in range(steps):
-            opt.zero_grad(set_to_none=True)
-            loss = task.loss(model, task.train_batch(0, step, 16), 0)
-            loss.backward()
-            if step == 0:
-                grads[arm] = torch.cat([p.grad.flatten() for p in params])
-                if seed is not None:
-                    noise = torch.Generator().manual_seed(seed)
-                    for p in params:
-                        p.grad.mul_(1 + 1e-6 * torch.randn(p.grad.shape, generator=noise))
-            losses[arm].append(loss.item())
-            opt.step()
+        grads[arm], losses[arm] = train(task, model, start, lr, steps, seed)
         nll[arm] = question_nll(task, model)
         if arm == REF:  # the float32-trained adapter under the bf16 preparation: the forward alone
             use(model, torch.bfloat16)
