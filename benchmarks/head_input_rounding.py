@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from head_precision import METHODS, question_nll, recipe_model, train  # this folder is the script's, so on sys.path
+# this folder is the script's, so on sys.path
+from head_precision import METHODS, difference, question_nll, recipe_model, sample, train
 
 
 def main() -> None:
@@ -47,13 +48,10 @@ def main() -> None:
         train(task, model, start, reference["lr"], reference["steps"], seed)
         nll["plain" if seed is None else f"control {seed}"] = statistics.mean(question_nll(task, model))
         print(seed, nll, flush=True)
-    runs = list(nll.values())
-    mean, sd = statistics.mean(runs), statistics.stdev(runs)
-    f32 = groups["float32"]
-    se = (sd**2 / len(runs) + f32["sd"] ** 2 / f32["runs"]) ** 0.5
+    rounded, f32 = sample(list(nll.values())), groups["float32"]
+    minus = difference(rounded, f32)
     result = {"method": args.method, "lr": reference["lr"], "steps": reference["steps"], "against": args.against,
-              "bf16_input_float32_logits": {"runs": nll, "mean": mean, "sd": sd},
-              "minus_float32": {"mean": mean - f32["mean"], "standard_error": se},
+              "bf16_input_float32_logits": {**rounded, "runs": nll}, "minus_float32": minus,
               "float32": f32, "bf16": groups["bf16"]}
     env = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
            "threads": torch.get_num_threads(), "seconds": round(time.perf_counter() - began, 1)}
@@ -61,12 +59,13 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "head_input_rounding.json").write_text(json.dumps({"environment": env, **result}, indent=1) + "\n")
     b16 = groups["bf16"]
-    lines = [f"{args.method} on the NF4 SmolLM2 (q/v, {reference['steps']} AdamW steps, {len(runs)} runs each), CPU "
+    lines = [f"{args.method} on the NF4 SmolLM2 (q/v, {reference['steps']} AdamW steps, {len(nll)} runs each), CPU "
              f"({env['date']}, torch {env['torch']}): validation answer NLL, mean over runs (sd); minus the float32 "
              "head's runs (standard error between runs).", "",
              "| head | mean NLL (sd) | minus float32 (s.e.) |", "|---|---:|---:|",
              f"| float32 (the default) | {f32['mean']:.4f} ({f32['sd']:.4f}) | |",
-             f"| float32, its input rounded to bf16 | {mean:.4f} ({sd:.4f}) | {mean - f32['mean']:+.4f} ({se:.4f}) |",
+             f"| float32, its input rounded to bf16 | {rounded['mean']:.4f} ({rounded['sd']:.4f}) | "
+             f"{minus['mean']:+.4f} ({minus['standard_error']:.4f}) |",
              f"| bf16 (upcast_head=False) | {b16['mean']:.4f} ({b16['sd']:.4f}) | "
              f"{groups['bf16_minus_float32']['mean']:+.4f} ({groups['bf16_minus_float32']['standard_error']:.4f}) |"]
     (out / "head_input_rounding.md").write_text("\n".join(lines) + "\n")

@@ -53,14 +53,22 @@ def arms(controls: int) -> dict[str, tuple[torch.dtype, int | None]]:
 
 def between_runs(nll: dict[str, float], controls: int) -> dict[str, Any]:
     """Each preparation's runs (the plain one and its controls) as a sample: mean NLL, and bf16 minus float32."""
-    groups = {"float32": [nll[REF]] + [nll[f"control {i}"] for i in range(controls)],
-              "bf16": [nll[OURS]] + [nll[f"bf16 control {i}"] for i in range(controls)]}
-    out: dict[str, Any] = {k: {"runs": len(v), "mean": statistics.mean(v),
-                               "sd": statistics.stdev(v) if len(v) > 1 else None} for k, v in groups.items()}
+    out: dict[str, Any] = {"float32": sample([nll[REF]] + [nll[f"control {i}"] for i in range(controls)]),
+                           "bf16": sample([nll[OURS]] + [nll[f"bf16 control {i}"] for i in range(controls)])}
     if controls:
-        se = (sum(statistics.variance(v) / len(v) for v in groups.values())) ** 0.5
-        out["bf16_minus_float32"] = {"mean": out["bf16"]["mean"] - out["float32"]["mean"], "standard_error": se}
+        out["bf16_minus_float32"] = difference(out["bf16"], out["float32"])
     return out
+
+
+def sample(values: list[float]) -> dict[str, Any]:
+    """Runs' final NLLs as a sample: their number, mean and standard deviation (None for one run)."""
+    sd = statistics.stdev(values) if len(values) > 1 else None
+    return {"runs": len(values), "mean": statistics.mean(values), "sd": sd}
+
+
+def difference(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
+    """Sample ``a``'s mean minus ``b``'s and its standard error between runs (unequal variances)."""
+    return {"mean": a["mean"] - b["mean"], "standard_error": (a["sd"] ** 2 / a["runs"] + b["sd"] ** 2 / b["runs"]) ** 0.5}
 
 
 def use(model: torch.nn.Module, dtype: torch.dtype) -> None:

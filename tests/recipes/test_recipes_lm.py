@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -135,25 +136,33 @@ def nf4_run(tmp_path, model_path: str, method: str, adapter: dict, **model) -> d
     }
 
 
+def train_and_merge(cfg: RunConfig, tmp_path) -> tuple[torch.nn.Module, Path, torch.nn.Module, float]:
+    """Train ``cfg`` (the answer NLL must fall), merge it, and load the merged folder with the plain transformers
+    class (no orthotune): the adapted model, the merged folder, the plain model, and the relative gap between the
+    two models' logits on four held-out questions."""
+    results = finetune(cfg, progress=False)
+    assert results["final"]["answer_nll"] < results["before"]["answer_nll"], results
+    task, adapted = load_trained(cfg, tmp_path / "run" / "adapter")
+    batch = task.collate(task.eval_encoded[:4])
+    batch.pop("labels")
+    merged = merge_adapter(cfg, tmp_path / "run" / "adapter", tmp_path / "merged")
+    plain = transformers.AutoModelForCausalLM.from_pretrained(merged).eval()
+    with torch.no_grad():
+        reference = adapted(**batch).logits.float()
+        gap = float((plain(**batch).logits.float() - reference).norm() / reference.norm())
+    return adapted, merged, plain, gap
+
+
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="pip install bitsandbytes")
 def test_lm_recipe_on_a_4bit_base_trains_and_merges_to_plain_float(tmp_path, tiny_smollm) -> None:
     """``model.quantization: nf4``: the base is loaded as bitsandbytes NF4 (QLoRA), the adapter trains on it,
     and merging writes a plain float folder (no quantisation config) with the adapted model's logits."""
     cfg = RunConfig.from_dict(nf4_run(tmp_path, tiny_smollm, "loco", {"rank": 2, "chain_length": 2}, gradient_checkpointing=True))
-    results = finetune(cfg, progress=False)
-    assert results["final"]["answer_nll"] < results["before"]["answer_nll"], results
-    task, adapted = load_trained(cfg, tmp_path / "run" / "adapter")
+    adapted, merged, plain, gap = train_and_merge(cfg, tmp_path)
     assert sum(type(m).__name__ == "Linear4bit" for m in adapted.modules()) == 14  # 2 layers x 7 projections
-    batch = task.collate(task.eval_encoded[:4])
-    batch.pop("labels")
-    with torch.no_grad():
-        reference = adapted(**batch).logits.float()
-    merged = merge_adapter(cfg, tmp_path / "run" / "adapter", tmp_path / "merged")
     assert "quantization_config" not in json.loads((merged / "config.json").read_text())
-    plain = transformers.AutoModelForCausalLM.from_pretrained(merged).eval()  # no bitsandbytes layer, no orthotune
     assert not any("4bit" in type(m).__name__ for m in plain.modules())
-    with torch.no_grad():
-        assert float((plain(**batch).logits.float() - reference).norm() / reference.norm()) < 1e-4
+    assert gap < 1e-4
 
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="pip install bitsandbytes")
@@ -166,18 +175,9 @@ def test_lm_recipe_with_bf16_compute_merges_to_a_plain_bf16_model(tmp_path, tiny
     base = model.get_base_model()
     assert base.get_input_embeddings().weight is base.get_output_embeddings().weight  # SmolLM2 ties them
     assert {p.dtype for n, p in base.named_parameters() if "norm" in n or "embed" in n} == {torch.float32}
-    results = finetune(cfg, progress=False)
-    assert results["final"]["answer_nll"] < results["before"]["answer_nll"], results
-    task, adapted = load_trained(cfg, tmp_path / "run" / "adapter")
-    batch = task.collate(task.eval_encoded[:4])
-    batch.pop("labels")
-    with torch.no_grad():
-        reference = adapted(**batch).logits.float()
-    merged = merge_adapter(cfg, tmp_path / "run" / "adapter", tmp_path / "merged")
-    plain = transformers.AutoModelForCausalLM.from_pretrained(merged).eval()
+    _, _, plain, gap = train_and_merge(cfg, tmp_path)
     assert plain.dtype == torch.bfloat16 and not any("4bit" in type(m).__name__ for m in plain.modules())
-    with torch.no_grad():
-        assert float((plain(**batch).logits.float() - reference).norm() / reference.norm()) < 1.5e-2
+    assert gap < 1.5e-2
 
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="pip install bitsandbytes")
