@@ -71,24 +71,30 @@ SMALL = Shape("small", 64, 192, 2, 4, 2, vocab=256)
 
 def quantize_linears(model: nn.Module, compute_dtype: torch.dtype) -> int:
     """Replace every decoder nn.Linear by an NF4 double-quantised Linear4bit (transformers' bnb loading, done in place)."""
-    import bitsandbytes as bnb
-
     count = 0
     for name, module in list(model.model.layers.named_modules()):
         if isinstance(module, nn.Linear):
-            q = bnb.nn.Linear4bit(
-                module.in_features, module.out_features, bias=module.bias is not None, compute_dtype=compute_dtype,
-                compress_statistics=True, quant_type="nf4", device="meta",
-            )
-            w = module.weight.data
-            q.weight = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=True, quant_type="nf4", module=q)
-            q.weight = q.weight.to(w.device)  # quantises
-            if module.bias is not None:
-                q.bias = nn.Parameter(module.bias.data, requires_grad=False)
             parent, _, attr = name.rpartition(".")
-            setattr(model.model.layers.get_submodule(parent) if parent else model.model.layers, attr, q)
+            setattr(model.model.layers.get_submodule(parent) if parent else model.model.layers, attr,
+                    nf4_linear(module, compute_dtype))
             count += 1
     return count
+
+
+def nf4_linear(module: nn.Linear, compute_dtype: torch.dtype) -> nn.Module:
+    """``module`` as a frozen NF4 double-quantised ``Linear4bit`` on its weight's device."""
+    import bitsandbytes as bnb
+
+    q = bnb.nn.Linear4bit(
+        module.in_features, module.out_features, bias=module.bias is not None, compute_dtype=compute_dtype,
+        compress_statistics=True, quant_type="nf4", device="meta",
+    )
+    w = module.weight.data
+    q.weight = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=True, quant_type="nf4", module=q)
+    q.weight = q.weight.to(w.device)  # quantises
+    if module.bias is not None:
+        q.bias = nn.Parameter(module.bias.data, requires_grad=False)
+    return q
 
 
 def make_model(shape: Shape, device: str) -> nn.Module:

@@ -9,8 +9,9 @@ steps with and without the setting; prints the forward and backward graphs' op c
 from __future__ import annotations
 
 import collections
+import sys
+from pathlib import Path
 
-import bitsandbytes as bnb
 import torch
 import torch.utils.checkpoint as cp
 from torch import nn
@@ -19,6 +20,9 @@ from functorch.compile import make_boxed_func
 
 import orthotune
 from orthotune.training.graphs import compile_settings
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # benchmarks/
+from quantized import nf4_linear  # noqa: E402
 
 
 class MLP(nn.Module):
@@ -39,18 +43,12 @@ class Checkpointed(nn.Module):
         return cp.checkpoint(self.mlp, x, use_reentrant=False)
 
 
-def nf4(linear: nn.Linear) -> nn.Module:
-    q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
-    q.weight = bnb.nn.Params4bit(linear.weight.data.float(), requires_grad=False, quant_type="nf4")
-    return q.to("cpu")
-
-
 def graphs(setting: bool) -> list[tuple[str, collections.Counter]]:
     torch.manual_seed(0)
     blocks = nn.Sequential(Checkpointed(), Checkpointed())
     for block in blocks:
         for name in ("gate", "up", "down"):
-            setattr(block.mlp, name, nf4(getattr(block.mlp, name)))
+            setattr(block.mlp, name, nf4_linear(getattr(block.mlp, name), torch.bfloat16))
     model = orthotune.get_model(blocks, orthotune.LoCOConfig(target_modules=["gate", "up", "down"], rank=4))
     seen: list[tuple[str, collections.Counter]] = []
 
