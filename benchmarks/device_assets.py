@@ -22,13 +22,14 @@ after a call), so the assets travel in three carried folders, one per call, back
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+
+from lm_data import lm_jsonl  # noqa: E402  (this folder is the script's, so on sys.path)
 
 LIMIT = 64 * 2**20
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
@@ -84,19 +85,6 @@ def fmnist16(path: Path) -> None:
         arrays[f"{split}_x"] = (x[:, 0] * 255).round().byte().numpy()
         arrays[f"{split}_y"] = y.numpy().astype(np.uint8)
     np.savez_compressed(path, **arrays)
-
-
-def lm_jsonl(dest: Path) -> None:
-    from orthotune.recipes.causal_lm import LMDataSettings, load_rows
-    from orthotune.recipes.runconfig import load_run_config
-    from orthotune.recipes.task import from_mapping
-
-    config = load_run_config(ROOT / "recipes" / "lm_arithmetic.yaml")
-    rows, _ = load_rows(from_mapping(LMDataSettings, config.data, "data"), config.model.get("prompt_suffix", ""))
-    dest.mkdir(parents=True)
-    for split, items in rows.items():  # TRL's prompt/completion format (data.train_file=.../train.jsonl)
-        (dest / f"{split}.jsonl").write_text("".join(json.dumps({"prompt": r["messages"][-1]["content"], "completion": r["answer"]}) + "\n"
-                                                     for r in items))
 
 
 def size(path: Path) -> int:

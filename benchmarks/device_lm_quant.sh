@@ -10,6 +10,8 @@
 # BASES: the bases to run (both by default). RESUME=DIR continues each base's session from DIR/quality_lm_{bf16,nf4}.json (e.g. with more --seeds).
 # SCRATCH: the folder for the runs' scratch folders (/root; two calls of this script at once need two).
 # NF4_ARGS: further quality.py arguments for the NF4 base only (e.g. "--set lm:model.loftq=true", which a bf16 base refuses).
+# LM_DATA: the data folder in ASSETS (lm-data, the recipe's splits, by default; e.g. lm-data-2000 from
+# benchmarks/lm_data.py --eval-size 2000): data.eval_size is then set to its test file's line count.
 # e.g. bash benchmarks/device_lm_quant.sh .carry/lmq/c 200 loco --lr loco=3e-3   (METHODS: "lora loco oft" by default)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -21,8 +23,10 @@ export PYTHONPATH=$PWD/src:$assets/bnb:/root/site PYTHONUNBUFFERED=1 HF_HUB_OFFL
 export ORTHOTUNE_CACHE=/root/ot-cache ORTHOTUNE_SMOLLM2_GGUF=/root/SmolLM2-135M-Instruct.Q4_1.gguf
 python3 -c "import bitsandbytes, torch; print('bitsandbytes', bitsandbytes.__version__, 'torch', torch.__version__)" || exit 6
 python3 -c "from orthotune.recipes.assets import smollm2_path; print('SmolLM2 folder', smollm2_path())" 2>&1 | grep -v "Loading weights" || exit 7
-d=$PWD/$assets/lm-data
+d=$PWD/$assets/${LM_DATA:-lm-data}
+[ -f "$d/test.jsonl" ] || { echo "no data folder $d"; exit 8; }
 data=(--set "lm:data.train_file=$d/train.jsonl" --set "lm:data.validation_file=$d/val.jsonl" --set "lm:data.test_file=$d/test.jsonl")
+if [ -n "${LM_DATA:-}" ]; then data+=(--set "lm:data.eval_size=$(wc -l < "$d/test.jsonl")"); fi
 for base in ${BASES:-bf16 nf4}; do
   if [ $base = bf16 ]; then model=(--set lm:model.dtype=bfloat16); else model=(--set lm:model.quantization=nf4 --set lm:model.compute_dtype=bfloat16); fi
   if [ -n "${RESUME:-}" ]; then model+=(--resume "$RESUME/quality_lm_$base.json"); fi
