@@ -3,7 +3,7 @@
 # methods, scored on 2000 test questions instead of the recipe's 200: the recipe at data.eval_size=2000 (its data
 # as JSON lines from `python benchmarks/lm_data.py --out .carry/lmq/b/lm-data-2000 --eval-size 2000`: the first 200 test
 # questions are the recipe's, train and val are drawn as the recipe draws them, never repeating a test question). On
-# 200 questions the gap between one bf16 and one NF4 run carries 2.9-3.1 points of the test set's own sampling error
+# 200 questions the gap between one bf16 and one NF4 run carries 2.4-3.1 points of the test set's own sampling error
 # (README), the same questions for every seed. Seeds 0-8 at the rates of the earlier tables
 # (LoCO k2 r3 3e-3: ../quality_lm_loco_bf16rot/; OFT b32 2e-3: ../quality_lm_swept/), no step-0 evaluation (the same
 # base for every seed). One method per device call (18 runs at once, one round):
