@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import time
 from pathlib import Path
 
@@ -78,12 +79,10 @@ def summary(out: Path, method: str) -> None:
         print("| " + " | ".join(row) + f" | {g['se']:.2f} |")
     for n in (200, 2000):
         k = len(gaps[n])
-        mean = sum(gaps[n]) / k
-        over_seeds = math.sqrt(sum((x - mean) ** 2 for x in gaps[n]) / (k - 1) / k) if k > 1 else float("nan")
-        per_q = [sum(r["nf4"]["hits"][q] - r["bf16"]["hits"][q] for r in runs.values()) / k for q in range(n)]
-        q_mean = sum(per_q) / n
-        test_set = 100 * math.sqrt(sum((x - q_mean) ** 2 for x in per_q) / (n - 1) / n)
-        print(f"first {n}: mean gap {mean:+.2f}, s.e. over seeds {over_seeds:.2f}, test-set s.e. {test_set:.2f}")
+        over_seeds = statistics.stdev(gaps[n]) / math.sqrt(k) if k > 1 else float("nan")
+        per_q = [statistics.mean(r["nf4"]["hits"][q] - r["bf16"]["hits"][q] for r in runs.values()) for q in range(n)]
+        test_set = 100 * statistics.stdev(per_q) / math.sqrt(n)
+        print(f"first {n}: mean gap {statistics.mean(gaps[n]):+.2f}, s.e. over seeds {over_seeds:.2f}, test-set s.e. {test_set:.2f}")
 
 
 def main() -> None:
