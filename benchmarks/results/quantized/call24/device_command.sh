@@ -11,6 +11,9 @@
 #   run 2: bash benchmarks/results/quantized/call24/device_command.sh loco     (carry .carry/lmq/b, same warm machine)
 #   run 3: bash benchmarks/results/quantized/call24/device_command.sh oft      (carry .carry/lmq/b)
 # A call cut by its deadline continues with RESUME=<the earlier call's files folder> in the next.
+# Run in the twentieth session: OFT's NF4 seed 8 ran out of GPU memory among the 18 processes (README), and the next
+# call ran it alone: RESUME=.carry/lmq/b/resume_oft BASES=nf4 bash .../device_command.sh oft (the first call's NF4 file
+# carried in resume_oft/).
 set -uo pipefail
 method=${1:?loco or oft}
 case $method in loco) lr=3e-3 ;; oft) lr=2e-3 ;; *) echo "loco or oft, not $method"; exit 2 ;; esac

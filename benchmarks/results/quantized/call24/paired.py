@@ -1,0 +1,49 @@
+"""Call 24's GPU tables: NF4 against bf16 for LoCO k2 r3 (3e-3) and OFT b32 (2e-3) on 2000 test questions, seeds 0-8,
+paired by seed, from the quality.py files in gpu/<method>/ (OFT's NF4 file is the second call's, which resumed the
+first's eight runs and ran seed 8, out of GPU memory in the first).
+
+    python benchmarks/results/quantized/call24/paired.py
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+HERE = Path(__file__).parent
+METHODS = {"loco": "LoCO k2 r3, 3e-3", "oft": "OFT b32, 2e-3"}
+
+
+def table_runs(path: Path, method: str) -> dict[int, tuple[float, float]]:
+    """seed -> (test exact match in points, answer NLL) of a quality.py file's finished table runs."""
+    runs = json.loads(path.read_text())["tasks"]["lm"]["runs"][method]
+    return {r["seed"]: (100 * r["value"], r["final"]["answer_nll"]) for r in runs if r["key"].startswith("table:") and "value" in r}
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) / len(values) ** 0.5
+
+
+def main() -> None:
+    summary = []
+    for method, label in METHODS.items():
+        bf16 = table_runs(HERE / "gpu" / method / "quality_lm_bf16.json", method)
+        nf4 = table_runs(HERE / "gpu" / method / "quality_lm_nf4.json", method)
+        seeds = sorted(bf16.keys() & nf4.keys())
+        print(f"\n{label} (test exact match, %; answer NLL)\n")
+        print("| seed | bf16 | NF4 | gap | NLL gap |\n|---|---:|---:|---:|---:|")
+        for s in seeds:
+            print(f"| {s} | {bf16[s][0]:.2f} | {nf4[s][0]:.2f} | {nf4[s][0] - bf16[s][0]:+.2f} | {nf4[s][1] - bf16[s][1]:+.4f} |")
+        gap = [nf4[s][0] - bf16[s][0] for s in seeds]
+        nll = [nf4[s][1] - bf16[s][1] for s in seeds]
+        summary.append((label, len(seeds), statistics.mean(bf16[s][0] for s in seeds), statistics.mean(nf4[s][0] for s in seeds),
+                        *mean_se(gap), statistics.stdev(gap), *mean_se(nll)))
+    print("\n| method | seeds | bf16 | NF4 | NF4 - bf16 | s.e. over seeds | s.d. of one pair's gap | answer NLL gap (s.e.) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for label, n, b, q, g, se, sd, ng, nse in summary:
+        print(f"| {label} | {n} | {b:.2f} | {q:.2f} | **{g:+.2f}** | {se:.2f} | {sd:.2f} | {ng:+.4f} ({nse:.4f}) |")
+
+
+if __name__ == "__main__":
+    main()
