@@ -7,18 +7,18 @@ first's eight runs and ran seed 8, out of GPU memory in the first).
 
 from __future__ import annotations
 
-import json
+import importlib.util
 import statistics
 from pathlib import Path
 
 HERE = Path(__file__).parent
 METHODS = {"loco": "LoCO k2 r3, 3e-3", "oft": "OFT b32, 2e-3"}
-
-
-def table_runs(path: Path, method: str) -> dict[int, tuple[float, float]]:
-    """seed -> (test exact match in points, answer NLL) of a quality.py file's finished table runs."""
-    runs = json.loads(path.read_text())["tasks"]["lm"]["runs"][method]
-    return {r["seed"]: (100 * r["value"], r["final"]["answer_nll"]) for r in runs if r["key"].startswith("table:") and "value" in r}
+# quality_lm_loco_bf16rot/paired.py reads quality.py's files (as ../quality_lm_loco_rate/rates.py uses it); loaded by
+# path, since this script has its name
+_spec = importlib.util.spec_from_file_location("bf16rot_paired", HERE.parent / "quality_lm_loco_bf16rot" / "paired.py")
+_bf16rot = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_bf16rot)
+table_runs = _bf16rot.table_runs
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:

@@ -20,23 +20,32 @@ WINDOWS = ((1, 50), (101, 200), (251, 300))
 
 
 def collect(scratch: Path) -> dict[str, dict[str, dict[str, list[float]]]]:
-    """method -> seed -> base -> training loss of steps 1..N, from every finished run in ``scratch``."""
+    """method -> seed -> base -> training loss of steps 1..N, from every finished run in ``scratch``; the folders left
+    out (other names, or no results.json: a run that did not finish) are named."""
     runs: dict = {}
-    for results in sorted(scratch.glob("*/results.json")):
-        match = re.fullmatch(r"(\w+)-(bf16|nf4)(\d+)", results.parent.name)
-        if match is None:
+    left_out = []
+    for folder in sorted(p for p in scratch.iterdir() if p.is_dir()):
+        match = re.fullmatch(r"(\w+)-(bf16|nf4)(\d+)", folder.name)
+        if match is None or not (folder / "results.json").exists():
+            left_out.append(folder.name)
             continue
         method, base, seed = match.groups()
-        history = json.loads(results.read_text())["history"]["train"]
+        history = json.loads((folder / "results.json").read_text())["history"]["train"]
         runs.setdefault(method, {}).setdefault(seed, {})[base] = [loss for _, loss, _ in sorted(history)]
+    if left_out:
+        print(f"left out {len(left_out)} folder(s) of {scratch} (not <method>-<base><seed>, or unfinished): {', '.join(left_out)}")
     return runs
 
 
 def table(runs: dict) -> None:
+    """Each method's NF4 - bf16 training loss per window, mean over the seeds run on both bases (s.e.)."""
     print("| method | seeds | " + " | ".join(f"steps {a}-{b}: NF4 - bf16 (s.e.)" for a, b in WINDOWS) + " |")
     print("|---|---:|" + "---:|" * len(WINDOWS))
     for method, seeds in sorted(runs.items()):
         pairs = [s for s in seeds.values() if {"bf16", "nf4"} <= s.keys()]
+        unpaired = sorted(seed for seed, s in seeds.items() if len(s) == 1)
+        if unpaired:
+            print(f"{method}: seed(s) {', '.join(unpaired)} left out, run on one base only")
         cells = []
         for a, b in WINDOWS:
             gaps = [statistics.mean(s["nf4"][a - 1:b]) - statistics.mean(s["bf16"][a - 1:b]) for s in pairs]
