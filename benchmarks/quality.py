@@ -238,6 +238,19 @@ def match_budget(name: str, shapes: list[tuple[int, int]]) -> dict[str, Any]:
     return {"kwargs": best[0], "params": best[1], "budget": budget}
 
 
+def given_budget(name: str, shapes: list[tuple[int, int]], given: dict[str, Any]) -> dict[str, Any]:
+    """Row ``name`` with ``--adapter`` hyperparameters laid over its budget-matched ones (a capacity test, off the
+    matched budget): {kwargs, params, budget, given}, or {error} where no candidate matched the budget."""
+    matched = match_budget(name, shapes)
+    if "error" in matched:
+        return matched
+    kwargs = {**matched["kwargs"], **given}
+    n = count(METHODS[name].method, kwargs, shapes)
+    if n is None:  # asked for by name: stop rather than leave the row out
+        raise SystemExit(f"--adapter {name}={json.dumps(given)}: {METHODS[name].method} rejects {kwargs} on a target layer")
+    return {"kwargs": kwargs, "params": n, "budget": matched["budget"], "given": given}
+
+
 # --------------------------------------------------------------------------- jobs
 def _init_worker(threads: int) -> None:
     import torch
@@ -296,6 +309,8 @@ def main() -> None:
     parser.add_argument("--lr-from", help="an earlier session's JSON: scale each method's base lr by what its sweeps chose there")
     parser.add_argument("--lr", action="append", default=[], metavar="METHOD=LR",
                         help="a method's base learning rate instead of the table's (e.g. loco=3e-3; with --no-sweep, the rate run)")
+    parser.add_argument("--adapter", action="append", default=[], metavar="METHOD=JSON",
+                        help="a row's hyperparameters over its budget-matched ones, e.g. 'loco={\"rank\": 8}' (a capacity test)")
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     parser.add_argument("--threads", type=int, default=2, help="CPU threads per worker")
     parser.add_argument("--deadline", type=float, default=None, help="seconds from start after which no run may still be going")
@@ -332,6 +347,7 @@ def run_session(args: argparse.Namespace) -> None:
     budgets: dict[str, dict[str, Any]] = {}
     multipliers = lr_multipliers(Path(args.lr_from)) if args.lr_from else {}
     base_lrs = parse_base_lrs(args.lr, args.methods)
+    given = parse_adapters(args.adapter, args.methods)
     if args.grow < 0:
         raise SystemExit(f"--grow must be 0 or more, got {args.grow}")
     groups: dict[tuple[str, str], dict[str, Any]] = {}  # (task, method) -> its sweep, grown while the session runs
@@ -343,7 +359,7 @@ def run_session(args: argparse.Namespace) -> None:
         bench = BENCHES[task]
         extra = task_overrides(args.set, task)
         shapes = target_shapes(bench, extra)
-        budgets[task] = {m: match_budget(m, shapes) for m in args.methods}
+        budgets[task] = {m: given_budget(m, shapes, given[m]) if m in given else match_budget(m, shapes) for m in args.methods}
         session["tasks"][task] = {"recipe": bench.recipe, "overrides": extra, "layers": len(shapes), "budgets": budgets[task],
                                   "sweeps": {}, "runs": {}}
         checkpoint = load_run_config(ROOT / bench.recipe, extra).model.get("checkpoint", "")
@@ -516,6 +532,22 @@ def parse_base_lrs(items: list[str], methods: list[str]) -> dict[str, float]:
             raise SystemExit(f"--lr {item!r}: {value!r} is not a number") from None
         if not out[method] > 0:
             raise SystemExit(f"--lr {item!r}: the rate must be positive")
+    return out
+
+
+def parse_adapters(items: list[str], methods: list[str]) -> dict[str, dict[str, Any]]:
+    """``--adapter METHOD=JSON`` items as {method: hyperparameters}; a method not run, or JSON that is not an object, stops the session."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        method, sep, value = item.partition("=")
+        if not sep or method not in methods:
+            raise SystemExit(f"--adapter {item!r}: expected METHOD=JSON with METHOD one of the methods run ({', '.join(methods)})")
+        try:
+            out[method] = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise SystemExit(f"--adapter {item!r}: {value!r} is not JSON ({err})") from None
+        if not isinstance(out[method], dict):
+            raise SystemExit(f"--adapter {item!r}: expected a JSON object such as {{\"rank\": 8}}")
     return out
 
 

@@ -98,6 +98,21 @@ def test_base_learning_rates_from_the_command_line() -> None:
             quality.parse_base_lrs([bad], ["lora", "loco"])
 
 
+def test_adapter_hyperparameters_from_the_command_line_leave_the_matched_budget() -> None:
+    given = quality.parse_adapters(['loco={"rank": 3, "chain_length": 4}'], ["lora", "loco"])
+    assert given == {"loco": {"rank": 3, "chain_length": 4}}
+    row = quality.given_budget("loco", SHAPES, given["loco"])
+    assert row["kwargs"] == {"rank": 3, "chain_length": 4, "mode": "exact"}  # laid over the matched row's mode
+    assert row["params"] == quality.count("loco", row["kwargs"], SHAPES) == 2 * 4 * 3 * (16 + 24 + 24)
+    assert row["budget"] == quality.match_budget("loco", SHAPES)["budget"] and row["given"] == given["loco"]
+    for bad, says in (("loco", "METHOD=JSON"), ("oft={}", "one of the methods run"), ("loco={rank: 8}", "not JSON"),
+                      ("loco=[8]", "JSON object")):
+        with pytest.raises(SystemExit, match=says):
+            quality.parse_adapters([bad], ["lora", "loco"])
+    with pytest.raises(SystemExit, match="rejects"):  # asked for by name: never a silently missing row
+        quality.given_budget("loco", SHAPES, {"rank": 0})
+
+
 def test_every_row_sweeps_around_its_configs_default_rate() -> None:
     from orthotune.methods.defaults import DEFAULT_LR, LOFT_LR
 
