@@ -274,7 +274,9 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         r = finetune(RunConfig.from_dict(job["config"]), progress=False)
         out = {"value": r["final"][r["metric"]], "final": r["final"], "before": r.get("before"),
                "parameters": {k: r["parameters"][k] for k in ("trainable", "adapter", "total")},
-               "train_seconds": r["train_seconds"], "history_eval": r["history"]["eval"], "files": r.get("files", [])}
+               "train_seconds": r["train_seconds"], "history_eval": r["history"]["eval"],
+               # each logged step's training loss, in step order: paired by seed, two runs' fit of the same batches
+               "train_loss": [round(loss, 5) for _, loss, _ in sorted(r["history"]["train"])], "files": r.get("files", [])}
         if job.get("test_config"):  # a sweep run: its weights scored on the test split too (seed 0 of the table)
             out["test_eval"] = evaluate_adapter(RunConfig.from_dict(job["test_config"]), Path(job["config"]["output_dir"]) / "adapter")
         return {**out, "wall": time.perf_counter() - t0}
