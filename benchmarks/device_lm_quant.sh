@@ -9,7 +9,6 @@
 # Usage: [RESUME=DIR] [BASES="bf16 nf4"] bash benchmarks/device_lm_quant.sh ASSETS DEADLINE_SECONDS [METHODS [QUALITY_ARGS...]]
 # BASES: the bases to run (both by default). RESUME=DIR continues each base's session from DIR/quality_lm_{bf16,nf4}.json (e.g. with more --seeds).
 # SCRATCH: the folder for the runs' scratch folders (/root; two calls of this script at once need two).
-# SEQUENTIAL=1: one base after the other, each with half the deadline (9 processes at a time, for an 80 GB card).
 # NF4_ARGS: further quality.py arguments for the NF4 base only (e.g. "--set lm:model.loftq=true", which a bf16 base refuses).
 # LM_DATA: the data folder in ASSETS (lm-data, the recipe's splits, by default; e.g. lm-data-2000 from
 # benchmarks/lm_data.py --eval-size 2000): data.eval_size is then set to its test file's line count.
@@ -33,12 +32,10 @@ for base in ${BASES:-bf16 nf4}; do
   if [ $base = bf16 ]; then model=(--set lm:model.dtype=bfloat16); else model=(--set lm:model.quantization=nf4 --set lm:model.compute_dtype=bfloat16); fi
   if [ -n "${RESUME:-}" ]; then model+=(--resume "$RESUME/quality_lm_$base.json"); fi
   if [ $base = nf4 ] && [ -n "${NF4_ARGS:-}" ]; then read -r -a nf4_args <<< "$NF4_ARGS"; model+=("${nf4_args[@]}"); fi
-  limit=$deadline; [ "${SEQUENTIAL:-0}" = 1 ] && limit=$((deadline / 2))
-  timeout $((limit + 40)) python3 benchmarks/quality.py --tasks lm --methods "${methods[@]}" --no-sweep "${extra[@]}" --workers 9 --threads 1 \
+  timeout $((deadline + 40)) python3 benchmarks/quality.py --tasks lm --methods "${methods[@]}" --no-sweep "${extra[@]}" --workers 9 --threads 1 \
     --set lm:train.compile=false \
-    --deadline "$limit" --out "$OUT" --tag "lm_$base" --scratch "${SCRATCH:-/root}/bench_$base" "${data[@]}" "${model[@]}" 2>&1 \
+    --deadline "$deadline" --out "$OUT" --tag "lm_$base" --scratch "${SCRATCH:-/root}/bench_$base" "${data[@]}" "${model[@]}" 2>&1 \
     | grep -v "Loading weights" > "$OUT/log_lm_$base.txt" &
-  [ "${SEQUENTIAL:-0}" = 1 ] && wait
 done
 wait
 tail -n 25 "$OUT"/log_lm_*.txt
