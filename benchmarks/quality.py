@@ -521,13 +521,19 @@ def lr_multipliers(path: Path) -> dict[str, float]:
     return {m: statistics.median_low(v) for m, v in found.items()}
 
 
+def method_item(flag: str, what: str, item: str, methods: list[str]) -> tuple[str, str]:
+    """``METHOD=VALUE`` of a per-method flag as (method, value); anything else, or a method not run, stops the session."""
+    method, sep, value = item.partition("=")
+    if not sep or method not in methods:
+        raise SystemExit(f"{flag} {item!r}: expected METHOD={what} with METHOD one of the methods run ({', '.join(methods)})")
+    return method, value
+
+
 def parse_base_lrs(items: list[str], methods: list[str]) -> dict[str, float]:
     """``--lr METHOD=LR`` items as {method: lr}; a method not run, or a rate that is not a positive number, stops the session."""
     out: dict[str, float] = {}
     for item in items:
-        method, sep, value = item.partition("=")
-        if not sep or method not in methods:
-            raise SystemExit(f"--lr {item!r}: expected METHOD=LR with METHOD one of the methods run ({', '.join(methods)})")
+        method, value = method_item("--lr", "LR", item, methods)
         try:
             out[method] = float(value)
         except ValueError:
@@ -541,9 +547,7 @@ def parse_adapters(items: list[str], methods: list[str]) -> dict[str, dict[str, 
     """``--adapter METHOD=JSON`` items as {method: hyperparameters}; a method not run, or JSON that is not an object, stops the session."""
     out: dict[str, dict[str, Any]] = {}
     for item in items:
-        method, sep, value = item.partition("=")
-        if not sep or method not in methods:
-            raise SystemExit(f"--adapter {item!r}: expected METHOD=JSON with METHOD one of the methods run ({', '.join(methods)})")
+        method, value = method_item("--adapter", "JSON", item, methods)
         try:
             out[method] = json.loads(value)
         except json.JSONDecodeError as err:

@@ -25,24 +25,38 @@ def mean_se(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) / len(values) ** 0.5
 
 
+def seed_table(label: str, bf16: dict, nf4: dict) -> None:
+    """Each seed run on both bases: exact match and answer NLL, NF4 against bf16."""
+    print(f"\n{label} (test exact match, %; answer NLL)\n")
+    print("| seed | bf16 | NF4 | gap | NLL gap |\n|---|---:|---:|---:|---:|")
+    for s in sorted(bf16.keys() & nf4.keys()):
+        print(f"| {s} | {bf16[s][0]:.2f} | {nf4[s][0]:.2f} | {nf4[s][0] - bf16[s][0]:+.2f} | {nf4[s][1] - bf16[s][1]:+.4f} |")
+
+
+def pair_row(label: str, bf16: dict, nf4: dict) -> tuple:
+    """The summary row of seeds run on both bases: their count, mean scores, gap (s.e., s.d.) and NLL gap (s.e.)."""
+    seeds = sorted(bf16.keys() & nf4.keys())
+    gap = [nf4[s][0] - bf16[s][0] for s in seeds]
+    nll = [nf4[s][1] - bf16[s][1] for s in seeds]
+    return (label, len(seeds), statistics.mean(bf16[s][0] for s in seeds), statistics.mean(nf4[s][0] for s in seeds),
+            *mean_se(gap), statistics.stdev(gap), *mean_se(nll))
+
+
+def summary_table(first: str, rows: list[tuple]) -> None:
+    print(f"\n| {first} | seeds | bf16 | NF4 | NF4 - bf16 | s.e. over seeds | s.d. of one pair's gap | answer NLL gap (s.e.) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for label, n, b, q, g, se, sd, ng, nse in rows:
+        print(f"| {label} | {n} | {b:.2f} | {q:.2f} | **{g:+.2f}** | {se:.2f} | {sd:.2f} | {ng:+.4f} ({nse:.4f}) |")
+
+
 def main() -> None:
     summary = []
     for method, label in METHODS.items():
         bf16 = table_runs(HERE / "gpu" / method / "quality_lm_bf16.json", method)
         nf4 = table_runs(HERE / "gpu" / method / "quality_lm_nf4.json", method)
-        seeds = sorted(bf16.keys() & nf4.keys())
-        print(f"\n{label} (test exact match, %; answer NLL)\n")
-        print("| seed | bf16 | NF4 | gap | NLL gap |\n|---|---:|---:|---:|---:|")
-        for s in seeds:
-            print(f"| {s} | {bf16[s][0]:.2f} | {nf4[s][0]:.2f} | {nf4[s][0] - bf16[s][0]:+.2f} | {nf4[s][1] - bf16[s][1]:+.4f} |")
-        gap = [nf4[s][0] - bf16[s][0] for s in seeds]
-        nll = [nf4[s][1] - bf16[s][1] for s in seeds]
-        summary.append((label, len(seeds), statistics.mean(bf16[s][0] for s in seeds), statistics.mean(nf4[s][0] for s in seeds),
-                        *mean_se(gap), statistics.stdev(gap), *mean_se(nll)))
-    print("\n| method | seeds | bf16 | NF4 | NF4 - bf16 | s.e. over seeds | s.d. of one pair's gap | answer NLL gap (s.e.) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for label, n, b, q, g, se, sd, ng, nse in summary:
-        print(f"| {label} | {n} | {b:.2f} | {q:.2f} | **{g:+.2f}** | {se:.2f} | {sd:.2f} | {ng:+.4f} ({nse:.4f}) |")
+        seed_table(label, bf16, nf4)
+        summary.append(pair_row(label, bf16, nf4))
+    summary_table("method", summary)
 
 
 if __name__ == "__main__":

@@ -35,26 +35,14 @@ def train_losses(path: Path) -> dict[int, list[float]]:
     return {r["seed"]: r["train_loss"] for r in runs if r["key"].startswith("table:") and "value" in r}
 
 
-def arm_rows(folder: Path, label: str) -> tuple[tuple, list[str]]:
-    """The summary row of one arm, and its training-loss cells per window."""
-    bf16 = call24.table_runs(folder / "quality_lm_bf16.json", "loco")
-    nf4 = call24.table_runs(folder / "quality_lm_nf4.json", "loco")
-    seeds = sorted(bf16.keys() & nf4.keys())
-    gap = [nf4[s][0] - bf16[s][0] for s in seeds]
-    nll = [nf4[s][1] - bf16[s][1] for s in seeds]
-    row = (label, len(seeds), statistics.mean(bf16[s][0] for s in seeds), statistics.mean(nf4[s][0] for s in seeds),
-           *call24.mean_se(gap), statistics.stdev(gap), *call24.mean_se(nll))
-    print(f"\n{label} (test exact match, %; answer NLL)\n\n| seed | bf16 | NF4 | gap | NLL gap |\n|---|---:|---:|---:|---:|")
-    for s in seeds:
-        print(f"| {s} | {bf16[s][0]:.2f} | {nf4[s][0]:.2f} | {nf4[s][0] - bf16[s][0]:+.2f} | {nf4[s][1] - bf16[s][1]:+.4f} |")
-    if set(bf16) ^ set(nf4):
-        print(f"seed(s) {sorted(set(bf16) ^ set(nf4))} finished on one base only: left out")
+def loss_cells(folder: Path, seeds: list[int]) -> list[str]:
+    """One arm's training loss, NF4 minus bf16, per window: mean over ``seeds`` (s.e.)."""
     loss_b, loss_q = train_losses(folder / "quality_lm_bf16.json"), train_losses(folder / "quality_lm_nf4.json")
     cells = []
     for a, b in WINDOWS:
         diffs = [statistics.mean(loss_q[s][a - 1:b]) - statistics.mean(loss_b[s][a - 1:b]) for s in seeds]
         cells.append("{:+.4f} ({:.4f})".format(*call24.mean_se(diffs)))
-    return row, cells
+    return cells
 
 
 def across(runs: dict[tuple[str, str], dict[int, tuple[float, float]]]) -> None:
@@ -73,27 +61,23 @@ def across(runs: dict[tuple[str, str], dict[int, tuple[float, float]]]) -> None:
 
 
 def main() -> None:
-    summary, losses = [], []
+    ref = HERE.parent / "call24" / "gpu" / "loco"
+    runs = {("r3_3e-3", base): call24.table_runs(ref / f"quality_lm_{base}.json", "loco") for base in ("bf16", "nf4")}
+    summary = [call24.pair_row("LoCO k2 r3, 3e-3 (call 24)", runs["r3_3e-3", "bf16"], runs["r3_3e-3", "nf4"])]
+    losses = []
     for arm, label in ARMS.items():
-        if not (HERE / "gpu" / arm).is_dir():
+        folder = HERE / "gpu" / arm
+        if not folder.is_dir():
             print(f"\n{label}: not run (no gpu/{arm}/)")
             continue
-        row, cells = arm_rows(HERE / "gpu" / arm, label)
-        summary.append(row)
-        losses.append((label, row[1], cells))
-    ref = HERE.parent / "call24" / "gpu" / "loco"
-    bf16, nf4 = call24.table_runs(ref / "quality_lm_bf16.json", "loco"), call24.table_runs(ref / "quality_lm_nf4.json", "loco")
-    seeds = sorted(bf16.keys() & nf4.keys())
-    gap, nll = [nf4[s][0] - bf16[s][0] for s in seeds], [nf4[s][1] - bf16[s][1] for s in seeds]
-    summary.insert(0, ("LoCO k2 r3, 3e-3 (call 24)", len(seeds), statistics.mean(bf16[s][0] for s in seeds),
-                       statistics.mean(nf4[s][0] for s in seeds), *call24.mean_se(gap), statistics.stdev(gap), *call24.mean_se(nll)))
-    print("\n| LoCO | seeds | bf16 | NF4 | NF4 - bf16 | s.e. over seeds | s.d. of one pair's gap | answer NLL gap (s.e.) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for label, n, b, q, g, se, sd, ng, nse in summary:
-        print(f"| {label} | {n} | {b:.2f} | {q:.2f} | **{g:+.2f}** | {se:.2f} | {sd:.2f} | {ng:+.4f} ({nse:.4f}) |")
-    runs = {(arm, base): call24.table_runs(HERE / "gpu" / arm / f"quality_lm_{base}.json", "loco")
-            for arm in ARMS if (HERE / "gpu" / arm).is_dir() for base in ("bf16", "nf4")}
-    runs |= {("r3_3e-3", "bf16"): bf16, ("r3_3e-3", "nf4"): nf4}
+        bf16, nf4 = (call24.table_runs(folder / f"quality_lm_{base}.json", "loco") for base in ("bf16", "nf4"))
+        runs[arm, "bf16"], runs[arm, "nf4"] = bf16, nf4
+        call24.seed_table(label, bf16, nf4)
+        if set(bf16) ^ set(nf4):
+            print(f"seed(s) {sorted(set(bf16) ^ set(nf4))} finished on one base only: left out")
+        summary.append(call24.pair_row(label, bf16, nf4))
+        losses.append((label, summary[-1][1], loss_cells(folder, sorted(bf16.keys() & nf4.keys()))))
+    call24.summary_table("LoCO", summary)
     across(runs)
     print("\n| LoCO | seeds | " + " | ".join(f"steps {a}-{b}: training loss NF4 - bf16 (s.e.)" for a, b in WINDOWS) + " |")
     print("|---|---:|" + "---:|" * len(WINDOWS))
